@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both install what they need.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+export DS_ACCELERATOR ?= cpu
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: install test test-fast demo bench clean
+
+install: $(STAMP)
+
+# PyTorch's CPU wheel first (from this machine's disk), or pip pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+demo: install
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash tools/demo.sh
+
+bench: install
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) benchmarks/run.py
+
+clean:
+	rm -rf runs artifacts .pytest_cache
