@@ -1,0 +1,70 @@
+"""One CALM composition block: f_proj then causal multi-head cross-attention, zero-initialised output.
+
+Parameters per block (D_A = augmenting width, D_B = anchor width):
+    f_proj           D_A*D_B + D_B          (linear with bias)
+    LayerNorm x 2    2 * 2*D_B              (on the projected augmenting states and on the anchor query)
+    W_Q, W_K, W_V    3 * D_B^2              (no bias)
+    W_O              D_B^2                  (no bias, zero-initialised: composed == anchor at step 0)
+    total            D_A*D_B + 4*D_B^2 + 5*D_B
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def block_parameter_count(d_augmenting: int, d_anchor: int) -> int:
+    return d_augmenting * d_anchor + 4 * d_anchor * d_anchor + 5 * d_anchor
+
+
+def cross_attention_mask(query_positions: torch.Tensor, key_mask: torch.Tensor | None, num_keys: int) -> torch.Tensor | None:
+    """Boolean [B or 1, 1, Tq, Tk] mask: query at absolute position t sees keys s <= t that are not padding.
+
+    Returns None when plain causal attention over aligned positions suffices (SDPA's fast path).
+    """
+    causal = torch.arange(num_keys, device=query_positions.device)[None, :] <= query_positions[:, None]  # [Tq, Tk]
+    if key_mask is None:
+        return causal[None, None]
+    return causal[None, None] & key_mask.bool()[:, None, None, :]
+
+
+class CrossAttentionBlock(nn.Module):
+    def __init__(self, d_augmenting: int, d_anchor: int, num_heads: int, eps: float = 1e-5):
+        super().__init__()
+        if d_anchor % num_heads:
+            raise ValueError(f"anchor width {d_anchor} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.proj = nn.Linear(d_augmenting, d_anchor)  # f_proj
+        self.augmenting_norm = nn.LayerNorm(d_anchor, eps=eps)
+        self.query_norm = nn.LayerNorm(d_anchor, eps=eps)
+        self.q_proj = nn.Linear(d_anchor, d_anchor, bias=False)
+        self.k_proj = nn.Linear(d_anchor, d_anchor, bias=False)
+        self.v_proj = nn.Linear(d_anchor, d_anchor, bias=False)
+        self.o_proj = nn.Linear(d_anchor, d_anchor, bias=False)
+        nn.init.zeros_(self.o_proj.weight)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        return x.view(b, t, self.num_heads, d // self.num_heads).transpose(1, 2)
+
+    def keys_values(self, augmenting_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Project augmenting states [B, T, D_A] to per-head keys and values [B, H, T, D_B/H]."""
+        projected = self.augmenting_norm(self.proj(augmenting_states.to(self.proj.weight.dtype)))
+        return self._heads(self.k_proj(projected)), self._heads(self.v_proj(projected))
+
+    def forward(self, anchor_states: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        """The residual update for anchor_states [B, Tq, D_B]; mask as from cross_attention_mask (None: causal, aligned)."""
+        b, t, d = anchor_states.shape
+        queries = self._heads(self.q_proj(self.query_norm(anchor_states.to(self.q_proj.weight.dtype))))
+        if mask is None:
+            out = F.scaled_dot_product_attention(queries, keys, values, is_causal=True)
+        else:
+            # A query with no visible key (a left-padding position) would give NaN: let it see everything,
+            # then zero its update. Its anchor state is itself padding and never seen by real tokens.
+            visible = mask.any(dim=-1, keepdim=True)
+            out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask | ~visible)
+            out = out * visible.to(out.dtype)
+        out = out.transpose(1, 2).reshape(b, t, d)
+        return self.o_proj(out).to(anchor_states.dtype)
