@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils import ModelOutput
 
 from . import backbones
 from .cross_attention import CrossAttentionBlock, block_parameter_count, cross_attention_mask
@@ -34,9 +35,11 @@ class CompositionError(ValueError):
 
 
 @dataclass
-class ComposedOutput:
-    logits: torch.Tensor
+class ComposedOutput(ModelOutput):
+    """Like transformers' CausalLMOutput (a dict too, so DeepSpeed's ZeRO-3 hooks see the tensors)."""
+
     loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
 
 
 @dataclass
@@ -351,20 +354,25 @@ def check_compatible(saved: dict, model: ComposedModel) -> None:
         raise CompositionError("the saved composition does not fit these models: " + "; ".join(problems))
 
 
+def write_composition_files(directory, state_dict: dict[str, torch.Tensor], config: dict) -> None:
+    """composition.safetensors + composition.json into an existing directory."""
+    from safetensors.torch import save_file
+
+    save_file(state_dict, str(Path(directory) / WEIGHTS_FILE), metadata={"format": "pt"})
+    (Path(directory) / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
 def write_composition(directory, state_dict: dict[str, torch.Tensor], config: dict) -> Path:
-    """Write weights + config into a temporary sibling, then rename it into place."""
+    """Write weights + config into a temporary sibling, fsync, then rename it into place."""
     import os
     import shutil
     import tempfile
-
-    from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        save_file(state_dict, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        write_composition_files(tmp, state_dict, config)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

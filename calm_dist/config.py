@@ -1,0 +1,224 @@
+"""The one typed config tree: dataclasses, loaded from YAML with dotted `key=value` overrides.
+
+Loading checks names and types (an unknown key or a non-numeric number is a `ConfigError`);
+`calm_dist.validate` checks the config against the world (paths, model shapes, world size)
+before anything heavy runs. Every ConfigError ends the program with one line and exit code 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; reported as one line, exit code 2, before any heavy work."""
+
+
+@dataclass
+class ModelConfig:
+    anchor: str = ""                       # path (or hub id) of the anchor causal LM
+    augmenting: list[str] = field(default_factory=list)
+    anchor_revision: str | None = None
+    augmenting_revisions: list[str | None] | None = None
+    # per augmenting model, (augmenting_layer, anchor_layer) pairs; null: the paper's rule (calm_dist/mapping.py)
+    layer_pairs: list[list[list[int]]] | None = None
+    every: int = 4
+    num_heads: int | None = None           # cross-attention heads; null: the anchor's
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    train: str = ""                        # JSONL, Parquet, or a `datasets.save_to_disk` directory
+    eval: str | None = None
+    format: Literal["prompt_completion", "text"] = "prompt_completion"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    text_field: str = "text"
+    tokenizer: str = ""                    # a SentencePiece .model file or a transformers tokenizer directory
+    seq_len: int = 64
+    packing: bool = False                  # concatenate examples into full rows instead of padding each
+    overlong: Literal["error", "truncate"] = "error"
+    cache_dir: str | None = None           # tokenized data; null: <output_dir>/../data_cache
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0                 # 0: off
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    micro_batch_size: int = 8              # per rank
+    global_batch_size: int | None = None   # null: micro_batch_size * world (no accumulation)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 0
+    output_dir: str = "runs/default"
+    log_every: int = 10
+    eval_every: int = 0                    # 0: only at the end (when data.eval is set)
+    eval_batches: int = 0                  # 0: the whole eval set
+    checkpoint_every: int = 0              # 0: only at the end
+    keep_last: int = 2
+    resume: str | None = None              # "auto" (latest in output_dir), a step_N directory, or null
+    augmenting_states: Literal["recompute", "cached"] = "recompute"
+    states_cache_dir: str | None = None    # null: <output_dir>/augmenting_cache
+    states_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    activation_checkpointing: bool = False
+    stop_after_step: int | None = None     # checkpoint and exit cleanly after this step, as if preempted
+    fail_at_step: int | None = None        # fault injection for tests: rank 1 raises at this step
+
+
+@dataclass
+class DistributedConfig:
+    deepspeed_config: str = "ds_configs/zero3.json"   # ZeRO knobs only; the rest is filled in from this tree
+    timeout_s: int = 300
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    tracking_uri: str | None = None        # null: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db
+    experiment: str | None = None          # null: $MLFLOW_EXPERIMENT_NAME, else "calm_dist"
+    run_name: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    system_metrics: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _check(value: Any, annotation: Any, where: str) -> Any:
+    """Return `value` as `annotation`, or raise ConfigError naming `where`."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_check(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _check(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, where)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config annotation {annotation!r} at {where}")
+
+
+def _build(cls, data: Any, where: str = ""):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown key {prefix}{unknown[0]} (known: {', '.join(sorted(prefix + n for n in names))})")
+    kwargs = {k: _check(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value (e.g. train.steps=100)")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML recipe (or start from defaults) and apply `a.b=value` overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}".replace("\n", " ")) from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {k} is not a section")
+        node[keys[-1]] = value
+    return _build(Config, data)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: MLflow params, config diffs."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

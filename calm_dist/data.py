@@ -1,0 +1,222 @@
+"""Data: records from local files, one tokenizer for every model, fixed-length rows, a resumable sampler.
+
+Records are prompt/completion pairs (loss on the completion and the closing eos only) or plain text.
+Tokenization runs once; its result is saved with `datasets` under a fingerprint of (data file bytes,
+tokenizer file bytes, settings) and memory-mapped on later runs. Rows are right-padded (or packed) to
+`seq_len`, so the composition's causal mask alone keeps padding out of the real tokens.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ConfigError, DataConfig
+
+IGNORE = -100
+
+
+class Tokenizer:
+    """A SentencePiece model file or a transformers tokenizer directory, behind one small interface."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if self.path.is_file() and self.path.suffix == ".model":
+            import sentencepiece as spm
+
+            self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
+            self.vocab_size = self._sp.get_piece_size()
+            ids = (self._sp.bos_id(), self._sp.eos_id(), self._sp.pad_id())
+            self.bos_id, self.eos_id, self.pad_id = (i if i >= 0 else None for i in ids)
+        elif self.path.is_dir():
+            from transformers import AutoTokenizer
+
+            self._hf = AutoTokenizer.from_pretrained(str(self.path), trust_remote_code=False)
+            self._sp = None
+            self.vocab_size = len(self._hf)
+            self.bos_id, self.eos_id, self.pad_id = self._hf.bos_token_id, self._hf.eos_token_id, self._hf.pad_token_id
+        else:
+            raise ConfigError(f"data.tokenizer: {path} is neither a SentencePiece .model file nor a tokenizer directory")
+        if self.pad_id is None:
+            self.pad_id = self.eos_id if self.eos_id is not None else 0
+
+    def encode(self, text: str) -> list[int]:
+        if self._sp is not None:
+            return self._sp.encode(text)
+        return self._hf.encode(text, add_special_tokens=False)
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        return self._sp.decode(ids) if self._sp is not None else self._hf.decode(ids, skip_special_tokens=True)
+
+    def fingerprint(self) -> str:
+        files = [self.path] if self.path.is_file() else sorted(p for p in self.path.iterdir() if p.is_file())
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+        return h.hexdigest()[:16]
+
+
+def check_tokenizer_matches(tokenizer: Tokenizer, model_config, who: str) -> None:
+    """The tokenizer must fit the model's embedding table and agree on the special ids."""
+    problems = []
+    if tokenizer.vocab_size > model_config.vocab_size:
+        problems.append(f"tokenizer has {tokenizer.vocab_size} tokens, the model's vocabulary {model_config.vocab_size}")
+    for name in ("bos", "eos"):
+        ours, theirs = getattr(tokenizer, f"{name}_id"), getattr(model_config, f"{name}_token_id", None)
+        if ours is not None and theirs is not None and ours != theirs:
+            problems.append(f"{name} id {ours} in the tokenizer, {theirs} in the model")
+    if problems:
+        raise ConfigError(f"data.tokenizer does not match the {who}: {'; '.join(problems)}")
+
+
+def load_records(path: str | Path):
+    """A `datasets.Dataset` from JSONL / JSON, Parquet, or a save_to_disk directory."""
+    import datasets
+
+    path = Path(path)
+    if path.is_dir():
+        return datasets.load_from_disk(str(path))
+    kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
+    if kind is None:
+        raise ConfigError(f"{path}: unsupported data file (use .jsonl, .json, .parquet or a saved dataset directory)")
+    return datasets.load_dataset(kind, data_files=str(path), split="train")
+
+
+def _file_fingerprint(path: Path) -> str:
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def data_fingerprint(cfg: DataConfig, path: str | Path, tokenizer: Tokenizer) -> str:
+    settings = {k: getattr(cfg, k) for k in ("format", "prompt_field", "completion_field", "text_field",
+                                             "seq_len", "packing", "overlong")}
+    key = json.dumps([_file_fingerprint(Path(path)), tokenizer.fingerprint(), settings], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _tokenize_record(record: dict, index: int, cfg: DataConfig, tok: Tokenizer) -> tuple[list[int], list[int]]:
+    bos = [tok.bos_id] if tok.bos_id is not None else []
+    eos = [tok.eos_id] if tok.eos_id is not None else []
+    if cfg.format == "prompt_completion":
+        for name in (cfg.prompt_field, cfg.completion_field):
+            if not isinstance(record.get(name), str):
+                raise ConfigError(f"data row {index}: field {name!r} is missing or not a string")
+        prompt = bos + tok.encode(record[cfg.prompt_field])
+        completion = tok.encode(record[cfg.completion_field]) + eos
+        return prompt + completion, [IGNORE] * len(prompt) + completion
+    if not isinstance(record.get(cfg.text_field), str):
+        raise ConfigError(f"data row {index}: field {cfg.text_field!r} is missing or not a string")
+    ids = bos + tok.encode(record[cfg.text_field]) + eos
+    return ids, list(ids)
+
+
+def tokenize(cfg: DataConfig, path: str | Path, tok: Tokenizer) -> dict[str, np.ndarray]:
+    """Rows of exactly seq_len: input_ids, labels (-100 where no loss), attention_mask."""
+    records = load_records(path)
+    if len(records) == 0:
+        raise ConfigError(f"{path}: the data set is empty")
+    L = cfg.seq_len
+    ids_rows, label_rows = [], []
+    for i, record in enumerate(records):
+        ids, labels = _tokenize_record(record, i, cfg, tok)
+        if len(ids) > L and not cfg.packing:
+            if cfg.overlong == "error":
+                raise ConfigError(f"data row {i} of {path} has {len(ids)} tokens, more than data.seq_len={L} "
+                                  "(raise seq_len or set data.overlong=truncate)")
+            ids, labels = ids[:L], labels[:L]
+        ids_rows.append(ids)
+        label_rows.append(labels)
+    if cfg.packing:
+        flat_ids = np.fromiter((t for r in ids_rows for t in r), dtype=np.int64)
+        flat_labels = np.fromiter((t for r in label_rows for t in r), dtype=np.int64)
+        n = len(flat_ids) // L
+        if n == 0:
+            raise ConfigError(f"{path}: fewer tokens than one packed row of {L}")
+        input_ids, labels = flat_ids[: n * L].reshape(n, L), flat_labels[: n * L].reshape(n, L)
+        mask = np.ones_like(input_ids)
+    else:
+        input_ids = np.full((len(ids_rows), L), tok.pad_id, dtype=np.int64)
+        labels = np.full((len(ids_rows), L), IGNORE, dtype=np.int64)
+        mask = np.zeros((len(ids_rows), L), dtype=np.int64)
+        for r, (ids, lab) in enumerate(zip(ids_rows, label_rows)):
+            input_ids[r, : len(ids)], labels[r, : len(lab)], mask[r, : len(ids)] = ids, lab, 1
+    if not (labels != IGNORE).any():
+        raise ConfigError(f"{path}: no token carries a loss (empty completions?)")
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+
+@dataclass
+class TokenizedData:
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor
+    fingerprint: str
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def batch(self, indices) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return {"input_ids": self.input_ids[idx], "labels": self.labels[idx], "attention_mask": self.attention_mask[idx]}
+
+
+def load_tokenized(cfg: DataConfig, path: str | Path, tok: Tokenizer, cache_dir: str | Path,
+                   is_writer: bool = True) -> TokenizedData:
+    """Tokenize once per fingerprint; later runs (and other ranks) read the saved arrays."""
+    import datasets
+
+    fp = data_fingerprint(cfg, path, tok)
+    target = Path(cache_dir) / f"tokens-{fp}"
+    if not (target / "dataset_info.json").exists():
+        if not is_writer:
+            raise RuntimeError(f"tokenized data {target} is missing (rank 0 writes it first)")
+        arrays = tokenize(cfg, path, tok)
+        tmp = target.with_name(target.name + ".tmp")
+        datasets.Dataset.from_dict({k: v for k, v in arrays.items()}).save_to_disk(str(tmp))
+        if target.exists():  # another job wrote it meanwhile
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    ds = datasets.load_from_disk(str(target)).with_format("numpy")
+    cols = {k: torch.from_numpy(np.asarray(ds[k], dtype=np.int64)) for k in ("input_ids", "labels", "attention_mask")}
+    return TokenizedData(**cols, fingerprint=fp)
+
+
+class GlobalBatchSampler:
+    """Global batch `step` as a pure function of (seed, step): resuming at any step needs nothing else.
+
+    Each epoch is a fresh seeded permutation; a global batch never spans two epochs (the remainder of an
+    epoch is dropped). Rank r, micro-step k of the accumulation takes the slice k*world + r of the batch.
+    """
+
+    def __init__(self, num_examples: int, global_batch_size: int, seed: int):
+        if num_examples < global_batch_size:
+            raise ConfigError(f"the training set has {num_examples} rows, fewer than one global batch "
+                              f"of {global_batch_size}")
+        self.n, self.global_batch, self.seed = num_examples, global_batch_size, seed
+        self.batches_per_epoch = num_examples // global_batch_size
+        self._perm_epoch, self._perm = -1, None
+
+    def global_batch_indices(self, step: int) -> np.ndarray:
+        epoch, within = divmod(step, self.batches_per_epoch)
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            self._perm_epoch = epoch
+        return self._perm[within * self.global_batch:(within + 1) * self.global_batch]
+
+    def micro_batch_indices(self, step: int, micro_step: int, rank: int, world: int, micro_batch_size: int) -> np.ndarray:
+        start = (micro_step * world + rank) * micro_batch_size
+        return self.global_batch_indices(step)[start:start + micro_batch_size]

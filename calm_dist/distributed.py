@@ -1,0 +1,151 @@
+"""Ranks, the DeepSpeed config, and frozen models loaded straight into ZeRO-3 shards.
+
+Launchers: torchrun and the deepspeed launcher set RANK / LOCAL_RANK / WORLD_SIZE; `srun` one task
+per rank sets SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS, which DeepSpeed never maps (gpt-neox does
+it the same way); a bare `python train.py` is world 1 on 127.0.0.1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config, ConfigError
+
+# ZeRO knobs may live in the DeepSpeed JSON; everything else comes from our config tree.
+ALLOWED_DS_KEYS = {"zero_optimization", "communication_data_type", "prescale_gradients", "zero_allow_untested_optimizer",
+                   "activation_checkpointing", "comms_logger", "aio", "flops_profiler"}
+OWNED_DS_KEYS = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
+                 "scheduler", "gradient_clipping", "bf16", "fp16"}
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_environ(cls, environ=os.environ) -> "DistEnv":
+        if "RANK" in environ:
+            world = int(environ.get("WORLD_SIZE", 1))
+            return cls(int(environ["RANK"]), int(environ.get("LOCAL_RANK", 0)), world,
+                       int(environ.get("LOCAL_WORLD_SIZE", environ.get("LOCAL_SIZE", world))))
+        if "SLURM_PROCID" in environ and int(environ.get("SLURM_NTASKS", 1)) > 1:
+            return cls(int(environ["SLURM_PROCID"]), int(environ.get("SLURM_LOCALID", 0)), int(environ["SLURM_NTASKS"]),
+                       int(environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]))
+        return cls(0, 0, 1, 1)
+
+    def export(self, environ=os.environ) -> None:
+        """Make the torch/DeepSpeed variables agree with what we derived (SLURM, or single process)."""
+        environ.update(RANK=str(self.rank), LOCAL_RANK=str(self.local_rank), WORLD_SIZE=str(self.world_size),
+                       LOCAL_WORLD_SIZE=str(self.local_world_size), LOCAL_SIZE=str(self.local_world_size))
+        if "MASTER_ADDR" not in environ:
+            if "SLURM_JOB_NODELIST" in environ and self.world_size > 1:
+                raise ConfigError("MASTER_ADDR is not set; slurm/train_composed.sh sets it from the node list")
+            environ["MASTER_ADDR"] = "127.0.0.1"
+        if "MASTER_PORT" not in environ:
+            if "SLURM_JOB_ID" in environ:
+                environ["MASTER_PORT"] = str(20000 + int(environ["SLURM_JOB_ID"]) % 20000)
+            elif self.world_size == 1:
+                environ["MASTER_PORT"] = str(free_port())
+            else:
+                raise ConfigError("MASTER_PORT is not set for a multi-process run")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gradient_accumulation_steps(cfg: Config, world_size: int) -> int:
+    micro, global_batch = cfg.train.micro_batch_size, cfg.train.global_batch_size
+    if global_batch is None:
+        return 1
+    if global_batch % (micro * world_size):
+        raise ConfigError(f"train.global_batch_size={global_batch} is not a multiple of micro_batch_size x world size "
+                          f"= {micro} x {world_size}")
+    return global_batch // (micro * world_size)
+
+
+def read_ds_json(path: str | Path) -> dict:
+    path = resolve_repo_path(path)
+    if not path.is_file():
+        raise ConfigError(f"distributed.deepspeed_config: {path} does not exist")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"distributed.deepspeed_config: {path} is not valid JSON: {e}") from None
+    owned = sorted(set(ds) & OWNED_DS_KEYS)
+    if owned:
+        raise ConfigError(f"{path} sets {', '.join(owned)}: batch sizes, precision, clipping, optimizer and scheduler "
+                          "come from the calm_dist config; keep only ZeRO knobs in the DeepSpeed JSON")
+    unknown = sorted(set(ds) - ALLOWED_DS_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: unexpected DeepSpeed keys {', '.join(unknown)} (allowed: {', '.join(sorted(ALLOWED_DS_KEYS))})")
+    return ds
+
+
+def resolve_repo_path(path: str | Path) -> Path:
+    """Relative paths resolve against the working directory, then the repository (for ds_configs/)."""
+    path = Path(path)
+    if path.is_absolute() or path.exists():
+        return path
+    repo = Path(__file__).resolve().parent.parent / path
+    return repo if repo.exists() else path
+
+
+def build_ds_config(cfg: Config, world_size: int) -> dict:
+    """The DeepSpeed JSON's ZeRO knobs + what our config owns, so the two can never disagree."""
+    ds = read_ds_json(cfg.distributed.deepspeed_config)
+    accumulation = gradient_accumulation_steps(cfg, world_size)
+    ds.update({
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": cfg.train.micro_batch_size * accumulation * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    })
+    return ds
+
+
+def init_process_group(env: DistEnv, timeout_s: int) -> None:
+    from datetime import timedelta
+
+    import deepspeed
+
+    env.export()
+    deepspeed.init_distributed(dist_init_required=True, timeout=timedelta(seconds=timeout_s))
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def load_frozen_models(cfg: Config, ds_config: dict, dtype, load_anchor: bool = True, load_augmenting: bool = True):
+    """Load the anchor and augmenting LMs straight into ZeRO-3 shards when stage 3 is on.
+
+    HfDeepSpeedConfig must exist (and stay referenced) while from_pretrained runs; it is returned so the
+    caller keeps it alive as long as the models.
+    """
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from .composition import load_causal_lm
+
+    keep_alive = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
+    m = cfg.model
+    revisions = m.augmenting_revisions or [None] * len(m.augmenting)
+    anchor = load_causal_lm(m.anchor, m.anchor_revision, dtype, m.trust_remote_code) if load_anchor else None
+    augmenting = [load_causal_lm(p, r, dtype, m.trust_remote_code) for p, r in zip(m.augmenting, revisions)] \
+        if load_augmenting else []
+    return anchor, augmenting, keep_alive

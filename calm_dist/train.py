@@ -1,0 +1,43 @@
+"""Entry point: `deepspeed --num_gpus N calm_dist/train.py --config recipe.yaml [key=value ...]`.
+
+Also runs under torchrun, one `srun` task per rank, or as a single process.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by a launcher: make `calm_dist` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from calm_dist.config import ConfigError, load_config  # noqa: E402
+from calm_dist.distributed import DistEnv  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Train a CALM composition under DeepSpeed ZeRO-3.")
+    parser.add_argument("--config", help="a YAML recipe (see recipes/)")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
+    args = parser.parse_args(argv)
+    env = DistEnv.from_environ()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from calm_dist.validate import validate
+
+        plan = validate(cfg, env)
+    except ConfigError as e:
+        print(f"calm_dist: config error: {e}", file=sys.stderr)
+        return 2
+    from calm_dist.trainer import quiet_libraries, train
+
+    quiet_libraries()
+    result = train(cfg, env, plan)
+    if env.is_main and result.final_dir is not None:
+        print(f"done: step {result.step}, composition exported to {result.final_dir}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""The training loop: wires data, frozen models under ZeRO-3, the composition, checkpoints and tracking.
+
+One step = `accumulation` micro-batches per rank. The loss of a step is the token-mean over the whole
+global batch: every rank can count the global batch's loss tokens itself (the sampler is a pure
+function of the step), so each micro-batch contributes sum(CE) * world * accumulation / N_global and
+DeepSpeed's averaging over ranks and micro-steps turns that into exactly sum(CE) / N_global.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from .composition import ComposedModel
+from .config import Config
+from .data import IGNORE, GlobalBatchSampler, Tokenizer, load_tokenized
+from .distributed import DistEnv, init_process_group, load_frozen_models
+from .validate import Plan
+
+log = logging.getLogger("calm_dist")
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: list[float]          # the global token-mean loss of each step run by this process
+    final_dir: Path | None       # the exported composition (None when stopped early by a signal)
+    stopped_by_signal: bool
+    run_id: str | None
+
+
+def lr_lambda(cfg: Config):
+    o, total = cfg.optim, cfg.train.steps
+
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """sum of next-token CE over the labelled positions."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=IGNORE, reduction="sum")
+
+
+def loss_tokens(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != IGNORE).sum())
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: DistEnv, plan: Plan):
+        self.cfg, self.env, self.plan = cfg, env, plan
+        self.output_dir = Path(cfg.train.output_dir)
+        self.stop_requested = False
+
+    # ---- set-up ---------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        import deepspeed
+
+        cfg, env = self.cfg, self.env
+        init_process_group(env, cfg.distributed.timeout_s)
+        torch.manual_seed(cfg.train.seed)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.tokenizer = Tokenizer(cfg.data.tokenizer)
+        self.train_data = self._tokenized(cfg.data.train)
+        self.eval_data = self._tokenized(cfg.data.eval) if cfg.data.eval else None
+        self.sampler = GlobalBatchSampler(len(self.train_data), self.global_batch_size, cfg.train.seed)
+
+        dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        anchor, augmenting, self._hf_ds_config = load_frozen_models(cfg, self.plan.ds_config, dtype)
+        m = cfg.model
+        torch.manual_seed(cfg.train.seed)  # the blocks' initial weights depend on the seed alone
+        self.model = ComposedModel(anchor, augmenting, layer_pairs=self.plan.layer_pairs, num_heads=m.num_heads,
+                                   sources={"anchor_revision": m.anchor_revision,
+                                            "augmenting_revisions": m.augmenting_revisions or [None] * len(augmenting)})
+        self.model.blocks.to(dtype)
+        o = cfg.optim
+        optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                      weight_decay=o.weight_decay)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, config=self.plan.ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+        self.start_step, self.run_id = 0, None
+        if self.plan.resume_from is not None:
+            self._restore(self.plan.resume_from)
+        self.tracker = self._tracker()
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._on_stop_signal)
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.cfg.train.micro_batch_size * self.plan.accumulation * self.env.world_size
+
+    def _tokenized(self, path: str):
+        cache = self.cfg.data.cache_dir or str(self.output_dir.parent / "data_cache")
+        if self.env.is_main:
+            data = load_tokenized(self.cfg.data, path, self.tokenizer, cache, is_writer=True)
+        dist.barrier()
+        if not self.env.is_main:
+            data = load_tokenized(self.cfg.data, path, self.tokenizer, cache, is_writer=False)
+        return data
+
+    def _tracker(self):
+        from .tracking import Tracker, default_tags
+
+        tracker = Tracker(self.cfg.tracking, is_main_process=self.env.is_main, output_dir=self.output_dir)
+        tags = {**default_tags(), "zero_stage": "3", "world_size": str(self.env.world_size)}
+        self.run_id = tracker.start(self.cfg.to_dict(), run_id=self.run_id, tags=tags)
+        if self.start_step == 0:
+            tracker.log_dict(self.cfg.to_dict(), "config.json")
+            tracker.log_dict(self.plan.ds_config, "deepspeed_config.json")
+        return tracker
+
+    def _on_stop_signal(self, signum, frame):
+        log.warning("signal %s: checkpointing after this step, then exiting", signal.Signals(signum).name)
+        self.stop_requested = True
+
+    # ---- the loop -------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        t, losses, step = self.cfg.train, [], self.start_step
+        stopped = False
+        while step < t.steps:
+            started = time.perf_counter()
+            loss, tokens = self.train_step(step)
+            step += 1
+            losses.append(loss)
+            elapsed = time.perf_counter() - started
+            metrics = {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0],
+                       "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                       "train/tokens_per_s": tokens / elapsed}
+            if step % t.log_every == 0 or step == t.steps:
+                self._log(step, metrics)
+            if self.eval_data is not None and t.eval_every and step % t.eval_every == 0 and step < t.steps:
+                self._log(step, self.evaluate())
+            if (self._agree_to_stop() or step == t.stop_after_step) and step < t.steps:
+                self.save_checkpoint(step)
+                stopped = True
+                break
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.steps:
+                self.save_checkpoint(step)
+        final_dir = None
+        if not stopped:
+            if self.eval_data is not None:
+                self._log(step, self.evaluate())
+            self.save_checkpoint(step)
+            final_dir = self.export()
+        self.tracker.close("KILLED" if stopped else "FINISHED")
+        return TrainResult(step, losses, final_dir, stopped, self.run_id)
+
+    def train_step(self, step: int) -> tuple[float, int]:
+        """One optimizer step; returns (global token-mean loss, global real tokens)."""
+        t, env = self.cfg.train, self.env
+        global_idx = self.sampler.global_batch_indices(step)
+        n_global = loss_tokens(self.train_data.batch(global_idx)["labels"])
+        scale = env.world_size * self.plan.accumulation / max(1, n_global)
+        local = torch.zeros(2)
+        for micro in range(self.plan.accumulation):
+            if t.fail_at_step is not None and step == t.fail_at_step and env.rank == min(1, env.world_size - 1):
+                raise RuntimeError(f"train.fail_at_step={step}: injected failure on rank {env.rank}")
+            idx = self.sampler.micro_batch_indices(step, micro, env.rank, env.world_size, t.micro_batch_size)
+            batch = self.train_data.batch(idx)
+            out = self.engine(batch["input_ids"], attention_mask=batch["attention_mask"],
+                              augmenting_states=self._states(idx))
+            loss_sum = summed_loss(out.logits, batch["labels"])
+            self.engine.backward(loss_sum * scale)
+            self.engine.step()
+            local += torch.tensor([loss_sum.item(), float(batch["attention_mask"].sum())])
+        dist.all_reduce(local)
+        return local[0].item() / max(1, n_global), int(local[1].item())
+
+    def _states(self, indices):
+        return None  # recompute: the model runs the augmenting models itself
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Token-mean eval loss; every rank runs the same number of forwards (ZeRO-3 gathers are collective)."""
+        t, env, data = self.cfg.train, self.env, self.eval_data
+        self.engine.eval()
+        rows = list(range(env.rank, len(data), env.world_size))
+        per_rank = math.ceil(len(data) / env.world_size)
+        n_batches = math.ceil(per_rank / t.micro_batch_size)
+        if t.eval_batches:
+            n_batches = min(n_batches, t.eval_batches)
+        total = torch.zeros(2)
+        for b in range(n_batches):
+            idx = rows[b * t.micro_batch_size:(b + 1) * t.micro_batch_size]
+            weight = 1.0 if idx else 0.0
+            batch = data.batch(idx or [0])  # a rank out of rows still joins the collective forward
+            out = self.engine(batch["input_ids"], attention_mask=batch["attention_mask"])
+            total += weight * torch.tensor([summed_loss(out.logits, batch["labels"]).item(),
+                                            float(loss_tokens(batch["labels"]))])
+        dist.all_reduce(total)
+        self.engine.train()
+        loss = total[0].item() / max(1.0, total[1].item())
+        return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+
+    def _agree_to_stop(self) -> bool:
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _log(self, step: int, m: dict) -> None:
+        """Rank 0: one progress line, <output_dir>/metrics.jsonl, and MLflow."""
+        if not self.env.is_main:
+            return
+        import json
+
+        with open(self.output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **m}) + "\n")
+        self.tracker.log_metrics(m, step=step)
+        if "train/loss" in m:
+            print(f"step {step}/{self.cfg.train.steps} | loss {m['train/loss']:.4f} | lr {m['train/lr']:.2e} | "
+                  f"grad {m['train/grad_norm']:.3f} | {m['train/tokens_per_s']:,.0f} tok/s", flush=True)
+        else:
+            print(f"step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in m.items()), flush=True)
+
+    # ---- checkpoints ----------------------------------------------------------------------------------
+    def _gathered_composition(self) -> dict[str, torch.Tensor] | None:
+        import deepspeed
+
+        params = self.model.trainable_parameters()
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return self.model.composition_state_dict() if self.env.is_main else None
+
+    def save_checkpoint(self, step: int) -> None:
+        from .composition import write_composition_files
+
+        env, staged = self.env, ckpt.staging_dir(self.output_dir, step)
+        if env.is_main:
+            if staged.exists():
+                import shutil
+
+                shutil.rmtree(staged)
+            staged.mkdir(parents=True)
+        dist.barrier()
+        weights = self._gathered_composition()
+        optimizer_state = self.optimizer.state_dict()
+        optimizer_state.pop("loss_scaler", None)  # an object; static for fp32/bf16, rebuilt on load
+        ckpt.save_state(optimizer_state, staged, f"optimizer.rank{env.rank}")
+        ckpt.save_state(ckpt.rng_state(), staged, f"rng.rank{env.rank}")
+        if env.is_main:
+            write_composition_files(staged, weights, self.model.composition_config())
+            import json
+
+            (staged / "trainer_state.json").write_text(json.dumps({
+                "step": step, "world_size": env.world_size, "scheduler": self.scheduler.state_dict(),
+                "mlflow_run_id": self.run_id, "global_batch_size": self.global_batch_size}, indent=2))
+            (staged / "config.yaml").write_text(self.cfg.to_yaml())
+        dist.barrier()
+        if env.is_main:
+            ckpt.publish(self.output_dir, step, self.cfg.train.keep_last)
+        dist.barrier()
+
+    def _restore(self, directory: Path) -> None:
+        state = ckpt.read_trainer_state(directory)
+        optimizer_state = ckpt.load_state(directory, f"optimizer.rank{self.env.rank}")
+        optimizer_state["loss_scaler"] = self.optimizer.loss_scaler
+        states = [None] * self.env.world_size
+        states[self.env.rank] = optimizer_state
+        self.optimizer.load_state_dict(states, load_optimizer_states=True)
+        self.scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(ckpt.load_state(directory, f"rng.rank{self.env.rank}"))
+        self.start_step, self.run_id = state["step"], state.get("mlflow_run_id")
+        if self.env.is_main:
+            print(f"resumed from {directory} at step {self.start_step}", flush=True)
+
+    def export(self) -> Path:
+        """The final composition in the core's save_composition format: <output_dir>/final."""
+        from .composition import write_composition
+
+        weights = self._gathered_composition()
+        final = self.output_dir / "final"
+        if self.env.is_main:
+            write_composition(final, weights, self.model.composition_config())
+            self.tracker.log_artifact(final, artifact_path="composition")
+        dist.barrier()
+        return final
+
+
+def train(cfg: Config, env: DistEnv, plan: Plan) -> TrainResult:
+    trainer = Trainer(cfg, env, plan)
+    trainer.setup()
+    return trainer.run()
+
+
+def quiet_libraries() -> None:
+    """Rank-0 discipline: one progress line, not DeepSpeed's and transformers' chatter."""
+    import warnings
+
+    import datasets
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    datasets.disable_progress_bars()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers", "datasets"):
+        logging.getLogger(name).setLevel(logging.WARNING)

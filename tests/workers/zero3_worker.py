@@ -1,0 +1,59 @@
+"""One rank of a ZeRO-3 training run through the real Trainer, reporting what a test must check.
+
+Usage (per rank, env RANK/WORLD_SIZE/MASTER_*): python zero3_worker.py REPORT.json CONFIG.yaml [overrides...]
+"""
+import json
+import math
+import sys
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from calm_dist.config import load_config
+from calm_dist.distributed import DistEnv
+from calm_dist.trainer import Trainer, quiet_libraries
+from calm_dist.validate import validate
+
+
+def partition_report(model, world: int) -> dict:
+    """Every parameter, frozen or not, holds only its 1/world shard on this rank."""
+    sizes = [(p.ds_tensor.numel(), p.ds_numel) for p in model.parameters()]
+    return {"n_params": len(sizes),
+            "all_partitioned": all(local == math.ceil(full / world) for local, full in sizes),
+            "local": sum(l for l, _ in sizes), "full": sum(f for _, f in sizes)}
+
+
+def frozen_identical(model, anchor_dir: str) -> bool:
+    """Gather every anchor weight and compare it bit for bit with the file it was loaded from."""
+    import deepspeed
+
+    saved = load_file(f"{anchor_dir}/model.safetensors")
+    same = True
+    for name, p in model.anchor.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            if name in saved:
+                same &= torch.equal(p.data, saved[name])
+    return bool(same)
+
+
+def main():
+    report_path, config_path, *overrides = sys.argv[1:]
+    quiet_libraries()
+    cfg = load_config(config_path, overrides)
+    env = DistEnv.from_environ()
+    trainer = Trainer(cfg, env, validate(cfg, env))
+    trainer.setup()
+    before = partition_report(trainer.model, env.world_size)
+    result = trainer.run()
+    report = {"losses": result.losses, "step": result.step, "partition": before,
+              "frozen_identical": frozen_identical(trainer.model, cfg.model.anchor),
+              "world_size": env.world_size}
+    if env.is_main:
+        with open(report_path, "w") as f:
+            json.dump(report, f)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
