@@ -1,0 +1,942 @@
+"""MLflow tracking for calm_dist: one run per training job, logged from global rank 0 only.
+
+The trainer builds one :class:`Tracker` per process and calls the same methods on every rank; the
+methods do nothing unless ``is_main_process`` is true and tracking is enabled::
+
+    tracker = Tracker(cfg.tracking, is_main_process=rank == 0, output_dir=out)
+    run_id = tracker.start(config_dict, run_id=resumed_run_id)   # save tracker.run_id in checkpoints
+    try:
+        ...
+        tracker.log_metrics({"train/loss": loss}, step=step)
+    except BaseException:
+        tracker.close("FAILED")
+        raise
+    tracker.close()
+
+The MLflow client is used with explicit run ids (``MlflowClient``), never the fluent global state:
+the experiment is got-or-created by name and the run created in it by id, because two processes
+calling ``mlflow.set_experiment(new_name)`` at once can put a run into the Default experiment.
+
+Resilience: when the tracking store cannot be reached (at start or mid-run), training goes on. One
+warning is logged per outage; every record (metrics, params, tags, artifact paths, log_dict payloads,
+the final status) is appended, in order, to ``<output_dir>/mlflow_offline/<run>-<time>-<pid>.jsonl``.
+A background thread probes the store at most every ``retry_interval_s`` seconds, so the training loop
+never waits on the network; once the probe succeeds, the next call sends the backlog in order (in
+batches of up to 1,000 metrics, with their original steps and timestamps) and deletes the file. What is
+still unsent at :meth:`Tracker.close` stays in that file, and a warning prints the command that sends
+it later::
+
+    python -m calm_dist.tracking import-offline FILE [--tracking-uri URI]
+
+Re-sending a metric point is harmless (MLflow ignores an identical (key, step, timestamp, value)).
+HTTP requests get short defaults (``MLFLOW_HTTP_REQUEST_TIMEOUT=5``, ``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0``)
+unless those environment variables are already set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXPERIMENT = "calm_dist"
+OFFLINE_DIRNAME = "mlflow_offline"
+OFFLINE_FORMAT_VERSION = 1
+# Applied with os.environ.setdefault when a Tracker starts: an unreachable server must never block
+# the training loop for long. A value already in the environment wins.
+HTTP_ENV_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+}
+# MLflow's limits (mlflow.utils.validation).
+_MAX_PARAMS_TAGS_PER_BATCH = 100
+_MAX_METRICS_PER_BATCH = 1000
+_MAX_PARAM_VAL_LENGTH = 6000
+_MAX_TAG_VAL_LENGTH = 8000
+_IMPORT_HINT = "python -m calm_dist.tracking import-offline {path}"
+
+
+from .config import TrackingConfig  # noqa: E402  (the typed config tree owns the section)
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers
+
+
+def flatten_params(params: Any, prefix: str = "") -> dict[str, str]:
+    """A nested config (mappings and dataclasses) as flat ``{"a.b.c": "value"}`` MLflow params.
+
+    Lists and tuples become JSON, other leaves ``str(value)``; values longer than MLflow's limit are
+    truncated (the full config belongs in an artifact: ``log_dict(cfg, "config.json")``).
+    """
+    if dataclasses.is_dataclass(params) and not isinstance(params, type):
+        params = dataclasses.asdict(params)
+    out: dict[str, str] = {}
+    if not isinstance(params, Mapping):
+        if prefix:
+            out[prefix] = _param_str(params)
+            return out
+        raise TypeError(f"params must be a mapping or a dataclass, got {type(params).__name__}")
+    for key, value in params.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = dataclasses.asdict(value)
+        if isinstance(value, Mapping) and value:
+            out.update(flatten_params(value, name))
+        else:
+            out[name] = _param_str(value)
+    return out
+
+
+def _param_str(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        try:
+            text = json.dumps(list(value), default=str)
+        except (TypeError, ValueError):
+            text = str(value)
+    elif isinstance(value, Mapping):
+        text = "{}" if not value else json.dumps(value, default=str)
+    else:
+        text = str(value)
+    return _truncate(text, _MAX_PARAM_VAL_LENGTH)
+
+
+def _truncate(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    marker = "...[truncated]"
+    return text[: limit - len(marker)] + marker
+
+
+def parse_tags(text: str | None) -> dict[str, str]:
+    """Tags from a string: a JSON object (``{"team": "nlp"}``) or ``k=v,k=v``. Raises ValueError."""
+    text = (text or "").strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"MLFLOW_TAGS JSON must be an object, got {type(data).__name__}")
+        return {str(k): str(v) for k, v in data.items()}
+    tags = {}
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"bad tag {part!r} in {text!r}: expected k=v,k=v or a JSON object")
+        tags[key.strip()] = value.strip()
+    return tags
+
+
+def _calm_dist_version() -> str:
+    # The package is normally imported already (we live in it); never import it here (torch).
+    pkg = sys.modules.get("calm_dist")
+    if getattr(pkg, "__version__", None):
+        return str(pkg.__version__)
+    try:
+        from importlib.metadata import version
+
+        return version("calm-dist")
+    except Exception:
+        return "unknown"
+
+
+def _git_commit() -> tuple[str | None, bool | None]:
+    """(commit, dirty) from env CALM_DIST_GIT_COMMIT / GIT_COMMIT, else git in this source tree."""
+    for var in ("CALM_DIST_GIT_COMMIT", "GIT_COMMIT"):
+        if os.environ.get(var):
+            return os.environ[var], None
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+        return (commit or None), bool(status)
+    except Exception:
+        return None, None
+
+
+def default_tags() -> dict[str, str]:
+    """Where and what ran: SLURM job id, node count, world size, git commit, calm_dist version, host."""
+    env = os.environ
+    tags = {"calm_dist_version": _calm_dist_version(), "hostname": socket.gethostname()}
+    if env.get("SLURM_JOB_ID"):
+        tags["slurm_job_id"] = env["SLURM_JOB_ID"]
+        if env.get("SLURM_ARRAY_JOB_ID"):
+            tags["slurm_array_job_id"] = env["SLURM_ARRAY_JOB_ID"]
+            tags["slurm_array_task_id"] = env.get("SLURM_ARRAY_TASK_ID", "")
+        if env.get("SLURM_JOB_NAME"):
+            tags["slurm_job_name"] = env["SLURM_JOB_NAME"]
+    world = env.get("WORLD_SIZE") or env.get("SLURM_NTASKS")
+    if world:
+        tags["world_size"] = world
+    nodes = env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or env.get("NNODES")
+    if not nodes:
+        local = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE")
+        if world and local and local.isdigit() and world.isdigit() and int(local) > 0:
+            nodes = str(max(1, int(world) // int(local)))
+    if nodes:
+        tags["num_nodes"] = nodes
+    commit, dirty = _git_commit()
+    if commit:
+        tags["git_commit"] = commit
+        tags["mlflow.source.git.commit"] = commit
+    if dirty is not None:
+        tags["git_dirty"] = str(dirty).lower()
+    return tags
+
+
+def resolve_tracking_uri(uri: str | None, output_dir: str | Path | None = None) -> str:
+    """The explicit URI, else env MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db.
+
+    A bare filesystem path ending in .db (or naming an existing file) becomes a sqlite URI.
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    if uri is None:
+        if output_dir is None:
+            raise ValueError("no tracking URI: pass one, set MLFLOW_TRACKING_URI, or give output_dir")
+        return "sqlite:///" + str((Path(output_dir) / "mlflow.db").resolve())
+    if "://" not in uri and (uri.endswith(".db") or Path(uri).is_file()):
+        return "sqlite:///" + str(Path(uri).resolve())
+    return uri
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):])
+    return None
+
+
+def _default_artifact_location(uri: str, experiment: str) -> str | None:
+    # A sqlite store's default artifact root is ./mlruns relative to the *current directory*; keep
+    # artifacts beside the database instead. Servers choose their own (proxied) location.
+    db = _sqlite_path(uri)
+    if db is None:
+        return None
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment) or "experiment"
+    return (db.resolve().parent / "mlartifacts" / safe).as_uri()
+
+
+def apply_http_defaults() -> None:
+    for key, value in HTTP_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def get_or_create_experiment(client, name: str, artifact_location: str | None = None) -> str:
+    """The id of experiment ``name``, created if missing; safe when several processes race."""
+    return _get_or_create_experiment(client, name, artifact_location)[0]
+
+
+def _get_or_create_experiment(client, name, artifact_location=None) -> tuple[str, str]:
+    """(experiment id, how) with how in {"existing", "created", "lost_race"}."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location), "created"
+        except Exception:
+            # Another process created it between our read and our create: read again.
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            how = "lost_race"
+    else:
+        how = "existing"
+    if exp.lifecycle_stage != "active":
+        raise MlflowException(
+            f"MLflow experiment {name!r} (id {exp.experiment_id}) is deleted: restore it with "
+            f"`mlflow experiments restore --experiment-id {exp.experiment_id}` or pick another name",
+            error_code="INVALID_STATE",
+        )
+    return exp.experiment_id, how
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """True when retrying later may succeed (store unreachable, 5xx, 429, database locked)."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        code = exc.get_http_status_code()
+        return code >= 500 or code == 429
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                        ValueError, TypeError, KeyError)):
+        return False
+    return True
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _to_float(value: Any) -> float:
+    if hasattr(value, "item"):  # torch / numpy scalars
+        value = value.item()
+    return float(value)
+
+
+# ----------------------------------------------------------------------------------------------------
+# sending records (shared by the live Tracker and import_offline)
+
+
+class _SendError(Exception):
+    """Sending the first ``n`` pending records failed with ``exc``."""
+
+    def __init__(self, exc: BaseException, n: int):
+        super().__init__(str(exc))
+        self.exc = exc
+        self.n = n
+
+
+class _Sender:
+    """Applies records to one MLflow run, in order. Records are plain JSON-able dicts:
+
+    create  {experiment, artifact_location, run_name, tags, params, start_time}
+    attach  {run_id, tags, + the create fields, used if the run no longer exists}
+    params  {params}     metrics {step, timestamp, metrics}     tags {tags}
+    artifact {path, artifact_path}     dict {artifact_file, data}     end {status, end_time}
+    """
+
+    def __init__(self, client, run_id: str | None = None, *, live: bool = True):
+        self.client = client
+        self.run_id = run_id
+        self.live = live          # a live run is set back to RUNNING on attach; an import is not
+        self.attached = False     # True once a run was reattached (not created)
+        self.run_established = False
+
+    def drain(self, pending: deque, deadline: float | None = None, coalesce: bool = True) -> int:
+        """Send records from the head of ``pending`` until it is empty or ``deadline`` (monotonic)
+        passes; each sent record is removed. Raises _SendError; ``pending`` then starts with the
+        record(s) that failed, possibly rewritten to reflect partial progress."""
+        sent = 0
+        while pending:
+            if deadline is not None and sent and time.monotonic() > deadline:
+                break
+            head = pending[0]
+            if head["type"] == "metrics":
+                batch, count = [], 0
+                for rec in pending:
+                    if rec["type"] != "metrics":
+                        break
+                    if batch and (not coalesce or count + len(rec["metrics"]) > _MAX_METRICS_PER_BATCH):
+                        break
+                    batch.append(rec)
+                    count += len(rec["metrics"])
+                try:
+                    self._send_metrics(batch)
+                except Exception as e:
+                    raise _SendError(e, len(batch)) from e
+                for _ in batch:
+                    pending.popleft()
+                sent += len(batch)
+            else:
+                try:
+                    self._apply(head)
+                except Exception as e:
+                    raise _SendError(e, 1) from e
+                pending.popleft()
+                sent += 1
+        return sent
+
+    # -- one record -------------------------------------------------------------------------------
+    def _require_run(self):
+        if self.run_id is None:
+            raise ValueError("no MLflow run: the offline file lacks its create/attach record")
+
+    def _send_metrics(self, batch):
+        from mlflow.entities import Metric
+
+        self._require_run()
+        metrics = [
+            Metric(key, float(value), int(rec["timestamp"]), int(rec["step"]))
+            for rec in batch for key, value in rec["metrics"].items()
+        ]
+        for i in range(0, len(metrics), _MAX_METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=metrics[i:i + _MAX_METRICS_PER_BATCH],
+                                  synchronous=True)
+
+    def _send_params(self, params):
+        from mlflow.entities import Param
+
+        items = [Param(k, _truncate(str(v), _MAX_PARAM_VAL_LENGTH)) for k, v in params.items()]
+        for i in range(0, len(items), _MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=items[i:i + _MAX_PARAMS_TAGS_PER_BATCH],
+                                  synchronous=True)
+
+    def _send_tags(self, tags):
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, _truncate(str(v), _MAX_TAG_VAL_LENGTH)) for k, v in tags.items()]
+        for i in range(0, len(items), _MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(self.run_id, tags=items[i:i + _MAX_PARAMS_TAGS_PER_BATCH],
+                                  synchronous=True)
+
+    def _create(self, rec):
+        exp_id = get_or_create_experiment(self.client, rec["experiment"], rec.get("artifact_location"))
+        run = self.client.create_run(exp_id, start_time=rec.get("start_time"),
+                                     tags=rec.get("tags") or {}, run_name=rec.get("run_name"))
+        self.run_id = run.info.run_id
+        self.run_established = True
+        # From here the run exists: if logging its params fails, only they are left to send.
+        params = rec.get("params") or {}
+        rec.clear()
+        rec.update({"type": "params", "params": params})
+        if params:
+            self._send_params(params)
+
+    def _apply(self, rec):
+        kind = rec["type"]
+        if kind == "create":
+            self._create(rec)
+        elif kind == "attach":
+            from mlflow.exceptions import MlflowException
+
+            try:
+                self.client.get_run(rec["run_id"])
+            except MlflowException as e:
+                if e.get_http_status_code() != 404:
+                    raise
+                log.warning("MLflow run %s to resume does not exist in this tracking store; "
+                            "starting a new run (tag resumed_from_run_id=%s)", rec["run_id"], rec["run_id"])
+                tags = dict(rec.get("tags") or {}, resumed_from_run_id=rec["run_id"])
+                rec.update({"type": "create", "tags": tags})
+                self._create(rec)
+                return
+            self.run_id = rec["run_id"]
+            self.attached = True
+            self.run_established = True
+            if self.live:
+                self.client.update_run(self.run_id, status="RUNNING")
+            tags = rec.get("tags") or {}
+            rec.clear()
+            rec.update({"type": "tags", "tags": tags})
+            if tags:
+                self._send_tags(tags)
+        elif kind == "params":
+            self._require_run()
+            self._send_params(rec["params"])
+        elif kind == "tags":
+            self._require_run()
+            self._send_tags(rec["tags"])
+        elif kind == "metrics":
+            self._send_metrics([rec])
+        elif kind == "artifact":
+            self._require_run()
+            path = Path(rec["path"])
+            if path.is_dir():
+                self.client.log_artifacts(self.run_id, str(path), rec.get("artifact_path"))
+            elif path.exists():
+                self.client.log_artifact(self.run_id, str(path), rec.get("artifact_path"))
+            else:
+                raise FileNotFoundError(f"artifact {path} no longer exists")
+        elif kind == "dict":
+            self._require_run()
+            self.client.log_dict(self.run_id, rec["data"], rec["artifact_file"])
+        elif kind == "end":
+            self._require_run()
+            self.client.set_terminated(self.run_id, status=rec["status"], end_time=rec.get("end_time"))
+        else:
+            raise ValueError(f"unknown offline record type {kind!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the offline file
+
+
+def _write_offline_file(path: Path, header: dict, records) -> None:
+    """Atomically replace ``path`` with header + records (one JSON object per line)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(header) + "\n")
+        for rec in records:
+            fh.write(json.dumps(rec) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_offline_file(path: str | Path) -> tuple[dict, list[dict]]:
+    """(header, records) of an offline file. A truncated last line (a crash mid-write) is skipped."""
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    header, records = None, []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                log.warning("%s: skipping a truncated last line", path)
+                continue
+            raise ValueError(f"{path}:{i + 1}: not JSON") from None
+        if header is None:
+            if rec.get("type") != "header":
+                raise ValueError(f"{path}: the first line is not a calm_dist offline header")
+            header = rec
+        else:
+            records.append(rec)
+    if header is None:
+        raise ValueError(f"{path}: empty offline file")
+    return header, records
+
+
+def import_offline(path: str | Path, tracking_uri: str | None = None) -> str:
+    """Send an offline file's records to MLflow (the file's own tracking URI unless one is given).
+
+    Returns the run id. On success the file is renamed to ``<path>.imported``; on failure it is
+    rewritten to hold only what is still unsent, and the error is raised.
+    """
+    from mlflow import MlflowClient
+
+    apply_http_defaults()
+    path = Path(path)
+    header, records = read_offline_file(path)
+    uri = resolve_tracking_uri(tracking_uri or header.get("tracking_uri"))
+    db = _sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    sender = _Sender(MlflowClient(uri), header.get("run_id"), live=False)
+    pending = deque(records)
+    try:
+        sender.drain(pending)
+    except _SendError as e:
+        header = dict(header, run_id=sender.run_id)
+        _write_offline_file(path, header, pending)
+        raise RuntimeError(f"import of {path} into {uri} stopped with {len(pending)} records left "
+                           f"(kept in the file): {e.exc}") from e.exc
+    done = path.with_name(path.name + ".imported")
+    os.replace(path, done)
+    log.info("imported %d records from %s into run %s at %s (file renamed to %s)",
+             len(records), path, sender.run_id, uri, done)
+    return sender.run_id
+
+
+# ----------------------------------------------------------------------------------------------------
+# the tracker
+
+
+def _complete_config(cfg) -> TrackingConfig:
+    if cfg is None:
+        return TrackingConfig()
+    if isinstance(cfg, TrackingConfig):
+        return cfg
+    if isinstance(cfg, Mapping):
+        get = cfg.get
+    else:
+        def get(name, default):
+            return getattr(cfg, name, default)
+    defaults = TrackingConfig()
+    values = {f.name: get(f.name, getattr(defaults, f.name)) for f in dataclasses.fields(TrackingConfig)}
+    values["tags"] = dict(values["tags"] or {})
+    return TrackingConfig(**values)
+
+
+class Tracker:
+    """MLflow logging for one training job (see the module docstring). Not thread-safe: call it from
+    the training loop's thread. Every method is a no-op unless ``is_main_process`` and
+    ``cfg.enabled``."""
+
+    def __init__(self, cfg: TrackingConfig | None, *, is_main_process: bool, output_dir: str | Path):
+        # Any object with TrackingConfig's fields will do; missing ones take TrackingConfig's defaults.
+        self.cfg = _complete_config(cfg)
+        self.active = bool(self.cfg.enabled and is_main_process)
+        self.output_dir = Path(output_dir)
+        self.run_id: str | None = None
+        self.tracking_uri: str | None = None
+        self.experiment: str | None = None
+        self._client = None
+        self._sender: _Sender | None = None
+        self._pending: deque = deque()
+        self._offline = False
+        self._offline_path: Path | None = None
+        self._offline_fh = None
+        self._server_back = threading.Event()
+        self._stop_probe = threading.Event()
+        self._probe_thread: threading.Thread | None = None
+        self._sysmon = None
+        self._sysmon_failed = False
+        self._started = False
+        self._closed = False
+        self._warned_not_started = False
+        self._rejected_warned: set[str] = set()
+        self.outages = 0           # how many times the store became unreachable
+        self.records_buffered = 0  # how many records went through the offline file
+
+    # -- public API ----------------------------------------------------------------------------------
+    @property
+    def offline(self) -> bool:
+        """True while records are waiting for the store to come back."""
+        return self._offline
+
+    @property
+    def offline_file(self) -> Path | None:
+        """The JSONL file holding unsent records (None while everything has been sent)."""
+        return self._offline_path if self._offline else None
+
+    def start(self, params: Any = None, *, run_id: str | None = None,
+              tags: dict | None = None) -> str | None:
+        """Create the run (logging ``params`` flattened) or, with ``run_id`` or env MLFLOW_RUN_ID,
+        reattach that run without re-logging params. Returns the run id; None off the main process,
+        or while a new run waits to be created because the store is unreachable (then read
+        ``tracker.run_id`` later)."""
+        if not self.active:
+            return None
+        if self._started:
+            raise RuntimeError("Tracker.start() was already called")
+        self._started = True
+        apply_http_defaults()
+        cfg = self.cfg
+        self.tracking_uri = resolve_tracking_uri(cfg.tracking_uri, self.output_dir)
+        self.experiment = cfg.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+        resume_id = run_id or os.environ.get("MLFLOW_RUN_ID") or None
+
+        all_tags = default_tags()
+        try:
+            all_tags.update(parse_tags(os.environ.get("MLFLOW_TAGS")))
+        except ValueError as e:
+            log.warning("ignoring env MLFLOW_TAGS: %s", e)
+        all_tags.update({str(k): str(v) for k, v in (cfg.tags or {}).items()})
+        all_tags.update({str(k): str(v) for k, v in (tags or {}).items()})
+        try:
+            from mlflow.tracking.context.registry import resolve_tags
+
+            context = resolve_tags()  # mlflow.user, mlflow.source.name/type, ...
+            all_tags = {**context, **all_tags}
+        except Exception:
+            pass
+
+        flat = flatten_params(params) if params is not None else {}
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        db = _sqlite_path(self.tracking_uri)
+        if db is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        self._warn_leftover_files()
+
+        from mlflow import MlflowClient
+
+        self._client = MlflowClient(self.tracking_uri)
+        self._sender = _Sender(self._client, resume_id)
+        create = {
+            "experiment": self.experiment,
+            "artifact_location": _default_artifact_location(self.tracking_uri, self.experiment),
+            "run_name": cfg.run_name,
+            "tags": all_tags,
+            "params": flat,
+            "start_time": _now_ms(),
+        }
+        if resume_id:
+            self.run_id = resume_id
+            first = {"type": "attach", "run_id": resume_id, **create}
+        else:
+            first = {"type": "create", **create}
+        self._submit(first, raise_permanent=True)
+        return self.run_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if not self._ready() or not metrics:
+            return
+        values = {}
+        for key, value in metrics.items():
+            try:
+                values[str(key)] = _to_float(value)
+            except (TypeError, ValueError):
+                if f"metric:{key}" not in self._rejected_warned:
+                    self._rejected_warned.add(f"metric:{key}")
+                    log.warning("Tracker: metric %r has no numeric value (%r); not logged", key, value)
+        if not values:
+            return
+        self._submit({"type": "metrics", "step": int(step), "timestamp": _now_ms(), "metrics": values})
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a file or a directory (its contents, under ``artifact_path``)."""
+        if not self._ready():
+            return
+        self._submit({"type": "artifact", "path": str(Path(path).resolve()),
+                      "artifact_path": artifact_path})
+
+    def log_dict(self, d: dict, artifact_file: str) -> None:
+        """Store ``d`` as a JSON/YAML artifact (by ``artifact_file``'s extension)."""
+        if not self._ready():
+            return
+        data = json.loads(json.dumps(d, default=str))  # a snapshot, JSON-able for the offline file
+        self._submit({"type": "dict", "artifact_file": artifact_file, "data": data})
+
+    def set_tags(self, tags: dict) -> None:
+        if not self._ready() or not tags:
+            return
+        self._submit({"type": "tags", "tags": {str(k): str(v) for k, v in tags.items()}})
+
+    def flush(self) -> bool:
+        """Try to send the backlog now (ignores the retry interval). True when nothing is pending."""
+        if not self._ready():
+            return True
+        if self._pending:
+            self._drain(budget_s=None)
+        return not self._pending
+
+    def close(self, status: str = "FINISHED") -> None:
+        """End the run with ``status`` (FINISHED, FAILED or KILLED). Idempotent."""
+        if not self.active or not self._started or self._closed:
+            return
+        self._stop_sysmon()
+        self._closed = True  # from here on: no probe thread, no system metrics monitor
+        self._submit({"type": "end", "status": status, "end_time": _now_ms()}, final=True)
+        self._stop_probe_thread()
+        if self._pending:
+            path = self._offline_path
+            if self._offline_fh is not None:
+                self._offline_fh.close()
+                self._offline_fh = None
+            log.warning(
+                "MLflow: %d records could not be sent to %s; they are kept in %s. "
+                "Send them later with: %s", len(self._pending), self.tracking_uri, path,
+                _IMPORT_HINT.format(path=path))
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close("FINISHED")
+        else:
+            self.close("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+
+    # -- internals -----------------------------------------------------------------------------------
+    def _ready(self) -> bool:
+        if not self.active or self._closed:
+            return False
+        if not self._started:
+            if not self._warned_not_started:
+                log.warning("Tracker: logging before start() is ignored")
+                self._warned_not_started = True
+            return False
+        return True
+
+    def _submit(self, rec: dict, *, raise_permanent: bool = False, final: bool = False) -> None:
+        self._pending.append(rec)
+        if self._offline:
+            self._append_offline(rec)
+            if final:
+                self._drain(budget_s=None)          # one last try, whatever the interval
+            elif self._server_back.is_set():
+                self._drain(budget_s=self.cfg.flush_budget_s)
+        else:
+            self._drain(budget_s=None, raise_permanent=raise_permanent)
+
+    def _drain(self, budget_s: float | None, raise_permanent: bool = False) -> None:
+        self._server_back.clear()
+        deadline = None if budget_s is None else time.monotonic() + budget_s
+        coalesce = True
+        sent = 0
+        while self._pending:
+            try:
+                sent += self._sender.drain(self._pending, deadline, coalesce)
+                break
+            except _SendError as e:
+                if _is_transient(e.exc):
+                    self._lost_connection(e.exc)
+                    return
+                if e.n > 1:  # find the bad record among the coalesced ones
+                    coalesce = False
+                    continue
+                if raise_permanent:
+                    self._pending.popleft()
+                    raise e.exc
+                self._reject(self._pending.popleft(), e.exc)
+        self.run_id = self._sender.run_id
+        if self._offline:
+            if self._pending:     # out of budget: keep the rest for the next calls
+                self._rewrite_offline()
+                self._server_back.set()
+            else:
+                self._back_online(sent)
+        if self._sender.run_established and not self._closed:
+            self._start_sysmon()
+
+    def _lost_connection(self, exc: BaseException) -> None:
+        self.run_id = self._sender.run_id
+        if not self._offline:
+            self._offline = True
+            self.outages += 1
+            self.records_buffered += len(self._pending)
+            self._open_offline()
+            log.warning(
+                "MLflow tracking store %s is unreachable (%s: %s). Training goes on; metrics are "
+                "buffered in %s and sent when the store is back (checked every %g s).",
+                self.tracking_uri, type(exc).__name__, str(exc).splitlines()[0][:300] if str(exc) else "",
+                self._offline_path, self.cfg.retry_interval_s)
+        else:
+            self._rewrite_offline()
+            log.debug("MLflow store still unreachable: %s", exc)
+        if not self._closed:
+            self._start_probe_thread()
+
+    def _back_online(self, sent: int) -> None:
+        path = self._offline_path
+        if self._offline_fh is not None:
+            self._offline_fh.close()
+            self._offline_fh = None
+        if path is not None:
+            path.unlink(missing_ok=True)
+        self._offline = False
+        self._offline_path = None
+        self._stop_probe_thread()
+        log.info("MLflow tracking store %s is reachable again: sent %d buffered records (run %s)",
+                    self.tracking_uri, sent, self.run_id)
+
+    # offline file
+    def _offline_header(self) -> dict:
+        return {"type": "header", "version": OFFLINE_FORMAT_VERSION, "tracking_uri": self.tracking_uri,
+                "experiment": self.experiment, "run_id": self._sender.run_id,
+                "output_dir": str(self.output_dir.resolve()), "pid": os.getpid(),
+                "host": socket.gethostname(), "created": _now_ms()}
+
+    def _open_offline(self) -> None:
+        d = self.output_dir / OFFLINE_DIRNAME
+        d.mkdir(parents=True, exist_ok=True)
+        stem = self._sender.run_id or "pending"
+        self._offline_path = d / f"{stem}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.jsonl"
+        self._rewrite_offline()
+
+    def _rewrite_offline(self) -> None:
+        if self._offline_fh is not None:
+            self._offline_fh.close()
+            self._offline_fh = None
+        _write_offline_file(self._offline_path, self._offline_header(), self._pending)
+        self._offline_fh = open(self._offline_path, "a", encoding="utf-8")
+
+    def _append_offline(self, rec: dict) -> None:
+        self.records_buffered += 1
+        self._offline_fh.write(json.dumps(rec) + "\n")
+        self._offline_fh.flush()  # survives a crash of this process
+
+    def _reject(self, rec: dict, exc: BaseException) -> None:
+        d = self.output_dir / OFFLINE_DIRNAME
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / f"{self.run_id or 'pending'}.rejected.jsonl"
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"error": f"{type(exc).__name__}: {exc}", "record": rec}) + "\n")
+        key = f"{rec.get('type')}:{type(exc).__name__}"
+        if key not in self._rejected_warned:
+            self._rejected_warned.add(key)
+            log.warning("MLflow rejected a %s record (%s: %s); it is kept in %s",
+                        rec.get("type"), type(exc).__name__, str(exc)[:300], path)
+
+    def _warn_leftover_files(self) -> None:
+        d = self.output_dir / OFFLINE_DIRNAME
+        if not d.is_dir():
+            return
+        left = sorted(p for p in d.glob("*.jsonl") if not p.name.endswith(".rejected.jsonl"))
+        if left:
+            log.warning("MLflow: %d offline file(s) from earlier processes were never sent: %s. "
+                        "Send each with: %s", len(left), ", ".join(map(str, left)),
+                        _IMPORT_HINT.format(path="FILE"))
+
+    # probe thread: tells the main thread when the store answers again
+    def _start_probe_thread(self) -> None:
+        if self._probe_thread is not None and self._probe_thread.is_alive():
+            return
+        self._stop_probe.clear()
+        self._server_back.clear()
+        self._probe_thread = threading.Thread(target=self._probe_loop, name="calm_dist-mlflow-probe",
+                                              daemon=True)
+        self._probe_thread.start()
+
+    def _probe_loop(self) -> None:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(self.tracking_uri)
+        while not self._stop_probe.wait(max(0.05, float(self.cfg.retry_interval_s))):
+            try:
+                client.search_experiments(max_results=1)
+            except Exception as e:  # still down
+                log.debug("MLflow probe failed: %s", e)
+                continue
+            self._server_back.set()
+            return
+
+    def _stop_probe_thread(self) -> None:
+        self._stop_probe.set()
+        t = self._probe_thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout=30)
+        self._probe_thread = None
+
+    # system metrics (best effort: mlflow's monitor stops itself when the store is unreachable and
+    # is restarted, continuing its step count, once the store is back)
+    def _start_sysmon(self) -> None:
+        if not self.cfg.system_metrics or self._sysmon_failed or self._offline or self.run_id is None:
+            return
+        mon = self._sysmon
+        if mon is not None and mon._process is not None and mon._process.is_alive():
+            return
+        resume = mon is not None or self._sender.attached
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            mon = SystemMetricsMonitor(self.run_id, tracking_uri=self.tracking_uri, resume_logging=resume)
+            mon.start()
+            self._sysmon = mon
+        except Exception as e:  # psutil missing, ...
+            self._sysmon_failed = True
+            log.warning("MLflow system metrics disabled: %s", e)
+
+    def _stop_sysmon(self) -> None:
+        if self._sysmon is not None:
+            try:
+                self._sysmon.finish()
+            except Exception as e:
+                log.debug("system metrics monitor: %s", e)
+            self._sysmon = None
+
+
+# ----------------------------------------------------------------------------------------------------
+# command line: python -m calm_dist.tracking import-offline FILE...
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m calm_dist.tracking",
+                                     description="calm_dist MLflow helpers")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    imp = sub.add_parser("import-offline", help="send buffered records (mlflow_offline/*.jsonl) to MLflow")
+    imp.add_argument("files", nargs="+", type=Path)
+    imp.add_argument("--tracking-uri", default=None,
+                     help="where to send them (default: the URI recorded in each file)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    rc = 0
+    for path in args.files:
+        try:
+            run_id = import_offline(path, args.tracking_uri)
+            print(f"{path}: imported into run {run_id}")
+        except Exception as e:
+            print(f"{path}: FAILED: {e}", file=sys.stderr)
+            rc = 1
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Test helpers: a real MLflow server (tools/local_mlflow.sh) on a free loopback port.
+
+Use from a test module::
+
+    from mlflow_server import serve   # (or tests.mlflow_server when tests/ is a package)
+
+    @pytest.fixture(scope="module")
+    def mlflow_server(tmp_path_factory):
+        yield from serve(tmp_path_factory.mktemp("mlflow_server"))
+
+When the server cannot start, the test FAILS if env CI is set and is skipped (with the reason and
+the server log's tail) on a developer machine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "tools" / "local_mlflow.sh"
+START_TIMEOUT_S = int(os.environ.get("MLFLOW_TEST_SERVER_TIMEOUT", "180"))
+
+
+class ServerStartError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (127.0.0.1)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalServer:
+    """tools/local_mlflow.sh for one store directory and port."""
+
+    def __init__(self, directory: Path, port: int | None = None):
+        self.dir = Path(directory)
+        self.port = port or free_port()
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        try:
+            return int((self.dir / "server.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _env(self) -> dict:
+        env = dict(os.environ)
+        env["MLFLOW_LOCAL_PYTHON"] = sys.executable
+        env["MLFLOW_LOCAL_START_TIMEOUT"] = str(START_TIMEOUT_S)
+        env.pop("MLFLOW_TRACKING_URI", None)
+        return env
+
+    def _script(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(SCRIPT), *args, "--dir", str(self.dir)],
+                              capture_output=True, text=True, timeout=timeout, env=self._env())
+
+    def up(self) -> None:
+        try:
+            r = self._script("up", "--port", str(self.port), timeout=START_TIMEOUT_S + 30)
+        except subprocess.TimeoutExpired as e:
+            self.down()
+            raise ServerStartError(f"local_mlflow.sh up timed out: {e}") from None
+        if r.returncode != 0:
+            raise ServerStartError(f"local_mlflow.sh up failed (rc {r.returncode}):\n{r.stdout}\n{r.stderr}"
+                                   f"\n--- server.log tail ---\n{self.log_tail()}")
+        if f"export MLFLOW_TRACKING_URI={self.uri}" not in r.stdout:
+            raise ServerStartError(f"local_mlflow.sh up did not print the URI:\n{r.stdout}")
+
+    def status(self) -> bool:
+        return self._script("status", timeout=30).returncode == 0
+
+    def down(self) -> None:
+        self._script("down", timeout=60)
+
+    def kill(self) -> None:
+        """Crash the server: SIGKILL its whole process group, no clean shutdown."""
+        pid = self.pid
+        assert pid is not None, "no server pid file"
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    pass
+            except OSError:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"port {self.port} still answers after SIGKILL")
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join((self.dir / "server.log").read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no server.log)"
+
+
+def start_or_skip(server: LocalServer) -> None:
+    """server.up(); on failure: pytest.fail under CI, pytest.skip elsewhere."""
+    try:
+        server.up()
+    except ServerStartError as e:
+        msg = f"could not start a local MLflow server with tools/local_mlflow.sh: {e}"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg + " (a developer machine may skip this; CI must not)")
+
+
+def serve(directory: Path, port: int | None = None):
+    """Generator for a fixture: yields a healthy LocalServer and always stops it afterwards."""
+    server = LocalServer(directory, port)
+    try:
+        start_or_skip(server)
+        yield server
+    finally:
+        server.down()
