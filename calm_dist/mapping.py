@@ -5,9 +5,12 @@ cross-attention result to the output of anchor block j (the input of anchor bloc
 
 The paper's rule (Bansal et al. 2024, §3.1), made exact here:
   n = N_aug // every pairs (every = 4), augmenting blocks every-1, 2*every-1, ..., n*every-1
-  (the output of every 4th block), paired in order with the last block of each of n equal segments of
-  the anchor: anchor block (k + 1) * N_anchor // n - 1 for k = 0 .. n-1.
-Example: 8-block augmenting, 12-block anchor -> [(3, 5), (7, 11)].
+  (the output of every 4th block), paired in order with n evenly spaced anchor blocks:
+  anchor block round_half_up((k + 1) * N_anchor / n) - 1 = (2(k+1)N_anchor + n) // 2n - 1 (floored at 0),
+  for k = 0 .. n-1; the deepest pair always feeds the last anchor block.
+Examples: 8-block augmenting, 12-block anchor -> [(3, 5), (7, 11)];
+          32-block augmenting, 80-block anchor -> [(3, 9), (7, 19), ..., (31, 79)];
+          22-block augmenting (n = 5), 32-block anchor -> anchor blocks 5, 12, 18, 25, 31.
 """
 from __future__ import annotations
 
@@ -27,12 +30,10 @@ def default_layer_pairs(n_augmenting_layers: int, n_anchor_layers: int, every: i
             f"the augmenting model has {n_augmenting_layers} blocks: fewer than every={every}, so the "
             "default rule picks no layer; pass explicit layer_pairs or a smaller `every`"
         )
+    if n_anchor_layers < 1:
+        raise MappingError(f"the anchor has {n_anchor_layers} blocks")
     augmenting = [(k + 1) * every - 1 for k in range(n)]
-    anchor = [(k + 1) * n_anchor_layers // n - 1 for k in range(n)]
-    if min(anchor) < 0:
-        raise MappingError(
-            f"{n} pairs do not fit a {n_anchor_layers}-block anchor; pass explicit layer_pairs or a larger `every`"
-        )
+    anchor = [max(0, (2 * (k + 1) * n_anchor_layers + n) // (2 * n) - 1) for k in range(n)]
     return list(zip(augmenting, anchor))
 
 

@@ -118,6 +118,9 @@ def test_default_layer_pairs_rule():
     assert default_layer_pairs(8, 12) == [(3, 5), (7, 11)]
     assert default_layer_pairs(4, 4) == [(3, 3)]
     assert default_layer_pairs(16, 32) == [(3, 7), (7, 15), (11, 23), (15, 31)]
+    assert [j for _, j in default_layer_pairs(22, 32)] == [5, 12, 18, 25, 31]  # round half up, not floor
+    from calm_dist import costs
+    assert costs.default_layer_pairs is default_layer_pairs  # the cost model plans the same mapping
     with pytest.raises(MappingError, match="fewer than every"):
         default_layer_pairs(3, 8)
 
