@@ -64,10 +64,15 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 
-def _describe(model: nn.Module, revision: str | None) -> dict:
-    b = backbones.Backbone.from_config(model.config)
+def _config_of(model_or_config):
+    return model_or_config.config if isinstance(model_or_config, nn.Module) else model_or_config
+
+
+def _describe(model_or_config, revision: str | None) -> dict:
+    config = _config_of(model_or_config)
+    b = backbones.Backbone.from_config(config)
     return {
-        "name_or_path": getattr(model.config, "_name_or_path", None) or None,
+        "name_or_path": getattr(config, "_name_or_path", None) or None,
         "revision": revision,
         "model_type": b.model_type,
         "hidden_size": b.hidden_size,
@@ -111,19 +116,43 @@ def truncate_after(model: nn.Module, last_block: int) -> None:
             config.layer_types = config.layer_types[: last_block + 1]
 
 
+@torch.no_grad()
+def capture_block_outputs(model: nn.Module, layers: list[int], input_ids, attention_mask, position_ids) -> dict:
+    """Outputs of the given decoder blocks of one model (its bare decoder, no LM head): what the cache stores."""
+    blocks, captured = backbones.decoder_blocks(model), {}
+
+    def keep(i):
+        return lambda module, args, output: captured.__setitem__(i, output[0] if isinstance(output, tuple) else output)
+    handles = [blocks[i].register_forward_hook(keep(i)) for i in layers]
+    try:
+        backbones.decoder(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
 class ComposedModel(nn.Module):
-    def __init__(self, anchor: nn.Module, augmenting: list[nn.Module], layer_pairs: list[LayerPairs] | None = None,
+    """Augmenting models may be given as configs only: then the composition reads their states from
+    `augmenting_states` (the disk cache) and never holds their weights."""
+
+    def __init__(self, anchor: nn.Module, augmenting: list, layer_pairs: list[LayerPairs] | None = None,
                  every: int = 4, num_heads: int | None = None, truncate_augmenting: bool = True,
                  sources: dict | None = None):
         super().__init__()
         if not augmenting:
             raise CompositionError("at least one augmenting model is required")
+        models = [m for m in augmenting if isinstance(m, nn.Module)]
+        if models and len(models) != len(augmenting):
+            raise CompositionError("give every augmenting model as a model, or every one as a config (cached states)")
         self.anchor = anchor
-        self.augmenting = nn.ModuleList(augmenting)
+        self.augmenting = nn.ModuleList(models)
+        self.augmenting_configs = [_config_of(m) for m in augmenting]
         anchor_bb = backbones.Backbone.from_config(anchor.config)
-        aug_bbs = [backbones.Backbone.from_config(m.config) for m in augmenting]
-        for i, m in enumerate(augmenting):
-            check_same_vocabulary(anchor.config, m.config, i)
+        aug_bbs = [backbones.Backbone.from_config(c) for c in self.augmenting_configs]
+        for i, c in enumerate(self.augmenting_configs):
+            check_same_vocabulary(anchor.config, c, i)
 
         if layer_pairs is None:
             layer_pairs = [default_layer_pairs(bb.num_layers, anchor_bb.num_layers, every) for bb in aug_bbs]
@@ -141,11 +170,11 @@ class ComposedModel(nn.Module):
             "anchor": _describe(anchor, sources.get("anchor_revision")),
             "augmenting": [_describe(m, r) for m, r in zip(augmenting, sources.get("augmenting_revisions", [None] * len(augmenting)))],
         }
-        for model in [anchor, *augmenting]:
+        for model in [anchor, *models]:
             model.requires_grad_(False)
             model.eval()
         if truncate_augmenting:
-            for model, pairs in zip(augmenting, self.layer_pairs):
+            for model, pairs in zip(models, self.layer_pairs):
                 truncate_after(model, max(i for i, _ in pairs))
         self._context: _Context | None = None
         self._install_hooks()
@@ -230,6 +259,8 @@ class ComposedModel(nn.Module):
     # ---- forward ------------------------------------------------------------------------------------
     def run_augmenting(self, input_ids, attention_mask, position_ids, caches=None) -> AugmentingStates:
         """Hidden states of the composed augmenting blocks (no LM head, no gradients)."""
+        if not len(self.augmenting):
+            raise CompositionError("this composition holds no augmenting weights (cached states): pass augmenting_states")
         ctx = _Context(keys_values=[], mask=None)
         with torch.no_grad(), self._composing(ctx):
             for a, model in enumerate(self.augmenting):

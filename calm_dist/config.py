@@ -94,8 +94,10 @@ class TrackingConfig:
     tracking_uri: str | None = None        # null: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db
     experiment: str | None = None          # null: $MLFLOW_EXPERIMENT_NAME, else "calm_dist"
     run_name: str | None = None
-    tags: dict[str, str] = field(default_factory=dict)
-    system_metrics: bool = True
+    tags: dict[str, str] = field(default_factory=dict)  # over default_tags() and $MLFLOW_TAGS
+    system_metrics: bool = True            # MLflow's CPU/memory/disk monitor as system/* metrics
+    retry_interval_s: float = 30.0         # server unreachable: probe it this often, in the background
+    flush_budget_s: float = 2.0            # at most this long per logging call spent sending a backlog
 
 
 @dataclass

@@ -82,13 +82,22 @@ class Trainer:
         self.sampler = GlobalBatchSampler(len(self.train_data), self.global_batch_size, cfg.train.seed)
 
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-        anchor, augmenting, self._hf_ds_config = load_frozen_models(cfg, self.plan.ds_config, dtype)
+        cached = cfg.train.augmenting_states == "cached"
+        anchor, augmenting, self._hf_ds_config = load_frozen_models(cfg, self.plan.ds_config, dtype,
+                                                                    load_augmenting=not cached)
+        if cached:  # the augmenting weights are never loaded: their states come from disk
+            augmenting = self.plan.augmenting_configs
+            self.train_states, self.eval_states = self._open_states_caches()
         m = cfg.model
         torch.manual_seed(cfg.train.seed)  # the blocks' initial weights depend on the seed alone
         self.model = ComposedModel(anchor, augmenting, layer_pairs=self.plan.layer_pairs, num_heads=m.num_heads,
                                    sources={"anchor_revision": m.anchor_revision,
                                             "augmenting_revisions": m.augmenting_revisions or [None] * len(augmenting)})
         self.model.blocks.to(dtype)
+        if cfg.train.activation_checkpointing:
+            from .activation_checkpointing import checkpoint_anchor_blocks
+
+            checkpoint_anchor_blocks(self.model)
         o = cfg.optim
         optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                       weight_decay=o.weight_decay)
@@ -116,10 +125,11 @@ class Trainer:
         return data
 
     def _tracker(self):
-        from .tracking import Tracker, default_tags
+        from .tracking import Tracker
 
         tracker = Tracker(self.cfg.tracking, is_main_process=self.env.is_main, output_dir=self.output_dir)
-        tags = {**default_tags(), "zero_stage": "3", "world_size": str(self.env.world_size)}
+        tags = {"zero_stage": "3", "world_size": str(self.env.world_size),
+                "augmenting_states": self.cfg.train.augmenting_states}
         self.run_id = tracker.start(self.cfg.to_dict(), run_id=self.run_id, tags=tags)
         if self.start_step == 0:
             tracker.log_dict(self.cfg.to_dict(), "config.json")
@@ -173,9 +183,11 @@ class Trainer:
             if t.fail_at_step is not None and step == t.fail_at_step and env.rank == min(1, env.world_size - 1):
                 raise RuntimeError(f"train.fail_at_step={step}: injected failure on rank {env.rank}")
             idx = self.sampler.micro_batch_indices(step, micro, env.rank, env.world_size, t.micro_batch_size)
+            following = (step, micro + 1) if micro + 1 < self.plan.accumulation else (step + 1, 0)
+            upcoming = self.sampler.micro_batch_indices(*following, env.rank, env.world_size, t.micro_batch_size)
             batch = self.train_data.batch(idx)
             out = self.engine(batch["input_ids"], attention_mask=batch["attention_mask"],
-                              augmenting_states=self._states(idx))
+                              augmenting_states=self._states(idx, upcoming))
             loss_sum = summed_loss(out.logits, batch["labels"])
             self.engine.backward(loss_sum * scale)
             self.engine.step()
@@ -183,8 +195,37 @@ class Trainer:
         dist.all_reduce(local)
         return local[0].item() / max(1, n_global), int(local[1].item())
 
-    def _states(self, indices):
-        return None  # recompute: the model runs the augmenting models itself
+    def _open_states_caches(self):
+        """Open and verify the train/eval caches; ranks split the checksum work and agree on the verdict."""
+        from .augmenter_cache import CacheError, StatesCache, cache_root, expected_components
+
+        caches = {}
+        for split, data in (("train", self.train_data), ("eval", self.eval_data)):
+            if data is not None:
+                caches[split] = StatesCache(cache_root(self.cfg) / split,
+                                            expected_components(self.cfg, self.plan.layer_pairs, data.fingerprint))
+        problem = None
+        try:
+            for cache in caches.values():
+                cache.verify(range(self.env.rank, len(cache.manifest["shards"]), self.env.world_size))
+        except CacheError as e:
+            problem = e
+        flag = torch.tensor([1.0 if problem else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if problem:
+            raise problem
+        if flag.item():
+            raise CacheError("another rank found a corrupted cache shard (see its log)")
+        return caches["train"], caches.get("eval")
+
+    def _states(self, indices, upcoming=None):
+        """Cached mode: the rows' augmenting states (and start reading the next micro-batch's)."""
+        if self.cfg.train.augmenting_states != "cached":
+            return None  # recompute: the model runs the augmenting models itself
+        states = self.train_states.get(indices)
+        if upcoming is not None:
+            self.train_states.prefetch(upcoming)
+        return states
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -200,8 +241,10 @@ class Trainer:
         for b in range(n_batches):
             idx = rows[b * t.micro_batch_size:(b + 1) * t.micro_batch_size]
             weight = 1.0 if idx else 0.0
-            batch = data.batch(idx or [0])  # a rank out of rows still joins the collective forward
-            out = self.engine(batch["input_ids"], attention_mask=batch["attention_mask"])
+            rows = idx or [0]  # a rank out of rows still joins the collective forward
+            batch = data.batch(rows)
+            states = self.eval_states.read(rows) if self.cfg.train.augmenting_states == "cached" else None
+            out = self.engine(batch["input_ids"], attention_mask=batch["attention_mask"], augmenting_states=states)
             total += weight * torch.tensor([summed_loss(out.logits, batch["labels"]).item(),
                                             float(loss_tokens(batch["labels"]))])
         dist.all_reduce(total)
@@ -259,7 +302,7 @@ class Trainer:
 
             (staged / "trainer_state.json").write_text(json.dumps({
                 "step": step, "world_size": env.world_size, "scheduler": self.scheduler.state_dict(),
-                "mlflow_run_id": self.run_id, "global_batch_size": self.global_batch_size}, indent=2))
+                "mlflow_run_id": self.tracker.run_id, "global_batch_size": self.global_batch_size}, indent=2))
             (staged / "config.yaml").write_text(self.cfg.to_yaml())
         dist.barrier()
         if env.is_main:
@@ -295,7 +338,11 @@ class Trainer:
 def train(cfg: Config, env: DistEnv, plan: Plan) -> TrainResult:
     trainer = Trainer(cfg, env, plan)
     trainer.setup()
-    return trainer.run()
+    try:
+        return trainer.run()
+    except BaseException:
+        trainer.tracker.close("FAILED")  # a crashed run must not stay RUNNING in MLflow
+        raise
 
 
 def quiet_libraries() -> None:

@@ -49,7 +49,8 @@ def read_model_config(path: str, revision: str | None, trust_remote_code: bool, 
     return config
 
 
-def validate(cfg: Config, env: DistEnv, *, need_train_data: bool = True) -> Plan:
+def validate(cfg: Config, env: DistEnv, *, need_train_data: bool = True, training: bool = True) -> Plan:
+    """`training=False` (cache, eval): skip the output directory's checkpoint and resume checks."""
     from .composition import CompositionError, check_same_vocabulary
     from .data import Tokenizer, check_tokenizer_matches
 
@@ -101,7 +102,7 @@ def validate(cfg: Config, env: DistEnv, *, need_train_data: bool = True) -> Plan
     if zero_stage(ds_config) != 3:
         raise ConfigError(f"{cfg.distributed.deepspeed_config}: calm_dist trains under ZeRO stage 3 "
                           f"(zero_optimization.stage is {zero_stage(ds_config)})")
-    resume_from = _check_resume(cfg, env)
+    resume_from = _check_resume(cfg, env) if training else None
     return Plan(anchor, augmenting, pairs, accumulation, ds_config, resume_from)
 
 

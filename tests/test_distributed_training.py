@@ -90,14 +90,50 @@ def test_two_rank_zero3_matches_single_process_reference(setup_dir, tmp_path):
 
 def test_stop_and_resume_equals_uninterrupted_run(setup_dir, tmp_path):
     full = run_worker(setup_dir, tmp_path / "full", **{"train.checkpoint_every": 2})
-    stopped = run_worker(setup_dir, tmp_path / "split", **{"train.stop_after_step": 3})
+    mlflow = {"tracking.enabled": "true", "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+              "tracking.experiment": "resume-test", "tracking.system_metrics": "false"}
+    stopped = run_worker(setup_dir, tmp_path / "split", **{"train.stop_after_step": 3}, **mlflow)
     ckpt = tmp_path / "split" / "checkpoints"
     assert (ckpt / "latest").read_text().strip() == "step_3"
     assert not (tmp_path / "split" / "final").exists()
-    resumed = run_worker(setup_dir, tmp_path / "split", **{"train.resume": "auto"})
+    resumed = run_worker(setup_dir, tmp_path / "split", **{"train.resume": "auto"}, **mlflow)
+    check_one_mlflow_run(tmp_path / "mlflow.db", "resume-test", full["losses"])
     assert stopped["losses"] + resumed["losses"] == full["losses"]  # bit-exact
     a = load_file(str(tmp_path / "full" / "final" / "composition.safetensors"))
     b = load_file(str(tmp_path / "split" / "final" / "composition.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the last K checkpoints are kept, `latest` names the newest
     assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir()) == ["latest", "step_4", "step_6"]
+
+
+def check_one_mlflow_run(db, experiment, losses):
+    """Both halves of a stopped-and-resumed 2-rank job logged into exactly one MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.steps"] == str(STEPS) and run.data.params["data.seq_len"] == "32"
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in history] == list(range(1, STEPS + 1))
+    assert [m.value for m in history] == pytest.approx(losses, abs=1e-6)
+    assert run.data.tags["world_size"] == "2" and run.data.tags["zero_stage"] == "3"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.json", "deepspeed_config.json", "composition"} <= artifacts
+
+
+def test_cached_states_with_activation_checkpointing_match_reference(setup_dir, tmp_path):
+    """`calm-dist cache` on 2 ranks, then ZeRO-3 training that never loads the augmenting weights."""
+    out = tmp_path / "cached"
+    common = overrides(setup_dir, out, **{"train.augmenting_states": "cached", "train.activation_checkpointing": "true"})
+    run_ranks(["-m", "calm_dist.cli", "cache", "--config", str(REPO / "recipes" / "tiny.yaml"),
+               "--rows-per-shard", "32", *common])
+    manifest = json.loads((out / "augmenting_cache" / "train" / "manifest.json").read_text())
+    assert len(manifest["shards"]) == 3 and manifest["rows"] == 96
+    report = out.parent / "cached.report.json"
+    run_ranks([WORKER, str(report), str(REPO / "recipes" / "tiny.yaml"), *common])
+    ref_losses, _ = reference_losses(setup_dir, tmp_path / "ref")
+    assert json.loads(report.read_text())["losses"] == pytest.approx(ref_losses, abs=1e-5)

@@ -61,7 +61,8 @@ def make_tiny_setup(out: str | Path, n_train: int = 256, n_eval: int = 32, seed:
         (out / name).write_text("".join(json.dumps(r) + "\n" for r in records))
     tokenizer = out / "tokenizer.model"
     if not tokenizer.exists():
-        train_tokenizer([r["prompt"] + r["completion"] for r in train + evaluation], tokenizer)
+        # a fixed corpus: the tokenizer (and so row lengths) must not depend on n_train
+        train_tokenizer([r["prompt"] + r["completion"] for r in make_records(2000, seed=12345)], tokenizer)
     import sentencepiece as spm
 
     vocab = spm.SentencePieceProcessor(model_file=str(tokenizer)).get_piece_size()

@@ -1,0 +1,291 @@
+"""The augmenting models' states at the composed layers, computed once and streamed from disk.
+
+The augmenting models are frozen and read the same tokens as the anchor, so their states are a pure
+function of (weights, layers, tokenized data, dtype). Layout of `<cache_dir>/<split>/`:
+
+    shard-00000.safetensors    rows [0, R): one tensor "a{model}.l{layer}" [R, seq_len, D_aug] per used layer
+    shard-00000.json           its sha256 and row count (written after the shard; the shard is complete iff present)
+    building.json              the fingerprint components, written first: a resumed run must match them
+    manifest.json              written last by rank 0: components, fingerprint, shapes, every shard's checksum
+
+Shards are computed in fixed micro-batches, so any run (any world size, resumed or not) writes the
+same bytes. Rank r writes shards r, r + world, ...; an interrupted run skips the shards already done.
+Readers memory-map the shards (safetensors slices) and verify checksums before any row is used.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .composition import capture_block_outputs, position_ids_from_mask, truncate_after
+
+FORMAT = 1
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MANIFEST, BUILDING = "manifest.json", "building.json"
+
+
+class CacheError(RuntimeError):
+    """A cache that must not be trained on: stale, incomplete, truncated or corrupted."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_fingerprint(model_dir: str | Path) -> str:
+    """sha256 over the config and every weight file of a saved model directory."""
+    model_dir = Path(model_dir)
+    files = sorted(p for p in model_dir.iterdir()
+                   if p.name == "config.json" or p.suffix in (".safetensors", ".bin", ".pt"))
+    if not files:
+        raise CacheError(f"{model_dir} holds no model files to fingerprint")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()[:16]
+
+
+def components(model_dirs: list[str], revisions: list, layers: list[list[int]], data_fingerprint: str,
+               seq_len: int, dtype: str) -> dict:
+    """What the cached states depend on; a cache whose components differ is refused, naming them."""
+    return {
+        "format": FORMAT,
+        "augmenting_weights": [weights_fingerprint(d) for d in model_dirs],
+        "augmenting_revisions": list(revisions),
+        "layers": [list(map(int, ls)) for ls in layers],
+        "data_and_tokenization": data_fingerprint,  # data bytes + tokenizer + tokenization settings
+        "seq_len": seq_len,
+        "dtype": dtype,
+    }
+
+
+def fingerprint(comps: dict) -> str:
+    return hashlib.sha256(json.dumps(comps, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def describe_differences(saved: dict, expected: dict) -> str:
+    keys = sorted(set(saved) | set(expected))
+    return "; ".join(f"{k}: cache has {saved.get(k)!r}, expected {expected.get(k)!r}"
+                     for k in keys if saved.get(k) != expected.get(k))
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def shard_name(s: int) -> str:
+    return f"shard-{s:05d}"
+
+
+# ---- writing ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def build_cache(directory: str | Path, comps: dict, models: list, layers: list[list[int]], data, *,
+                rank: int = 0, world: int = 1, rows_per_shard: int = 256, batch_size: int = 16,
+                barrier=lambda: None, progress: bool = True) -> Path:
+    """Compute (or finish computing) the cache of one split; returns its directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if (directory / MANIFEST).exists():
+        saved = json.loads((directory / MANIFEST).read_text())
+        if saved["components"] == comps:
+            return directory
+        raise CacheError(f"{directory} holds another cache ({describe_differences(saved['components'], comps)}); "
+                         "remove it or choose another train.states_cache_dir")
+    building = directory / BUILDING
+    if rank == 0:
+        if building.exists() and json.loads(building.read_text()) != comps:
+            raise CacheError(f"{directory} holds a partial cache of other inputs "
+                             f"({describe_differences(json.loads(building.read_text()), comps)}); remove it first")
+        _write_json_atomic(building, comps)
+    barrier()
+    for model, ls in zip(models, layers):
+        truncate_after(model, max(ls))
+    dtype = DTYPES[comps["dtype"]]
+    n_rows = len(data)
+    n_shards = math.ceil(n_rows / rows_per_shard)
+    mine = [s for s in range(rank, n_shards, world) if not (directory / f"{shard_name(s)}.json").exists()]
+    from tqdm import tqdm
+
+    for s in tqdm(mine, desc=f"caching {directory.name} (rank {rank})", disable=not progress, leave=False):
+        rows = range(s * rows_per_shard, min(n_rows, (s + 1) * rows_per_shard))
+        parts: dict[str, list[torch.Tensor]] = {}
+        for start in range(rows.start, rows.stop, batch_size):
+            batch = data.batch(list(range(start, min(rows.stop, start + batch_size))))
+            mask = batch["attention_mask"]
+            for a, (model, ls) in enumerate(zip(models, layers)):
+                states = capture_block_outputs(model, ls, batch["input_ids"], mask, position_ids_from_mask(mask))
+                for i in ls:
+                    parts.setdefault(f"a{a}.l{i}", []).append(states[i].to(dtype))
+        tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
+        path = directory / f"{shard_name(s)}.safetensors"
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, str(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _write_json_atomic(directory / f"{shard_name(s)}.json", {"sha256": sha256_file(path), "rows": len(rows)})
+    barrier()
+    if rank == 0:
+        shards = [json.loads((directory / f"{shard_name(s)}.json").read_text()) for s in range(n_shards)]
+        shapes = {f"a{a}.l{i}": [n_rows, comps["seq_len"], int(models[a].config.hidden_size)]
+                  for a, ls in enumerate(layers) for i in ls}
+        _write_json_atomic(directory / MANIFEST, {"components": comps, "fingerprint": fingerprint(comps),
+                                                  "rows": n_rows, "rows_per_shard": rows_per_shard,
+                                                  "shapes": shapes, "shards": shards})
+        building.unlink(missing_ok=True)
+    barrier()
+    return directory
+
+
+# ---- reading ---------------------------------------------------------------------------------------
+class StatesCache:
+    """Memory-mapped reader of one split's cache; `read(rows)` gives the model's `augmenting_states`."""
+
+    def __init__(self, directory: str | Path, expected: dict):
+        self.directory = Path(directory)
+        manifest_path = self.directory / MANIFEST
+        if not manifest_path.is_file():
+            raise CacheError(f"no complete cache at {self.directory} (run `calm-dist cache` first)")
+        self.manifest = json.loads(manifest_path.read_text())
+        if self.manifest["components"] != expected:
+            raise CacheError(f"stale cache at {self.directory}: "
+                             f"{describe_differences(self.manifest['components'], expected)}")
+        self.rows_per_shard = self.manifest["rows_per_shard"]
+        self.keys = [(int(k[1:].split(".")[0]), int(k.split(".l")[1]), k) for k in self.manifest["shapes"]]
+        self._handles: dict[int, object] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="states-prefetch")
+        self._pending: dict[tuple, object] = {}
+
+    def __len__(self) -> int:
+        return self.manifest["rows"]
+
+    def verify(self, shards=None) -> None:
+        """Check sizes and sha256 of the given shards (default: all) against the manifest."""
+        for s in range(len(self.manifest["shards"])) if shards is None else shards:
+            path = self.directory / f"{shard_name(s)}.safetensors"
+            if not path.is_file():
+                raise CacheError(f"cache shard {path} is missing")
+            if sha256_file(path) != self.manifest["shards"][s]["sha256"]:
+                raise CacheError(f"cache shard {path} is corrupted or truncated (checksum mismatch); rebuild the cache")
+
+    def _shard(self, s: int):
+        if s not in self._handles:
+            self._handles[s] = safe_open(str(self.directory / f"{shard_name(s)}.safetensors"), framework="pt")
+        return self._handles[s]
+
+    def read(self, rows) -> list[dict[int, torch.Tensor]]:
+        rows = [int(r) for r in rows]
+        out: list[dict[int, torch.Tensor]] = [{} for _ in {a for a, _, _ in self.keys}]
+        for a, layer, key in self.keys:
+            pieces = []
+            for r in rows:
+                s, within = divmod(r, self.rows_per_shard)
+                pieces.append(self._shard(s).get_slice(key)[within:within + 1])
+            out[a][layer] = torch.cat(pieces)
+        return out
+
+    def prefetch(self, rows) -> None:
+        """Start reading rows in the background (the next micro-batch)."""
+        key = tuple(int(r) for r in rows)
+        if key not in self._pending:
+            self._pending[key] = self._pool.submit(self.read, key)
+
+    def get(self, rows) -> list[dict[int, torch.Tensor]]:
+        future = self._pending.pop(tuple(int(r) for r in rows), None)
+        return future.result() if future is not None else self.read(rows)
+
+
+# ---- the job: `calm-dist cache --config ...` ---------------------------------------------------------
+def cache_root(cfg) -> Path:
+    return Path(cfg.train.states_cache_dir or Path(cfg.train.output_dir) / "augmenting_cache")
+
+
+def used_layers(layer_pairs) -> list[list[int]]:
+    return [sorted({int(i) for i, _ in pairs}) for pairs in layer_pairs]
+
+
+def expected_components(cfg, layer_pairs, data_fingerprint: str) -> dict:
+    for path in cfg.model.augmenting:
+        if not Path(path).is_dir():
+            raise CacheError(f"cached states need local augmenting model directories; {path} is not one")
+    revisions = cfg.model.augmenting_revisions or [None] * len(cfg.model.augmenting)
+    return components(cfg.model.augmenting, revisions, used_layers(layer_pairs), data_fingerprint,
+                      cfg.data.seq_len, cfg.train.states_dtype)
+
+
+def splits(cfg) -> dict[str, str]:
+    return {"train": cfg.data.train, **({"eval": cfg.data.eval} if cfg.data.eval else {})}
+
+
+def run_cache_job(cfg, env, plan, rows_per_shard: int = 256, batch_size: int = 16) -> dict[str, Path]:
+    """Cache every split; each rank computes its share of shards (no ZeRO: a forward-only job)."""
+    import torch.distributed as dist
+
+    from .composition import load_causal_lm
+    from .data import Tokenizer, load_tokenized
+    from .distributed import init_process_group
+
+    distributed = env.world_size > 1
+    if distributed:
+        init_process_group(env, cfg.distributed.timeout_s)
+    barrier = dist.barrier if distributed else (lambda: None)
+    tokenizer = Tokenizer(cfg.data.tokenizer)
+    revisions = cfg.model.augmenting_revisions or [None] * len(cfg.model.augmenting)
+    models = [load_causal_lm(p, r, None, cfg.model.trust_remote_code).eval()
+              for p, r in zip(cfg.model.augmenting, revisions)]
+    out = {}
+    for split, path in splits(cfg).items():
+        data_cache = cfg.data.cache_dir or str(Path(cfg.train.output_dir).parent / "data_cache")
+        if env.is_main:
+            data = load_tokenized(cfg.data, path, tokenizer, data_cache)
+        barrier()
+        if not env.is_main:
+            data = load_tokenized(cfg.data, path, tokenizer, data_cache, is_writer=False)
+        comps = expected_components(cfg, plan.layer_pairs, data.fingerprint)
+        out[split] = build_cache(cache_root(cfg) / split, comps, models, used_layers(plan.layer_pairs), data,
+                                 rank=env.rank, world=env.world_size, rows_per_shard=rows_per_shard,
+                                 batch_size=batch_size, barrier=barrier, progress=env.is_main)
+    return out
+
+
+def estimate(cfg, plan, *, flops_per_s: float, read_bytes_per_s: float, write_bytes_per_s: float) -> dict:
+    """Disk size of the cache and the cache-vs-recompute break-even, from the cost model (no model is loaded)."""
+    from . import costs
+    from .data import load_records
+
+    seq_len = cfg.data.seq_len
+    tokens = {split: len(load_records(path)) * seq_len for split, path in splits(cfg).items()}
+    per_token = costs.cache_bytes_per_token(plan.augmenting_configs, plan.layer_pairs, dtype=cfg.train.states_dtype)
+    aug_flops = sum(costs.augmenting_forward_flops(c, seq_len, max(i for i, _ in pairs))
+                    for c, pairs in zip(plan.augmenting_configs, plan.layer_pairs))
+    step = costs.step_cost(plan.anchor_config, plan.augmenting_configs, plan.layer_pairs, seq_len=seq_len,
+                           states="recompute", activation_checkpointing=cfg.train.activation_checkpointing)
+    econ = costs.cache_economics(aug_flops, per_token, flops_per_s=flops_per_s, read_bytes_per_s=read_bytes_per_s,
+                                 write_bytes_per_s=write_bytes_per_s, tokens=tokens["train"])
+    return {
+        "bytes_per_token": per_token,
+        "disk_bytes": {split: per_token * n for split, n in tokens.items()},
+        "tokens": tokens,
+        "augmenting_forward_share_of_step": aug_flops / step.total,
+        "predicted_cached_over_recompute_step_flops": (step.total - aug_flops) / step.total,
+        "break_even_epochs": econ.break_even_epochs,
+        "assumed": {"flops_per_s": flops_per_s, "read_bytes_per_s": read_bytes_per_s,
+                    "write_bytes_per_s": write_bytes_per_s},
+    }

@@ -1,0 +1,133 @@
+"""`calm-dist cache | train | eval | generate | compare | plan`.
+
+Every command that takes a config reads the same recipe format as `calm_dist/train.py`
+(`--config recipe.yaml key=value ...`) and refuses a bad one with one line and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="a YAML recipe (see recipes/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
+
+
+def _load(args, need_train_data: bool = True, training: bool = False):
+    from .config import load_config
+    from .distributed import DistEnv
+    from .validate import validate
+
+    cfg = load_config(args.config, args.overrides)
+    env = DistEnv.from_environ()
+    return cfg, env, validate(cfg, env, need_train_data=need_train_data, training=training)
+
+
+def cmd_cache(args) -> int:
+    from .augmenter_cache import run_cache_job
+
+    cfg, env, plan = _load(args)
+    if args.estimate:
+        from .augmenter_cache import estimate
+
+        print(json.dumps(estimate(cfg, plan, flops_per_s=args.flops_per_s, read_bytes_per_s=args.read_bytes_per_s,
+                                  write_bytes_per_s=args.write_bytes_per_s), indent=2))
+        return 0
+    from .trainer import quiet_libraries
+
+    quiet_libraries()
+    for split, path in run_cache_job(cfg, env, plan, rows_per_shard=args.rows_per_shard).items():
+        if env.is_main:
+            print(f"cached {split}: {path}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train import main as train_main
+
+    return train_main((["--config", args.config] if args.config else []) + args.overrides)
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import main as eval_main
+
+    return eval_main(args)
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from . import ComposedModel
+    from .data import Tokenizer
+
+    model = ComposedModel.from_composition(args.composition)
+    tokenizer = Tokenizer(args.tokenizer)
+    ids = [tokenizer.bos_id] * (tokenizer.bos_id is not None) + tokenizer.encode(args.prompt)
+    out = model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                         temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
+                         eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    new = [t for t in out[0, len(ids):].tolist() if t != tokenizer.pad_id]
+    print(tokenizer.decode(new))
+    return 0
+
+
+# These own their argument parsing: everything after the verb goes to them untouched.
+DELEGATED = {"compare": "compare MLflow runs (calm_dist/compare.py)",
+             "plan": "predict memory, communication and cache size for a cluster (calm_dist/plan.py)"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        return importlib.import_module(f"calm_dist.{argv[0]}").main(argv[1:])
+    parser = argparse.ArgumentParser(prog="calm-dist", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("cache", help="cache the augmenting models' states at the composed layers")
+    _config_args(p)
+    p.add_argument("--estimate", action="store_true", help="print disk size and cache-vs-recompute break-even only")
+    p.add_argument("--rows-per-shard", type=int, default=256)
+    p.add_argument("--flops-per-s", type=float, default=1e11, help="--estimate: achieved training FLOP/s (all ranks)")
+    p.add_argument("--read-bytes-per-s", type=float, default=1e9, help="--estimate: cache read bandwidth")
+    p.add_argument("--write-bytes-per-s", type=float, default=5e8, help="--estimate: cache write bandwidth")
+    p.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser("train", help="train a composition (same as calm_dist/train.py)")
+    _config_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="exact match and loss of anchor, augmenting and composed models")
+    from .evaluate import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="decode from a saved composition")
+    p.add_argument("composition", help="a directory written by save_composition (e.g. <output_dir>/final)")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.set_defaults(func=cmd_generate)
+
+    for name, text in DELEGATED.items():
+        sub.add_parser(name, help=text)
+
+    args = parser.parse_args(argv)
+    from .config import ConfigError
+
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"calm-dist: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Exact match (greedy decoding) and completion loss for the anchor alone, each augmenting model alone,
+and the composition, over prompt/completion data sets: the paper's Table 1 shape.
+
+    calm-dist eval --config recipe.yaml --composition runs/x/final --set kv_arith=data/kv_arith_eval.jsonl \
+        [--set name=path ...] [--models anchor,augmenting,composed] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .composition import causal_lm_loss, position_ids_from_mask
+from .data import IGNORE, Tokenizer, load_records
+
+GenerateFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class SetResult:
+    exact_match: float
+    loss: float
+    n: int
+    examples: list[dict]
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, width - len(row):], mask[r, width - len(row):] = torch.tensor(row), 1
+    return ids, mask
+
+
+@torch.no_grad()
+def evaluate_set(generate: GenerateFn, logits_fn: LogitsFn, tokenizer: Tokenizer, records, *, batch_size: int = 64,
+                 max_new_tokens: int | None = None, prompt_field: str = "prompt",
+                 completion_field: str = "completion", keep_examples: int = 5) -> SetResult:
+    """Greedy exact match (decoded completion == reference, whitespace-stripped) and token-mean loss."""
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    correct, loss_sum, loss_tokens, examples = 0, 0.0, 0, []
+    records = list(records)
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        prompts = [bos + tokenizer.encode(r[prompt_field]) for r in chunk]
+        completions = [tokenizer.encode(r[completion_field]) + eos for r in chunk]
+        budget = max_new_tokens or max(map(len, completions)) + 1
+        ids, mask = _left_pad(prompts, tokenizer.pad_id)
+        out = generate(ids, mask, budget)[:, ids.shape[1]:]
+        for r, row in enumerate(out.tolist()):
+            if tokenizer.eos_id in row:
+                row = row[:row.index(tokenizer.eos_id)]
+            text = tokenizer.decode([t for t in row if t != tokenizer.pad_id])
+            hit = text.strip() == chunk[r][completion_field].strip()
+            correct += hit
+            if len(examples) < keep_examples:
+                examples.append({"prompt": chunk[r][prompt_field], "expected": chunk[r][completion_field],
+                                 "got": text, "correct": bool(hit)})
+        # teacher-forced loss on the completion tokens
+        full, full_mask = _left_pad([p + c for p, c in zip(prompts, completions)], tokenizer.pad_id)
+        labels = torch.full_like(full, IGNORE)
+        for r, c in enumerate(completions):
+            labels[r, full.shape[1] - len(c):] = torch.tensor(c)
+        n = int((labels[:, 1:] != IGNORE).sum())
+        loss_sum += causal_lm_loss(logits_fn(full, full_mask), labels).item() * n
+        loss_tokens += n
+    return SetResult(correct / max(1, len(records)), loss_sum / max(1, loss_tokens), len(records), examples)
+
+
+def hf_model_fns(model, eos_id, pad_id) -> tuple[GenerateFn, LogitsFn]:
+    """A transformers causal LM on its own, with the same left-padding position handling."""
+    def generate(ids, mask, n):
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                              eos_token_id=eos_id, pad_token_id=pad_id)
+
+    def logits(ids, mask):
+        return model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    return generate, logits
+
+
+def composed_fns(model, eos_id, pad_id, refresh_augmenting: bool = True) -> tuple[GenerateFn, LogitsFn]:
+    def generate(ids, mask, n):
+        return model.generate(ids, attention_mask=mask, max_new_tokens=n, eos_token_id=eos_id, pad_token_id=pad_id,
+                              refresh_augmenting=refresh_augmenting)
+
+    def logits(ids, mask):
+        return model(ids, attention_mask=mask).logits
+    return generate, logits
+
+
+def format_table(results: dict[str, dict[str, SetResult]], metric: str = "exact_match") -> str:
+    """Markdown table: rows = data sets, columns = models."""
+    models = list(results)
+    sets = list(dict.fromkeys(s for per_model in results.values() for s in per_model))
+    lines = ["| data set | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+    for s in sets:
+        cells = []
+        for m in models:
+            r = results[m].get(s)
+            cells.append("–" if r is None else (f"{100 * r.exact_match:.1f}" if metric == "exact_match" else f"{r.loss:.3f}"))
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def to_json(results: dict[str, dict[str, SetResult]]) -> dict:
+    return {m: {s: vars(r) for s, r in per.items()} for m, per in results.items()}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="the training recipe (models, tokenizer)")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--composition", help="a saved composition (default: <train.output_dir>/final)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=PATH", help="a prompt/completion data set")
+    p.add_argument("--models", default="anchor,augmenting,composed",
+                   help="comma list of anchor, augmenting, composed, composed_prefix_only")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--limit", type=int, help="at most this many examples per set")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--mlflow-run-id", help="log eval metrics into this MLflow run (default: $MLFLOW_RUN_ID or none)")
+
+
+def run(cfg, sets: dict[str, str], composition_dir: str, models: list[str], batch_size: int = 64,
+        max_new_tokens: int | None = None, limit: int | None = None) -> dict[str, dict[str, SetResult]]:
+    from .composition import ComposedModel, load_causal_lm
+
+    tokenizer = Tokenizer(cfg.data.tokenizer)
+    eos, pad = tokenizer.eos_id, tokenizer.pad_id
+    fns: dict[str, tuple[GenerateFn, LogitsFn]] = {}
+    if "anchor" in models:
+        fns["anchor"] = hf_model_fns(load_causal_lm(cfg.model.anchor).eval(), eos, pad)
+    if "augmenting" in models:
+        for i, path in enumerate(cfg.model.augmenting):
+            name = "augmenting" if len(cfg.model.augmenting) == 1 else f"augmenting{i}"
+            fns[name] = hf_model_fns(load_causal_lm(path).eval(), eos, pad)
+    if {"composed", "composed_prefix_only"} & set(models):
+        composed = ComposedModel.from_composition(composition_dir, anchor=cfg.model.anchor,
+                                                  augmenting=cfg.model.augmenting).eval()
+        if "composed" in models:
+            fns["composed"] = composed_fns(composed, eos, pad)
+        if "composed_prefix_only" in models:
+            fns["composed_prefix_only"] = composed_fns(composed, eos, pad, refresh_augmenting=False)
+    results: dict[str, dict[str, SetResult]] = {}
+    for name, (gen, logits) in fns.items():
+        results[name] = {}
+        for set_name, path in sets.items():
+            records = load_records(path)
+            records = records.select(range(min(limit, len(records)))) if limit else records
+            results[name][set_name] = evaluate_set(gen, logits, tokenizer, records, batch_size=batch_size,
+                                                   max_new_tokens=max_new_tokens,
+                                                   prompt_field=cfg.data.prompt_field,
+                                                   completion_field=cfg.data.completion_field)
+    return results
+
+
+def main(args) -> int:
+    from .config import ConfigError, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    sets = {}
+    for item in args.set:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} is not NAME=PATH")
+        name, path = item.split("=", 1)
+        if not Path(path).is_file():
+            raise ConfigError(f"--set {name}: {path} does not exist")
+        sets[name] = path
+    if not sets:
+        raise ConfigError("no --set NAME=PATH given")
+    composition = args.composition or str(Path(cfg.train.output_dir) / "final")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    results = run(cfg, sets, composition, models, args.batch_size, args.max_new_tokens, args.limit)
+    print("exact match (%)\n" + format_table(results) + "\n\ncompletion loss\n" + format_table(results, "loss"))
+    if args.json:
+        Path(args.json).write_text(json.dumps(to_json(results), indent=2))
+    run_id = args.mlflow_run_id
+    if run_id or cfg.tracking.enabled:
+        from .tracking import Tracker
+
+        tracker = Tracker(cfg.tracking, is_main_process=True, output_dir=cfg.train.output_dir)
+        tracker.start(cfg.to_dict(), run_id=run_id)
+        tracker.log_metrics({f"eval/{m}/{s}/{k}": getattr(r, k) for m, per in results.items()
+                             for s, r in per.items() for k in ("exact_match", "loss")}, step=cfg.train.steps)
+        tracker.log_dict(to_json(results), "eval_results.json")
+        tracker.close()
+    return 0
+
