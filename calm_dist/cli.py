@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_parser(name, help=text)
 
     args = parser.parse_args(argv)
+    from .trainer import quiet_libraries
+
+    quiet_libraries()
     from .config import ConfigError
 
     try:

@@ -274,15 +274,24 @@ class ComposedModel(nn.Module):
                 for a, pairs in enumerate(self.layer_pairs)]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, augmenting_states: AugmentingStates | None = None) -> ComposedOutput:
-        """Composed logits (and loss). `augmenting_states` (e.g. from the disk cache) skips the augmenting models."""
-        padded = attention_mask is not None and not bool(attention_mask.all())
+                labels: torch.Tensor | None = None, augmenting_states: AugmentingStates | None = None,
+                augmenting_key_mask: torch.Tensor | None = None) -> ComposedOutput:
+        """Composed logits (and loss).
+
+        `augmenting_states` (e.g. from the disk cache) skips the augmenting models; `augmenting_key_mask`
+        narrows which augmenting positions the blocks may read (the prefix-encoder ablation: the prompt only).
+        """
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         position_ids = position_ids_from_mask(mask)
         if augmenting_states is None:
             augmenting_states = self.run_augmenting(input_ids, mask, position_ids)
         t = input_ids.shape[1]
-        cross_mask = cross_attention_mask(torch.arange(t, device=input_ids.device), mask, t) if padded else None
+        # Right padding needs no mask: causality already hides later (pad) keys from every real query.
+        left_padded = bool((mask[:, 1:] > mask[:, :-1]).any())
+        key_mask = mask if augmenting_key_mask is None else mask * augmenting_key_mask
+        cross_mask = None
+        if left_padded or augmenting_key_mask is not None:
+            cross_mask = cross_attention_mask(torch.arange(t, device=input_ids.device), key_mask, t)
         with self._composing(_Context(self.keys_values(augmenting_states), cross_mask)):
             out = self.anchor(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
         loss = causal_lm_loss(out.logits, labels) if labels is not None else None

@@ -31,6 +31,12 @@ class ModelConfig:
     every: int = 4
     num_heads: int | None = None           # cross-attention heads; null: the anchor's
     trust_remote_code: bool = False
+    # baselines and ablations (calm_dist/baselines.py), trained through the same entry point
+    method: Literal["calm", "lora"] = "calm"          # lora: LoRA on the anchor alone, as many parameters
+    lora_rank: int | None = None                      # null: matched to the composition's parameter count
+    lora_targets: list[str] | None = None             # null: PEFT's default modules for the anchor's family
+    augmenting_init: Literal["pretrained", "random"] = "pretrained"
+    augmenting_sees: Literal["all", "prompt"] = "all"  # prompt: the prefix-encoder ablation
 
 
 @dataclass

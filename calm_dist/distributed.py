@@ -132,20 +132,46 @@ def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
-def load_frozen_models(cfg: Config, ds_config: dict, dtype, load_anchor: bool = True, load_augmenting: bool = True):
+def load_frozen_models(cfg: Config, ds_config: dict, dtype, load_anchor: bool = True, load_augmenting: bool = True,
+                       is_main: bool = True, barrier=lambda: None):
     """Load the anchor and augmenting LMs straight into ZeRO-3 shards when stage 3 is on.
 
     HfDeepSpeedConfig must exist (and stay referenced) while from_pretrained runs; it is returned so the
-    caller keeps it alive as long as the models.
+    caller keeps it alive as long as the models. With `model.augmenting_init=random` the random models are
+    first written to <output_dir>/random_augmenting/<i> (rank 0, outside ZeRO) and then loaded like any other,
+    so the export names a model that evaluation can load bit for bit.
     """
     from transformers.integrations import HfDeepSpeedConfig
 
     from .composition import load_causal_lm
 
-    keep_alive = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
     m = cfg.model
     revisions = m.augmenting_revisions or [None] * len(m.augmenting)
+    paths = list(m.augmenting)
+    if load_augmenting and m.augmenting_init == "random":
+        paths = materialize_random_augmenting(cfg, is_main)
+        revisions = [None] * len(paths)
+        barrier()
+    keep_alive = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
     anchor = load_causal_lm(m.anchor, m.anchor_revision, dtype, m.trust_remote_code) if load_anchor else None
-    augmenting = [load_causal_lm(p, r, dtype, m.trust_remote_code) for p, r in zip(m.augmenting, revisions)] \
+    augmenting = [load_causal_lm(p, r, dtype, m.trust_remote_code) for p, r in zip(paths, revisions)] \
         if load_augmenting else []
     return anchor, augmenting, keep_alive
+
+
+def materialize_random_augmenting(cfg: Config, is_main: bool) -> list[str]:
+    """Randomly initialised copies of the augmenting architectures, seeded, saved once per output_dir."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from .baselines import random_augmenting
+
+    out = []
+    for i, path in enumerate(cfg.model.augmenting):
+        target = Path(cfg.train.output_dir) / "random_augmenting" / str(i)
+        if is_main and not (target / "config.json").exists():
+            model = random_augmenting(AutoConfig.from_pretrained(path), seed=cfg.train.seed + 1 + i)
+            model.save_pretrained(target)
+        out.append(str(target))
+    return out

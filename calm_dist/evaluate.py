@@ -116,37 +116,57 @@ def to_json(results: dict[str, dict[str, SetResult]]) -> dict:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="the training recipe (models, tokenizer)")
     p.add_argument("overrides", nargs="*")
-    p.add_argument("--composition", help="a saved composition (default: <train.output_dir>/final)")
+    p.add_argument("--composition", action="append", default=[], metavar="[NAME=]DIR",
+                   help="a trained export (composition or LoRA baseline); repeat for several columns "
+                        "(default: composed=<train.output_dir>/final)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=PATH", help="a prompt/completion data set")
-    p.add_argument("--models", default="anchor,augmenting,composed",
-                   help="comma list of anchor, augmenting, composed, composed_prefix_only")
+    p.add_argument("--models", default="augmenting,anchor",
+                   help="base-model columns: anchor, augmenting (comma list; empty for none)")
+    p.add_argument("--prefix-only", action="store_true",
+                   help="also evaluate each composition with the augmenting models seeing the prompt only")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--limit", type=int, help="at most this many examples per set")
     p.add_argument("--json", help="write the results here")
-    p.add_argument("--mlflow-run-id", help="log eval metrics into this MLflow run (default: $MLFLOW_RUN_ID or none)")
+    p.add_argument("--mlflow-run-id", help="log eval metrics into this MLflow run (default: a new run)")
 
 
-def run(cfg, sets: dict[str, str], composition_dir: str, models: list[str], batch_size: int = 64,
-        max_new_tokens: int | None = None, limit: int | None = None) -> dict[str, dict[str, SetResult]]:
-    from .composition import ComposedModel, load_causal_lm
+def load_export(directory, anchor_path: str):
+    """A trained export: a CALM composition, or the LoRA baseline (composition.json says which)."""
+    from .baselines import LoRAAnchor
+    from .composition import ComposedModel, load_causal_lm, read_composition_config
+
+    config = json.loads((Path(directory) / "composition.json").read_text())
+    if config.get("method") == "lora":
+        return LoRAAnchor.from_export(directory, load_causal_lm(anchor_path)).eval()
+    read_composition_config(directory)
+    return ComposedModel.from_composition(directory, anchor=anchor_path).eval()
+
+
+def run(cfg, sets: dict[str, str], compositions: dict[str, str], base_models: list[str], batch_size: int = 64,
+        max_new_tokens: int | None = None, limit: int | None = None,
+        prefix_only: bool = False) -> dict[str, dict[str, SetResult]]:
+    from .baselines import LoRAAnchor
+    from .composition import load_causal_lm
 
     tokenizer = Tokenizer(cfg.data.tokenizer)
     eos, pad = tokenizer.eos_id, tokenizer.pad_id
     fns: dict[str, tuple[GenerateFn, LogitsFn]] = {}
-    if "anchor" in models:
-        fns["anchor"] = hf_model_fns(load_causal_lm(cfg.model.anchor).eval(), eos, pad)
-    if "augmenting" in models:
+    if "augmenting" in base_models:
         for i, path in enumerate(cfg.model.augmenting):
             name = "augmenting" if len(cfg.model.augmenting) == 1 else f"augmenting{i}"
             fns[name] = hf_model_fns(load_causal_lm(path).eval(), eos, pad)
-    if {"composed", "composed_prefix_only"} & set(models):
-        composed = ComposedModel.from_composition(composition_dir, anchor=cfg.model.anchor,
-                                                  augmenting=cfg.model.augmenting).eval()
-        if "composed" in models:
-            fns["composed"] = composed_fns(composed, eos, pad)
-        if "composed_prefix_only" in models:
-            fns["composed_prefix_only"] = composed_fns(composed, eos, pad, refresh_augmenting=False)
+    if "anchor" in base_models:
+        fns["anchor"] = hf_model_fns(load_causal_lm(cfg.model.anchor).eval(), eos, pad)
+    for name, directory in compositions.items():
+        model = load_export(directory, cfg.model.anchor)
+        if isinstance(model, LoRAAnchor):
+            fns[name] = (lambda ids, mask, n, m=model: m.generate(ids, mask, n, eos_token_id=eos, pad_token_id=pad),
+                         lambda ids, mask, m=model: m(ids, attention_mask=mask).logits)
+            continue
+        fns[name] = composed_fns(model, eos, pad)
+        if prefix_only:
+            fns[f"{name}_prefix_only"] = composed_fns(model, eos, pad, refresh_augmenting=False)
     results: dict[str, dict[str, SetResult]] = {}
     for name, (gen, logits) in fns.items():
         results[name] = {}
@@ -160,23 +180,29 @@ def run(cfg, sets: dict[str, str], composition_dir: str, models: list[str], batc
     return results
 
 
+def _named(items: list[str], what: str, default_name: str) -> dict[str, str]:
+    from .config import ConfigError
+
+    named = {}
+    for item in items:
+        name, path = item.split("=", 1) if "=" in item else (default_name, item)
+        if not Path(path).exists():
+            raise ConfigError(f"{what} {name}: {path} does not exist")
+        named[name] = path
+    return named
+
+
 def main(args) -> int:
     from .config import ConfigError, load_config
 
     cfg = load_config(args.config, args.overrides)
-    sets = {}
-    for item in args.set:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r} is not NAME=PATH")
-        name, path = item.split("=", 1)
-        if not Path(path).is_file():
-            raise ConfigError(f"--set {name}: {path} does not exist")
-        sets[name] = path
+    sets = _named(args.set, "--set", "eval")
     if not sets:
         raise ConfigError("no --set NAME=PATH given")
-    composition = args.composition or str(Path(cfg.train.output_dir) / "final")
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    results = run(cfg, sets, composition, models, args.batch_size, args.max_new_tokens, args.limit)
+    compositions = _named(args.composition or [str(Path(cfg.train.output_dir) / "final")], "--composition", "composed")
+    base_models = [m.strip() for m in args.models.split(",") if m.strip()]
+    results = run(cfg, sets, compositions, base_models, args.batch_size, args.max_new_tokens, args.limit,
+                  args.prefix_only)
     print("exact match (%)\n" + format_table(results) + "\n\ncompletion loss\n" + format_table(results, "loss"))
     if args.json:
         Path(args.json).write_text(json.dumps(to_json(results), indent=2))

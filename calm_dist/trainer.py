@@ -82,18 +82,7 @@ class Trainer:
         self.sampler = GlobalBatchSampler(len(self.train_data), self.global_batch_size, cfg.train.seed)
 
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-        cached = cfg.train.augmenting_states == "cached"
-        anchor, augmenting, self._hf_ds_config = load_frozen_models(cfg, self.plan.ds_config, dtype,
-                                                                    load_augmenting=not cached)
-        if cached:  # the augmenting weights are never loaded: their states come from disk
-            augmenting = self.plan.augmenting_configs
-            self.train_states, self.eval_states = self._open_states_caches()
-        m = cfg.model
-        torch.manual_seed(cfg.train.seed)  # the blocks' initial weights depend on the seed alone
-        self.model = ComposedModel(anchor, augmenting, layer_pairs=self.plan.layer_pairs, num_heads=m.num_heads,
-                                   sources={"anchor_revision": m.anchor_revision,
-                                            "augmenting_revisions": m.augmenting_revisions or [None] * len(augmenting)})
-        self.model.blocks.to(dtype)
+        self.model = self._build_model(dtype)
         if cfg.train.activation_checkpointing:
             from .activation_checkpointing import checkpoint_anchor_blocks
 
@@ -110,6 +99,47 @@ class Trainer:
         self.tracker = self._tracker()
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_stop_signal)
+
+    def _build_model(self, dtype):
+        """The composition (or, for the LoRA baseline, the anchor with adapters); frozen weights in shards."""
+        cfg, m = self.cfg, self.cfg.model
+        cached = cfg.train.augmenting_states == "cached"
+        anchor, augmenting, self._hf_ds_config = load_frozen_models(
+            cfg, self.plan.ds_config, dtype, load_augmenting=not cached and m.method == "calm",
+            is_main=self.env.is_main, barrier=dist.barrier)
+        torch.manual_seed(cfg.train.seed)  # the trainable weights' initial values depend on the seed alone
+        composition_budget = None
+        if cached:  # the augmenting weights are never loaded: their states come from disk
+            augmenting = self.plan.augmenting_configs
+            self.train_states, self.eval_states = self._open_states_caches()
+        if m.method == "lora":
+            from .baselines import LoRAAnchor, default_lora_targets, matched_lora_rank
+            from .cross_attention import block_parameter_count
+
+            targets = m.lora_targets or default_lora_targets(anchor.config)
+            composition_budget = sum(block_parameter_count(a.hidden_size, anchor.config.hidden_size) * len(pairs)
+                                     for a, pairs in zip(self.plan.augmenting_configs, self.plan.layer_pairs))
+            model = LoRAAnchor(anchor, m.lora_rank or matched_lora_rank(anchor, targets, composition_budget), targets)
+        else:
+            model = ComposedModel(anchor, augmenting, layer_pairs=self.plan.layer_pairs, num_heads=m.num_heads,
+                                  sources={"anchor_revision": m.anchor_revision,
+                                           "augmenting_revisions": m.augmenting_revisions or [None] * len(augmenting)})
+            model.blocks.to(dtype)
+        if self.env.is_main:
+            n = sum(p.numel() for p in model.trainable_parameters())
+            print(f"{m.method}: {n:,} trainable parameters" +
+                  (f" (composition budget {composition_budget:,})" if composition_budget else ""), flush=True)
+        return model
+
+    def _forward(self, batch, states):
+        """One forward of the engine, with the prefix-encoder ablation's key mask when asked for."""
+        key_mask = None
+        if self.cfg.model.augmenting_sees == "prompt":
+            from .baselines import prompt_key_mask
+
+            key_mask = prompt_key_mask(batch["labels"])
+        return self.engine(batch["input_ids"], attention_mask=batch["attention_mask"], augmenting_states=states,
+                           augmenting_key_mask=key_mask)
 
     @property
     def global_batch_size(self) -> int:
@@ -186,8 +216,7 @@ class Trainer:
             following = (step, micro + 1) if micro + 1 < self.plan.accumulation else (step + 1, 0)
             upcoming = self.sampler.micro_batch_indices(*following, env.rank, env.world_size, t.micro_batch_size)
             batch = self.train_data.batch(idx)
-            out = self.engine(batch["input_ids"], attention_mask=batch["attention_mask"],
-                              augmenting_states=self._states(idx, upcoming))
+            out = self._forward(batch, self._states(idx, upcoming))
             loss_sum = summed_loss(out.logits, batch["labels"])
             self.engine.backward(loss_sum * scale)
             self.engine.step()
@@ -244,7 +273,7 @@ class Trainer:
             rows = idx or [0]  # a rank out of rows still joins the collective forward
             batch = data.batch(rows)
             states = self.eval_states.read(rows) if self.cfg.train.augmenting_states == "cached" else None
-            out = self.engine(batch["input_ids"], attention_mask=batch["attention_mask"], augmenting_states=states)
+            out = self._forward(batch, states)
             total += weight * torch.tensor([summed_loss(out.logits, batch["labels"]).item(),
                                             float(loss_tokens(batch["labels"]))])
         dist.all_reduce(total)
@@ -352,7 +381,10 @@ def quiet_libraries() -> None:
     import datasets
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import transformers
+
     datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     for name in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers", "datasets"):
         logging.getLogger(name).setLevel(logging.WARNING)

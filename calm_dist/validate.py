@@ -63,6 +63,11 @@ def validate(cfg: Config, env: DistEnv, *, need_train_data: bool = True, trainin
                        ("data.seq_len", d.seq_len), ("train.keep_last", t.keep_last)):
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    if m.method == "lora" and (t.augmenting_states == "cached" or t.activation_checkpointing):
+        raise ConfigError("model.method=lora trains the anchor alone: it takes neither cached augmenting states "
+                          "nor the composition's activation checkpointing")
+    if m.augmenting_init == "random" and t.augmenting_states == "cached":
+        raise ConfigError("model.augmenting_init=random recomputes its states: use train.augmenting_states=recompute")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
 
