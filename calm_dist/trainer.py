@@ -93,6 +93,7 @@ class Trainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, config=self.plan.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+        self._setup_flop_accounting()
         self.start_step, self.run_id = 0, None
         if self.plan.resume_from is not None:
             self._restore(self.plan.resume_from)
@@ -130,6 +131,19 @@ class Trainer:
             print(f"{m.method}: {n:,} trainable parameters" +
                   (f" (composition budget {composition_budget:,})" if composition_budget else ""), flush=True)
         return model
+
+    def _setup_flop_accounting(self) -> None:
+        """Model FLOPs per token from the cost model (calm_dist/costs.py), and this rank's peak, for MFU."""
+        from . import costs
+
+        cfg = self.cfg
+        self.flops_per_token = None
+        if cfg.model.method == "calm":
+            self.flops_per_token = costs.step_cost(
+                self.plan.anchor_config, self.plan.augmenting_configs, self.plan.layer_pairs, seq_len=cfg.data.seq_len,
+                states=cfg.train.augmenting_states, activation_checkpointing=cfg.train.activation_checkpointing).total
+        self.peak_flops = costs.peak_flops_per_rank(cfg.train.precision, cfg.train.peak_tflops_per_rank) \
+            * self.env.world_size
 
     def _forward(self, batch, states):
         """One forward of the engine, with the prefix-encoder ablation's key mask when asked for."""
@@ -182,7 +196,10 @@ class Trainer:
             elapsed = time.perf_counter() - started
             metrics = {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0],
                        "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
-                       "train/tokens_per_s": tokens / elapsed}
+                       "train/tokens_per_s": tokens / elapsed, "train/step_s": elapsed}
+            if self.flops_per_token:  # model FLOPs run over every position, padding included
+                tflops = self.flops_per_token * self.global_batch_size * self.cfg.data.seq_len / elapsed / 1e12
+                metrics.update({"train/tflops": tflops, "train/mfu": tflops * 1e12 / self.peak_flops})
             if step % t.log_every == 0 or step == t.steps:
                 self._log(step, metrics)
             if self.eval_data is not None and t.eval_every and step % t.eval_every == 0 and step < t.steps:
@@ -296,8 +313,9 @@ class Trainer:
             f.write(json.dumps({"step": step, **m}) + "\n")
         self.tracker.log_metrics(m, step=step)
         if "train/loss" in m:
+            mfu = f" | MFU {100 * m['train/mfu']:.1f}%" if "train/mfu" in m else ""
             print(f"step {step}/{self.cfg.train.steps} | loss {m['train/loss']:.4f} | lr {m['train/lr']:.2e} | "
-                  f"grad {m['train/grad_norm']:.3f} | {m['train/tokens_per_s']:,.0f} tok/s", flush=True)
+                  f"grad {m['train/grad_norm']:.3f} | {m['train/tokens_per_s']:,.0f} tok/s{mfu}", flush=True)
         else:
             print(f"step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in m.items()), flush=True)
 
