@@ -23,8 +23,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
-
+from .checkpoint import save_safetensors
 from .composition import capture_block_outputs, position_ids_from_mask, truncate_after
 
 FORMAT = 1
@@ -136,11 +135,16 @@ def build_cache(directory: str | Path, comps: dict, models: list, layers: list[l
         tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
         path = directory / f"{shard_name(s)}.safetensors"
         tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _write_json_atomic(directory / f"{shard_name(s)}.json", {"sha256": sha256_file(path), "rows": len(rows)})
+        try:
+            save_safetensors(tensors, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            _write_json_atomic(directory / f"{shard_name(s)}.json", {"sha256": sha256_file(path), "rows": len(rows)})
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise CacheError(f"writing cache shard {path} failed: {e.strerror or e}; the shards already written "
+                             "are kept, and a rerun resumes from them") from None
     barrier()
     if rank == 0:
         shards = [json.loads((directory / f"{shard_name(s)}.json").read_text()) for s in range(n_shards)]
@@ -251,13 +255,10 @@ def run_cache_job(cfg, env, plan, rows_per_shard: int = 256, batch_size: int = 1
     models = [load_causal_lm(p, r, None, cfg.model.trust_remote_code).eval()
               for p, r in zip(cfg.model.augmenting, revisions)]
     out = {}
+    from .validate import data_cache_dir
+
     for split, path in splits(cfg).items():
-        data_cache = cfg.data.cache_dir or str(Path(cfg.train.output_dir).parent / "data_cache")
-        if env.is_main:
-            data = load_tokenized(cfg.data, path, tokenizer, data_cache)
-        barrier()
-        if not env.is_main:
-            data = load_tokenized(cfg.data, path, tokenizer, data_cache, is_writer=False)
+        data = load_tokenized(cfg.data, path, tokenizer, data_cache_dir(cfg), is_writer=False)  # written by validate
         comps = expected_components(cfg, plan.layer_pairs, data.fingerprint)
         out[split] = build_cache(cache_root(cfg) / split, comps, models, used_layers(plan.layer_pairs), data,
                                  rank=env.rank, world=env.world_size, rows_per_shard=rows_per_shard,

@@ -68,10 +68,20 @@ def from_skeleton(obj, tensors: dict[str, torch.Tensor]):
     return obj
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, with its I/O errors (a full disk) raised as OSError like every other write."""
+    from safetensors import SafetensorError
+
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as e:
+        raise OSError(f"{e} ({path})") from None
+
+
 def save_state(state, directory: Path, name: str) -> None:
     tensors: dict[str, torch.Tensor] = {}
     skeleton = to_skeleton(state, tensors)
-    save_file(tensors, str(directory / f"{name}.safetensors"))
+    save_safetensors(tensors, directory / f"{name}.safetensors")
     (directory / f"{name}.json").write_text(json.dumps(skeleton))
 
 

@@ -123,12 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     from .trainer import quiet_libraries
 
     quiet_libraries()
+    from .augmenter_cache import CacheError
+    from .composition import CompositionError
     from .config import ConfigError
 
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"calm-dist: config error: {e}", file=sys.stderr)
+    except (ConfigError, CacheError, CompositionError) as e:
+        print(f"calm-dist: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -98,8 +98,9 @@ def check_same_vocabulary(anchor_config, augmenting_config, index: int) -> None:
 def load_causal_lm(name_or_path: str, revision: str | None = None, dtype=None, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
+    # safetensors only: a pickled checkpoint (.bin) is refused rather than unpickled
     return AutoModelForCausalLM.from_pretrained(
-        name_or_path, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code
+        name_or_path, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
     )
 
 
@@ -396,9 +397,9 @@ def check_compatible(saved: dict, model: ComposedModel) -> None:
 
 def write_composition_files(directory, state_dict: dict[str, torch.Tensor], config: dict) -> None:
     """composition.safetensors + composition.json into an existing directory."""
-    from safetensors.torch import save_file
+    from .checkpoint import save_safetensors
 
-    save_file(state_dict, str(Path(directory) / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_safetensors(state_dict, Path(directory) / WEIGHTS_FILE)
     (Path(directory) / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,7 +88,12 @@ def load_records(path: str | Path):
     kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
     if kind is None:
         raise ConfigError(f"{path}: unsupported data file (use .jsonl, .json, .parquet or a saved dataset directory)")
-    return datasets.load_dataset(kind, data_files=str(path), split="train")
+    if path.stat().st_size == 0 or (kind == "json" and not path.read_text().strip()):
+        raise ConfigError(f"{path}: the data set is empty")
+    try:
+        return datasets.load_dataset(kind, data_files=str(path), split="train")
+    except Exception as e:  # malformed JSON / Parquet: name the file, not a datasets traceback
+        raise ConfigError(f"{path}: cannot read it as {kind}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
 def _file_fingerprint(path: Path) -> str:
@@ -172,27 +180,53 @@ class TokenizedData:
 
 
 def load_tokenized(cfg: DataConfig, path: str | Path, tok: Tokenizer, cache_dir: str | Path,
-                   is_writer: bool = True) -> TokenizedData:
-    """Tokenize once per fingerprint; later runs (and other ranks) read the saved arrays."""
+                   is_writer: bool = True, wait_s: float = 0.0) -> TokenizedData:
+    """Tokenize once per fingerprint; later runs (and the other ranks) read the saved arrays.
+
+    Non-writers wait up to `wait_s` for the writer's result: the saved arrays, or an `.error` file with the
+    writer's ConfigError (a bad row), which they raise too, so every rank stops with the same message.
+    """
     import datasets
 
     fp = data_fingerprint(cfg, path, tok)
     target = Path(cache_dir) / f"tokens-{fp}"
+    error_file = target.with_name(target.name + ".error")
     if not (target / "dataset_info.json").exists():
-        if not is_writer:
-            raise RuntimeError(f"tokenized data {target} is missing (rank 0 writes it first)")
-        arrays = tokenize(cfg, path, tok)
-        tmp = target.with_name(target.name + ".tmp")
-        datasets.Dataset.from_dict({k: v for k, v in arrays.items()}).save_to_disk(str(tmp))
-        if target.exists():  # another job wrote it meanwhile
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
+        if is_writer:
+            _write_tokenized(cfg, path, tok, target, error_file)
         else:
-            tmp.rename(target)
+            _wait_for_writer(target, error_file, wait_s)
     ds = datasets.load_from_disk(str(target)).with_format("numpy")
     cols = {k: torch.from_numpy(np.asarray(ds[k], dtype=np.int64)) for k in ("input_ids", "labels", "attention_mask")}
     return TokenizedData(**cols, fingerprint=fp)
+
+
+def _write_tokenized(cfg: DataConfig, path, tok: Tokenizer, target: Path, error_file: Path) -> None:
+    import datasets
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    error_file.unlink(missing_ok=True)
+    try:
+        arrays = tokenize(cfg, path, tok)
+    except ConfigError as e:
+        error_file.write_text(str(e))
+        raise
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    datasets.Dataset.from_dict(arrays).save_to_disk(str(tmp))
+    try:
+        tmp.rename(target)
+    except OSError:  # another job wrote it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _wait_for_writer(target: Path, error_file: Path, wait_s: float) -> None:
+    deadline = time.monotonic() + wait_s
+    while not (target / "dataset_info.json").exists():
+        if error_file.exists():
+            raise ConfigError(error_file.read_text())
+        if time.monotonic() > deadline:
+            raise ConfigError(f"tokenized data {target} did not appear within {wait_s:.0f} s (rank 0 writes it)")
+        time.sleep(0.2)
 
 
 class GlobalBatchSampler:

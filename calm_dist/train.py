@@ -30,10 +30,20 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"calm_dist: config error: {e}", file=sys.stderr)
         return 2
+    from calm_dist.augmenter_cache import CacheError
+    from calm_dist.checkpoint import CheckpointError
+    from calm_dist.composition import CompositionError
     from calm_dist.trainer import quiet_libraries, train
 
     quiet_libraries()
-    result = train(cfg, env, plan)
+    try:
+        result = train(cfg, env, plan)
+    except (ConfigError, CacheError, CompositionError) as e:  # bad inputs found while setting up: no traceback
+        print(f"calm_dist: error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:  # e.g. the disk filled up: say so in one line; the last checkpoint stands
+        print(f"calm_dist: checkpoint error: {e}", file=sys.stderr)
+        return 1
     if env.is_main and result.final_dir is not None:
         print(f"done: step {result.step}, composition exported to {result.final_dir}", flush=True)
     return 0

@@ -105,6 +105,8 @@ class Trainer:
         """The composition (or, for the LoRA baseline, the anchor with adapters); frozen weights in shards."""
         cfg, m = self.cfg, self.cfg.model
         cached = cfg.train.augmenting_states == "cached"
+        if cached:  # refuse a stale or corrupted cache before loading any weight
+            self.train_states, self.eval_states = self._open_states_caches()
         anchor, augmenting, self._hf_ds_config = load_frozen_models(
             cfg, self.plan.ds_config, dtype, load_augmenting=not cached and m.method == "calm",
             is_main=self.env.is_main, barrier=dist.barrier)
@@ -112,7 +114,6 @@ class Trainer:
         composition_budget = None
         if cached:  # the augmenting weights are never loaded: their states come from disk
             augmenting = self.plan.augmenting_configs
-            self.train_states, self.eval_states = self._open_states_caches()
         if m.method == "lora":
             from .baselines import LoRAAnchor, default_lora_targets, matched_lora_rank
             from .cross_attention import block_parameter_count
@@ -160,13 +161,10 @@ class Trainer:
         return self.cfg.train.micro_batch_size * self.plan.accumulation * self.env.world_size
 
     def _tokenized(self, path: str):
-        cache = self.cfg.data.cache_dir or str(self.output_dir.parent / "data_cache")
-        if self.env.is_main:
-            data = load_tokenized(self.cfg.data, path, self.tokenizer, cache, is_writer=True)
-        dist.barrier()
-        if not self.env.is_main:
-            data = load_tokenized(self.cfg.data, path, self.tokenizer, cache, is_writer=False)
-        return data
+        """Validation already tokenized and saved it (calm_dist/validate.py); every rank reads the arrays."""
+        from .validate import data_cache_dir
+
+        return load_tokenized(self.cfg.data, path, self.tokenizer, data_cache_dir(self.cfg), is_writer=False)
 
     def _tracker(self):
         from .tracking import Tracker
@@ -204,6 +202,9 @@ class Trainer:
                 self._log(step, metrics)
             if self.eval_data is not None and t.eval_every and step % t.eval_every == 0 and step < t.steps:
                 self._log(step, self.evaluate())
+            from .faults import maybe_fail
+
+            maybe_fail("kill_after_step", step, self.env.rank)
             if (self._agree_to_stop() or step == t.stop_after_step) and step < t.steps:
                 self.save_checkpoint(step)
                 stopped = True
@@ -328,8 +329,7 @@ class Trainer:
             return self.model.composition_state_dict() if self.env.is_main else None
 
     def save_checkpoint(self, step: int) -> None:
-        from .composition import write_composition_files
-
+        """Every rank writes into step_N.tmp; all agree it worked; rank 0 publishes (checkpoint.py)."""
         env, staged = self.env, ckpt.staging_dir(self.output_dir, step)
         if env.is_main:
             if staged.exists():
@@ -338,23 +338,47 @@ class Trainer:
                 shutil.rmtree(staged)
             staged.mkdir(parents=True)
         dist.barrier()
-        weights = self._gathered_composition()
+        weights = self._gathered_composition()  # collective: before anything that may fail on one rank
+        failure = None
+        try:
+            self._write_checkpoint_files(staged, step, weights)
+        except OSError as e:
+            failure = e
+        flag = torch.tensor([1.0 if failure else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            if env.is_main:
+                import shutil
+
+                shutil.rmtree(staged, ignore_errors=True)
+            previous = ckpt.latest_checkpoint(self.output_dir)
+            reason = f"{failure.strerror or failure}" if failure else "another rank failed to write its part"
+            raise ckpt.CheckpointError(f"writing checkpoint step_{step} under {self.output_dir} failed: {reason}; "
+                                       f"the previous checkpoint ({previous.name if previous else 'none'}) is intact")
+        from .faults import maybe_fail
+
+        maybe_fail("kill_in_checkpoint", step, env.rank)
+        dist.barrier()
+        if env.is_main:
+            ckpt.publish(self.output_dir, step, self.cfg.train.keep_last)
+        dist.barrier()
+
+    def _write_checkpoint_files(self, staged: Path, step: int, weights) -> None:
+        import json
+
+        from .composition import write_composition_files
+
+        env = self.env
         optimizer_state = self.optimizer.state_dict()
         optimizer_state.pop("loss_scaler", None)  # an object; static for fp32/bf16, rebuilt on load
         ckpt.save_state(optimizer_state, staged, f"optimizer.rank{env.rank}")
         ckpt.save_state(ckpt.rng_state(), staged, f"rng.rank{env.rank}")
         if env.is_main:
             write_composition_files(staged, weights, self.model.composition_config())
-            import json
-
             (staged / "trainer_state.json").write_text(json.dumps({
                 "step": step, "world_size": env.world_size, "scheduler": self.scheduler.state_dict(),
                 "mlflow_run_id": self.tracker.run_id, "global_batch_size": self.global_batch_size}, indent=2))
             (staged / "config.yaml").write_text(self.cfg.to_yaml())
-        dist.barrier()
-        if env.is_main:
-            ckpt.publish(self.output_dir, step, self.cfg.train.keep_last)
-        dist.barrier()
 
     def _restore(self, directory: Path) -> None:
         state = ckpt.read_trainer_state(directory)

@@ -40,6 +40,9 @@ def read_model_config(path: str, revision: str | None, trust_remote_code: bool, 
                                             trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{key}: cannot read a model config from {path}: {str(e).splitlines()[0]}") from None
+    if local.is_dir() and not any(local.glob("*.safetensors")):
+        raise ConfigError(f"{key}: {path} holds no safetensors weights (pickled checkpoints are refused; "
+                          "convert with save_pretrained(..., safe_serialization=True))")
     from .backbones import Backbone, UnsupportedArchitecture
 
     try:
@@ -52,7 +55,7 @@ def read_model_config(path: str, revision: str | None, trust_remote_code: bool, 
 def validate(cfg: Config, env: DistEnv, *, need_train_data: bool = True, training: bool = True) -> Plan:
     """`training=False` (cache, eval): skip the output directory's checkpoint and resume checks."""
     from .composition import CompositionError, check_same_vocabulary
-    from .data import Tokenizer, check_tokenizer_matches
+    from .data import Tokenizer, check_tokenizer_matches, load_tokenized
 
     m, d, t = cfg.model, cfg.data, cfg.train
     if not m.augmenting:
@@ -101,6 +104,9 @@ def validate(cfg: Config, env: DistEnv, *, need_train_data: bool = True, trainin
         raise ConfigError(f"data.tokenizer: {d.tokenizer or '(not set)'} does not exist")
     tokenizer = Tokenizer(d.tokenizer)
     check_tokenizer_matches(tokenizer, anchor, "anchor")
+    # Bad rows (missing fields, over-long sequences, an empty set) are found here, on every rank.
+    for path in ([d.train] if need_train_data else []) + ([d.eval] if d.eval else []):
+        load_tokenized(d, path, tokenizer, data_cache_dir(cfg), is_writer=env.is_main, wait_s=cfg.distributed.timeout_s)
 
     accumulation = gradient_accumulation_steps(cfg, env.world_size)
     ds_config = build_ds_config(cfg, env.world_size)
@@ -109,6 +115,10 @@ def validate(cfg: Config, env: DistEnv, *, need_train_data: bool = True, trainin
                           f"(zero_optimization.stage is {zero_stage(ds_config)})")
     resume_from = _check_resume(cfg, env) if training else None
     return Plan(anchor, augmenting, pairs, accumulation, ds_config, resume_from)
+
+
+def data_cache_dir(cfg: Config) -> Path:
+    return Path(cfg.data.cache_dir or Path(cfg.train.output_dir).parent / "data_cache")
 
 
 def _check_resume(cfg: Config, env: DistEnv) -> Path | None:
