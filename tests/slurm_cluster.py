@@ -1,0 +1,242 @@
+"""A real Slurm for the tests: tools/local_slurm.sh brings up 2 simulated nodes; helpers submit and poll.
+
+`slurm_cluster` is a session fixture: import it into a test module (`from slurm_cluster import
+slurm_cluster`). When Slurm cannot be brought up, the tests FAIL if the environment variable CI is set
+(the CI machine must run them) and are skipped, with the reason, on a developer machine.
+
+Jobs are submitted with `sbatch --parsable` and polled with `scontrol show job` against a deadline
+(never `sbatch --wait`); every client call runs under a timeout, since a client hangs once the
+controller is gone.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+LOCAL_SLURM = REPO / "tools" / "local_slurm.sh"
+TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                   "DEADLINE", "PREEMPTED", "SPECIAL_EXIT"}
+
+
+class SlurmUnavailable(RuntimeError):
+    pass
+
+
+def unavailable(reason: str):
+    """Fail under CI, skip on a developer machine."""
+    if os.environ.get("CI"):
+        pytest.fail(f"Slurm is required under CI but cannot be brought up: {reason}", pytrace=False)
+    pytest.skip(f"no local Slurm on this machine: {reason}")
+
+
+@dataclass
+class Job:
+    id: str
+    fields: dict
+
+    @property
+    def state(self) -> str:
+        return self.fields.get("JobState", "UNKNOWN")
+
+    @property
+    def restarts(self) -> int:
+        return int(self.fields.get("Restarts", 0))
+
+    @property
+    def exit_code(self) -> str:
+        return self.fields.get("ExitCode", "")
+
+    @property
+    def nodes(self) -> str:
+        return self.fields.get("NodeList", "")
+
+
+class SlurmCluster:
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+        self.conf = self.dir / "slurm.conf"
+        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+
+    # ---- the cluster ----------------------------------------------------------------------------------
+    def local_slurm(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(LOCAL_SLURM), *args, "--dir", str(self.dir)], capture_output=True,
+                              text=True, timeout=timeout, env={k: v for k, v in self.env.items() if k != "SLURM_CONF"})
+
+    def client(self, *args: str, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess:
+        r = subprocess.run(["timeout", str(timeout), *args], capture_output=True, text=True, env=self.env)
+        if check and r.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} exited {r.returncode}: {r.stderr.strip()}\n{self.diagnostics()}")
+        return r
+
+    def diagnostics(self, lines: int = 30) -> str:
+        out = []
+        for name in ("slurmctld.log", "slurmd-node1.log", "slurmd-node2.log"):
+            path = self.dir / "log" / name
+            if path.is_file():
+                out.append(f"--- {path} (tail)\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+        return "\n".join(out)
+
+    # ---- jobs -----------------------------------------------------------------------------------------
+    def sbatch(self, script: str | Path, *args: str, sbatch_args: tuple[str, ...] = (), env: dict | None = None,
+               cwd: Path = REPO) -> str:
+        """Submit and return the job id. `env` is exported to the job (sbatch exports the environment);
+        a None value removes that variable."""
+        full_env = {**self.env, **{k: str(v) for k, v in (env or {}).items() if v is not None}}
+        for k in [k for k, v in (env or {}).items() if v is None]:
+            full_env.pop(k, None)
+        r = subprocess.run(["timeout", "60", "sbatch", "--parsable", *sbatch_args, str(script), *map(str, args)],
+                           capture_output=True, text=True, env=full_env, cwd=cwd)
+        if r.returncode != 0:
+            raise AssertionError(f"sbatch failed ({r.returncode}): {r.stderr.strip()}\n{self.diagnostics()}")
+        return r.stdout.strip().split(";")[0]
+
+    def job(self, job_id: str) -> Job:
+        r = self.client("scontrol", "show", "job", "-o", job_id, check=False)
+        if r.returncode != 0:
+            return Job(job_id, {"JobState": "UNKNOWN", "error": r.stderr.strip()})
+        return Job(job_id, dict(re.findall(r"(\w+)=(\S*)", r.stdout)))
+
+    def wait(self, job_id: str, timeout: float, log: Path | None = None) -> Job:
+        """Poll until the job reaches a terminal state. (A requeued job waits cred_expire + 1 s before it
+        starts again: ~11 s on the local cluster. Do not force it with StartTime=now: a start within the
+        second of the requeue meets the revoked credential of the previous run and the job FAILS.)"""
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if job.state in TERMINAL_STATES:
+                return job
+            if time.monotonic() > deadline:
+                self.client("scancel", job_id, check=False)
+                text = log.read_text(errors="replace")[-6000:] if log and log.is_file() else "(no log)"
+                raise AssertionError(f"job {job_id} still {job.state} after {timeout:.0f}s: {job.fields}\n"
+                                     f"--- job log (tail)\n{text}\n{self.diagnostics()}")
+            time.sleep(1)
+
+    def wait_for_log(self, job_id: str, log: Path, pattern: str, timeout: float) -> float:
+        """Wait until `pattern` (a regex) appears in the job log; returns the monotonic time it was seen."""
+        deadline = time.monotonic() + timeout
+        rx = re.compile(pattern)
+        while True:
+            if log.is_file() and rx.search(log.read_text(errors="replace")):
+                return time.monotonic()
+            job = self.job(job_id)
+            if job.state in TERMINAL_STATES or time.monotonic() > deadline:
+                text = log.read_text(errors="replace")[-6000:] if log.is_file() else "(no log)"
+                raise AssertionError(f"job {job_id} ({job.state}): {pattern!r} never appeared in {log}\n{text}")
+            time.sleep(0.3)
+
+    def signal_batch(self, job_id: str, signal: str = "USR1") -> None:
+        """What --signal=B:USR1@N does before the time limit: the signal to the batch shell only."""
+        self.client("scancel", f"--signal={signal}", "--batch", job_id)
+
+
+def bring_up(directory: Path, nodes: int = 2) -> SlurmCluster:
+    if not sys.platform.startswith("linux"):
+        raise SlurmUnavailable("needs Linux (namespaces, /proc)")
+    if os.geteuid() != 0:
+        raise SlurmUnavailable("needs root (the daemons run as root; apt-get installs Slurm when missing)")
+    if shutil.which("unshare") is None or shutil.which("nsenter") is None:
+        raise SlurmUnavailable("unshare/nsenter (util-linux) not found")
+    cluster = SlurmCluster(directory)
+    try:
+        r = cluster.local_slurm("up", "--nodes", str(nodes))
+    except subprocess.TimeoutExpired:
+        raise SlurmUnavailable("tools/local_slurm.sh up timed out") from None
+    if r.returncode != 0:
+        raise SlurmUnavailable(f"tools/local_slurm.sh up exited {r.returncode}:\n{r.stderr[-3000:]}")
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    # A short path: the munge socket path must stay under the 108-byte limit of a Unix socket.
+    directory = tmp_path_factory.mktemp("slurm")
+    try:
+        cluster = bring_up(directory, nodes=2)
+    except SlurmUnavailable as e:
+        unavailable(str(e))
+    yield cluster
+    r = cluster.local_slurm("down", timeout=180)
+    assert r.returncode == 0, f"tools/local_slurm.sh down exited {r.returncode}: {r.stderr}"
+
+
+# ---- a stand-in trainer with calm_dist/train.py's launch contract (tests the Slurm scripts alone) ---------
+STUB_TRAINER = r'''
+"""Stand-in for calm_dist/train.py: same arguments, signals, checkpoints, resume and fault injection."""
+import json, os, signal, socket, sys, time
+from pathlib import Path
+import torch, torch.distributed as dist
+
+args = sys.argv[1:]
+ov = dict(a.split("=", 1) for a in args if "=" in a and not a.startswith("--"))
+out = Path(ov["train.output_dir"])
+steps, step_time = int(ov.get("train.steps", 6)), float(ov.get("stub.step_time", 0.3))
+fail = None if ov.get("train.fail_at_step") in (None, "null") else int(ov["train.fail_at_step"])
+stop = False
+
+def on_stop(sig, frame):
+    global stop
+    stop = True
+    print(f"rank {os.environ['RANK']}: got {signal.Signals(sig).name}", flush=True)
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+for s in (signal.SIGUSR1, signal.SIGTERM):  # like train.py: the handler comes after the set-up
+    signal.signal(s, on_stop)
+ck = out / "checkpoints"
+w, start = torch.zeros(4, dtype=torch.float64), 0
+if ov.get("train.resume") == "auto" and (ck / "latest").is_file():
+    d = ck / (ck / "latest").read_text().strip()
+    state = json.loads((d / "state.json").read_text())
+    w, start = torch.tensor(state["w"], dtype=torch.float64), state["step"]
+    if rank == 0:
+        print(f"resumed from {d} at step {start}", flush=True)
+restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+(out / f"rank{rank}.restart{restart}.json").write_text(json.dumps({
+    "rank": rank, "world": world, "host": socket.gethostname(), "local_rank": int(os.environ["LOCAL_RANK"]),
+    "argv": args, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR"),
+    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}))
+
+def save(step):
+    if rank == 0:
+        d = ck / f"step_{step}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "state.json").write_text(json.dumps({"step": step, "w": w.tolist()}))
+        (ck / "latest").write_text(d.name + "\n")
+    dist.barrier()
+
+step = start
+while step < steps:
+    if fail is not None and step == fail and rank == min(1, world - 1):
+        raise RuntimeError(f"train.fail_at_step={step}: injected failure on rank {rank}")
+    g = torch.full((4,), float(rank + 1) * (step + 1), dtype=torch.float64)
+    dist.all_reduce(g)
+    w = 0.9 * w + 0.01 * g
+    time.sleep(step_time)
+    step += 1
+    if rank == 0:
+        print(f"step {step}/{steps}", flush=True)
+    flag = torch.tensor([1.0 if stop else 0.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        save(step)
+        print(f"rank {rank}: stopped at step {step}", flush=True)
+        dist.destroy_process_group()
+        sys.exit(0)
+save(step)
+if rank == 0:
+    (out / "final").mkdir(exist_ok=True)
+    (out / "final" / "composition.json").write_text(json.dumps({"w": w.tolist(), "step": step}))
+    (out / "final" / "composition.safetensors").write_bytes(b"stub")
+dist.barrier()
+dist.destroy_process_group()
+'''

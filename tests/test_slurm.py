@@ -1,0 +1,416 @@
+"""The Slurm launch scripts on a real Slurm (tools/local_slurm.sh: slurmctld + 2 slurmd "nodes" on this machine).
+
+Fast checks (no cluster): the scripts parse, carry their #SBATCH defaults, refuse to run outside a job.
+Slow checks, on the cluster:
+  (a) a torchrun-per-node gloo all_reduce job: rendezvous and ranks on both nodes;
+  the launcher contract with a stand-in trainer (1x2, 2x1, USR1 -> checkpoint -> requeue -> resume,
+  a failing rank fails the job fast) and the caching script's one-task-per-rank layout;
+  with calm_dist/train.py and recipes/tiny.yaml:
+  (b) slurm/train_composed.sh on 1 node x 2 procs and 2 nodes x 1 proc: checkpoints + exported composition;
+  (c) USR1 mid-run -> checkpoint -> requeue -> resume: the same final weights as an uninterrupted run;
+  (d) train.fail_at_step: the whole job fails fast, with the error in the job log.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_cluster import REPO, STUB_TRAINER, SlurmCluster, slurm_cluster  # noqa: F401  (the fixture)
+
+TRAIN_SH = REPO / "slurm" / "train_composed.sh"
+CACHE_SH = REPO / "slurm" / "cache_augmenter.sh"
+LOCAL_SLURM = REPO / "tools" / "local_slurm.sh"
+CPUS = str(min(2, os.cpu_count() or 1))      # cpus-per-task for a 2-rank node (ranks are not pinned)
+JOB_TIMEOUT = 600                            # seconds a training job may take here (2 shared cores)
+
+
+def have_trainer() -> str | None:
+    missing = [p for p in ("calm_dist/train.py", "recipes/tiny.yaml", "tools/make_tiny_setup.py",
+                           "ds_configs/zero3.json") if not (REPO / p).is_file()]
+    return f"awaits {', '.join(missing)}" if missing else None
+
+
+# ---- fast: no cluster ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("script", [TRAIN_SH, CACHE_SH, LOCAL_SLURM], ids=lambda p: p.name)
+def test_script_parses(script):
+    r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def sbatch_directives(script: Path) -> dict[str, str]:
+    out = {}
+    for line in script.read_text().splitlines():
+        m = re.match(r"#SBATCH\s+--([\w-]+)(?:=(\S+))?", line)
+        if m:
+            out[m.group(1)] = m.group(2) or ""
+    return out
+
+
+def test_train_script_defaults():
+    d = sbatch_directives(TRAIN_SH)
+    assert d["ntasks-per-node"] == "1"            # one torchrun launcher per node
+    assert re.fullmatch(r"B:USR1@\d+", d["signal"])
+    assert "requeue" in d and d["open-mode"] == "append" and "%j" in d["output"]
+    assert {"nodes", "time", "job-name", "cpus-per-task"} <= set(d)
+    text = TRAIN_SH.read_text()
+    assert "set -euo pipefail" in text and "--kill-on-bad-exit=1" in text and "--max_restarts 0" in text
+    assert "train.resume=auto" in text and "scontrol requeue" in text
+
+
+def test_cache_script_defaults():
+    d = sbatch_directives(CACHE_SH)
+    assert {"nodes", "ntasks-per-node", "time", "output"} <= set(d) and "%j" in d["output"]
+    assert "--kill-on-bad-exit=1" in CACHE_SH.read_text()
+
+
+@pytest.mark.parametrize("script", [TRAIN_SH, CACHE_SH], ids=lambda p: p.name)
+def test_scripts_refuse_to_run_outside_slurm(script):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    r = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, cwd=REPO, timeout=30)
+    assert r.returncode != 0 and "not inside a Slurm job" in r.stderr
+
+
+# ---- slow: the cluster itself -----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_local_slurm_is_idempotent(slurm_cluster: SlurmCluster, tmp_path):
+    started = time.monotonic()
+    again = slurm_cluster.local_slurm("up", "--nodes", "2", timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert f"export SLURM_CONF={slurm_cluster.conf}" in again.stdout and "already up" in again.stderr
+    assert time.monotonic() - started < 30
+    other_shape = slurm_cluster.local_slurm("up", "--nodes", "1", timeout=120)
+    assert other_shape.returncode != 0 and "down" in other_shape.stderr
+    status = slurm_cluster.local_slurm("status", timeout=60)
+    assert status.returncode == 0 and "node1" in status.stdout and "node2" in status.stdout, status.stderr
+    nothing = subprocess.run(["bash", str(LOCAL_SLURM), "down", "--dir", str(tmp_path / "empty")],
+                             capture_output=True, text=True, timeout=60)
+    assert nothing.returncode == 0 and "nothing was running" in nothing.stderr
+    sinfo = slurm_cluster.client("sinfo", "-h", "-N", "-o", "%N %t").stdout.split("\n")
+    assert sorted(line.split()[0] for line in sinfo if line.strip()) == ["node1", "node2"]
+
+
+ALLREDUCE_SH = r"""#!/usr/bin/env bash
+#SBATCH --job-name=allreduce
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --cpus-per-task=1
+#SBATCH --time=00:10:00
+set -euo pipefail
+MASTER_ADDR=$(timeout 30 scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+export MASTER_ADDR MASTER_PORT OMP_NUM_THREADS=1
+srun --ntasks-per-node=1 --kill-on-bad-exit=1 --label bash -c 'exec "$PYTHON" -m torch.distributed.run \
+    --nnodes "$SLURM_NNODES" --node_rank "$SLURM_NODEID" --nproc_per_node 1 \
+    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --max_restarts 0 "$WORKER" "$RESULT_DIR"'
+"""
+
+ALLREDUCE_PY = r"""
+import json, os, socket, sys
+import torch, torch.distributed as dist
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+t = torch.tensor([float(rank + 1)])
+dist.all_reduce(t)
+hosts = [None] * world
+dist.all_gather_object(hosts, socket.gethostname())
+if rank == 0:
+    with open(os.path.join(sys.argv[1], "result.json"), "w") as f:
+        json.dump({"world": world, "sum": t.item(), "hosts": hosts, "master": os.environ["MASTER_ADDR"]}, f)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_gloo_allreduce_across_two_nodes(slurm_cluster: SlurmCluster, tmp_path):
+    """(a) torchrun per node under srun: the rendezvous works and the ranks sit on both nodes."""
+    (tmp_path / "allreduce.sh").write_text(ALLREDUCE_SH)
+    (tmp_path / "allreduce.py").write_text(ALLREDUCE_PY)
+    log = tmp_path / "job.log"
+    job_id = slurm_cluster.sbatch(tmp_path / "allreduce.sh", sbatch_args=(f"--output={log}",),
+                                  env={"PYTHON": sys.executable, "WORKER": tmp_path / "allreduce.py",
+                                       "RESULT_DIR": tmp_path})
+    job = slurm_cluster.wait(job_id, 300, log)
+    assert job.state == "COMPLETED", log.read_text()
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result == {"world": 2, "sum": 3.0, "hosts": ["node1", "node2"], "master": "node1"}
+    assert job.nodes == "node[1-2]"
+
+
+# ---- slow: the launcher contract, with a stand-in trainer -------------------------------------------------
+def submit_stub(cluster: SlurmCluster, tmp_path: Path, nodes: int, procs: int, *overrides: str,
+                time_limit: str = "00:15:00", extra_sbatch: tuple[str, ...] = ()) -> tuple[str, Path, Path]:
+    stub, cfg, ds = tmp_path / "stub_train.py", tmp_path / "stub.yaml", tmp_path / "ds.json"
+    stub.write_text(STUB_TRAINER)
+    cfg.write_text("stub: true\n")
+    ds.write_text('{"zero_optimization": {"stage": 3}}\n')
+    log, run_dir = tmp_path / "job-%j.log", tmp_path / "run-%j"
+    job_id = cluster.sbatch(TRAIN_SH, *overrides,
+                            sbatch_args=(f"--nodes={nodes}", f"--cpus-per-task={CPUS if procs > 1 else 1}",
+                                         f"--time={time_limit}", f"--output={log}", *extra_sbatch),
+                            env={"TRAIN_SCRIPT": stub, "CONFIG": cfg, "DS_CONFIG": ds, "RUN_DIR": run_dir,
+                                 "PYTHON": sys.executable, "PROCS_PER_NODE": procs, "SIGNAL_REPEAT_S": 5,
+                                 "DS_ACCELERATOR": None, "OMP_NUM_THREADS": None})  # the script sets them
+    return job_id, Path(str(log).replace("%j", job_id)), Path(str(run_dir).replace("%j", job_id))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nodes,procs", [(1, 2), (2, 1)], ids=["1x2", "2x1"])
+def test_launcher_places_ranks(slurm_cluster: SlurmCluster, tmp_path, nodes, procs):
+    job_id, log, run_dir = submit_stub(slurm_cluster, tmp_path, nodes, procs, "train.steps=4")
+    job = slurm_cluster.wait(job_id, 300, log)
+    assert job.state == "COMPLETED", log.read_text()
+    ranks = sorted((json.loads(p.read_text()) for p in run_dir.glob("rank*.restart0.json")), key=lambda r: r["rank"])
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["world"] == 2 for r in ranks)
+    assert [r["host"] for r in ranks] == (["node1", "node1"] if nodes == 1 else ["node1", "node2"])
+    assert [r["local_rank"] for r in ranks] == ([0, 1] if nodes == 1 else [0, 0])
+    assert all(r["DS_ACCELERATOR"] == "cpu" and r["OMP_NUM_THREADS"] == "1" for r in ranks)
+    job_ds = run_dir / f"ds_config-{job_id}.json"
+    assert job_ds.is_file()
+    argv = ranks[0]["argv"]
+    assert argv[:2] == ["--config", str(tmp_path / "stub.yaml")]
+    assert {f"train.output_dir={run_dir}", "train.resume=auto", f"distributed.deepspeed_config={job_ds}",
+            "train.steps=4"} <= set(argv)
+    assert argv[-1] == "train.steps=4"   # user overrides come last, so they win
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_4"
+    assert (run_dir / "final" / "composition.json").is_file()
+
+
+@pytest.mark.slow
+def test_launcher_usr1_checkpoints_requeues_and_resumes(slurm_cluster: SlurmCluster, tmp_path):
+    job_id, log, run_dir = submit_stub(slurm_cluster, tmp_path, 2, 1, "train.steps=40")
+    slurm_cluster.wait_for_log(job_id, log, r"step 3/40", timeout=300)
+    slurm_cluster.signal_batch(job_id, "USR1")
+    job = slurm_cluster.wait(job_id, 300, log)
+    text = log.read_text()
+    assert job.state == "COMPLETED" and job.restarts == 1, text
+    stopped = int(re.search(r"rank 0: stopped at step (\d+)", text).group(1))
+    assert 3 <= stopped < 40
+    assert f"resumed from {run_dir}/checkpoints/step_{stopped} at step {stopped}" in text
+    assert "requeueing job" in text and "No such file" not in text
+    # the same weights as 40 uninterrupted steps (the stub's update is deterministic)
+    final = json.loads((run_dir / "final" / "composition.json").read_text())
+    assert final["step"] == 40 and final["w"] == pytest.approx([stub_weights(40)] * 4, rel=1e-12)
+    hosts = {json.loads(p.read_text())["host"] for p in run_dir.glob("rank*.restart1.json")}
+    assert hosts == {"node1", "node2"}
+
+
+def stub_weights(steps: int, world: int = 2) -> float:
+    """The stand-in trainer's deterministic final weight after `steps` steps, however often it resumed."""
+    w = 0.0
+    for step in range(steps):
+        w = 0.9 * w + 0.01 * world * (world + 1) / 2 * (step + 1)
+    return w
+
+
+@pytest.mark.slow
+def test_launcher_time_limit_signal_requeues_until_done(slurm_cluster: SlurmCluster, tmp_path):
+    """The real path: --signal=B:USR1@N before the time limit -> checkpoint -> requeue -> resume -> done."""
+    job_id, log, run_dir = submit_stub(slurm_cluster, tmp_path, 1, 2, "train.steps=200", time_limit="2",
+                                       extra_sbatch=("--signal=B:USR1@80",))
+    job = slurm_cluster.wait(job_id, 600, log)
+    text = log.read_text()
+    assert job.state == "COMPLETED" and job.restarts >= 1, text[-6000:]
+    assert "got SIGUSR1" in text and "requeueing job" in text and "resumed from" in text
+    final = json.loads((run_dir / "final" / "composition.json").read_text())
+    assert final["step"] == 200 and final["w"] == pytest.approx([stub_weights(200)] * 4, rel=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nodes,procs", [(1, 2), (2, 1)], ids=["1x2", "2x1"])
+def test_launcher_failing_rank_fails_the_job_fast(slurm_cluster: SlurmCluster, tmp_path, nodes, procs):
+    job_id, log, run_dir = submit_stub(slurm_cluster, tmp_path, nodes, procs, "train.steps=200",
+                                       "train.fail_at_step=2")
+    seen = slurm_cluster.wait_for_log(job_id, log, r"injected failure on rank 1", timeout=300)
+    job = slurm_cluster.wait(job_id, 120, log)
+    assert time.monotonic() - seen < 60, "the job outlived its failed rank by a minute"
+    text = log.read_text()
+    assert job.state == "FAILED" and job.restarts == 0, text
+    assert "RuntimeError: train.fail_at_step=2: injected failure on rank 1" in text
+    assert "training failed" in text and not (run_dir / "final").exists()
+
+
+CACHE_STUB = r"""
+import json, os, socket, sys
+sys.path.insert(0, os.environ["REPO"])
+import torch, torch.distributed as dist
+from calm_dist.distributed import DistEnv
+assert sys.argv[1] == "cache" and sys.argv[2] == "--config", sys.argv
+env = DistEnv.from_environ()
+env.export()
+dist.init_process_group("gloo")
+t = torch.tensor([1.0])
+dist.all_reduce(t)
+out = os.environ["RESULT_DIR"]
+with open(os.path.join(out, f"rank{env.rank}.json"), "w") as f:
+    json.dump({"rank": env.rank, "local_rank": env.local_rank, "world": env.world_size, "sum": t.item(),
+               "host": socket.gethostname(), "argv": sys.argv[1:]}, f)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_cache_script_runs_one_task_per_rank_on_both_nodes(slurm_cluster: SlurmCluster, tmp_path):
+    (tmp_path / "cache_stub.py").write_text(CACHE_STUB)
+    (tmp_path / "cfg.yaml").write_text("stub: true\n")
+    log = tmp_path / "job.log"
+    job_id = slurm_cluster.sbatch(CACHE_SH, "train.states_dtype=bf16",
+                                  sbatch_args=("--nodes=2", "--ntasks-per-node=2", f"--output={log}"),
+                                  env={"ENTRY": tmp_path / "cache_stub.py", "CONFIG": tmp_path / "cfg.yaml",
+                                       "PYTHON": sys.executable, "REPO": REPO, "RESULT_DIR": tmp_path})
+    job = slurm_cluster.wait(job_id, 300, log)
+    assert job.state == "COMPLETED", log.read_text()
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    assert [(r["host"], r["local_rank"]) for r in ranks] == [("node1", 0), ("node1", 1), ("node2", 0), ("node2", 1)]
+    assert all(r["world"] == 4 and r["sum"] == 4.0 for r in ranks)
+    assert ranks[0]["argv"] == ["cache", "--config", str(tmp_path / "cfg.yaml"), "train.states_dtype=bf16"]
+
+
+# ---- slow: the real trainer (calm_dist/train.py, recipes/tiny.yaml) ---------------------------------------
+STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    reason = have_trainer()
+    if reason:
+        pytest.skip(reason)
+    sys.path.insert(0, str(REPO / "tools"))
+    from make_tiny_setup import make_tiny_setup
+
+    return make_tiny_setup(tmp_path_factory.mktemp("tiny_slurm"), n_train=96, n_eval=16)
+
+
+def tiny_overrides(setup: Path, cache: Path, **extra) -> list[str]:
+    items = {
+        "model.anchor": setup / "anchor", "model.augmenting": f"[{setup / 'augmenting'}]",
+        "data.train": setup / "train.jsonl", "data.eval": "null", "data.tokenizer": setup / "tokenizer.model",
+        "data.cache_dir": cache, "train.steps": STEPS, "train.micro_batch_size": 4, "train.log_every": 1,
+        "train.checkpoint_every": 10, "tracking.enabled": "false",
+    }
+    items.update(extra)
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+def submit_train(cluster: SlurmCluster, setup: Path, tmp: Path, nodes: int, procs: int, **extra):
+    log, run_dir = tmp / "job-%j.log", tmp / "run-%j"
+    job_id = cluster.sbatch(TRAIN_SH, *tiny_overrides(setup, tmp / "data_cache", **extra),
+                            sbatch_args=(f"--nodes={nodes}", f"--cpus-per-task={CPUS if procs > 1 else 1}",
+                                         "--time=00:30:00", f"--output={log}"),
+                            env={"CONFIG": "recipes/tiny.yaml", "RUN_DIR": run_dir, "PYTHON": sys.executable,
+                                 "PROCS_PER_NODE": procs})
+    return job_id, Path(str(log).replace("%j", job_id)), Path(str(run_dir).replace("%j", job_id))
+
+
+def final_weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "final" / "composition.safetensors"))
+
+
+def check_completed_run(job, log: Path, run_dir: Path, nodes: int, procs: int) -> None:
+    text = log.read_text()
+    assert job.state == "COMPLETED" and job.exit_code == "0:0", text[-6000:]
+    hosts = ["node1", "node2"][:nodes]
+    for node_id, host in enumerate(hosts):       # one launcher per node, each on its own host
+        assert f"{node_id}: node {node_id} ({host}): torchrun --nnodes {nodes} --node_rank {node_id} " \
+               f"--nproc_per_node {procs}" in text, text[-6000:]
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step_{STEPS}"
+    state = json.loads((run_dir / "checkpoints" / latest / "trainer_state.json").read_text())
+    assert state["step"] == STEPS and state["world_size"] == 2
+    assert {p.name for p in (run_dir / "checkpoints" / latest).glob("optimizer.rank*.safetensors")} == \
+        {"optimizer.rank0.safetensors", "optimizer.rank1.safetensors"}
+    assert (run_dir / "final" / "composition.json").is_file()
+    assert final_weights(run_dir)
+    assert (run_dir / f"ds_config-{job.id}.json").is_file()
+    assert f"composition exported to {run_dir}/final" in text
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_2x1(slurm_cluster, tiny_setup, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train_2x1")
+    job_id, log, run_dir = submit_train(slurm_cluster, tiny_setup, tmp, 2, 1)
+    return slurm_cluster.wait(job_id, JOB_TIMEOUT, log), log, run_dir
+
+
+@pytest.mark.slow
+def test_train_composed_two_nodes_one_proc(uninterrupted_2x1):
+    """(b) 2 nodes x 1 process."""
+    job, log, run_dir = uninterrupted_2x1
+    check_completed_run(job, log, run_dir, nodes=2, procs=1)
+    assert job.nodes == "node[1-2]"
+
+
+@pytest.mark.slow
+def test_train_composed_one_node_two_procs(slurm_cluster, tiny_setup, tmp_path):
+    """(b) 1 node x 2 processes, the same script unchanged."""
+    job_id, log, run_dir = submit_train(slurm_cluster, tiny_setup, tmp_path, 1, 2)
+    job = slurm_cluster.wait(job_id, JOB_TIMEOUT, log)
+    check_completed_run(job, log, run_dir, nodes=1, procs=2)
+
+
+@pytest.mark.slow
+def test_preempted_job_resumes_to_the_uninterrupted_weights(slurm_cluster, tiny_setup, uninterrupted_2x1, tmp_path):
+    """(c) USR1 to the batch shell mid-run -> checkpoint -> requeue -> resume: the same final weights."""
+    import torch
+
+    job_id, log, run_dir = submit_train(slurm_cluster, tiny_setup, tmp_path, 2, 1)
+    slurm_cluster.wait_for_log(job_id, log, rf"step [3-9]/{STEPS} \|", timeout=JOB_TIMEOUT)
+    slurm_cluster.signal_batch(job_id, "USR1")
+    job = slurm_cluster.wait(job_id, JOB_TIMEOUT, log)
+    text = log.read_text()
+    assert job.state == "COMPLETED" and job.restarts == 1, text[-6000:]
+    assert "got SIGUSR1" in text and "requeueing job" in text and "No such file" not in text
+    m = re.search(r"resumed from \S+/checkpoints/step_(\d+) at step (\d+)", text)
+    assert m and 3 <= int(m.group(2)) < STEPS, text[-6000:]
+    check_completed_run(job, log, run_dir, nodes=2, procs=1)
+    reference_job, _, reference_dir = uninterrupted_2x1
+    assert reference_job.state == "COMPLETED"
+    resumed, reference = final_weights(run_dir), final_weights(reference_dir)
+    assert resumed.keys() == reference.keys()
+    for name in reference:
+        assert torch.equal(resumed[name], reference[name]), name
+
+
+@pytest.mark.slow
+def test_failing_rank_fails_the_whole_job_fast(slurm_cluster, tiny_setup, tmp_path):
+    """(d) train.fail_at_step: rank 1 (on node2) raises; the job fails at once, the error in its log."""
+    job_id, log, run_dir = submit_train(slurm_cluster, tiny_setup, tmp_path, 2, 1, **{"train.fail_at_step": 3})
+    seen = slurm_cluster.wait_for_log(job_id, log, r"injected failure on rank 1", timeout=JOB_TIMEOUT)
+    job = slurm_cluster.wait(job_id, 180, log)
+    elapsed = time.monotonic() - seen
+    text = log.read_text()
+    assert job.state == "FAILED" and job.restarts == 0, text[-6000:]
+    assert elapsed < 90, f"the job outlived its failed rank by {elapsed:.0f}s"
+    assert "RuntimeError: train.fail_at_step=3: injected failure on rank 1" in text
+    assert "1: node 1 (node2)" in text and not (run_dir / "final").exists()
+
+
+@pytest.mark.slow
+def test_cache_augmenter_two_nodes(slurm_cluster, tiny_setup, tmp_path):
+    """slurm/cache_augmenter.sh with the real `calm-dist cache`: one rank per node, each writes its shards."""
+    if not (REPO / "calm_dist" / "cli.py").is_file():
+        pytest.skip("awaits calm_dist/cli.py")
+    log, cache = tmp_path / "job.log", tmp_path / "states"
+    overrides = tiny_overrides(tiny_setup, tmp_path / "data_cache", **{"train.output_dir": tmp_path / "run",
+                                                                         "train.states_cache_dir": cache})
+    job_id = slurm_cluster.sbatch(CACHE_SH, "--rows-per-shard=16", *overrides,
+                                  sbatch_args=("--nodes=2", "--ntasks-per-node=1", f"--output={log}"),
+                                  env={"CONFIG": "recipes/tiny.yaml", "PYTHON": sys.executable})
+    job = slurm_cluster.wait(job_id, JOB_TIMEOUT, log)
+    text = log.read_text()
+    assert job.state == "COMPLETED", text[-6000:]
+    assert job.nodes == "node[1-2]"
+    manifest = json.loads((cache / "train" / "manifest.json").read_text())
+    assert len(manifest["shards"]) == 6                  # 96 rows / 16: ranks 0 and 1 wrote 3 each
+    assert sorted(p.name for p in (cache / "train").glob("shard-*.safetensors")) == \
+        [f"shard-{i:05d}.safetensors" for i in range(6)]
+    assert f"cached train: {cache}/train" in text
+    assert re.search(r"caching train \(rank 0\).*/3 ", text), text[-3000:]   # rank 0 did half the shards
