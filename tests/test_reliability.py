@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from launch import REPO, Ranks, base_env, describe, run_ranks
+from launch import REPO, Ranks, describe, run_ranks
 
 TRAIN = str(REPO / "calm_dist" / "train.py")
 RECIPE = str(REPO / "recipes" / "tiny.yaml")
