@@ -1,0 +1,166 @@
+"""P3 / P4: calm_dist against CALM-pytorch (lucidrains, PyPI `calm-pytorch`), in one process, interleaved.
+
+Runs with the peer venv's python (benchmarks/.venv-peer, made by run.py), which sees the main venv's
+packages (torch, transformers, calm_dist) through a .pth file, so both implementations run on the same torch
+in the same process and are timed round-robin.
+
+Like for like: the peer's anchor and augmenting models are x-transformers decoders of the same widths,
+depths, heads, vocabulary and FLOPs per token as ours (pre-RMSNorm, rotary, SwiGLU with the same inner
+width, no biases, untied head, SDPA attention); the same layer pairs (ours are 0-based (i, j), CALM-pytorch's
+`connections` are 1-based); cross-attention with the anchor's head count; the same batch and sequence length;
+fp32, one thread; a training step = zero_grad + forward + loss + backward + AdamW step on the trainable blocks.
+
+    <peer python> benchmarks/peer_bench.py --size full --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (pins threads before torch)
+
+import torch  # noqa: E402
+
+
+def xt_model(d: int, layers: int, heads: int, size: common.Size):
+    from x_transformers import Decoder, TransformerWrapper
+
+    return TransformerWrapper(
+        num_tokens=size.vocab, max_seq_len=2048, use_abs_pos_emb=False,
+        attn_layers=Decoder(dim=d, depth=layers, heads=heads, attn_dim_head=d // heads, rotary_pos_emb=True,
+                            use_rmsnorm=True, ff_glu=True, ff_swish=True, ff_mult=size.ffn_mult, ff_no_bias=True,
+                            attn_flash=True))
+
+
+def build_peer(size: common.Size, seed: int = 0):
+    from CALM_pytorch import CALM, AugmentParams
+
+    torch.manual_seed(seed)
+    anchor = xt_model(size.anchor_d, size.anchor_layers, size.anchor_heads, size)
+    augment = xt_model(size.aug_d, size.aug_layers, size.aug_heads, size)
+    connections = tuple((i + 1, j + 1) for i, j in size.pairs)
+    calm = CALM(anchor, AugmentParams(model=augment, connections=connections),
+                attn_kwargs=dict(linear_project_context=True, pre_rmsnorm=True, flash=True,
+                                 heads=size.anchor_heads, dim_head=size.anchor_d // size.anchor_heads))
+    return calm, anchor, augment
+
+
+def peer_memory(size: common.Size) -> dict:
+    """Peak RSS of the peer alone in a process: build, two training steps (AdamW state exists after one)."""
+    base = common.peak_rss_bytes()
+    peer, _, _ = build_peer(size)
+    ids, _ = common.batch(size)
+    seq = torch.cat([ids, ids[:, :1]], dim=1)
+    opt = torch.optim.AdamW(peer.parameters(), lr=1e-4)
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True)
+        peer(seq, prompt=seq[:, :-1]).backward()
+        opt.step()
+    return {"variant": "peer", "peak_rss_bytes": common.peak_rss_bytes(), "rss_after_import_bytes": base}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="full")
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="profile tables")
+    ap.add_argument("--memory-only", action="store_true", help="the peer alone: build, 2 steps, peak RSS")
+    args = ap.parse_args()
+    size = common.SIZES[args.size]
+    torch.set_num_threads(1)
+    if args.memory_only:
+        common.write_json(args.json, peer_memory(size))
+        return
+
+    import CALM_pytorch
+    import x_transformers
+    from importlib.metadata import version
+
+    ours = common.build_composed(size)
+    peer, peer_anchor, peer_augment = build_peer(size)
+    n = lambda ps: sum(p.numel() for p in ps)  # noqa: E731
+    info = {
+        "peer_versions": {"calm-pytorch": version("calm-pytorch"), "x-transformers": version("x-transformers"),
+                          "torch": torch.__version__},
+        "peer_module": CALM_pytorch.__file__, "x_transformers_module": x_transformers.__file__,
+        "params": {
+            "ours_anchor": n(ours.anchor.parameters()), "peer_anchor": n(peer_anchor.parameters()),
+            "ours_augmenting": n(ours.augmenting.parameters()), "peer_augmenting": n(peer_augment.parameters()),
+            "ours_trainable": n(ours.trainable_parameters()), "peer_trainable": n(peer.parameters()),
+        },
+        "peer_connections_1_based": [list(c) for c in peer.connections[0]],
+        "ours_pairs_0_based": [list(p) for p in size.pairs],
+    }
+
+    # ---- P3: training step (ours recomputes the augmenting states, as the peer always does) -------------
+    ids, mask = common.batch(size)
+    extra = torch.randint(3, size.vocab, (size.batch, 1), generator=torch.Generator().manual_seed(7))
+    peer_seq = torch.cat([ids, extra], dim=1)  # the peer trains on seq[:, :-1] -> seq[:, 1:]: T anchor tokens
+    opt_ours = torch.optim.AdamW(ours.trainable_parameters(), lr=1e-4)
+    opt_peer = torch.optim.AdamW(peer.parameters(), lr=1e-4)
+    ours.train()
+
+    def ours_step():
+        opt_ours.zero_grad(set_to_none=True)
+        ours(ids, attention_mask=mask, labels=ids).loss.backward()
+        opt_ours.step()
+
+    def peer_step():
+        opt_peer.zero_grad(set_to_none=True)
+        peer(peer_seq, prompt=peer_seq[:, :-1]).backward()
+        opt_peer.step()
+
+    times = common.interleaved({"ours": ours_step, "peer": peer_step}, repeats=size.repeats)
+    suffix = "" if size.name == "full" else f"_{size.name}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prof3 = common.profile_ops({"peer": peer_step, "ours": ours_step}, out, filename=f"profile_p3{suffix}.md",
+                               title="P3 profile, training step (recomputed augmenting states)")
+    tokens = size.batch * size.seq
+    p3 = {k: {**common.summary(v), "tokens_per_s": tokens / common.median(v["cpu"])} for k, v in times.items()}
+
+    # ---- P4: greedy decoding, batch 1 -------------------------------------------------------------------
+    prompt = torch.randint(3, size.vocab, (1, size.prompt), generator=torch.Generator().manual_seed(11))
+    ours.eval()
+
+    def ours_cached(n=size.new_tokens):
+        return ours.generate(prompt, max_new_tokens=n, eos_token_id=-1, use_cache=True)
+
+    def ours_uncached(n=size.new_tokens):
+        return ours.generate(prompt, max_new_tokens=n, eos_token_id=-1, use_cache=False)
+
+    def peer_generate(n=size.new_tokens):
+        # CALM-pytorch decodes by nucleus sampling over a full recompute of the anchor each step (no KV
+        # cache) and encodes the prompt once with the augmenting model; the arithmetic is that of greedy.
+        return peer.generate(prompt, seq_len=size.prompt + n)
+
+    for fn in (ours_cached, ours_uncached, peer_generate):  # warm-up: short generations
+        fn(8)
+    dec = {k: {"cpu": [], "wall": []} for k in ("ours_cached", "ours_uncached", "peer")}
+    outputs = {}
+    for r in range(max(size.repeats, size.decode_repeats)):
+        order = [("ours_cached", ours_cached)]
+        if r < size.decode_repeats:
+            order += [("ours_uncached", ours_uncached), ("peer", peer_generate)]
+        if r % 2:
+            order.reverse()
+        for name, fn in order:
+            with common.Timer() as t:
+                outputs[name] = fn()
+            dec[name]["cpu"].append(t.cpu)
+            dec[name]["wall"].append(t.wall)
+    same = bool(torch.equal(outputs["ours_cached"], outputs["ours_uncached"]))
+    n_prof = min(64, size.new_tokens)
+    prof4 = common.profile_ops({"peer": lambda: peer_generate(n_prof), "ours_cached": lambda: ours_cached(n_prof)},
+                               out, calls=1, filename=f"profile_p4{suffix}.md",
+                               title=f"P4 profile, greedy decoding of {n_prof} tokens, batch 1")
+    p4 = {k: {**common.summary(v), "tokens_per_s": size.new_tokens / common.median(v["cpu"])} for k, v in dec.items()}
+    p4["ours_cached_equals_uncached"] = same
+    common.write_json(args.json, {"info": info, "p3": p3, "p4": p4, "profile_p3": prof3, "profile_p4": prof4,
+                                  "peak_rss_bytes": common.peak_rss_bytes()})
+
+
+if __name__ == "__main__":
+    main()
