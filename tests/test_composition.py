@@ -192,3 +192,14 @@ def test_loading_onto_mismatched_models_is_refused(tmp_path):
         ComposedModel.from_composition(tmp_path / "comp", anchor=wider)
     with pytest.raises(CompositionError, match="not a saved composition"):
         ComposedModel.from_composition(tmp_path)
+
+
+def test_bf16_augmenting_model_under_fp32_training_stays_close():
+    """model.augmenting_dtype=bf16: the blocks cast the states to their own dtype; logits move by ~1e-2 at most."""
+    fp32 = composed("llama", ("gpt2",))
+    bf16 = composed("llama", ("gpt2",))
+    bf16.augmenting.to(torch.bfloat16)
+    x = ids()
+    a, b = fp32(x).logits, bf16(x).logits
+    assert b.dtype == torch.float32 and not torch.equal(a, b)
+    torch.testing.assert_close(b, a, atol=5e-2, rtol=5e-2)
