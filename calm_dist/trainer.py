@@ -428,5 +428,5 @@ def quiet_libraries() -> None:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    for name in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers", "datasets"):
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers", "datasets", "mlflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
