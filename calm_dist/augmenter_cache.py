@@ -122,7 +122,9 @@ def build_cache(directory: str | Path, comps: dict, models: list, layers: list[l
     mine = [s for s in range(rank, n_shards, world) if not (directory / f"{shard_name(s)}.json").exists()]
     from tqdm import tqdm
 
-    for s in tqdm(mine, desc=f"caching {directory.name} (rank {rank})", disable=None if progress else True, leave=False)  # None: only on a terminal:
+    # disable=None: a progress bar on a terminal only
+    for s in tqdm(mine, desc=f"caching {directory.name} (rank {rank})", disable=None if progress else True,
+                  leave=False):
         rows = range(s * rows_per_shard, min(n_rows, (s + 1) * rows_per_shard))
         parts: dict[str, list[torch.Tensor]] = {}
         for start in range(rows.start, rows.stop, batch_size):
