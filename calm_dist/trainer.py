@@ -423,6 +423,7 @@ def quiet_libraries() -> None:
     import datasets
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # mlflow resets its logger's level on import
     import transformers
 
     datasets.disable_progress_bars()
