@@ -4,7 +4,7 @@ The augmenting models are frozen and read the same tokens as the anchor, so thei
 function of (weights, layers, tokenized data, dtype). Layout of `<cache_dir>/<split>/`:
 
     shard-00000.safetensors    rows [0, R): one tensor "a{model}.l{layer}" [R, seq_len, D_aug] per used layer
-    shard-00000.json           its sha256 and row count (written after the shard; the shard is complete iff present)
+    shard-00000.json           its sha256, row count and writer rank (written after the shard: complete iff present)
     building.json              the fingerprint components, written first: a resumed run must match them
     manifest.json              written last by rank 0: components, fingerprint, shapes, every shard's checksum
 
@@ -142,14 +142,16 @@ def build_cache(directory: str | Path, comps: dict, models: list, layers: list[l
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-            _write_json_atomic(directory / f"{shard_name(s)}.json", {"sha256": sha256_file(path), "rows": len(rows)})
+            _write_json_atomic(directory / f"{shard_name(s)}.json",
+                               {"sha256": sha256_file(path), "rows": len(rows), "written_by_rank": rank})
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise CacheError(f"writing cache shard {path} failed: {e.strerror or e}; the shards already written "
                              "are kept, and a rerun resumes from them") from None
     barrier()
     if rank == 0:
-        shards = [json.loads((directory / f"{shard_name(s)}.json").read_text()) for s in range(n_shards)]
+        sidecars = [json.loads((directory / f"{shard_name(s)}.json").read_text()) for s in range(n_shards)]
+        shards = [{"sha256": c["sha256"], "rows": c["rows"]} for c in sidecars]  # any world size: same manifest
         shapes = {f"a{a}.l{i}": [n_rows, comps["seq_len"], int(models[a].config.hidden_size)]
                   for a, ls in enumerate(layers) for i in ls}
         _write_json_atomic(directory / MANIFEST, {"components": comps, "fingerprint": fingerprint(comps),
