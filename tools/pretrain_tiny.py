@@ -29,6 +29,7 @@ import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -398,7 +399,17 @@ def main(argv=None) -> int:
         env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
         procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *base, "--which", w], env=env)
                  for w in ("anchor", "aug")]
-        rcs = [p.wait() for p in procs]
+
+        def stop(signum, frame):
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGTERM, stop)
+        try:
+            rcs = [p.wait() for p in procs]
+        finally:  # never leave a child training on its own
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+                    p.wait()
         return max(rcs)
     for which in (["anchor", "aug"] if a.which == "both" else [a.which]):
         pretrain_one(which, task, a.out, a)

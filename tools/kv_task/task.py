@@ -39,8 +39,8 @@ EQ = "="
 @dataclasses.dataclass(frozen=True)
 class TaskSettings:
     seed: int = 0
-    n_keys: int = 1000          # distinct keys
-    n_values: int = 40          # values are 0..n_values-1, each shared by n_keys/n_values keys
+    n_keys: int = 900           # distinct keys
+    n_values: int = 30          # values are 0..n_values-1, each shared by n_keys/n_values keys
     dc_frac: float = 0.2        # fraction of keys the composition data D_C may use
     key_min_len: int = 3
     key_max_len: int = 5
