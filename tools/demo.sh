@@ -42,11 +42,11 @@ launch() {  # the deepspeed launcher, 2 ranks on this machine's CPU
 
 say "3/6 cache the augmenting states of every training and eval row"
 "$PYTHON" -m calm_dist.cli cache --config "$RECIPE" "${common[@]}" train.output_dir="$RUN/composition" \
-    train.states_cache_dir="$DEMO_DIR/states_cache"
+    train.states_cache_dir="$RUN/states_cache"
 
 say "4/6 train the composition (2 ranks, ZeRO-3, cached states)"
 launch train.output_dir="$RUN/composition" train.augmenting_states=cached \
-    train.states_cache_dir="$DEMO_DIR/states_cache" tracking.run_name=composition
+    train.states_cache_dir="$RUN/states_cache" tracking.run_name=composition
 
 say "5/6 baselines: LoRA on the anchor (same parameter count), composition with a random augmenting model"
 launch train.output_dir="$RUN/lora" model.method=lora tracking.run_name=lora
