@@ -120,11 +120,10 @@ def child_matmul(size: common.Size, out: Path) -> dict:
                                       "flops_per_s_median": 2 * n ** 3 / common.median(basis),
                                       "flops_per_s_best": 2 * n ** 3 / min(basis)}
     torch.set_num_threads(1)
-    try:  # the trainer's own MFU denominator (calm_dist.costs.measured_matmul_peak), if present
-        from calm_dist import costs
+    try:  # the trainer's own MFU denominator (calm_dist.hardware.measured_matmul_peak)
+        from calm_dist.hardware import measured_matmul_peak
 
-        if hasattr(costs, "measured_matmul_peak"):
-            res["calm_dist_measured_matmul_peak_1t"] = costs.measured_matmul_peak()
+        res["calm_dist_measured_matmul_peak_1t"] = measured_matmul_peak()
     except Exception as e:  # noqa: BLE001
         res["calm_dist_measured_matmul_peak_error"] = repr(e)
     res["peak_rss_bytes"] = common.peak_rss_bytes()

@@ -136,6 +136,7 @@ class Trainer:
     def _setup_flop_accounting(self) -> None:
         """Model FLOPs per token from the cost model (calm_dist/costs.py), and this rank's peak, for MFU."""
         from . import costs
+        from .hardware import peak_flops_per_rank
 
         cfg = self.cfg
         self.flops_per_token = None
@@ -143,7 +144,7 @@ class Trainer:
             self.flops_per_token = costs.step_cost(
                 self.plan.anchor_config, self.plan.augmenting_configs, self.plan.layer_pairs, seq_len=cfg.data.seq_len,
                 states=cfg.train.augmenting_states, activation_checkpointing=cfg.train.activation_checkpointing).total
-        self.peak_flops = costs.peak_flops_per_rank(cfg.train.precision, cfg.train.peak_tflops_per_rank) \
+        self.peak_flops = peak_flops_per_rank(cfg.train.precision, cfg.train.peak_tflops_per_rank) \
             * self.env.world_size
 
     def _forward(self, batch, states):
