@@ -2,7 +2,7 @@
 """Pretrain the two tiny base models of the key-value task (Hugging Face models, save_pretrained).
 
     python tools/pretrain_tiny.py --task artifacts/kv_task --out artifacts/models [--which both]
-        [--parallel] [--seed 0] [--anchor-steps 2000] [--aug-steps 500] [--batch 128] [--lr 3e-3]
+        [--parallel] [--seed 0] [--anchor-steps 1500] [--aug-steps 500] [--batch 128] [--lr 3e-3]
         [--max-minutes 10] [--force]
 
 anchor (OUT/anchor): a Llama (d=64, 4 blocks, 16 heads) trained on numeric arithmetic only
@@ -287,7 +287,7 @@ def pretrain_one(which: str, task: Task, out: str, a: argparse.Namespace) -> dic
         f"{s['heads']} heads")
     if which == "anchor":
         sampler = RecordSampler(sp, task.data("arith_train"), rng)
-        ev = task.data("eval_arith")[:200]
+        ev = task.data("eval_arith")
         evals = {"arith": lambda m: exact_match(m, sp, ev)}
     else:
         facts = task.data("kv_facts")
@@ -308,8 +308,9 @@ def pretrain_one(which: str, task: Task, out: str, a: argparse.Namespace) -> dic
     if s["number_embedding"] == "sinusoidal":
         after_step = fix_number_embeddings(model, task, s["number_scale"])
     torch.manual_seed(seed)
+    stop_at = s["stop_at"] if s["stop_at"] is not None and 0 < s["stop_at"] <= 1 else None
     info = train(model, sampler, s["steps"], s["batch"], s["lr"], s["warmup"], s["weight_decay"], a.log_every,
-                 s["max_minutes"] * 60, evals, s["eval_every"], s["stop_at"], after_step)
+                 s["max_minutes"] * 60, evals, s["eval_every"], stop_at, after_step)
     if which == "anchor" and s["zero_unseen"]:
         # the anchor never saw a key: make every key token the same unknown token (zero embedding)
         with torch.no_grad():
@@ -355,7 +356,7 @@ def parser() -> argparse.ArgumentParser:
                         "value (the augmenting model's tied output rows too)")
     p.add_argument("--number-scale", type=float, default=1.0, help="norm of each sinusoidal number row")
     p.add_argument("--anchor-arch", choices=["llama", "gpt2"], default="llama")
-    p.add_argument("--anchor-steps", type=int, default=2000)
+    p.add_argument("--anchor-steps", type=int, default=1500)
     p.add_argument("--anchor-layers", type=int, default=4)
     p.add_argument("--anchor-hidden", type=int, default=64)
     p.add_argument("--anchor-heads", type=int, default=16,
@@ -377,7 +378,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-number-facts", action="store_true",
                    help="augmenting corpus without the 'n n' facts (a number's value is itself)")
     p.add_argument("--stop-at", type=float, default=0.99,
-                   help="stop early once every periodic eval reaches this accuracy (<0 or >1: never)")
+                   help="stop early once every periodic eval reaches this accuracy (outside (0, 1]: never)")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--log-every", type=int, default=250)
     p.add_argument("--max-minutes", type=float, default=10.0, help="wall-clock cap per model")
