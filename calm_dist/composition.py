@@ -8,6 +8,7 @@ left padding changes nothing).
 """
 from __future__ import annotations
 
+import functools
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -355,10 +356,14 @@ class ComposedModel(nn.Module):
 
 def _cache_kwarg(module: nn.Module) -> str:
     """transformers renamed `past_key_values` to `cache` during 5.x."""
+    return _cache_kwarg_of(type(module))
+
+
+@functools.cache
+def _cache_kwarg_of(cls) -> str:  # inspected once per class: this runs on every decoding step
     import inspect
 
-    params = inspect.signature(module.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def _recorded_source(description: dict, who: str) -> str:

@@ -160,12 +160,8 @@ def run(cfg, sets: dict[str, str], compositions: dict[str, str], base_models: li
         fns["anchor"] = hf_model_fns(load_causal_lm(cfg.model.anchor).eval(), eos, pad)
     for name, directory in compositions.items():
         model = load_export(directory, cfg.model.anchor)
-        if isinstance(model, LoRAAnchor):
-            fns[name] = (lambda ids, mask, n, m=model: m.generate(ids, mask, n, eos_token_id=eos, pad_token_id=pad),
-                         lambda ids, mask, m=model: m(ids, attention_mask=mask).logits)
-            continue
-        fns[name] = composed_fns(model, eos, pad)
-        if prefix_only:
+        fns[name] = composed_fns(model, eos, pad)  # LoRAAnchor offers the same generate / forward
+        if prefix_only and not isinstance(model, LoRAAnchor):
             fns[f"{name}_prefix_only"] = composed_fns(model, eos, pad, refresh_augmenting=False)
     results: dict[str, dict[str, SetResult]] = {}
     for name, (gen, logits) in fns.items():

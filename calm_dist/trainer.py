@@ -225,7 +225,7 @@ class Trainer:
         """One optimizer step; returns (global token-mean loss, global real tokens)."""
         t, env = self.cfg.train, self.env
         global_idx = self.sampler.global_batch_indices(step)
-        n_global = loss_tokens(self.train_data.batch(global_idx)["labels"])
+        n_global = loss_tokens(self.train_data.labels[torch.as_tensor(global_idx)])
         scale = env.world_size * self.plan.accumulation / max(1, n_global)
         local = torch.zeros(2)
         for micro in range(self.plan.accumulation):

@@ -1,6 +1,5 @@
 """Cached augmenting states: same numbers as recomputing, refusals of stale/corrupt caches, resumable builds."""
 import json
-import sys
 
 import pytest
 import torch
@@ -10,18 +9,16 @@ from calm_dist.augmenter_cache import CacheError, StatesCache, build_cache, comp
 from calm_dist.config import DataConfig
 from calm_dist.data import Tokenizer, load_tokenized
 from calm_dist.trainer import loss_tokens, summed_loss
-from launch import REPO
 
 PAIRS = [[(1, 1), (3, 3)]]
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    sys.path.insert(0, str(REPO / "tools"))
-    from make_tiny_setup import make_tiny_setup
+    from tiny import tiny_setup
 
     root = tmp_path_factory.mktemp("tiny")
-    setup = make_tiny_setup(root, n_train=40, n_eval=8)
+    setup = tiny_setup(root, n_train=40, n_eval=8)
     cfg = DataConfig(train=str(setup / "train.jsonl"), tokenizer=str(setup / "tokenizer.model"), seq_len=32)
     data = load_tokenized(cfg, cfg.train, Tokenizer(cfg.tokenizer), root / "data_cache")
     return setup, data

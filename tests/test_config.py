@@ -36,10 +36,9 @@ def test_bad_values_are_refused(override, message):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    sys.path.insert(0, str(REPO / "tools"))
-    from make_tiny_setup import make_tiny_setup
+    from tiny import tiny_setup
 
-    return make_tiny_setup(tmp_path_factory.mktemp("tiny"), n_train=32, n_eval=8)
+    return tiny_setup(tmp_path_factory.mktemp("tiny"), n_train=32, n_eval=8)
 
 
 def run_train(tiny, tmp_path, *extra, world=1):

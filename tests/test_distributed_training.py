@@ -1,6 +1,5 @@
 """Real DeepSpeed ZeRO-3 over gloo with 2 processes: equivalence, sharding, frozen weights, resume."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,10 +15,9 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def setup_dir(tmp_path_factory):
-    sys.path.insert(0, str(REPO / "tools"))
-    from make_tiny_setup import make_tiny_setup
+    from tiny import tiny_setup
 
-    return make_tiny_setup(tmp_path_factory.mktemp("tiny"), n_train=96, n_eval=16)
+    return tiny_setup(tmp_path_factory.mktemp("tiny"), n_train=96, n_eval=16)
 
 
 def overrides(setup: Path, out: Path, **extra) -> list[str]:

@@ -1,6 +1,5 @@
 """Exact match by greedy decoding, completion loss, and the Table-1-shaped report."""
 import json
-import sys
 
 import pytest
 import torch
@@ -8,15 +7,13 @@ import torch
 from calm_dist import ComposedModel
 from calm_dist.data import Tokenizer
 from calm_dist.evaluate import composed_fns, evaluate_set, format_table, hf_model_fns
-from launch import REPO
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    sys.path.insert(0, str(REPO / "tools"))
-    from make_tiny_setup import make_tiny_setup
+    from tiny import tiny_setup
 
-    return make_tiny_setup(tmp_path_factory.mktemp("tiny"), n_train=8, n_eval=12)
+    return tiny_setup(tmp_path_factory.mktemp("tiny"), n_train=8, n_eval=12)
 
 
 def records(tiny):
@@ -59,3 +56,17 @@ def test_composition_at_init_scores_like_its_anchor(tiny):
     assert [e["got"] for e in c.examples] == [e["got"] for e in a.examples]
     table = format_table({"anchor": {"eval": a}, "composed": {"eval": c}})
     assert table.splitlines()[0] == "| data set | anchor | composed |"
+
+
+def test_lora_baseline_is_evaluated_through_the_composition_interface(tiny):
+    """LoRA starts with B = 0: through composed_fns it must decode and score exactly like its anchor."""
+    from calm_dist.baselines import LoRAAnchor
+    from calm_dist.composition import load_causal_lm
+
+    tok = Tokenizer(tiny / "tokenizer.model")
+    anchor = evaluate_set(*hf_model_fns(load_causal_lm(str(tiny / "anchor")).eval(), tok.eos_id, tok.pad_id),
+                          tok, records(tiny), batch_size=4)
+    lora = LoRAAnchor(load_causal_lm(str(tiny / "anchor")), rank=2, targets=["q_proj", "v_proj"]).eval()
+    result = evaluate_set(*composed_fns(lora, tok.eos_id, tok.pad_id), tok, records(tiny), batch_size=4)
+    assert result.loss == pytest.approx(anchor.loss, abs=1e-5)
+    assert [e["got"] for e in result.examples] == [e["got"] for e in anchor.examples]

@@ -2,7 +2,6 @@
 per-rank parameter memory (frozen and trainable) against the bytes DeepSpeed really holds (ds_tensor),
 and the step FLOPs against FlopCounterMode's count on a rank. Each within 10%."""
 import json
-import sys
 
 import pytest
 
@@ -16,10 +15,9 @@ SEQ, MICRO, WORLD = 32, 4, 2
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
-    sys.path.insert(0, str(REPO / "tools"))
-    from make_tiny_setup import make_tiny_setup
+    from tiny import tiny_setup
 
-    setup = make_tiny_setup(tmp_path_factory.mktemp("tiny"), n_train=8, n_eval=2)
+    setup = tiny_setup(tmp_path_factory.mktemp("tiny"), n_train=8, n_eval=2)
     report = tmp_path_factory.mktemp("zero3") / "report"
     run_ranks([WORKER, "--anchor", str(setup / "anchor"), "--augmenting", str(setup / "augmenting"),
                "--pairs", json.dumps(PAIRS), "--seq", str(SEQ), "--micro-batch", str(MICRO), "--steps", "1",

@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,10 +22,9 @@ STEPS = 12
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    sys.path.insert(0, str(REPO / "tools"))
-    from make_tiny_setup import make_tiny_setup
+    from tiny import tiny_setup
 
-    return make_tiny_setup(tmp_path_factory.mktemp("tiny"), n_train=64, n_eval=8)
+    return tiny_setup(tmp_path_factory.mktemp("tiny"), n_train=64, n_eval=8)
 
 
 def args(tiny: Path, out: Path, **extra) -> list[str]:

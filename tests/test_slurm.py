@@ -150,10 +150,9 @@ def tiny_setup(tmp_path_factory):
     reason = have_trainer()
     if reason:
         pytest.skip(reason)
-    sys.path.insert(0, str(REPO / "tools"))
-    from make_tiny_setup import make_tiny_setup
+    from tiny import tiny_setup
 
-    return make_tiny_setup(tmp_path_factory.mktemp("tiny_slurm"), n_train=96, n_eval=16)
+    return tiny_setup(tmp_path_factory.mktemp("tiny_slurm"), n_train=96, n_eval=16)
 
 
 def tiny_overrides(setup: Path, cache: Path, **extra) -> list[str]:

@@ -35,3 +35,16 @@ def randomize_composition(model, seed: int = 0, scale: float = 0.2) -> None:
         for name, p in model.blocks.named_parameters():
             noise = torch.randn(p.shape, generator=g) * scale
             p.copy_(1.0 + noise if "norm.weight" in name else noise)
+
+
+def tiny_setup(directory, **kw):
+    """tools/make_tiny_setup.py's models, tokenizer and data in `directory` (the integration tests' inputs)."""
+    import sys
+    from pathlib import Path
+
+    tools = str(Path(__file__).resolve().parent.parent / "tools")
+    if tools not in sys.path:
+        sys.path.insert(0, tools)
+    from make_tiny_setup import make_tiny_setup
+
+    return make_tiny_setup(directory, **kw)
