@@ -44,7 +44,8 @@ def tiny(tmp_path_factory):
 def run_train(tiny, tmp_path, *extra, world=1):
     out = tmp_path / "out"
     base = [f"model.anchor={tiny / 'anchor'}", f"model.augmenting=[{tiny / 'augmenting'}]",
-            f"data.train={tiny / 'train.jsonl'}", f"data.tokenizer={tiny / 'tokenizer.model'}",
+            f"data.train={tiny / 'train.jsonl'}", f"data.eval={tiny / 'eval.jsonl'}",
+            f"data.tokenizer={tiny / 'tokenizer.model'}",
             f"train.output_dir={out}", "tracking.enabled=false"]
     env = base_env(RANK=0, WORLD_SIZE=world, LOCAL_RANK=0)
     proc = subprocess.run([sys.executable, str(REPO / "calm_dist" / "train.py"), "--config",

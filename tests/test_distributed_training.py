@@ -24,7 +24,7 @@ def overrides(setup: Path, out: Path, **extra) -> list[str]:
     items = {
         "model.anchor": setup / "anchor", "model.augmenting": f"[{setup / 'augmenting'}]",
         "model.layer_pairs": "[[[1,1],[3,3]]]",
-        "data.train": setup / "train.jsonl", "data.tokenizer": setup / "tokenizer.model", "data.seq_len": 32,
+        "data.train": setup / "train.jsonl", "data.eval": setup / "eval.jsonl", "data.tokenizer": setup / "tokenizer.model", "data.seq_len": 32,
         "data.cache_dir": out.parent / "data_cache", "train.output_dir": out, "train.steps": STEPS,
         "train.micro_batch_size": 4, "train.global_batch_size": 16, "train.log_every": 1,
         "optim.lr": 3e-3, "optim.warmup_steps": 2, "tracking.enabled": "false",
