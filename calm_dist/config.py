@@ -96,6 +96,9 @@ class TrainConfig:
 class DistributedConfig:
     deepspeed_config: str = "ds_configs/zero3.json"   # ZeRO knobs only; the rest is filled in from this tree
     timeout_s: int = 300
+    # ZeRO-3 gathers each frozen decoder block whole (one hook per block, FSDP-style units) instead of
+    # hooking every Linear and norm inside it; false restores DeepSpeed's per-module hooks.
+    zero3_leaf_blocks: bool = True
 
 
 @dataclass

@@ -23,7 +23,7 @@ from . import checkpoint as ckpt
 from .composition import ComposedModel
 from .config import Config
 from .data import IGNORE, GlobalBatchSampler, Tokenizer, load_tokenized
-from .distributed import DistEnv, init_process_group, load_frozen_models
+from .distributed import DistEnv, init_process_group, load_frozen_models, mark_zero3_leaf_blocks, zero_stage
 from .validate import Plan
 
 log = logging.getLogger("calm_dist")
@@ -90,6 +90,8 @@ class Trainer:
         o = cfg.optim
         optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                       weight_decay=o.weight_decay)
+        if cfg.distributed.zero3_leaf_blocks and zero_stage(self.plan.ds_config) == 3:
+            mark_zero3_leaf_blocks(self._frozen_models())
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, config=self.plan.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
@@ -100,6 +102,12 @@ class Trainer:
         self.tracker = self._tracker()
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_stop_signal)
+
+    def _frozen_models(self) -> list[torch.nn.Module]:
+        """The frozen LMs held in this process (the anchor, and the augmenting models unless cached)."""
+        if isinstance(self.model, ComposedModel):
+            return [self.model.anchor, *self.model.augmenting]
+        return [self.model.model]  # the LoRA baseline: the anchor under PEFT
 
     def _build_model(self, dtype):
         """The composition (or, for the LoRA baseline, the anchor with adapters); frozen weights in shards."""

@@ -135,3 +135,23 @@ def test_cached_states_with_activation_checkpointing_match_reference(setup_dir, 
     run_ranks([WORKER, str(report), str(REPO / "recipes" / "tiny.yaml"), *common])
     ref_losses, _ = reference_losses(setup_dir, tmp_path / "ref")
     assert json.loads(report.read_text())["losses"] == pytest.approx(ref_losses, abs=1e-5)
+
+
+@pytest.mark.parametrize("baseline", [{"model.method": "lora"}, {"model.augmenting_init": "random"},
+                                      {"model.augmenting_sees": "prompt"}])
+def test_baselines_train_through_the_same_zero3_entry_point(setup_dir, tmp_path, baseline):
+    """LoRA on the anchor, a random augmenting model, the prompt-only augmenting model: 2 ranks, ZeRO-3."""
+    from calm_dist.baselines import LoRAAnchor
+    from calm_dist.composition import load_causal_lm, read_composition_config
+
+    out = tmp_path / "baseline"
+    report = run_worker(setup_dir, out, **baseline)
+    assert len(report["losses"]) == STEPS and report["losses"][-1] < report["losses"][0]
+    assert report["partition"]["all_partitioned"]
+    saved = read_composition_config(out / "final")
+    if baseline.get("model.method") == "lora":
+        assert saved["method"] == "lora"
+        LoRAAnchor.from_export(out / "final", load_causal_lm(str(setup_dir / "anchor")))  # loads back
+    elif "model.augmenting_init" in baseline:  # the export names the random model it was trained with
+        random_dir = out / "random_augmenting" / "0"
+        assert str(random_dir) in json.dumps(saved["augmenting"]) and (random_dir / "config.json").exists()

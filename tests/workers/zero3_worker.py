@@ -47,7 +47,7 @@ def main():
     before = partition_report(trainer.model, env.world_size)
     result = trainer.run()
     report = {"losses": result.losses, "step": result.step, "partition": before,
-              "frozen_identical": frozen_identical(trainer.model, cfg.model.anchor),
+              "frozen_identical": frozen_identical(trainer.model, cfg.model.anchor) if cfg.model.method == "calm" else None,
               "world_size": env.world_size}
     if env.is_main:
         with open(report_path, "w") as f:
