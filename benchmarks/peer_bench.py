@@ -112,7 +112,20 @@ def main() -> None:
         peer(peer_seq, prompt=peer_seq[:, :-1]).backward()
         opt_peer.step()
 
-    times = common.interleaved({"ours": ours_step, "peer": peer_step}, repeats=size.repeats)
+    # P3b: the same composition with its frozen augmenting forward in bf16 (`model.augmenting_dtype=bf16`):
+    # same weights, the states cast to fp32 at f_proj, so everything that trains stays fp32.
+    ours_bf16 = common.build_composed(size)
+    ours_bf16.augmenting.to(torch.bfloat16)
+    opt_bf16 = torch.optim.AdamW(ours_bf16.trainable_parameters(), lr=1e-4)
+    ours_bf16.train()
+
+    def ours_bf16_step():
+        opt_bf16.zero_grad(set_to_none=True)
+        ours_bf16(ids, attention_mask=mask, labels=ids).loss.backward()
+        opt_bf16.step()
+
+    times = common.interleaved({"ours": ours_step, "peer": peer_step, "ours_bf16_augmenting": ours_bf16_step},
+                               repeats=size.repeats)
     suffix = "" if size.name == "full" else f"_{size.name}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

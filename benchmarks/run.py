@@ -382,6 +382,11 @@ def analyse(size: common.Size, r: dict) -> list[dict]:
             tok_s=tokens / o, mem=mib(pm.get("recompute", {}).get("peak_rss_bytes")),
             note=f"ours {o:.3f} s ({tokens / o:,.0f} tok/s), peer {q:.3f} s ({tokens / q:,.0f} tok/s, "
                  f"peak RSS {mib(pm.get('peer', {}).get('peak_rss_bytes')) or 0:,.0f} MiB)")
+        if "ours_bf16_augmenting" in p["p3"]:
+            b = p["p3"]["ours_bf16_augmenting"]["median_s"]
+            add("P3b", "P3 with our frozen augmenting forward in bf16 (`model.augmenting_dtype=bf16`)", b / q, 0.8,
+                "<=", tok_s=tokens / b, note=f"ours {b:.3f} s ({tokens / b:,.0f} tok/s); the peer stays fp32, "
+                                               "so this row is not like for like")
         d = p["p4"]
         add("P4", f"greedy decode tok/s ours (KV caches) / CALM-pytorch, {size.new_tokens} new tokens",
             d["ours_cached"]["tokens_per_s"] / d["peer"]["tokens_per_s"], 5.0, ">=", unit="x",
