@@ -125,7 +125,22 @@ def init_process_group(env: DistEnv, timeout_s: int) -> None:
     import deepspeed
 
     env.export()
+    disable_shared_memory_allreduce()
     deepspeed.init_distributed(dist_init_required=True, timeout=timedelta(seconds=timeout_s))
+
+
+def disable_shared_memory_allreduce() -> None:
+    """Keep DeepSpeed from building and starting its CPU shared-memory all-reduce.
+
+    On CPU, DeepSpeed compiles that op at the first run (minutes on 2 cores, behind a file lock that a
+    killed build leaves behind), and every process then creates a 69 MB /dev/shm buffer that nothing
+    unlinks at exit: a few hundred runs filled a 24 GB machine's memory. Only `inference_all_reduce`
+    uses it; ZeRO's collectives go through torch.distributed (gloo / NCCL) either way. The table edited
+    here is the one `deepspeed.comm` consults, and DeepSpeed keeps it for that purpose.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def zero_stage(ds_config: dict) -> int:

@@ -84,6 +84,7 @@ def test_two_rank_zero3_matches_single_process_reference(setup_dir, tmp_path):
     assert report["frozen_identical"]
     assert report["partition"]["all_partitioned"]
     assert report["partition"]["local"] * 2 == pytest.approx(report["partition"]["full"], rel=0.01)
+    assert report["shm_buffers"] == []  # nothing left in /dev/shm (calm_dist.distributed.disable_shared_memory_allreduce)
 
 
 def test_stop_and_resume_equals_uninterrupted_run(setup_dir, tmp_path):

@@ -2,8 +2,10 @@
 
 Usage (per rank, env RANK/WORLD_SIZE/MASTER_*): python zero3_worker.py REPORT.json CONFIG.yaml [overrides...]
 """
+import glob
 import json
 import math
+import os
 import sys
 
 import torch
@@ -48,7 +50,9 @@ def main():
     result = trainer.run()
     report = {"losses": result.losses, "step": result.step, "partition": before,
               "frozen_identical": frozen_identical(trainer.model, cfg.model.anchor) if cfg.model.method == "calm" else None,
-              "world_size": env.world_size}
+              "world_size": env.world_size,
+              # DeepSpeed's CPU shared-memory all-reduce would have left one buffer per rank here for good
+              "shm_buffers": glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{os.environ['MASTER_PORT']}_*")}
     if env.is_main:
         with open(report_path, "w") as f:
             json.dump(report, f)
