@@ -109,6 +109,20 @@ def build_composed(size: Size, seed: int = 0):
     return ComposedModel(anchor, [augmenting], layer_pairs=[size.pairs])
 
 
+def composed_training_step(model, ids, mask, opt=None, **forward_kwargs):
+    """One training step of a composition as a closure: AdamW over its blocks, the LM loss over `ids`."""
+    import torch
+
+    opt = opt or torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
+    model.train()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(ids, attention_mask=mask, labels=ids, **forward_kwargs).loss.backward()
+        opt.step()
+    return step
+
+
 def batch(size: Size, seed: int = 1, rows: int | None = None):
     import torch
 

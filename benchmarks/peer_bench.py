@@ -98,14 +98,8 @@ def main() -> None:
     ids, mask = common.batch(size)
     extra = torch.randint(3, size.vocab, (size.batch, 1), generator=torch.Generator().manual_seed(7))
     peer_seq = torch.cat([ids, extra], dim=1)  # the peer trains on seq[:, :-1] -> seq[:, 1:]: T anchor tokens
-    opt_ours = torch.optim.AdamW(ours.trainable_parameters(), lr=1e-4)
+    ours_step = common.composed_training_step(ours, ids, mask)
     opt_peer = torch.optim.AdamW(peer.parameters(), lr=1e-4)
-    ours.train()
-
-    def ours_step():
-        opt_ours.zero_grad(set_to_none=True)
-        ours(ids, attention_mask=mask, labels=ids).loss.backward()
-        opt_ours.step()
 
     def peer_step():
         opt_peer.zero_grad(set_to_none=True)
@@ -116,13 +110,7 @@ def main() -> None:
     # same weights, the states cast to fp32 at f_proj, so everything that trains stays fp32.
     ours_bf16 = common.build_composed(size)
     ours_bf16.augmenting.to(torch.bfloat16)
-    opt_bf16 = torch.optim.AdamW(ours_bf16.trainable_parameters(), lr=1e-4)
-    ours_bf16.train()
-
-    def ours_bf16_step():
-        opt_bf16.zero_grad(set_to_none=True)
-        ours_bf16(ids, attention_mask=mask, labels=ids).loss.backward()
-        opt_bf16.step()
+    ours_bf16_step = common.composed_training_step(ours_bf16, ids, mask)
 
     times = common.interleaved({"ours": ours_step, "peer": peer_step, "ours_bf16_augmenting": ours_bf16_step},
                                repeats=size.repeats)

@@ -67,15 +67,8 @@ def child_steps(size: common.Size, out: Path) -> dict:
         logits = model.anchor(inputs_embeds=e, attention_mask=mask, position_ids=pos, use_cache=False).logits
         causal_lm_loss(logits, ids).backward()
 
-    def composed_cached():
-        opt.zero_grad(set_to_none=True)
-        model(ids, attention_mask=mask, labels=ids, augmenting_states=states).loss.backward()
-        opt.step()
-
-    def composed_recompute():
-        opt.zero_grad(set_to_none=True)
-        model(ids, attention_mask=mask, labels=ids).loss.backward()
-        opt.step()
+    composed_cached = common.composed_training_step(model, ids, mask, opt, augmenting_states=states)
+    composed_recompute = common.composed_training_step(model, ids, mask, opt)
 
     # the MFU denominator, timed in the same rounds (a shared machine's speed drifts: only ratios of
     # measurements taken back to back are trusted)
@@ -218,11 +211,9 @@ def child_memory(size: common.Size, variant: str, out: Path) -> dict:
     else:
         model = common.build_composed(size)
         states = None
-    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
+    step = common.composed_training_step(model, ids, mask, augmenting_states=states)
     for _ in range(2):
-        opt.zero_grad(set_to_none=True)
-        model(ids, attention_mask=mask, labels=ids, augmenting_states=states).loss.backward()
-        opt.step()
+        step()
     return {"variant": variant, "peak_rss_bytes": common.peak_rss_bytes(), "rss_after_import_bytes": base}
 
 

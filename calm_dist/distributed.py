@@ -156,6 +156,7 @@ def load_frozen_models(cfg: Config, ds_config: dict, dtype, load_anchor: bool = 
     first written to <output_dir>/random_augmenting/<i> (rank 0, outside ZeRO) and then loaded like any other,
     so the export names a model that evaluation can load bit for bit.
     """
+    import torch
     from transformers.integrations import HfDeepSpeedConfig
 
     from .composition import load_causal_lm
@@ -169,8 +170,6 @@ def load_frozen_models(cfg: Config, ds_config: dict, dtype, load_anchor: bool = 
         barrier()
     keep_alive = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
     anchor = load_causal_lm(m.anchor, m.anchor_revision, dtype, m.trust_remote_code) if load_anchor else None
-    import torch
-
     aug_dtype = {"auto": dtype, "fp32": torch.float32, "bf16": torch.bfloat16}[m.augmenting_dtype]
     augmenting = [load_causal_lm(p, r, aug_dtype, m.trust_remote_code) for p, r in zip(paths, revisions)] \
         if load_augmenting else []

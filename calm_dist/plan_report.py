@@ -27,32 +27,28 @@ def _secs(x: float) -> str:
     return f"{x * 1e6:.1f} us"
 
 
+def _scaled(x: float, units, base: str, digits: int = 2, sep: str = " ") -> str:
+    """`x` in the largest of `units` ((name, divisor), largest first) that it reaches, else in `base`."""
+    for unit, div in units:
+        if abs(x) >= div:
+            return f"{x / div:.{digits}f}{sep}{unit}"
+    return f"{x:.0f}{sep}{base}".rstrip()
+
+
 def _duration(seconds: float) -> str:
-    for unit, div in (("days", 86400), ("hours", 3600), ("minutes", 60)):
-        if seconds >= div:
-            return f"{seconds / div:.1f} {unit}"
-    return f"{seconds:.0f} s"
+    return _scaled(seconds, (("days", 86400), ("hours", 3600), ("minutes", 60)), "s", digits=1)
 
 
 def _flops_h(x: float) -> str:
-    for unit, div in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
-        if x >= div:
-            return f"{x / div:.2f} {unit}"
-    return f"{x:.0f} FLOP"
+    return _scaled(x, (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)), "FLOP")
 
 
 def _human_count(n: float) -> str:
-    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{unit}"
-    return f"{n:.0f}"
+    return _scaled(n, (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)), "", sep="")
 
 
 def _bytes_h(x: float) -> str:
-    for unit, div in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if x >= div:
-            return f"{x / div:.2f} {unit}"
-    return f"{x:.0f} B"
+    return _scaled(x, (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)), "B")
 
 
 def format_plan(p: Plan) -> str:
