@@ -50,7 +50,9 @@ def child_steps(size: common.Size, out: Path) -> dict:
     recomputed states, interleaved; then one profiled call of each."""
     import torch
 
-    from calm_dist.composition import causal_lm_loss, position_ids_from_mask
+    from calm_dist.backbones import decoder
+    from calm_dist.composition import position_ids_from_mask
+    from calm_dist.lm_loss import head_loss
 
     torch.set_num_threads(1)
     model = common.build_composed(size)
@@ -62,10 +64,12 @@ def child_steps(size: common.Size, out: Path) -> dict:
     embed = model.anchor.get_input_embeddings()
 
     def anchor_alone():
-        # the frozen anchor's forward + a backward of input gradients only (no weight gradients)
+        # the frozen anchor's forward + a backward of input gradients only (no weight gradients), with the
+        # loss computed as the composed step computes it (no logits tensor)
         e = embed(ids).detach().requires_grad_(True)
-        logits = model.anchor(inputs_embeds=e, attention_mask=mask, position_ids=pos, use_cache=False).logits
-        causal_lm_loss(logits, ids).backward()
+        hidden = decoder(model.anchor)(inputs_embeds=e, attention_mask=mask, position_ids=pos,
+                                       use_cache=False).last_hidden_state
+        head_loss(hidden, model.anchor.get_output_embeddings(), ids).backward()
 
     composed_cached = common.composed_training_step(model, ids, mask, opt, augmenting_states=states)
     composed_recompute = common.composed_training_step(model, ids, mask, opt)

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from . import backbones
-from .composition import FORMAT_VERSION, WEIGHTS_FILE, ComposedOutput, causal_lm_loss, position_ids_from_mask
+from .composition import FORMAT_VERSION, WEIGHTS_FILE, ComposedOutput, position_ids_from_mask
+from .lm_loss import loss_from_logits
 
 
 def default_lora_targets(anchor_config) -> list[str]:
@@ -70,11 +71,14 @@ class LoRAAnchor(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def forward(self, input_ids, attention_mask=None, labels=None, augmenting_states=None, augmenting_key_mask=None):
+    def forward(self, input_ids, attention_mask=None, labels=None, augmenting_states=None, augmenting_key_mask=None,
+                loss_reduction="mean", return_logits=None):
+        # the logits path: LoRA may adapt the head, which lm_loss.head_loss does not differentiate
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                             use_cache=False).logits
-        return ComposedOutput(logits=logits, loss=causal_lm_loss(logits, labels) if labels is not None else None)
+        return ComposedOutput(logits=logits,
+                              loss=loss_from_logits(logits, labels, loss_reduction) if labels is not None else None)
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens=32, eos_token_id=None, pad_token_id=None, **_):
         return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
 from . import backbones
 from .cross_attention import CrossAttentionBlock, block_parameter_count, cross_attention_mask
+from .lm_loss import head_loss, loss_from_logits
 from .mapping import LayerPairs, default_layer_pairs, validate_layer_pairs
 
 WEIGHTS_FILE = "composition.safetensors"
@@ -58,11 +58,6 @@ def position_ids_from_mask(attention_mask: torch.Tensor, past_length: int = 0,
     full = attention_mask if past_mask is None else torch.cat([past_mask, attention_mask], dim=1)
     positions = (full.long().cumsum(-1) - 1).clamp(min=0)
     return positions[:, past_length:] if past_mask is not None else positions
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy, labels aligned with input_ids, -100 ignored."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 
 def _config_of(model_or_config):
@@ -277,12 +272,17 @@ class ComposedModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, augmenting_states: AugmentingStates | None = None,
-                augmenting_key_mask: torch.Tensor | None = None) -> ComposedOutput:
-        """Composed logits (and loss).
+                augmenting_key_mask: torch.Tensor | None = None, loss_reduction: str = "mean",
+                return_logits: bool | None = None) -> ComposedOutput:
+        """Composed logits, or the loss (labels aligned with input_ids, -100 ignored).
 
-        `augmenting_states` (e.g. from the disk cache) skips the augmenting models; `augmenting_key_mask`
-        narrows which augmenting positions the blocks may read (the prefix-encoder ablation: the prompt only).
+        With labels the logits are not built unless `return_logits=True`: the loss goes from the anchor's final
+        hidden states through its frozen head in chunks (lm_loss.head_loss). `loss_reduction="sum"` gives the
+        summed loss (the trainer scales by the global token count). `augmenting_states` (e.g. from the disk
+        cache) skips the augmenting models; `augmenting_key_mask` narrows which augmenting positions the
+        blocks may read (the prefix-encoder ablation: the prompt only).
         """
+        return_logits = labels is None or bool(return_logits)
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         position_ids = position_ids_from_mask(mask)
         if augmenting_states is None:
@@ -294,10 +294,17 @@ class ComposedModel(nn.Module):
         cross_mask = None
         if left_padded or augmenting_key_mask is not None:
             cross_mask = cross_attention_mask(torch.arange(t, device=input_ids.device), key_mask, t)
+        inputs = dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
         with self._composing(_Context(self.keys_values(augmenting_states), cross_mask)):
-            out = self.anchor(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
-        loss = causal_lm_loss(out.logits, labels) if labels is not None else None
-        return ComposedOutput(logits=out.logits, loss=loss)
+            if return_logits:
+                logits = self.anchor(**inputs).logits
+            else:
+                hidden = backbones.decoder(self.anchor)(**inputs).last_hidden_state
+        if labels is None:
+            return ComposedOutput(logits=logits)
+        if return_logits:
+            return ComposedOutput(logits=logits, loss=loss_from_logits(logits, labels, loss_reduction))
+        return ComposedOutput(loss=head_loss(hidden, self.anchor.get_output_embeddings(), labels, loss_reduction))
 
     def anchor_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The anchor alone (hooks idle), with the same position handling as the composed forward."""

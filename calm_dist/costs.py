@@ -405,7 +405,9 @@ def step_cost(anchor: Any, augmenting: Any, layer_pairs: Any = None, *, seq_len:
     Let j0 be the first (lowest) composed anchor layer over all pairs. Then per token:
       aug_forward     = sum over augmenting models of 2 * matmul params of blocks 0..deepest composed layer
                         + their attention;  0 when states == 'cached'
-      anchor_forward  = 2 * anchor matmul params (all blocks + lm_head) + attention of every block
+      anchor_forward  = 2 * anchor matmul params (all blocks + lm_head) + attention of every block. In training
+                        the head runs only on positions with a next-token label (lm_loss.head_loss): T-1 of T
+                        for unmasked data, fewer for prompt/completion data; counted here for all T.
       blocks_forward  = per pair 2 * (D_A*D_B + 4*D_B^2) + cross attention
       anchor_backward = input gradients only (the anchor is frozen: no weight gradients), through the blocks
                         j0+1 .. L-1 and the lm_head: 2 * their matmul params + 2x their attention forward

@@ -19,8 +19,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, DataConfig
-
-IGNORE = -100
+from .lm_loss import IGNORE
 
 
 class Tokenizer:

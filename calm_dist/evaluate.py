@@ -14,7 +14,8 @@ from typing import Callable
 
 import torch
 
-from .composition import causal_lm_loss, position_ids_from_mask
+from .composition import position_ids_from_mask
+from .lm_loss import loss_from_logits
 from .data import IGNORE, Tokenizer, load_records
 
 GenerateFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -69,7 +70,7 @@ def evaluate_set(generate: GenerateFn, logits_fn: LogitsFn, tokenizer: Tokenizer
         for r, c in enumerate(completions):
             labels[r, full.shape[1] - len(c):] = torch.tensor(c)
         n = int((labels[:, 1:] != IGNORE).sum())
-        loss_sum += causal_lm_loss(logits_fn(full, full_mask), labels).item() * n
+        loss_sum += loss_from_logits(logits_fn(full, full_mask), labels).item() * n
         loss_tokens += n
     return SetResult(correct / max(1, len(records)), loss_sum / max(1, loss_tokens), len(records), examples)
 

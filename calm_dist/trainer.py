@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .composition import ComposedModel
@@ -50,12 +49,6 @@ def lr_lambda(cfg: Config):
         progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
         return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return factor
-
-
-def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """sum of next-token CE over the labelled positions."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                           ignore_index=IGNORE, reduction="sum")
 
 
 def loss_tokens(labels: torch.Tensor) -> int:
@@ -155,15 +148,16 @@ class Trainer:
         self.peak_flops = peak_flops_per_rank(cfg.train.precision, cfg.train.peak_tflops_per_rank) \
             * self.env.world_size
 
-    def _forward(self, batch, states):
-        """One forward of the engine, with the prefix-encoder ablation's key mask when asked for."""
+    def _summed_loss(self, batch, states) -> torch.Tensor:
+        """One forward of the engine: the micro-batch's summed next-token loss (the composition computes it
+        without materialising the logits), with the prefix-encoder ablation's key mask when asked for."""
         key_mask = None
         if self.cfg.model.augmenting_sees == "prompt":
             from .baselines import prompt_key_mask
 
             key_mask = prompt_key_mask(batch["labels"])
-        return self.engine(batch["input_ids"], attention_mask=batch["attention_mask"], augmenting_states=states,
-                           augmenting_key_mask=key_mask)
+        return self.engine(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                           augmenting_states=states, augmenting_key_mask=key_mask, loss_reduction="sum").loss
 
     @property
     def global_batch_size(self) -> int:
@@ -243,8 +237,7 @@ class Trainer:
             following = (step, micro + 1) if micro + 1 < self.plan.accumulation else (step + 1, 0)
             upcoming = self.sampler.micro_batch_indices(*following, env.rank, env.world_size, t.micro_batch_size)
             batch = self.train_data.batch(idx)
-            out = self._forward(batch, self._states(idx, upcoming))
-            loss_sum = summed_loss(out.logits, batch["labels"])
+            loss_sum = self._summed_loss(batch, self._states(idx, upcoming))
             self.engine.backward(loss_sum * scale)
             self.engine.step()
             local += torch.tensor([loss_sum.item(), float(batch["attention_mask"].sum())])
@@ -300,8 +293,7 @@ class Trainer:
             rows = idx or [0]  # a rank out of rows still joins the collective forward
             batch = data.batch(rows)
             states = self.eval_states.read(rows) if self.cfg.train.augmenting_states == "cached" else None
-            out = self._forward(batch, states)
-            total += weight * torch.tensor([summed_loss(out.logits, batch["labels"]).item(),
+            total += weight * torch.tensor([self._summed_loss(batch, states).item(),
                                             float(loss_tokens(batch["labels"]))])
         dist.all_reduce(total)
         self.engine.train()

@@ -8,7 +8,7 @@ from calm_dist import ComposedModel
 from calm_dist.augmenter_cache import CacheError, StatesCache, build_cache, components, sha256_file
 from calm_dist.config import DataConfig
 from calm_dist.data import Tokenizer, load_tokenized
-from calm_dist.trainer import loss_tokens, summed_loss
+from calm_dist.trainer import loss_tokens
 
 PAIRS = [[(1, 1), (3, 3)]]
 
@@ -47,8 +47,8 @@ def interrupt_on_call(n):
 
 def loss_and_grads(model, batch, states=None):
     model.zero_grad()
-    out = model(batch["input_ids"], attention_mask=batch["attention_mask"], augmenting_states=states)
-    loss = summed_loss(out.logits, batch["labels"]) / loss_tokens(batch["labels"])
+    loss = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                 augmenting_states=states, loss_reduction="sum").loss / loss_tokens(batch["labels"])
     loss.backward()
     return loss.item(), [p.grad.clone() for p in model.trainable_parameters()]
 

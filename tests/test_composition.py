@@ -88,8 +88,12 @@ def test_loss_ignores_minus_100_and_matches_cross_entropy():
     labels = x.clone()
     labels[:, :5] = -100
     out = model(x, labels=labels)
-    manual = torch.nn.functional.cross_entropy(out.logits[:, 4:-1].reshape(-1, VOCAB), x[:, 5:].reshape(-1))
+    assert out.logits is None  # the loss went through lm_loss.head_loss
+    manual = torch.nn.functional.cross_entropy(model(x).logits[:, 4:-1].reshape(-1, VOCAB), x[:, 5:].reshape(-1))
     torch.testing.assert_close(out.loss, manual)
+    both = model(x, labels=labels, return_logits=True)
+    torch.testing.assert_close(both.loss, manual)
+    torch.testing.assert_close(both.logits, model(x).logits)
 
 
 def test_frozen_and_trainable_count_matches_formula():

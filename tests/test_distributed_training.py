@@ -44,7 +44,8 @@ def reference_losses(setup: Path, out: Path):
     from calm_dist import ComposedModel
     from calm_dist.config import load_config
     from calm_dist.data import GlobalBatchSampler, Tokenizer, load_tokenized
-    from calm_dist.trainer import loss_tokens, lr_lambda, summed_loss
+    from calm_dist.lm_loss import loss_from_logits
+    from calm_dist.trainer import loss_tokens, lr_lambda
 
     cfg = load_config(REPO / "recipes" / "tiny.yaml", overrides(setup, out))
     data = load_tokenized(cfg.data, cfg.data.train, Tokenizer(cfg.data.tokenizer), out.parent / "ref_cache")
@@ -59,7 +60,8 @@ def reference_losses(setup: Path, out: Path):
     for step in range(cfg.train.steps):
         batch = data.batch(sampler.global_batch_indices(step))
         out_ = model(batch["input_ids"], attention_mask=batch["attention_mask"])
-        loss = summed_loss(out_.logits, batch["labels"]) / loss_tokens(batch["labels"])
+        # the logits path, unlike the trainer's head_loss: an independent reference for it
+        loss = loss_from_logits(out_.logits, batch["labels"], "sum") / loss_tokens(batch["labels"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
         opt.step()
@@ -84,6 +86,8 @@ def test_two_rank_zero3_matches_single_process_reference(setup_dir, tmp_path):
     assert report["frozen_identical"]
     assert report["partition"]["all_partitioned"]
     assert report["partition"]["local"] * 2 == pytest.approx(report["partition"]["full"], rel=0.01)
+    fused, plain = report["head_loss_outside_forward"]  # the head's own ZeRO-3 gather (lm_loss._gathered)
+    assert fused == pytest.approx(plain, abs=1e-5)
     assert report["shm_buffers"] == []  # nothing left in /dev/shm (calm_dist.distributed.disable_shared_memory_allreduce)
 
 

@@ -39,6 +39,19 @@ def frozen_identical(model, anchor_dir: str) -> bool:
     return bool(same)
 
 
+@torch.no_grad()
+def head_loss_outside_forward(model) -> list[float]:
+    """lm_loss.head_loss called outside the engine's forward, where ZeRO-3 leaves the head partitioned (its own
+    gather), and the logits path, on the same batch: the anchor alone (hooks idle)."""
+    from calm_dist.backbones import decoder
+    from calm_dist.lm_loss import head_loss, loss_from_logits
+
+    ids = torch.arange(3, 19).reshape(2, 8)
+    hidden = decoder(model.anchor)(input_ids=ids, use_cache=False).last_hidden_state
+    return [head_loss(hidden, model.anchor.get_output_embeddings(), ids).item(),
+            loss_from_logits(model.anchor(input_ids=ids, use_cache=False).logits, ids).item()]
+
+
 def main():
     report_path, config_path, *overrides = sys.argv[1:]
     quiet_libraries()
@@ -51,6 +64,7 @@ def main():
     report = {"losses": result.losses, "step": result.step, "partition": before,
               "frozen_identical": frozen_identical(trainer.model, cfg.model.anchor) if cfg.model.method == "calm" else None,
               "world_size": env.world_size,
+              "head_loss_outside_forward": head_loss_outside_forward(trainer.model) if cfg.model.method == "calm" else None,
               # DeepSpeed's CPU shared-memory all-reduce would have left one buffer per rank here for good
               "shm_buffers": glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{os.environ['MASTER_PORT']}_*")}
     if env.is_main:
