@@ -556,13 +556,13 @@ class ActivationMemory:
     anchor_saved: float       # anchor blocks kept for backward (all above j0, or only their inputs when checkpointing)
     blocks_saved: float       # composition blocks kept for backward
     recompute_working: float  # checkpointing: one anchor block re-materialised during the backward
-    logits: float             # bf16 logits + fp32 upcast + fp32 log-softmax (HF loss) + their gradient
+    loss: float               # lm_loss.head_loss: the hidden-state gradient it keeps + one chunk of logits
     aug_states: float         # augmenting states of the composed layers (cached or recomputed), kept all step
     transient: float          # one block's forward temporaries
 
     @property
     def total(self) -> float:
-        return (self.anchor_saved + self.blocks_saved + self.recompute_working + self.logits + self.aug_states
+        return (self.anchor_saved + self.blocks_saved + self.recompute_working + self.loss + self.aug_states
                 + self.transient)
 
     def as_dict(self) -> dict:
@@ -589,7 +589,12 @@ def activation_memory(anchor: Any, augmenting: Any, layer_pairs: Any = None, *, 
     per_pair = 8 * anchor.hidden_size * b   # proj out, LN out, anchor query in, LN_q out, q, k, v, attention out
     n_pairs = sum(len(p) for _, p in groups)
     aug_states = sum(len({a for a, _ in p}) * s.hidden_size * b for s, p in groups)
-    logits = (b + 4 + 4 + 4) * anchor.vocab_size + 4 * anchor.hidden_size
+    # lm_loss.head_loss never holds B x T x V: per labelled token the hidden row it selects and the gradient it
+    # keeps for backward (D_B * bytes each) + its row index (8), and once one chunk of logits (model dtype, fp32,
+    # the softmax cast back)
+    from .lm_loss import CHUNK_LOGITS
+
+    loss = (2 * anchor.hidden_size * b + 8) * tokens + min(tokens * anchor.vocab_size, CHUNK_LOGITS) * (2 * b + 4)
     blocks_saved = n_pairs * per_pair
     if activation_checkpointing:
         anchor_saved = (L - 1 - j0) * anchor.hidden_size * b
@@ -598,5 +603,5 @@ def activation_memory(anchor: Any, augmenting: Any, layer_pairs: Any = None, *, 
         anchor_saved = (L - 1 - j0) * per_layer
         working = 0
     return ActivationMemory(anchor_saved=anchor_saved * tokens, blocks_saved=blocks_saved * tokens,
-                            recompute_working=working * tokens, logits=logits * tokens,
+                            recompute_working=working * tokens, loss=loss,
                             aug_states=aug_states * tokens, transient=per_layer * tokens)

@@ -327,9 +327,13 @@ def test_activation_memory_shapes():
     assert full.anchor_saved == 70 * per_layer * 4096
     assert ckpt.anchor_saved == 70 * 8192 * 2 * 4096
     assert full.aug_states == ckpt.aug_states == costs.cache_bytes_per_token("llama-7b", anchor="llama-70b") * 4096
-    # linear in tokens
+    # the loss holds per token two hidden rows, never a row of logits; one chunk of logits besides
+    assert full.loss == (2 * 8192 * 2 + 8) * 4096 + (1 << 22) * (2 * 2 + 4)
+    assert full.loss < 4096 * 32000 * 2
+    # linear in tokens, but for that one chunk
     double = costs.activation_memory("llama-70b", "llama-7b", tokens=8192, dtype="bf16")
-    assert double.total == pytest.approx(2 * full.total)
+    assert double.total - double.loss == pytest.approx(2 * (full.total - full.loss))
+    assert double.loss - full.loss == (2 * 8192 * 2 + 8) * 4096
 
 
 def test_dtype_bytes():

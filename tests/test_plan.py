@@ -146,7 +146,7 @@ def test_flops_and_time():
 def test_activation_memory_scales_with_micro_batch():
     a1 = P(micro_batch=1).memory_gpu["activations"]
     a4 = P(micro_batch=4).memory_gpu["activations"]
-    assert a4 == pytest.approx(4 * a1)
+    assert a4 == pytest.approx(4 * a1, rel=0.01)  # all but the loss's one chunk of logits scales
     assert any("GPU memory" in w for w in P(anchor="llama-70b", augmenting="llama-7b", micro_batch=8).warnings)
 
 
