@@ -369,6 +369,12 @@ def analyse(size: common.Size, r: dict) -> list[dict]:
         rows[-1]["met"] = within is not None and within <= 0.10
         rows[-1]["goal"] = "within 10% of the cost model"
         rows[-1]["ratio_to_goal"] = (ratio2 / pred2) if pred2 else None
+    def paired(a: dict, b: dict) -> str:
+        """The spread of the per-round ratios a/b (the two were timed back to back in each round)."""
+        ratios = sorted(x / y for x, y in zip(a["cpu_s"], b["cpu_s"]))
+        return (f"per-round ratios: median {common.median(ratios):.3f}, "
+                f"middle half {ratios[len(ratios) // 4]:.3f}-{ratios[(3 * len(ratios)) // 4]:.3f}")
+
     p = r.get("peer")
     if p:
         o, q = p["p3"]["ours"]["median_s"], p["p3"]["peer"]["median_s"]
@@ -376,12 +382,14 @@ def analyse(size: common.Size, r: dict) -> list[dict]:
         add("P3", "our training step / CALM-pytorch's (recompute, same shapes)", o / q, 0.8, "<=",
             tok_s=tokens / o, mem=mib(pm.get("recompute", {}).get("peak_rss_bytes")),
             note=f"ours {o:.3f} s ({tokens / o:,.0f} tok/s), peer {q:.3f} s ({tokens / q:,.0f} tok/s, "
-                 f"peak RSS {mib(pm.get('peer', {}).get('peak_rss_bytes')) or 0:,.0f} MiB)")
+                 f"peak RSS {mib(pm.get('peer', {}).get('peak_rss_bytes')) or 0:,.0f} MiB); "
+                 + paired(p["p3"]["ours"], p["p3"]["peer"]))
         if "ours_bf16_augmenting" in p["p3"]:
             b = p["p3"]["ours_bf16_augmenting"]["median_s"]
             add("P3b", "P3 with our frozen augmenting forward in bf16 (`model.augmenting_dtype=bf16`)", b / q, 0.8,
                 "<=", tok_s=tokens / b, note=f"ours {b:.3f} s ({tokens / b:,.0f} tok/s); the peer stays fp32, "
-                                               "so this row is not like for like")
+                                               "so this row is not like for like; "
+                                               + paired(p["p3"]["ours_bf16_augmenting"], p["p3"]["peer"]))
         d = p["p4"]
         add("P4", f"greedy decode tok/s ours (KV caches) / CALM-pytorch, {size.new_tokens} new tokens",
             d["ours_cached"]["tokens_per_s"] / d["peer"]["tokens_per_s"], 5.0, ">=", unit="x",
