@@ -129,11 +129,12 @@ def build_cache(directory: str | Path, comps: dict, models: list, layers: list[l
         parts: dict[str, list[torch.Tensor]] = {}
         for start in range(rows.start, rows.stop, batch_size):
             batch = data.batch(list(range(start, min(rows.stop, start + batch_size))))
-            mask = batch["attention_mask"]
             for a, (model, ls) in enumerate(zip(models, layers)):
-                states = capture_block_outputs(model, ls, batch["input_ids"], mask, position_ids_from_mask(mask))
+                device = next(model.parameters()).device
+                ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+                states = capture_block_outputs(model, ls, ids, mask, position_ids_from_mask(mask))
                 for i in ls:
-                    parts.setdefault(f"a{a}.l{i}", []).append(states[i].to(dtype))
+                    parts.setdefault(f"a{a}.l{i}", []).append(states[i].to("cpu", dtype))
         tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
         path = directory / f"{shard_name(s)}.safetensors"
         tmp = path.with_name(f".{path.name}.tmp")
@@ -248,7 +249,7 @@ def run_cache_job(cfg, env, plan, rows_per_shard: int = 256, batch_size: int = 1
 
     from .composition import load_causal_lm
     from .data import Tokenizer, load_tokenized
-    from .distributed import init_process_group
+    from .distributed import init_process_group, local_device
 
     distributed = env.world_size > 1
     if distributed:
@@ -256,7 +257,8 @@ def run_cache_job(cfg, env, plan, rows_per_shard: int = 256, batch_size: int = 1
     barrier = dist.barrier if distributed else (lambda: None)
     tokenizer = Tokenizer(cfg.data.tokenizer)
     revisions = cfg.model.augmenting_revisions or [None] * len(cfg.model.augmenting)
-    models = [load_causal_lm(p, r, None, cfg.model.trust_remote_code).eval()
+    device = local_device(env)  # each rank its own GPU, where there is one
+    models = [load_causal_lm(p, r, None, cfg.model.trust_remote_code).eval().to(device)
               for p, r in zip(cfg.model.augmenting, revisions)]
     out = {}
     from .validate import data_cache_dir

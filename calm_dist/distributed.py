@@ -129,6 +129,28 @@ def init_process_group(env: DistEnv, timeout_s: int) -> None:
     deepspeed.init_distributed(dist_init_required=True, timeout=timedelta(seconds=timeout_s))
 
 
+def local_device(env: DistEnv) -> "torch.device":
+    """This rank's accelerator (`cuda:LOCAL_RANK`, made current) or the CPU. Batches, augmenting states and the
+    small tensors of our own collectives live here: NCCL reduces only device tensors."""
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        return torch.device("cpu")
+    accelerator.set_device(env.local_rank)
+    return torch.device(accelerator.device_name(env.local_rank))
+
+
+def to_device(tensors, device: "torch.device"):
+    """A batch dict, or augmenting states (a list of {layer: tensor}), moved to `device` (no copy when there)."""
+    if isinstance(tensors, dict):
+        return {k: to_device(v, device) for k, v in tensors.items()}
+    if isinstance(tensors, list):
+        return [to_device(v, device) for v in tensors]
+    return tensors.to(device, non_blocking=True)
+
+
 def disable_shared_memory_allreduce() -> None:
     """Keep DeepSpeed from building and starting its CPU shared-memory all-reduce.
 

@@ -96,6 +96,14 @@ def composed_fns(model, eos_id, pad_id, refresh_augmenting: bool = True) -> tupl
     return generate, logits
 
 
+def on_device(fns: tuple[GenerateFn, LogitsFn], model) -> tuple[GenerateFn, LogitsFn]:
+    """The same functions run where the model's weights are (a GPU when there is one), results on the CPU."""
+    device = next(model.parameters()).device
+    generate, logits = fns
+    return (lambda ids, mask, n: generate(ids.to(device), mask.to(device), n).cpu(),
+            lambda ids, mask: logits(ids.to(device), mask.to(device)).cpu())
+
+
 def format_table(results: dict[str, dict[str, SetResult]], metric: str = "exact_match") -> str:
     """Markdown table: rows = data sets, columns = models."""
     models = list(results)
@@ -150,20 +158,25 @@ def run(cfg, sets: dict[str, str], compositions: dict[str, str], base_models: li
     from .baselines import LoRAAnchor
     from .composition import load_causal_lm
 
+    from .distributed import DistEnv, local_device
+
     tokenizer = Tokenizer(cfg.data.tokenizer)
     eos, pad = tokenizer.eos_id, tokenizer.pad_id
+    device = local_device(DistEnv.from_environ())
     fns: dict[str, tuple[GenerateFn, LogitsFn]] = {}
     if "augmenting" in base_models:
         for i, path in enumerate(cfg.model.augmenting):
             name = "augmenting" if len(cfg.model.augmenting) == 1 else f"augmenting{i}"
-            fns[name] = hf_model_fns(load_causal_lm(path).eval(), eos, pad)
+            model = load_causal_lm(path).eval().to(device)
+            fns[name] = on_device(hf_model_fns(model, eos, pad), model)
     if "anchor" in base_models:
-        fns["anchor"] = hf_model_fns(load_causal_lm(cfg.model.anchor).eval(), eos, pad)
+        model = load_causal_lm(cfg.model.anchor).eval().to(device)
+        fns["anchor"] = on_device(hf_model_fns(model, eos, pad), model)
     for name, directory in compositions.items():
-        model = load_export(directory, cfg.model.anchor)
-        fns[name] = composed_fns(model, eos, pad)  # LoRAAnchor offers the same generate / forward
+        model = load_export(directory, cfg.model.anchor).to(device)
+        fns[name] = on_device(composed_fns(model, eos, pad), model)  # LoRAAnchor offers the same generate / forward
         if prefix_only and not isinstance(model, LoRAAnchor):
-            fns[f"{name}_prefix_only"] = composed_fns(model, eos, pad, refresh_augmenting=False)
+            fns[f"{name}_prefix_only"] = on_device(composed_fns(model, eos, pad, refresh_augmenting=False), model)
     results: dict[str, dict[str, SetResult]] = {}
     for name, (gen, logits) in fns.items():
         results[name] = {}

@@ -22,7 +22,8 @@ from . import checkpoint as ckpt
 from .composition import ComposedModel
 from .config import Config
 from .data import IGNORE, GlobalBatchSampler, Tokenizer, load_tokenized
-from .distributed import DistEnv, init_process_group, load_frozen_models, mark_zero3_leaf_blocks, zero_stage
+from .distributed import (DistEnv, init_process_group, load_frozen_models, local_device, mark_zero3_leaf_blocks,
+                          to_device, zero_stage)
 from .validate import Plan
 
 log = logging.getLogger("calm_dist")
@@ -67,6 +68,7 @@ class Trainer:
 
         cfg, env = self.cfg, self.env
         init_process_group(env, cfg.distributed.timeout_s)
+        self.device = local_device(env)
         torch.manual_seed(cfg.train.seed)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.tokenizer = Tokenizer(cfg.data.tokenizer)
@@ -229,20 +231,21 @@ class Trainer:
         global_idx = self.sampler.global_batch_indices(step)
         n_global = loss_tokens(self.train_data.labels[torch.as_tensor(global_idx)])
         scale = env.world_size * self.plan.accumulation / max(1, n_global)
-        local = torch.zeros(2)
+        local = torch.zeros(2, device=self.device)  # summed loss, real tokens: read once per step (no sync per micro-step)
         for micro in range(self.plan.accumulation):
             if t.fail_at_step is not None and step == t.fail_at_step and env.rank == min(1, env.world_size - 1):
                 raise RuntimeError(f"train.fail_at_step={step}: injected failure on rank {env.rank}")
             idx = self.sampler.micro_batch_indices(step, micro, env.rank, env.world_size, t.micro_batch_size)
             following = (step, micro + 1) if micro + 1 < self.plan.accumulation else (step + 1, 0)
             upcoming = self.sampler.micro_batch_indices(*following, env.rank, env.world_size, t.micro_batch_size)
-            batch = self.train_data.batch(idx)
+            batch = to_device(self.train_data.batch(idx), self.device)
             loss_sum = self._summed_loss(batch, self._states(idx, upcoming))
             self.engine.backward(loss_sum * scale)
             self.engine.step()
-            local += torch.tensor([loss_sum.item(), float(batch["attention_mask"].sum())])
+            local += torch.stack([loss_sum.detach().float(), batch["attention_mask"].sum().float()])
         dist.all_reduce(local)
-        return local[0].item() / max(1, n_global), int(local[1].item())
+        loss, tokens = local.tolist()
+        return loss / max(1, n_global), int(tokens)
 
     def _open_states_caches(self):
         """Open and verify the train/eval caches; ranks split the checksum work and agree on the verdict."""
@@ -259,7 +262,7 @@ class Trainer:
                 cache.verify(range(self.env.rank, len(cache.manifest["shards"]), self.env.world_size))
         except CacheError as e:
             problem = e
-        flag = torch.tensor([1.0 if problem else 0.0])
+        flag = torch.tensor([1.0 if problem else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if problem:
             raise problem
@@ -271,7 +274,7 @@ class Trainer:
         """Cached mode: the rows' augmenting states (and start reading the next micro-batch's)."""
         if self.cfg.train.augmenting_states != "cached":
             return None  # recompute: the model runs the augmenting models itself
-        states = self.train_states.get(indices)
+        states = to_device(self.train_states.get(indices), self.device)
         if upcoming is not None:
             self.train_states.prefetch(upcoming)
         return states
@@ -286,22 +289,23 @@ class Trainer:
         n_batches = math.ceil(per_rank / t.micro_batch_size)
         if t.eval_batches:
             n_batches = min(n_batches, t.eval_batches)
-        total = torch.zeros(2)
+        total = torch.zeros(2, device=self.device)
         for b in range(n_batches):
             idx = rows[b * t.micro_batch_size:(b + 1) * t.micro_batch_size]
             weight = 1.0 if idx else 0.0
             rows = idx or [0]  # a rank out of rows still joins the collective forward
-            batch = data.batch(rows)
+            batch = to_device(data.batch(rows), self.device)
             states = self.eval_states.read(rows) if self.cfg.train.augmenting_states == "cached" else None
-            total += weight * torch.tensor([self._summed_loss(batch, states).item(),
-                                            float(loss_tokens(batch["labels"]))])
+            loss_sum = self._summed_loss(batch, None if states is None else to_device(states, self.device))
+            total += weight * torch.stack([loss_sum.float(), (batch["labels"][:, 1:] != IGNORE).sum().float()])
         dist.all_reduce(total)
         self.engine.train()
-        loss = total[0].item() / max(1.0, total[1].item())
+        loss_sum, tokens = total.tolist()
+        loss = loss_sum / max(1.0, tokens)
         return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
 
     def _agree_to_stop(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0])
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -345,7 +349,7 @@ class Trainer:
             self._write_checkpoint_files(staged, step, weights)
         except OSError as e:
             failure = e
-        flag = torch.tensor([1.0 if failure else 0.0])
+        flag = torch.tensor([1.0 if failure else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item():
             if env.is_main:
