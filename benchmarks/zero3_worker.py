@@ -71,7 +71,7 @@ def main() -> None:
     from transformers.integrations import HfDeepSpeedConfig
 
     from calm_dist.composition import ComposedModel, load_causal_lm
-    from calm_dist.distributed import DistEnv, init_process_group
+    from calm_dist.distributed import DistEnv, init_process_group, shut_down_process_group
 
     env = DistEnv.from_environ()
     init_process_group(env, 300)
@@ -134,7 +134,7 @@ def main() -> None:
     report["peak_rss_bytes"] = common.peak_rss_bytes()
     out_path = Path(args.report)
     common.write_json(out_path.with_name(f"{out_path.name}.rank{env.rank}.json"), report)
-    dist.barrier()
+    shut_down_process_group()  # not exiting with gloo's threads alive (pytorch#179291)
 
 
 if __name__ == "__main__":

@@ -249,7 +249,7 @@ def run_cache_job(cfg, env, plan, rows_per_shard: int = 256, batch_size: int = 1
 
     from .composition import load_causal_lm
     from .data import Tokenizer, load_tokenized
-    from .distributed import init_process_group, local_device
+    from .distributed import init_process_group, local_device, shut_down_process_group
 
     distributed = env.world_size > 1
     if distributed:
@@ -269,6 +269,8 @@ def run_cache_job(cfg, env, plan, rows_per_shard: int = 256, batch_size: int = 1
         out[split] = build_cache(cache_root(cfg) / split, comps, models, used_layers(plan.layer_pairs), data,
                                  rank=env.rank, world=env.world_size, rows_per_shard=rows_per_shard,
                                  batch_size=batch_size, barrier=barrier, progress=env.is_main)
+    if distributed:
+        shut_down_process_group()
     return out
 
 

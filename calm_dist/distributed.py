@@ -129,6 +129,17 @@ def init_process_group(env: DistEnv, timeout_s: int) -> None:
     deepspeed.init_distributed(dist_init_required=True, timeout=timedelta(seconds=timeout_s))
 
 
+def shut_down_process_group() -> None:
+    """Leave the process group cleanly once every rank is done: a barrier, then destroy it. Exiting with it
+    alive let gloo's worker threads outlive the interpreter, which aborted a rank at exit now and then
+    ("terminate called without an active exception", seen in CI; pytorch#179291)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def local_device(env: DistEnv) -> "torch.device":
     """This rank's accelerator (`cuda:LOCAL_RANK`, made current) or the CPU. Batches, augmenting states and the
     small tensors of our own collectives live here: NCCL reduces only device tensors."""

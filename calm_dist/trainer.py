@@ -23,7 +23,7 @@ from .composition import ComposedModel
 from .config import Config
 from .data import IGNORE, GlobalBatchSampler, Tokenizer, load_tokenized
 from .distributed import (DistEnv, init_process_group, load_frozen_models, local_device, mark_zero3_leaf_blocks,
-                          to_device, zero_stage)
+                          shut_down_process_group, to_device, zero_stage)
 from .validate import Plan
 
 log = logging.getLogger("calm_dist")
@@ -415,10 +415,12 @@ def train(cfg: Config, env: DistEnv, plan: Plan) -> TrainResult:
     trainer = Trainer(cfg, env, plan)
     trainer.setup()
     try:
-        return trainer.run()
+        result = trainer.run()
     except BaseException:
         trainer.tracker.close("FAILED")  # a crashed run must not stay RUNNING in MLflow
         raise
+    shut_down_process_group()
+    return result
 
 
 def quiet_libraries() -> None:

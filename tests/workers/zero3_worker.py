@@ -9,11 +9,10 @@ import os
 import sys
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file
 
 from calm_dist.config import load_config
-from calm_dist.distributed import DistEnv
+from calm_dist.distributed import DistEnv, shut_down_process_group
 from calm_dist.trainer import Trainer, quiet_libraries
 from calm_dist.validate import validate
 
@@ -70,7 +69,7 @@ def main():
     if env.is_main:
         with open(report_path, "w") as f:
             json.dump(report, f)
-    dist.barrier()
+    shut_down_process_group()
 
 
 if __name__ == "__main__":
