@@ -67,9 +67,9 @@ def cmd_generate(args) -> int:
     model = ComposedModel.from_composition(args.composition).to(device)
     tokenizer = Tokenizer(args.tokenizer)
     ids = [tokenizer.bos_id] * (tokenizer.bos_id is not None) + tokenizer.encode(args.prompt)
-    out = model.generate(torch.tensor([ids], device=device), max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                         temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
-                         eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    out = model.generate(torch.tensor([ids], device=device), max_new_tokens=args.max_new_tokens,
+                         do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_k=args.top_k,
+                         top_p=args.top_p, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     new = [t for t in out[0, len(ids):].tolist() if t != tokenizer.pad_id]
     print(tokenizer.decode(new))
     return 0

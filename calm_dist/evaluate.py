@@ -15,8 +15,8 @@ from typing import Callable
 import torch
 
 from .composition import position_ids_from_mask
-from .lm_loss import loss_from_logits
 from .data import IGNORE, Tokenizer, load_records
+from .lm_loss import loss_from_logits
 
 GenerateFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -157,7 +157,6 @@ def run(cfg, sets: dict[str, str], compositions: dict[str, str], base_models: li
         prefix_only: bool = False) -> dict[str, dict[str, SetResult]]:
     from .baselines import LoRAAnchor
     from .composition import load_causal_lm
-
     from .distributed import DistEnv, local_device
 
     tokenizer = Tokenizer(cfg.data.tokenizer)
