@@ -11,8 +11,12 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import Config, ConfigError
+
+if TYPE_CHECKING:  # torch is imported where it is used: validation and the launchers stay light
+    import torch
 
 # ZeRO knobs may live in the DeepSpeed JSON; everything else comes from our config tree.
 ALLOWED_DS_KEYS = {"zero_optimization", "communication_data_type", "prescale_gradients", "zero_allow_untested_optimizer",
@@ -140,7 +144,7 @@ def shut_down_process_group() -> None:
         dist.destroy_process_group()
 
 
-def local_device(env: DistEnv) -> "torch.device":
+def local_device(env: DistEnv) -> torch.device:
     """This rank's accelerator (`cuda:LOCAL_RANK`, made current) or the CPU. Batches, augmenting states and the
     small tensors of our own collectives live here: NCCL reduces only device tensors."""
     import torch
@@ -153,7 +157,7 @@ def local_device(env: DistEnv) -> "torch.device":
     return torch.device(accelerator.device_name(env.local_rank))
 
 
-def to_device(tensors, device: "torch.device"):
+def to_device(tensors, device: torch.device):
     """A batch dict, or augmenting states (a list of {layer: tensor}), moved to `device` (no copy when there)."""
     if isinstance(tensors, dict):
         return {k: to_device(v, device) for k, v in tensors.items()}

@@ -16,7 +16,7 @@ import torch
 
 from .composition import position_ids_from_mask
 from .data import IGNORE, Tokenizer, load_records
-from .lm_loss import loss_from_logits
+from .lm_loss import labelled_tokens, loss_from_logits
 
 GenerateFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -69,7 +69,7 @@ def evaluate_set(generate: GenerateFn, logits_fn: LogitsFn, tokenizer: Tokenizer
         labels = torch.full_like(full, IGNORE)
         for r, c in enumerate(completions):
             labels[r, full.shape[1] - len(c):] = torch.tensor(c)
-        n = int((labels[:, 1:] != IGNORE).sum())
+        n = int(labelled_tokens(labels))
         loss_sum += loss_from_logits(logits_fn(full, full_mask), labels).item() * n
         loss_tokens += n
     return SetResult(correct / max(1, len(records)), loss_sum / max(1, loss_tokens), len(records), examples)

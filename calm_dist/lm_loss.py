@@ -17,13 +17,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .activation_memory import LOSS_CHUNK_LOGITS as CHUNK_LOGITS  # logits per chunk, shared with the memory model
+
 IGNORE = -100
-CHUNK_LOGITS = 1 << 22  # logits per chunk (16 MiB in fp32); 512 rows at vocab 8192 was the fastest measured
 
 
 def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
     """Labels aligned with input_ids -> each position's target (the next label); the last position has none."""
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+
+
+def labelled_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """How many positions have a next-token label: the denominator of the mean loss."""
+    return (labels[:, 1:] != IGNORE).sum()
 
 
 def loss_from_logits(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

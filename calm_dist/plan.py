@@ -19,7 +19,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from calm_dist import costs, model_sizes
+from calm_dist import activation_memory, costs, model_sizes
 
 __all__ = ["ZeroOptions", "Hardware", "Plan", "plan", "resolve_model", "format_plan", "main"]
 
@@ -243,7 +243,7 @@ def plan(anchor: Any, augmenting: Any, layer_pairs: Any = None, *, nodes: int = 
     if zero.stage >= 2:
         gpu["reduce_bucket"] = min(zero.reduce_bucket_size, n_train) * b
     act_args = (anchor_s, [s for s, _ in groups], [p for _, p in groups])
-    act = costs.activation_memory(*act_args, tokens=tokens_micro, dtype=dtype,
+    act = activation_memory.activation_memory(*act_args, tokens=tokens_micro, dtype=dtype,
                                   activation_checkpointing=activation_checkpointing)
     gpu["activations"] = act.total
     gpu["reserve"] = hw.reserve_gib * GiB
@@ -252,7 +252,7 @@ def plan(anchor: Any, augmenting: Any, layer_pairs: Any = None, *, nodes: int = 
     if headroom < 0:
         msg = f"GPU memory: {gpu_total / GiB:.1f} GiB per rank needed, {hw.gpu_mem_gib:.0f} GiB available"
         if not activation_checkpointing:
-            ckpt = costs.activation_memory(*act_args, tokens=tokens_micro, dtype=dtype, activation_checkpointing=True)
+            ckpt = activation_memory.activation_memory(*act_args, tokens=tokens_micro, dtype=dtype, activation_checkpointing=True)
             msg += f" (activation checkpointing would save {(act.total - ckpt.total) / GiB:.1f} GiB)"
         warnings.append(msg)
     cpu_node = {k: v * gpus_per_node for k, v in cpu.items()}

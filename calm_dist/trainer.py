@@ -21,9 +21,10 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from .composition import ComposedModel
 from .config import Config
-from .data import IGNORE, GlobalBatchSampler, Tokenizer, load_tokenized
+from .data import GlobalBatchSampler, Tokenizer, load_tokenized
 from .distributed import (DistEnv, init_process_group, load_frozen_models, local_device, mark_zero3_leaf_blocks,
                           shut_down_process_group, to_device, zero_stage)
+from .lm_loss import labelled_tokens
 from .validate import Plan
 
 log = logging.getLogger("calm_dist")
@@ -50,10 +51,6 @@ def lr_lambda(cfg: Config):
         progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
         return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return factor
-
-
-def loss_tokens(labels: torch.Tensor) -> int:
-    return int((labels[:, 1:] != IGNORE).sum())
 
 
 class Trainer:
@@ -229,7 +226,7 @@ class Trainer:
         """One optimizer step; returns (global token-mean loss, global real tokens)."""
         t, env = self.cfg.train, self.env
         global_idx = self.sampler.global_batch_indices(step)
-        n_global = loss_tokens(self.train_data.labels[torch.as_tensor(global_idx)])
+        n_global = int(labelled_tokens(self.train_data.labels[torch.as_tensor(global_idx)]))
         scale = env.world_size * self.plan.accumulation / max(1, n_global)
         local = torch.zeros(2, device=self.device)  # summed loss, real tokens: read once per step (no sync per micro-step)
         for micro in range(self.plan.accumulation):
@@ -297,7 +294,7 @@ class Trainer:
             batch = to_device(data.batch(rows), self.device)
             states = self.eval_states.read(rows) if self.cfg.train.augmenting_states == "cached" else None
             loss_sum = self._summed_loss(batch, None if states is None else to_device(states, self.device))
-            total += weight * torch.stack([loss_sum.float(), (batch["labels"][:, 1:] != IGNORE).sum().float()])
+            total += weight * torch.stack([loss_sum.float(), labelled_tokens(batch["labels"]).float()])
         dist.all_reduce(total)
         self.engine.train()
         loss_sum, tokens = total.tolist()

@@ -8,7 +8,7 @@ from calm_dist import ComposedModel
 from calm_dist.augmenter_cache import CacheError, StatesCache, build_cache, components, sha256_file
 from calm_dist.config import DataConfig
 from calm_dist.data import Tokenizer, load_tokenized
-from calm_dist.trainer import loss_tokens
+from calm_dist.lm_loss import labelled_tokens
 
 PAIRS = [[(1, 1), (3, 3)]]
 
@@ -48,7 +48,7 @@ def interrupt_on_call(n):
 def loss_and_grads(model, batch, states=None):
     model.zero_grad()
     loss = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                 augmenting_states=states, loss_reduction="sum").loss / loss_tokens(batch["labels"])
+                 augmenting_states=states, loss_reduction="sum").loss / labelled_tokens(batch["labels"])
     loss.backward()
     return loss.item(), [p.grad.clone() for p in model.trainable_parameters()]
 

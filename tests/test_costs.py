@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import transformers
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from calm_dist import costs, model_sizes
+from calm_dist import activation_memory, costs, model_sizes
 
 torch.set_num_threads(1)
 aten = torch.ops.aten
@@ -320,10 +320,10 @@ def test_cache_bytes_and_break_even():
 
 def test_activation_memory_shapes():
     kw = dict(tokens=4096, dtype="bf16")
-    full = costs.activation_memory("llama-70b", "llama-7b", **kw)
-    ckpt = costs.activation_memory("llama-70b", "llama-7b", activation_checkpointing=True, **kw)
+    full = activation_memory.activation_memory("llama-70b", "llama-7b", **kw)
+    ckpt = activation_memory.activation_memory("llama-70b", "llama-7b", activation_checkpointing=True, **kw)
     assert ckpt.total < full.total / 5
-    per_layer = costs.layer_activation_bytes_per_token("llama-70b")
+    per_layer = activation_memory.layer_activation_bytes_per_token("llama-70b")
     assert full.anchor_saved == 70 * per_layer * 4096
     assert ckpt.anchor_saved == 70 * 8192 * 2 * 4096
     assert full.aug_states == ckpt.aug_states == costs.cache_bytes_per_token("llama-7b", anchor="llama-70b") * 4096
@@ -331,7 +331,7 @@ def test_activation_memory_shapes():
     assert full.loss == (2 * 8192 * 2 + 8) * 4096 + (1 << 22) * (2 * 2 + 4)
     assert full.loss < 4096 * 32000 * 2
     # linear in tokens, but for that one chunk
-    double = costs.activation_memory("llama-70b", "llama-7b", tokens=8192, dtype="bf16")
+    double = activation_memory.activation_memory("llama-70b", "llama-7b", tokens=8192, dtype="bf16")
     assert double.total - double.loss == pytest.approx(2 * (full.total - full.loss))
     assert double.loss - full.loss == (2 * 8192 * 2 + 8) * 4096
 
@@ -369,7 +369,7 @@ def test_activation_memory_matches_saved_tensors(checkpointing, pairs):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(ids)
     tokens = BATCH * 64
-    am = costs.activation_memory(anchor_cfg, aug_cfg, pairs, tokens=tokens, dtype="bf16",
+    am = activation_memory.activation_memory(anchor_cfg, aug_cfg, pairs, tokens=tokens, dtype="bf16",
                                  activation_checkpointing=checkpointing)
     # what is *kept* for backward: the loss keeps an fp32 log-softmax, the final norm its fp32 input
     kept = am.anchor_saved + am.blocks_saved + am.aug_states + tokens * (4 * 512 + 4 * 256)

@@ -44,8 +44,8 @@ def reference_losses(setup: Path, out: Path):
     from calm_dist import ComposedModel
     from calm_dist.config import load_config
     from calm_dist.data import GlobalBatchSampler, Tokenizer, load_tokenized
-    from calm_dist.lm_loss import loss_from_logits
-    from calm_dist.trainer import loss_tokens, lr_lambda
+    from calm_dist.lm_loss import labelled_tokens, loss_from_logits
+    from calm_dist.trainer import lr_lambda
 
     cfg = load_config(REPO / "recipes" / "tiny.yaml", overrides(setup, out))
     data = load_tokenized(cfg.data, cfg.data.train, Tokenizer(cfg.data.tokenizer), out.parent / "ref_cache")
@@ -61,7 +61,7 @@ def reference_losses(setup: Path, out: Path):
         batch = data.batch(sampler.global_batch_indices(step))
         out_ = model(batch["input_ids"], attention_mask=batch["attention_mask"])
         # the logits path, unlike the trainer's head_loss: an independent reference for it
-        loss = loss_from_logits(out_.logits, batch["labels"], "sum") / loss_tokens(batch["labels"])
+        loss = loss_from_logits(out_.logits, batch["labels"], "sum") / labelled_tokens(batch["labels"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
         opt.step()

@@ -205,3 +205,17 @@ def test_cli_never_break_even_is_json_safe(capsys):
     d = json.loads(capsys.readouterr().out)
     assert d["cache"]["break_even_epochs"] == "inf"
     assert math.isinf(float(d["cache"]["break_even_epochs"]))
+
+
+def test_plan_runs_without_importing_torch():
+    """`calm-dist plan` is pure arithmetic: it must not pay torch's import (the loss's chunk size, which the
+    memory model shares, lives in the torch-free calm_dist.activation_memory)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from calm_dist.plan import main; "
+            "main(['--anchor', 'llama-70b', '--augmenting', 'llama-7b', '--json']); "
+            "sys.stderr.write(str('torch' in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)["activations"]["loss"] > 0
+    assert out.stderr.strip().endswith("False")
