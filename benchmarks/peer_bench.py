@@ -78,6 +78,8 @@ def main() -> None:
     import x_transformers
     from importlib.metadata import version
 
+    from calm_dist.compiled_blocks import compile_frozen_blocks
+
     ours = common.build_composed(size)
     peer, peer_anchor, peer_augment = build_peer(size)
     n = lambda ps: sum(p.numel() for p in ps)  # noqa: E731
@@ -112,8 +114,14 @@ def main() -> None:
     ours_bf16.augmenting.to(torch.bfloat16)
     ours_bf16_step = common.composed_training_step(ours_bf16, ids, mask)
 
-    times = common.interleaved({"ours": ours_step, "peer": peer_step, "ours_bf16_augmenting": ours_bf16_step},
-                               repeats=size.repeats)
+    # P3c: the same composition with its frozen decoder blocks compiled (`train.compile=true`), fp32 as the
+    # peer: like for like. The warm-up round compiles (not timed).
+    ours_compiled = common.build_composed(size)
+    compile_frozen_blocks([ours_compiled.anchor, *ours_compiled.augmenting])
+    ours_compiled_step = common.composed_training_step(ours_compiled, ids, mask)
+
+    times = common.interleaved({"ours": ours_step, "peer": peer_step, "ours_bf16_augmenting": ours_bf16_step,
+                                "ours_compiled": ours_compiled_step}, repeats=size.repeats)
     suffix = "" if size.name == "full" else f"_{size.name}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -390,6 +390,12 @@ def analyse(size: common.Size, r: dict) -> list[dict]:
                 "<=", tok_s=tokens / b, note=f"ours {b:.3f} s ({tokens / b:,.0f} tok/s); the peer stays fp32, "
                                                "so this row is not like for like; "
                                                + paired(p["p3"]["ours_bf16_augmenting"], p["p3"]["peer"]))
+        if "ours_compiled" in p["p3"]:
+            c = p["p3"]["ours_compiled"]["median_s"]
+            add("P3c", "P3 with our frozen decoder blocks compiled (`train.compile=true`), fp32 like the peer",
+                c / q, 0.8, "<=", tok_s=tokens / c,
+                note=f"ours {c:.3f} s ({tokens / c:,.0f} tok/s); compiled in the untimed warm-up; "
+                     + paired(p["p3"]["ours_compiled"], p["p3"]["peer"]))
         d = p["p4"]
         add("P4", f"greedy decode tok/s ours (KV caches) / CALM-pytorch, {size.new_tokens} new tokens",
             d["ours_cached"]["tokens_per_s"] / d["peer"]["tokens_per_s"], 5.0, ">=", unit="x",

@@ -75,6 +75,12 @@ class Trainer:
 
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         self.model = self._build_model(dtype)
+        if cfg.train.compile:  # before checkpointing wraps the blocks, so the recompute runs the compiled graph
+            from .compiled_blocks import compile_frozen_blocks
+
+            n = compile_frozen_blocks(self._frozen_models())
+            if self.env.is_main:
+                print(f"compiling {n} frozen decoder blocks (torch.compile, on their first call)", flush=True)
         if cfg.train.activation_checkpointing:
             from .activation_checkpointing import checkpoint_anchor_blocks
 

@@ -71,6 +71,9 @@ def validate(cfg: Config, env: DistEnv, *, need_train_data: bool = True, trainin
                           "nor the composition's activation checkpointing")
     if m.augmenting_init == "random" and t.augmenting_states == "cached":
         raise ConfigError("model.augmenting_init=random recomputes its states: use train.augmenting_states=recompute")
+    if t.compile and not cfg.distributed.zero3_leaf_blocks:
+        raise ConfigError("train.compile needs distributed.zero3_leaf_blocks=true: DeepSpeed's per-module ZeRO-3 "
+                          "hooks cannot run inside a compiled block")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
 

@@ -64,6 +64,7 @@ def run_train(tiny, tmp_path, *extra, world=1):
     (["train.sptes=3"], 1, "unknown key train.sptes"),
     (["distributed.deepspeed_config=/nonexistent.json"], 1, "/nonexistent.json does not exist"),
     (["train.resume=/nonexistent/step_3"], 1, "not a checkpoint directory"),
+    (["train.compile=true", "distributed.zero3_leaf_blocks=false"], 1, "train.compile needs distributed.zero3_leaf"),
 ])
 def test_config_errors_exit_2_with_one_line_before_loading_models(tiny, tmp_path, extra, world, message):
     proc, out = run_train(tiny, tmp_path, *extra, world=world)

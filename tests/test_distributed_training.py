@@ -91,6 +91,19 @@ def test_two_rank_zero3_matches_single_process_reference(setup_dir, tmp_path):
     assert report["shm_buffers"] == []  # nothing left in /dev/shm (calm_dist.distributed.disable_shared_memory_allreduce)
 
 
+def test_compiled_blocks_with_activation_checkpointing_match_reference(setup_dir, tmp_path):
+    """train.compile under ZeRO-3: the leaf blocks' weights are gathered around the compiled graphs, and the
+    checkpointed blocks recompute through them."""
+    out = tmp_path / "compiled"
+    report = run_worker(setup_dir, out, **{"train.compile": "true", "train.activation_checkpointing": "true"})
+    assert report["compiled_graphs"] > 0 and report["graph_breaks"] == 0
+    ref_losses, ref_weights = reference_losses(setup_dir, tmp_path / "ref")
+    assert report["losses"] == pytest.approx(ref_losses, abs=1e-5)
+    trained = load_file(str(out / "final" / "composition.safetensors"))
+    for k in trained:
+        torch.testing.assert_close(trained[k], ref_weights[k], atol=1e-4, rtol=0)
+
+
 def test_stop_and_resume_equals_uninterrupted_run(setup_dir, tmp_path):
     full = run_worker(setup_dir, tmp_path / "full", **{"train.checkpoint_every": 2})
     mlflow = {"tracking.enabled": "true", "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",

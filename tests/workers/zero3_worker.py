@@ -63,6 +63,8 @@ def main():
     report = {"losses": result.losses, "step": result.step, "partition": before,
               "frozen_identical": frozen_identical(trainer.model, cfg.model.anchor) if cfg.model.method == "calm" else None,
               "world_size": env.world_size,
+              "compiled_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],  # train.compile
+              "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values()),
               "head_loss_outside_forward": head_loss_outside_forward(trainer.model) if cfg.model.method == "calm" else None,
               # DeepSpeed's CPU shared-memory all-reduce would have left one buffer per rank here for good
               "shm_buffers": glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{os.environ['MASTER_PORT']}_*")}
