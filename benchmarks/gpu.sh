@@ -11,6 +11,7 @@
 #
 #   bash benchmarks/gpu.sh                       # from the repository root, on a machine with an NVIDIA GPU
 #   PYTHON=.venv/bin/python STEPS=10 SEQ=2048 MICRO=8 bash benchmarks/gpu.sh
+#   COMPILE=1 bash benchmarks/gpu.sh             # the frozen blocks compiled (train.compile=true)
 #   GPU_BENCH_SMOKE=1 bash benchmarks/gpu.sh     # tiny models on the CPU, fp32: checks the script's plumbing
 #
 # Needs torch (CUDA build), transformers and, for ZeRO-3, deepspeed; without deepspeed it still runs, as plain
@@ -34,7 +35,10 @@ import torch
 import transformers as T
 
 from calm_dist import ComposedModel, costs
-from calm_dist.composition import causal_lm_loss, position_ids_from_mask
+from calm_dist.backbones import decoder
+from calm_dist.compiled_blocks import compile_frozen_blocks
+from calm_dist.composition import position_ids_from_mask
+from calm_dist.lm_loss import head_loss
 
 out_path = sys.argv[1]
 smoke = os.environ.get("GPU_BENCH_SMOKE") == "1"
@@ -51,6 +55,7 @@ WARMUP = int(os.environ.get("WARMUP", 2 if cuda else 1))
 SEQ = int(os.environ.get("SEQ", 2048 if cuda else 32))
 MICRO = int(os.environ.get("MICRO", 8 if cuda else 2))
 PEAK = float(os.environ.get("PEAK_TFLOPS", 989.0)) * 1e12  # H100 SXM dense bf16
+COMPILE = os.environ.get("COMPILE") == "1"  # train.compile=true: compiled frozen blocks (compiled in the warm-up)
 
 if smoke:
     anchor_cfg = T.LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=6, num_attention_heads=4,
@@ -68,13 +73,13 @@ for c in (anchor_cfg, aug_cfg):
     c._attn_implementation = "sdpa"
 pairs = costs.default_layer_pairs(aug_cfg.num_hidden_layers, anchor_cfg.num_hidden_layers)
 result = {"device": torch.cuda.get_device_name(0) if cuda else "cpu (smoke)", "dtype": str(dtype), "seq": SEQ,
-          "micro_batch": MICRO, "steps": STEPS, "warmup": WARMUP, "layer_pairs": pairs, "peak_flops": PEAK,
+          "micro_batch": MICRO, "steps": STEPS, "warmup": WARMUP, "compile": COMPILE, "layer_pairs": pairs, "peak_flops": PEAK,
           "torch": torch.__version__, "transformers": T.__version__, "errors": {}}
 
 try:
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
-    from calm_dist.distributed import DistEnv, init_process_group
+    from calm_dist.distributed import DistEnv, init_process_group, mark_zero3_leaf_blocks
 
     zero3 = True
     result["deepspeed"] = deepspeed.__version__
@@ -106,8 +111,11 @@ torch.manual_seed(0)
 anchor, aug = build(anchor_cfg), build(aug_cfg)
 model = ComposedModel(anchor, [aug], layer_pairs=[pairs])
 model.blocks.to(dtype)
+if COMPILE:
+    compile_frozen_blocks([anchor, aug])
 optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5)
 if zero3:
+    mark_zero3_leaf_blocks([anchor, aug])  # as the trainer does (distributed.zero3_leaf_blocks)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     forward, backward, opt_step = engine, engine.backward, engine.step
 else:
@@ -142,10 +150,11 @@ def cached_step():
     opt_step()
 
 def anchor_alone():
-    # the frozen anchor's forward + input-gradient backward (no weight gradients), no optimizer
+    # the frozen anchor's forward + input-gradient backward (no weight gradients), no optimizer; the loss as
+    # the composed step computes it (lm_loss.head_loss, no logits tensor)
     e = embed(ids).detach().requires_grad_(True)
-    logits = model.anchor(inputs_embeds=e, attention_mask=mask, position_ids=pos, use_cache=False).logits
-    causal_lm_loss(logits, ids).backward()
+    hidden = decoder(anchor)(inputs_embeds=e, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+    head_loss(hidden, anchor.get_output_embeddings(), ids).backward()
 
 def sync():
     if cuda:
