@@ -57,7 +57,7 @@ class DistEnv:
             environ["MASTER_ADDR"] = "127.0.0.1"
         if "MASTER_PORT" not in environ:
             if "SLURM_JOB_ID" in environ:
-                environ["MASTER_PORT"] = str(20000 + int(environ["SLURM_JOB_ID"]) % 20000)
+                environ["MASTER_PORT"] = str(slurm_master_port(int(environ["SLURM_JOB_ID"])))
             elif self.world_size == 1:
                 environ["MASTER_PORT"] = str(free_port())
             else:
@@ -68,6 +68,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def slurm_master_port(job_id: int) -> int:
+    """The rendezvous port of a SLURM job: 20000-31999, below Linux's ephemeral range (32768-60999) so no
+    outgoing connection on the first node can already hold it; the slurm/ scripts compute the same."""
+    return 20000 + job_id % 12000
 
 
 def gradient_accumulation_steps(cfg: Config, world_size: int) -> int:

@@ -75,6 +75,18 @@ def test_scripts_refuse_to_run_outside_slurm(script):
     assert r.returncode != 0 and "not inside a Slurm job" in r.stderr
 
 
+@pytest.mark.parametrize("script", [TRAIN_SH, CACHE_SH], ids=lambda p: p.name)
+def test_scripts_derive_the_python_rendezvous_port_below_the_ephemeral_range(script):
+    from calm_dist.distributed import slurm_master_port
+
+    line = next(line for line in script.read_text().splitlines() if line.startswith("MASTER_PORT="))
+    for job_id in (1, 12345, 31999, 987654321):
+        r = subprocess.run(["bash", "-c", f"SLURM_JOB_ID={job_id}; unset MASTER_PORT; {line}; echo $MASTER_PORT"],
+                           capture_output=True, text=True, check=True)
+        port = int(r.stdout)
+        assert port == slurm_master_port(job_id) and 20000 <= port < 32768  # Linux's ephemeral ports start at 32768
+
+
 # ---- slow: the cluster itself -----------------------------------------------------------------------------
 @pytest.mark.slow
 def test_local_slurm_is_idempotent(slurm_cluster: SlurmCluster, tmp_path):
@@ -102,7 +114,7 @@ ALLREDUCE_SH = r"""#!/usr/bin/env bash
 #SBATCH --time=00:10:00
 set -euo pipefail
 MASTER_ADDR=$(timeout 30 scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
-MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+MASTER_PORT=$((20000 + SLURM_JOB_ID % 12000))
 export MASTER_ADDR MASTER_PORT OMP_NUM_THREADS=1
 srun --ntasks-per-node=1 --kill-on-bad-exit=1 --label bash -c 'exec "$PYTHON" -m torch.distributed.run \
     --nnodes "$SLURM_NNODES" --node_rank "$SLURM_NODEID" --nproc_per_node 1 \
