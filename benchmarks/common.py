@@ -47,7 +47,7 @@ class Size:
     prompt: int = 32             # decoding: prompt length (batch 1)
     new_tokens: int = 256        # decoding: greedy tokens generated
     repeats: int = 7             # timed repeats per measurement (after warm-up); medians reported
-    decode_repeats: int = 2      # repeats of the slow (no KV cache) decoding paths
+    decode_repeats: int = 3      # repeats of the slow (no KV cache) decoding paths: 3, so one outlier cannot set the median
     cache_rows: int = 128        # P7: rows written to the augmenting-state cache
     zero_batch: int = 2          # P5: micro-batch per rank of the ZeRO-3 steps
     zero_steps: int = 4          # P5: ZeRO-3 steps per rank (the first is warm-up)

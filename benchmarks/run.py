@@ -400,7 +400,8 @@ def analyse(size: common.Size, r: dict) -> list[dict]:
         add("P4", f"greedy decode tok/s ours (KV caches) / CALM-pytorch, {size.new_tokens} new tokens",
             d["ours_cached"]["tokens_per_s"] / d["peer"]["tokens_per_s"], 5.0, ">=", unit="x",
             tok_s=d["ours_cached"]["tokens_per_s"],
-            note=f"ours {d['ours_cached']['tokens_per_s']:.1f} tok/s, peer {d['peer']['tokens_per_s']:.1f} tok/s")
+            note=f"ours {d['ours_cached']['tokens_per_s']:.1f} tok/s, peer {d['peer']['tokens_per_s']:.1f} tok/s; "
+                 + paired(d["peer"], d["ours_cached"]))
         add("P4b", "greedy decode tok/s ours cached / ours uncached", d["ours_cached"]["tokens_per_s"] /
             d["ours_uncached"]["tokens_per_s"], None, ">=", tok_s=d["ours_uncached"]["tokens_per_s"],
             note=f"uncached {d['ours_uncached']['tokens_per_s']:.1f} tok/s; same tokens: "
