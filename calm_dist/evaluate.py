@@ -70,7 +70,8 @@ def evaluate_set(generate: GenerateFn, logits_fn: LogitsFn, tokenizer: Tokenizer
         for r, c in enumerate(completions):
             labels[r, full.shape[1] - len(c):] = torch.tensor(c)
         n = int(labelled_tokens(labels))
-        loss_sum += loss_from_logits(logits_fn(full, full_mask), labels).item() * n
+        logits = logits_fn(full, full_mask)
+        loss_sum += loss_from_logits(logits, labels.to(logits.device)).item() * n
         loss_tokens += n
     return SetResult(correct / max(1, len(records)), loss_sum / max(1, loss_tokens), len(records), examples)
 
@@ -97,11 +98,12 @@ def composed_fns(model, eos_id, pad_id, refresh_augmenting: bool = True) -> tupl
 
 
 def on_device(fns: tuple[GenerateFn, LogitsFn], model) -> tuple[GenerateFn, LogitsFn]:
-    """The same functions run where the model's weights are (a GPU when there is one), results on the CPU."""
+    """The same functions run where the model's weights are (a GPU when there is one): generated tokens come
+    back to the CPU to be decoded, logits stay where they are (the loss is computed there, no B x T x V copy)."""
     device = next(model.parameters()).device
     generate, logits = fns
     return (lambda ids, mask, n: generate(ids.to(device), mask.to(device), n).cpu(),
-            lambda ids, mask: logits(ids.to(device), mask.to(device)).cpu())
+            lambda ids, mask: logits(ids.to(device), mask.to(device)))
 
 
 def format_table(results: dict[str, dict[str, SetResult]], metric: str = "exact_match") -> str:
