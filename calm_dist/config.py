@@ -88,7 +88,7 @@ class TrainConfig:
     states_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     activation_checkpointing: bool = False
     # torch.compile each frozen decoder block (calm_dist/compiled_blocks.py): fuses HF's elementwise work,
-    # ~12% off the CPU step here for ~20 s of compilation at start; needs distributed.zero3_leaf_blocks
+    # 10-13% off the CPU step here for ~20 s of compilation at start; needs distributed.zero3_leaf_blocks
     compile: bool = False
     peak_tflops_per_rank: float | None = None  # for MFU; null: measured matmul peak on CPU, a table for known GPUs
     stop_after_step: int | None = None     # checkpoint and exit cleanly after this step, as if preempted
