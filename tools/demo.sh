@@ -50,7 +50,17 @@ launch train.output_dir="$RUN/composition" train.augmenting_states=cached \
 
 say "5/6 baselines: LoRA on the anchor (same parameter count), composition with a random augmenting model"
 launch train.output_dir="$RUN/lora" model.method=lora tracking.run_name=lora
-launch train.output_dir="$RUN/random_augmenting" model.augmenting_init=random tracking.run_name=random_augmenting
+# The random augmenting model is written once (seeded, as model.augmenting_init=random would) and then
+# composed like any other, from cached states: recomputing them every step would cost a minute more.
+random_aug=$("$PYTHON" -c 'import sys
+from calm_dist.config import load_config
+from calm_dist.distributed import materialize_random_augmenting
+print(materialize_random_augmenting(load_config(sys.argv[1], sys.argv[2:]), is_main=True)[0])' \
+    "$RECIPE" "${common[@]}" train.output_dir="$RUN/random_augmenting")
+"$PYTHON" -m calm_dist.cli cache --config "$RECIPE" "${common[@]}" model.augmenting="[$random_aug]" \
+    train.output_dir="$RUN/random_augmenting" train.states_cache_dir="$RUN/random_states_cache"
+launch model.augmenting="[$random_aug]" train.output_dir="$RUN/random_augmenting" train.augmenting_states=cached \
+    train.states_cache_dir="$RUN/random_states_cache" tracking.run_name=random_augmenting
 
 say "6/6 evaluate every model on every set"
 "$PYTHON" -m calm_dist.cli eval --config "$RECIPE" "${common[@]}" train.output_dir="$RUN/composition" \
