@@ -73,8 +73,8 @@ for c in (anchor_cfg, aug_cfg):
     c._attn_implementation = "sdpa"
 pairs = costs.default_layer_pairs(aug_cfg.num_hidden_layers, anchor_cfg.num_hidden_layers)
 result = {"device": torch.cuda.get_device_name(0) if cuda else "cpu (smoke)", "dtype": str(dtype), "seq": SEQ,
-          "micro_batch": MICRO, "steps": STEPS, "warmup": WARMUP, "compile": COMPILE, "layer_pairs": pairs, "peak_flops": PEAK,
-          "torch": torch.__version__, "transformers": T.__version__, "errors": {}}
+          "micro_batch": MICRO, "steps": STEPS, "warmup": WARMUP, "compile": COMPILE, "layer_pairs": pairs,
+          "peak_flops": PEAK, "torch": torch.__version__, "transformers": T.__version__, "errors": {}}
 
 try:
     import deepspeed
