@@ -117,6 +117,7 @@ def build_cache(directory: str | Path, comps: dict, models: list, layers: list[l
     for model, ls in zip(models, layers):
         truncate_after(model, max(ls))
     dtype = DTYPES[comps["dtype"]]
+    devices = [next(model.parameters()).device for model in models]  # each model's batches go where it is
     n_rows = len(data)
     n_shards = math.ceil(n_rows / rows_per_shard)
     mine = [s for s in range(rank, n_shards, world) if not (directory / f"{shard_name(s)}.json").exists()]
@@ -129,8 +130,7 @@ def build_cache(directory: str | Path, comps: dict, models: list, layers: list[l
         parts: dict[str, list[torch.Tensor]] = {}
         for start in range(rows.start, rows.stop, batch_size):
             batch = data.batch(list(range(start, min(rows.stop, start + batch_size))))
-            for a, (model, ls) in enumerate(zip(models, layers)):
-                device = next(model.parameters()).device
+            for a, (model, ls, device) in enumerate(zip(models, layers, devices)):
                 ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
                 states = capture_block_outputs(model, ls, ids, mask, position_ids_from_mask(mask))
                 for i in ls:
@@ -269,8 +269,7 @@ def run_cache_job(cfg, env, plan, rows_per_shard: int = 256, batch_size: int = 1
         out[split] = build_cache(cache_root(cfg) / split, comps, models, used_layers(plan.layer_pairs), data,
                                  rank=env.rank, world=env.world_size, rows_per_shard=rows_per_shard,
                                  batch_size=batch_size, barrier=barrier, progress=env.is_main)
-    if distributed:
-        shut_down_process_group()
+    shut_down_process_group()  # no-op in a single process
     return out
 
 

@@ -62,6 +62,13 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     return getattr(decoder, BLOCK_LISTS[model_type])
 
 
+def frozen_decoder_blocks(models) -> list[nn.Module]:
+    """The decoder blocks of `models` that hold no trainable parameter (a LoRA adapter makes a block trainable):
+    the ones ZeRO-3 may gather whole and torch.compile may take."""
+    return [block for model in models for block in decoder_blocks(model)
+            if not any(p.requires_grad for p in block.parameters())]
+
+
 def decoder(model: nn.Module) -> nn.Module:
     """The bare decoder (embeddings + blocks + final norm), without the LM head."""
     return model.get_decoder() if hasattr(model, "get_decoder") else model

@@ -20,10 +20,7 @@ from . import backbones
 
 def compile_frozen_blocks(models) -> int:
     """Compile the forward of every decoder block of `models` without a trainable parameter; returns how many."""
-    compiled = 0
-    for model in models:
-        for block in backbones.decoder_blocks(model):
-            if not any(p.requires_grad for p in block.parameters()):
-                block.forward = torch.compile(block.forward)
-                compiled += 1
-    return compiled
+    blocks = backbones.frozen_decoder_blocks(models)
+    for block in blocks:
+        block.forward = torch.compile(block.forward)
+    return len(blocks)

@@ -230,15 +230,12 @@ def mark_zero3_leaf_blocks(models) -> int:
     """
     from deepspeed.utils import set_z3_leaf_module
 
-    from .backbones import decoder_blocks
+    from .backbones import frozen_decoder_blocks
 
-    marked = 0
-    for model in models:
-        for block in decoder_blocks(model):
-            if not any(p.requires_grad for p in block.parameters()):
-                set_z3_leaf_module(block, True)
-                marked += 1
-    return marked
+    blocks = frozen_decoder_blocks(models)
+    for block in blocks:
+        set_z3_leaf_module(block, True)
+    return len(blocks)
 
 
 def materialize_random_augmenting(cfg: Config, is_main: bool) -> list[str]:

@@ -298,8 +298,9 @@ class Trainer:
             weight = 1.0 if idx else 0.0
             rows = idx or [0]  # a rank out of rows still joins the collective forward
             batch = to_device(data.batch(rows), self.device)
-            states = self.eval_states.read(rows) if self.cfg.train.augmenting_states == "cached" else None
-            loss_sum = self._summed_loss(batch, None if states is None else to_device(states, self.device))
+            states = (to_device(self.eval_states.read(rows), self.device)
+                      if self.cfg.train.augmenting_states == "cached" else None)
+            loss_sum = self._summed_loss(batch, states)
             total += weight * torch.stack([loss_sum.float(), labelled_tokens(batch["labels"]).float()])
         dist.all_reduce(total)
         self.engine.train()
