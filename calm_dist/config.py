@@ -126,7 +126,13 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The tree as it leaves the process (params, config.json, a checkpoint's config.yaml): credentials in
+        the tracking URI redacted."""
+        from .credentials import redact
+
+        d = dataclasses.asdict(self)
+        d["tracking"]["tracking_uri"] = redact(d["tracking"]["tracking_uri"])
+        return d
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -177,9 +177,15 @@ def default_tags() -> dict[str, str]:
 def resolve_tracking_uri(uri: str | None, output_dir: str | Path | None = None) -> str:
     """The explicit URI, else env MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db.
 
-    A bare filesystem path ending in .db (or naming an existing file) becomes a sqlite URI.
+    A bare filesystem path ending in .db (or naming an existing file) becomes a sqlite URI. Credentials in
+    the URI move to MLflow's MLFLOW_TRACKING_USERNAME / _PASSWORD: the URI returned (logged, buffered,
+    printed) carries none.
     """
+    from .credentials import export_tracking_credentials
+
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    if uri is not None and "://" in uri:
+        uri = export_tracking_credentials(uri)
     if uri is None:
         if output_dir is None:
             raise ValueError("no tracking URI: pass one, set MLFLOW_TRACKING_URI, or give output_dir")
