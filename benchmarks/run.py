@@ -148,7 +148,8 @@ def child_cache(size: common.Size, out: Path) -> dict:
         def batch(self, idx):
             return {"input_ids": ids_all[idx], "attention_mask": mask_all[idx]}
 
-    comps = {"format": 1, "benchmark": size.name, "layers": [layers], "seq_len": size.seq, "dtype": "fp32"}
+    comps = {"format": 1, "benchmark": size.name, "layers": [layers], "seq_len": size.seq, "dtype": "fp32",
+             "compute_dtype": "fp32"}
     tmp = Path(tempfile.mkdtemp(prefix="calm_bench_cache_", dir=os.environ.get("CALM_BENCH_TMP")))
     try:
         t0 = time.perf_counter()

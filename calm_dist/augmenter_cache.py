@@ -1,12 +1,15 @@
 """The augmenting models' states at the composed layers, computed once and streamed from disk.
 
 The augmenting models are frozen and read the same tokens as the anchor, so their states are a pure
-function of (weights, layers, tokenized data, dtype). Layout of `<cache_dir>/<split>/`:
+function of (weights, layers, tokenized data, compute dtype). Layout of `<cache_dir>/<split>/`:
 
     shard-00000.safetensors    rows [0, R): one tensor "a{model}.l{layer}" [R, seq_len, D_aug] per used layer
-    shard-00000.json           its sha256, row count and writer rank (written after the shard: complete iff present)
-    building.json              the fingerprint components, written first: a resumed run must match them
-    manifest.json              written last by rank 0: components, fingerprint, shapes, every shard's checksum
+    shard-00000.json           its sha256, first row, row count and writer rank (written after the shard:
+                               complete iff present)
+    building.json              the fingerprint components and the shard size R, written first: a resumed run
+                               must match them, so every shard of one cache has the same R
+    manifest.json              written last by rank 0 once every sidecar covers its rows: components (with R),
+                               fingerprint, shapes, every shard's checksum
 
 Shards are computed in fixed micro-batches, so any run (any world size, resumed or not) writes the
 same bytes. Rank r writes shards r, r + world, ...; an interrupted run skips the shards already done.
@@ -23,12 +26,16 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from .agreement import first_failure, gather_failures
 from .checkpoint import save_safetensors
 from .composition import capture_block_outputs, position_ids_from_mask, truncate_after
 
-FORMAT = 1
+FORMAT = 2  # 2: compute dtype and shard size recorded, sidecars name their first row
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MANIFEST, BUILDING = "manifest.json", "building.json"
+# How the rows are cut into shards: the builder's choice (`--rows-per-shard`), recorded with the components;
+# readers follow the recorded value instead of expecting one.
+LAYOUT_KEYS = ("rows_per_shard",)
 
 
 class CacheError(RuntimeError):
@@ -58,7 +65,7 @@ def weights_fingerprint(model_dir: str | Path) -> str:
 
 
 def components(model_dirs: list[str], revisions: list, layers: list[list[int]], data_fingerprint: str,
-               seq_len: int, dtype: str) -> dict:
+               seq_len: int, dtype: str, compute_dtype: str) -> dict:
     """What the cached states depend on; a cache whose components differ is refused, naming them."""
     return {
         "format": FORMAT,
@@ -67,7 +74,8 @@ def components(model_dirs: list[str], revisions: list, layers: list[list[int]], 
         "layers": [list(map(int, ls)) for ls in layers],
         "data_and_tokenization": data_fingerprint,  # data bytes + tokenizer + tokenization settings
         "seq_len": seq_len,
-        "dtype": dtype,
+        "dtype": dtype,  # the states' storage dtype on disk (train.states_dtype)
+        "compute_dtype": compute_dtype,  # the augmenting models' dtype in the forward that made them
     }
 
 
@@ -79,6 +87,28 @@ def describe_differences(saved: dict, expected: dict) -> str:
     keys = sorted(set(saved) | set(expected))
     return "; ".join(f"{k}: cache has {saved.get(k)!r}, expected {expected.get(k)!r}"
                      for k in keys if saved.get(k) != expected.get(k))
+
+
+def stale_reasons(saved: dict, expected: dict) -> str:
+    """Why a cache's recorded components do not fit the expected ones ('' when they do); the layout keys are
+    the cache's own choice, and only need to be recorded."""
+    content = describe_differences({k: v for k, v in saved.items() if k not in LAYOUT_KEYS},
+                                   {k: v for k, v in expected.items() if k not in LAYOUT_KEYS})
+    unrecorded = [f"{k}: not recorded (an older cache format)" for k in LAYOUT_KEYS if k not in saved]
+    return "; ".join(filter(None, [content, *unrecorded]))
+
+
+def check_rows_per_shard(rows_per_shard) -> None:
+    """A shard holds at least one row (`--rows-per-shard`); checked before any model loads."""
+    from .config import ConfigError
+
+    if not isinstance(rows_per_shard, int) or rows_per_shard < 1:
+        raise ConfigError(f"--rows-per-shard must be a positive number of rows, got {rows_per_shard!r}")
+
+
+def shard_rows(s: int, n_rows: int, rows_per_shard: int) -> range:
+    """The rows shard `s` holds: [s*R, min(N, (s+1)*R)); the last shard may be shorter."""
+    return range(s * rows_per_shard, min(n_rows, (s + 1) * rows_per_shard))
 
 
 def _write_json_atomic(path: Path, obj) -> None:
@@ -99,68 +129,118 @@ def build_cache(directory: str | Path, comps: dict, models: list, layers: list[l
                 rank: int = 0, world: int = 1, rows_per_shard: int = 256, batch_size: int = 16,
                 barrier=lambda: None, progress: bool = True) -> Path:
     """Compute (or finish computing) the cache of one split; returns its directory."""
+    check_rows_per_shard(rows_per_shard)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    recorded = {**comps, "rows_per_shard": rows_per_shard}
     if (directory / MANIFEST).exists():
         saved = json.loads((directory / MANIFEST).read_text())
-        if saved["components"] == comps:
+        if saved["components"] == recorded:
             return directory
-        raise CacheError(f"{directory} holds another cache ({describe_differences(saved['components'], comps)}); "
+        raise CacheError(f"{directory} holds another cache ({describe_differences(saved['components'], recorded)}); "
                          "remove it or choose another train.states_cache_dir")
-    building = directory / BUILDING
-    if rank == 0:
-        if building.exists() and json.loads(building.read_text()) != comps:
-            raise CacheError(f"{directory} holds a partial cache of other inputs "
-                             f"({describe_differences(json.loads(building.read_text()), comps)}); remove it first")
-        _write_json_atomic(building, comps)
-    barrier()
+    check_compute_dtype(models, comps["compute_dtype"])
+    devices = [next(model.parameters()).device for model in models]  # each model's batches go where it is
+    on_rank0_agreed(rank, devices[0], lambda: _begin_or_resume(directory, recorded))
     for model, ls in zip(models, layers):
         truncate_after(model, max(ls))
-    dtype = DTYPES[comps["dtype"]]
-    devices = [next(model.parameters()).device for model in models]  # each model's batches go where it is
-    n_rows = len(data)
-    n_shards = math.ceil(n_rows / rows_per_shard)
+    n_shards = math.ceil(len(data) / rows_per_shard)
     mine = [s for s in range(rank, n_shards, world) if not (directory / f"{shard_name(s)}.json").exists()]
     from tqdm import tqdm
 
     # disable=None: a progress bar on a terminal only
     for s in tqdm(mine, desc=f"caching {directory.name} (rank {rank})", disable=None if progress else True,
                   leave=False):
-        rows = range(s * rows_per_shard, min(n_rows, (s + 1) * rows_per_shard))
-        parts: dict[str, list[torch.Tensor]] = {}
-        for start in range(rows.start, rows.stop, batch_size):
-            batch = data.batch(list(range(start, min(rows.stop, start + batch_size))))
-            for a, (model, ls, device) in enumerate(zip(models, layers, devices)):
-                ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-                states = capture_block_outputs(model, ls, ids, mask, position_ids_from_mask(mask))
-                for i in ls:
-                    parts.setdefault(f"a{a}.l{i}", []).append(states[i].to("cpu", dtype))
-        tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
-        path = directory / f"{shard_name(s)}.safetensors"
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            save_safetensors(tensors, tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            _write_json_atomic(directory / f"{shard_name(s)}.json",
-                               {"sha256": sha256_file(path), "rows": len(rows), "written_by_rank": rank})
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise CacheError(f"writing cache shard {path} failed: {e.strerror or e}; the shards already written "
-                             "are kept, and a rerun resumes from them") from None
+        rows = shard_rows(s, len(data), rows_per_shard)
+        _write_shard(directory, s, rows, _compute_states(models, layers, devices, data, rows, batch_size,
+                                                         DTYPES[comps["dtype"]]), rank)
     barrier()
-    if rank == 0:
-        sidecars = [json.loads((directory / f"{shard_name(s)}.json").read_text()) for s in range(n_shards)]
-        shards = [{"sha256": c["sha256"], "rows": c["rows"]} for c in sidecars]  # any world size: same manifest
-        shapes = {f"a{a}.l{i}": [n_rows, comps["seq_len"], int(models[a].config.hidden_size)]
-                  for a, ls in enumerate(layers) for i in ls}
-        _write_json_atomic(directory / MANIFEST, {"components": comps, "fingerprint": fingerprint(comps),
-                                                  "rows": n_rows, "rows_per_shard": rows_per_shard,
-                                                  "shapes": shapes, "shards": shards})
-        building.unlink(missing_ok=True)
-    barrier()
+    on_rank0_agreed(rank, devices[0], lambda: _write_manifest(directory, recorded, models, layers, len(data)))
     return directory
+
+
+def check_compute_dtype(models: list, compute_dtype: str) -> None:
+    """The components must name the dtype the states are really computed in."""
+    for model in models:
+        if next(model.parameters()).dtype != DTYPES[compute_dtype]:
+            raise CacheError(f"an augmenting model computes in {next(model.parameters()).dtype}, but the cache "
+                             f"records compute_dtype={compute_dtype!r}; load it in that dtype")
+
+
+def on_rank0_agreed(rank: int, device, check) -> None:
+    """Run `check` on rank 0; every rank raises when it failed, so no rank waits for a peer that gave up."""
+    problem = None
+    if rank == 0:
+        try:
+            check()
+        except (CacheError, OSError) as e:
+            problem = e
+    failures = gather_failures(problem, device)  # also the ranks' barrier
+    if problem is not None:
+        raise problem
+    if failures:
+        raise CacheError(f"cache build stopped by {first_failure(failures)}")
+
+
+def _begin_or_resume(directory: Path, recorded: dict) -> None:
+    building = directory / BUILDING
+    if building.exists() and json.loads(building.read_text()) != recorded:
+        raise CacheError(f"{directory} holds a partial cache of other inputs "
+                         f"({describe_differences(json.loads(building.read_text()), recorded)}); remove it first")
+    _write_json_atomic(building, recorded)
+
+
+def _compute_states(models, layers, devices, data, rows: range, batch_size: int, dtype) -> dict[str, torch.Tensor]:
+    """One shard's tensors, computed in fixed micro-batches so every run writes the same bytes."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(rows.start, rows.stop, batch_size):
+        batch = data.batch(list(range(start, min(rows.stop, start + batch_size))))
+        for a, (model, ls, device) in enumerate(zip(models, layers, devices)):
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            states = capture_block_outputs(model, ls, ids, mask, position_ids_from_mask(mask))
+            for i in ls:
+                parts.setdefault(f"a{a}.l{i}", []).append(states[i].to("cpu", dtype))
+    return {k: torch.cat(v).contiguous() for k, v in parts.items()}
+
+
+def _write_shard(directory: Path, s: int, rows: range, tensors: dict, rank: int) -> None:
+    path = directory / f"{shard_name(s)}.safetensors"
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_safetensors(tensors, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _write_json_atomic(directory / f"{shard_name(s)}.json", {"sha256": sha256_file(path), "first_row": rows.start,
+                                                                 "rows": len(rows), "written_by_rank": rank})
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CacheError(f"writing cache shard {path} failed: {e.strerror or e}; the shards already written "
+                         "are kept, and a rerun resumes from them") from None
+
+
+def _checked_sidecar(directory: Path, s: int, n_rows: int, rows_per_shard: int) -> dict:
+    """Shard s's sidecar, refused unless it covers exactly the rows shard s must hold."""
+    path = directory / f"{shard_name(s)}.json"
+    if not path.is_file():
+        raise CacheError(f"cache shard {s} was never finished ({path} is missing); rerun the cache job")
+    sidecar, want = json.loads(path.read_text()), shard_rows(s, n_rows, rows_per_shard)
+    if (sidecar.get("first_row"), sidecar.get("rows")) != (want.start, len(want)):
+        raise CacheError(f"{path} covers {sidecar.get('rows')} rows from row {sidecar.get('first_row')}, but with "
+                         f"rows_per_shard={rows_per_shard} shard {s} holds rows [{want.start}, {want.stop}); "
+                         "remove the cache and rebuild it")
+    return {"sha256": sidecar["sha256"], "rows": len(want)}
+
+
+def _write_manifest(directory: Path, recorded: dict, models: list, layers: list[list[int]], n_rows: int) -> None:
+    rows_per_shard = recorded["rows_per_shard"]
+    shards = [_checked_sidecar(directory, s, n_rows, rows_per_shard)  # any world size: the same manifest
+              for s in range(math.ceil(n_rows / rows_per_shard))]
+    shapes = {f"a{a}.l{i}": [n_rows, recorded["seq_len"], int(models[a].config.hidden_size)]
+              for a, ls in enumerate(layers) for i in ls}
+    _write_json_atomic(directory / MANIFEST, {"components": recorded, "fingerprint": fingerprint(recorded),
+                                              "rows": n_rows, "shapes": shapes, "shards": shards})
+    (directory / BUILDING).unlink(missing_ok=True)
 
 
 # ---- reading ---------------------------------------------------------------------------------------
@@ -173,10 +253,11 @@ class StatesCache:
         if not manifest_path.is_file():
             raise CacheError(f"no complete cache at {self.directory} (run `calm-dist cache` first)")
         self.manifest = json.loads(manifest_path.read_text())
-        if self.manifest["components"] != expected:
-            raise CacheError(f"stale cache at {self.directory}: "
-                             f"{describe_differences(self.manifest['components'], expected)}")
-        self.rows_per_shard = self.manifest["rows_per_shard"]
+        reasons = stale_reasons(self.manifest["components"], expected)
+        if reasons:
+            raise CacheError(f"stale cache at {self.directory}: {reasons}; rebuild it (`calm-dist cache`)")
+        self.rows_per_shard = self.manifest["components"]["rows_per_shard"]
+        self._check_shard_rows()
         self.keys = [(int(k[1:].split(".")[0]), int(k.split(".l")[1]), k) for k in self.manifest["shapes"]]
         self._handles: dict[int, object] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="states-prefetch")
@@ -184,6 +265,18 @@ class StatesCache:
 
     def __len__(self) -> int:
         return self.manifest["rows"]
+
+    def _check_shard_rows(self) -> None:
+        """Every shard the manifest lists states the rows that `divmod(row, rows_per_shard)` sends to it."""
+        n_shards = math.ceil(len(self) / self.rows_per_shard)
+        if len(self.manifest["shards"]) != n_shards:
+            raise CacheError(f"{self.directory / MANIFEST} lists {len(self.manifest['shards'])} shards; {len(self)} "
+                             f"rows of {self.rows_per_shard} per shard need {n_shards}")
+        for s, shard in enumerate(self.manifest["shards"]):
+            want = shard_rows(s, len(self), self.rows_per_shard)
+            if shard["rows"] != len(want):
+                raise CacheError(f"{self.directory / MANIFEST}: shard {s} states {shard['rows']} rows, but holds rows "
+                                 f"[{want.start}, {want.stop}) at {self.rows_per_shard} per shard")
 
     def verify(self, shards=None) -> None:
         """Check sizes and sha256 of the given shards (default: all) against the manifest."""
@@ -196,11 +289,20 @@ class StatesCache:
 
     def _shard(self, s: int):
         if s not in self._handles:
-            self._handles[s] = safe_open(str(self.directory / f"{shard_name(s)}.safetensors"), framework="pt")
+            handle = safe_open(str(self.directory / f"{shard_name(s)}.safetensors"), framework="pt")
+            for _, _, key in self.keys:  # the file holds the rows its manifest entry states (header only)
+                want = [self.manifest["shards"][s]["rows"], *self.manifest["shapes"][key][1:]]
+                if list(handle.get_slice(key).get_shape()) != want:
+                    raise CacheError(f"cache shard {self.directory / shard_name(s)}.safetensors holds {key} of shape "
+                                     f"{list(handle.get_slice(key).get_shape())}, the manifest says {want}")
+            self._handles[s] = handle
         return self._handles[s]
 
     def read(self, rows) -> list[dict[int, torch.Tensor]]:
         rows = [int(r) for r in rows]
+        outside = [r for r in rows if not 0 <= r < len(self)]
+        if outside:
+            raise CacheError(f"rows {outside[:4]} are outside the {len(self)} rows cached at {self.directory}")
         out: list[dict[int, torch.Tensor]] = [{} for _ in {a for a, _, _ in self.keys}]
         for a, layer, key in self.keys:
             pieces = []
@@ -231,12 +333,14 @@ def used_layers(layer_pairs) -> list[list[int]]:
 
 
 def expected_components(cfg, layer_pairs, data_fingerprint: str) -> dict:
+    from .distributed import augmenting_compute_dtype
+
     for path in cfg.model.augmenting:
         if not Path(path).is_dir():
             raise CacheError(f"cached states need local augmenting model directories; {path} is not one")
     revisions = cfg.model.augmenting_revisions or [None] * len(cfg.model.augmenting)
     return components(cfg.model.augmenting, revisions, used_layers(layer_pairs), data_fingerprint,
-                      cfg.data.seq_len, cfg.train.states_dtype)
+                      cfg.data.seq_len, cfg.train.states_dtype, augmenting_compute_dtype(cfg))
 
 
 def splits(cfg) -> dict[str, str]:
@@ -249,8 +353,9 @@ def run_cache_job(cfg, env, plan, rows_per_shard: int = 256, batch_size: int = 1
 
     from .composition import load_causal_lm
     from .data import Tokenizer, load_tokenized
-    from .distributed import init_process_group, local_device, shut_down_process_group
+    from .distributed import augmenting_compute_dtype, init_process_group, local_device, shut_down_process_group
 
+    check_rows_per_shard(rows_per_shard)
     distributed = env.world_size > 1
     if distributed:
         init_process_group(env, cfg.distributed.timeout_s)
@@ -258,7 +363,8 @@ def run_cache_job(cfg, env, plan, rows_per_shard: int = 256, batch_size: int = 1
     tokenizer = Tokenizer(cfg.data.tokenizer)
     revisions = cfg.model.augmenting_revisions or [None] * len(cfg.model.augmenting)
     device = local_device(env)  # each rank its own GPU, where there is one
-    models = [load_causal_lm(p, r, None, cfg.model.trust_remote_code).eval().to(device)
+    dtype = DTYPES[augmenting_compute_dtype(cfg)]  # the trainer's rule, never the checkpoint's own dtype
+    models = [load_causal_lm(p, r, dtype, cfg.model.trust_remote_code).eval().to(device)
               for p, r in zip(cfg.model.augmenting, revisions)]
     out = {}
     from .validate import data_cache_dir

@@ -26,8 +26,9 @@ def _load(args, need_train_data: bool = True, training: bool = False):
 
 
 def cmd_cache(args) -> int:
-    from .augmenter_cache import run_cache_job
+    from .augmenter_cache import check_rows_per_shard, run_cache_job
 
+    check_rows_per_shard(args.rows_per_shard)  # before any model or data is read
     cfg, env, plan = _load(args)
     if args.estimate:
         from .augmenter_cache import estimate
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("cache", help="cache the augmenting models' states at the composed layers")
     _config_args(p)
     p.add_argument("--estimate", action="store_true", help="print disk size and cache-vs-recompute break-even only")
-    p.add_argument("--rows-per-shard", type=int, default=256)
+    p.add_argument("--rows-per-shard", type=int, default=256,
+                   help="rows per cache shard; a resumed build must use the one it started with")
     p.add_argument("--flops-per-s", type=float, default=1e11, help="--estimate: achieved training FLOP/s (all ranks)")
     p.add_argument("--read-bytes-per-s", type=float, default=1e9, help="--estimate: cache read bandwidth")
     p.add_argument("--write-bytes-per-s", type=float, default=5e8, help="--estimate: cache write bandwidth")

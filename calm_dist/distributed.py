@@ -190,6 +190,14 @@ def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
+def augmenting_compute_dtype(cfg: Config) -> str:
+    """The dtype the frozen augmenting models compute their states in ("fp32" / "bf16"), whether the trainer
+    recomputes them or `calm-dist cache` stores them: one rule, so cached states equal recomputed ones.
+    model.augmenting_dtype, where auto follows train.precision (never the checkpoint's own dtype)."""
+    choice = cfg.model.augmenting_dtype
+    return cfg.train.precision if choice == "auto" else choice
+
+
 def load_frozen_models(cfg: Config, ds_config: dict, dtype, load_anchor: bool = True, load_augmenting: bool = True,
                        is_main: bool = True, barrier=lambda: None):
     """Load the anchor and augmenting LMs straight into ZeRO-3 shards when stage 3 is on.
@@ -213,7 +221,7 @@ def load_frozen_models(cfg: Config, ds_config: dict, dtype, load_anchor: bool = 
         barrier()
     keep_alive = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
     anchor = load_causal_lm(m.anchor, m.anchor_revision, dtype, m.trust_remote_code) if load_anchor else None
-    aug_dtype = {"auto": dtype, "fp32": torch.float32, "bf16": torch.bfloat16}[m.augmenting_dtype]
+    aug_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[augmenting_compute_dtype(cfg)]
     augmenting = [load_causal_lm(p, r, aug_dtype, m.trust_remote_code) for p, r in zip(paths, revisions)] \
         if load_augmenting else []
     return anchor, augmenting, keep_alive
