@@ -8,6 +8,8 @@ left padding changes nothing).
 """
 from __future__ import annotations
 
+import copy
+
 import functools
 import json
 from contextlib import contextmanager
@@ -107,7 +109,10 @@ def truncate_after(model: nn.Module, last_block: int) -> None:
         return
     decoder = backbones.decoder(model)
     setattr(decoder, backbones.BLOCK_LISTS[model.config.model_type], nn.ModuleList(list(blocks)[: last_block + 1]))
-    for config in {id(model.config): model.config, id(decoder.config): decoder.config}.values():
+    # A config object may be shared with another model (the anchor built from the same config): edit a copy
+    copies = {id(c): copy.deepcopy(c) for c in (model.config, decoder.config)}
+    model.config, decoder.config = copies[id(model.config)], copies[id(decoder.config)]
+    for config in copies.values():
         config.num_hidden_layers = last_block + 1
         if getattr(config, "layer_types", None):
             config.layer_types = config.layer_types[: last_block + 1]
