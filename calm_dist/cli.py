@@ -64,16 +64,35 @@ def cmd_generate(args) -> int:
     from .data import Tokenizer
     from .distributed import DistEnv, local_device
 
+    sampling = sampling_arguments(args)  # before anything loads
     device = local_device(DistEnv.from_environ())
     model = ComposedModel.from_composition(args.composition).to(device)
     tokenizer = Tokenizer(args.tokenizer)
     ids = [tokenizer.bos_id] * (tokenizer.bos_id is not None) + tokenizer.encode(args.prompt)
-    out = model.generate(torch.tensor([ids], device=device), max_new_tokens=args.max_new_tokens,
-                         do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_k=args.top_k,
-                         top_p=args.top_p, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    generator = torch.Generator(device).manual_seed(args.seed) if sampling["do_sample"] else None
+    out = model.generate(torch.tensor([ids], device=device), max_new_tokens=args.max_new_tokens, **sampling,
+                         generator=generator, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     new = [t for t in out[0, len(ids):].tolist() if t != tokenizer.pad_id]
     print(tokenizer.decode(new))
     return 0
+
+
+def sampling_arguments(args) -> dict:
+    """Greedy unless --temperature, --top-k or --top-p asks for sampling (a temperature of 1 when only a top-k or
+    top-p is given); values out of range are one line, exit 2."""
+    from .config import ConfigError
+
+    t, k, p = args.temperature, args.top_k, args.top_p
+    if t is not None and t < 0:
+        raise ConfigError(f"--temperature must be >= 0, got {t}")
+    if k is not None and k < 1:
+        raise ConfigError(f"--top-k must be >= 1, got {k}")
+    if p is not None and not 0 < p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {p}")
+    do_sample = bool(t) or k is not None or p is not None
+    if t == 0 and do_sample:
+        raise ConfigError("--temperature 0 is greedy decoding: it takes no --top-k or --top-p")
+    return {"do_sample": do_sample, "temperature": t or 1.0, "top_k": k, "top_p": p}
 
 
 # These own their argument parsing: everything after the verb goes to them untouched.
@@ -115,9 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
+    p.add_argument("--temperature", type=float, help="sample at this temperature (default: greedy; 0: greedy)")
+    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens (temperature 1 unless given)")
+    p.add_argument("--top-p", type=float, help="sample from the nucleus of mass p (temperature 1 unless given)")
+    p.add_argument("--seed", type=int, default=0, help="the sampling generator's seed")
     p.set_defaults(func=cmd_generate)
 
     for name, text in DELEGATED.items():
