@@ -2,7 +2,7 @@
 
 `slurm_cluster` is a session fixture: import it into a test module (`from slurm_cluster import
 slurm_cluster`). When Slurm cannot be brought up, the tests FAIL if the environment variable CI is set
-(the CI machine must run them) and are skipped, with the reason, on a developer machine.
+(the CI machine must run them) and are skipped, with the reason, on a developer machine (required.py).
 
 Jobs are submitted with `sbatch --parsable` and polled with `scontrol show job` against a deadline
 (never `sbatch --wait`); every client call runs under a timeout, since a client hangs once the
@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from required import unavailable
+
 REPO = Path(__file__).resolve().parent.parent
 LOCAL_SLURM = REPO / "tools" / "local_slurm.sh"
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
@@ -29,13 +31,6 @@ TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "
 
 class SlurmUnavailable(RuntimeError):
     pass
-
-
-def unavailable(reason: str):
-    """Fail under CI, skip on a developer machine."""
-    if os.environ.get("CI"):
-        pytest.fail(f"Slurm is required under CI but cannot be brought up: {reason}", pytrace=False)
-    pytest.skip(f"no local Slurm on this machine: {reason}")
 
 
 @dataclass
@@ -163,7 +158,7 @@ def slurm_cluster(tmp_path_factory):
     try:
         cluster = bring_up(directory, nodes=2)
     except SlurmUnavailable as e:
-        unavailable(str(e))
+        unavailable("a local Slurm", str(e))
     yield cluster
     r = cluster.local_slurm("down", timeout=180)
     assert r.returncode == 0, f"tools/local_slurm.sh down exited {r.returncode}: {r.stderr}"

@@ -6,6 +6,7 @@ from calm_dist import ComposedModel, CompositionError, default_layer_pairs
 from calm_dist.backbones import UnsupportedArchitecture
 from calm_dist.cross_attention import block_parameter_count
 from calm_dist.mapping import MappingError
+from reference import composed_logits, ref_block_like
 from tiny import VOCAB, randomize_composition, tiny_model
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox"]
@@ -34,11 +35,42 @@ def test_identity_at_init(family):
     torch.testing.assert_close(model(x).logits, reference(x).logits, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_every_family_can_be_augmenting_and_composition_acts(family):
-    model = composed("llama", (family,))
-    x = ids()
-    assert not torch.allclose(model(x).logits, model.anchor_logits(x), atol=1e-4)
+# Every family as the anchor and as an augmenting model, at other widths and depths than its partner. The
+# augmenting models run deeper than their deepest composed block (reference.composed_logits reads
+# hidden_states, whose last entry is after the final norm).
+REFERENCE_CASES = {  # id: (anchor (family, width, depth), augmenting [(family, width, depth)], layer pairs)
+    "llama<-mistral": (("llama", 48, 6), [("mistral", 32, 9)], [[(3, 2), (7, 5)]]),
+    "mistral<-qwen2": (("mistral", 32, 4), [("qwen2", 64, 9)], [[(3, 1), (7, 3)]]),
+    "qwen2<-qwen3": (("qwen2", 48, 6), [("qwen3", 32, 9)], [[(3, 2), (7, 5)]]),
+    "qwen3<-gpt2": (("qwen3", 32, 5), [("gpt2", 48, 9)], [[(3, 1), (7, 4)]]),
+    "gpt2<-gpt_neox": (("gpt2", 48, 6), [("gpt_neox", 32, 9)], [[(3, 2), (7, 5)]]),
+    "gpt_neox<-llama": (("gpt_neox", 48, 6), [("llama", 32, 9)], [[(3, 2), (7, 5)]]),
+    # two augmenting models on one anchor block, one augmenting block feeding several, pairs out of order
+    "llama<-gpt2+qwen3": (("llama", 48, 6), [("gpt2", 32, 8), ("qwen3", 64, 6)],
+                          [[(1, 0), (1, 3), (5, 5)], [(4, 3), (2, 1)]]),
+}
+
+
+def reference_models(anchor_spec, augmenting_specs):
+    """Fresh, seeded models: the same weights on every call."""
+    family, width, depth = anchor_spec
+    anchor = tiny_model(family, seed=1, hidden=width, layers=depth, heads=4)
+    return anchor, [tiny_model(f, seed=2 + i, hidden=w, layers=d, heads=4)
+                    for i, (f, w, d) in enumerate(augmenting_specs)]
+
+
+@pytest.mark.parametrize("case", REFERENCE_CASES)
+def test_every_family_on_either_side_composes_like_the_reference(case):
+    """Randomised blocks: ComposedModel's logits = the paper's block on plain models (tests/reference.py)."""
+    anchor_spec, augmenting_specs, pairs = REFERENCE_CASES[case]
+    model = ComposedModel.from_pretrained(*reference_models(anchor_spec, augmenting_specs), layer_pairs=pairs)
+    randomize_composition(model)
+    anchor, augmenting = reference_models(anchor_spec, augmenting_specs)
+    blocks = [[ref_block_like(b, n_heads=4) for b in model_blocks] for model_blocks in model.blocks]
+    x = ids(batch=3, length=14)
+    logits = model(x).logits
+    torch.testing.assert_close(logits, composed_logits(anchor, augmenting, pairs, blocks, x), atol=1e-5, rtol=0)
+    assert (logits - anchor(x).logits).abs().amax() > 0.1  # the blocks act: not the anchor against itself
 
 
 def test_causal_later_tokens_do_not_change_earlier_logits():
@@ -199,11 +231,13 @@ def test_loading_onto_mismatched_models_is_refused(tmp_path):
 
 
 def test_bf16_augmenting_model_under_fp32_training_stays_close():
-    """model.augmenting_dtype=bf16: the blocks cast the states to their own dtype; logits move by ~1e-2 at most."""
+    """model.augmenting_dtype=bf16: the blocks cast the states to their own dtype and compute in fp32."""
     fp32 = composed("llama", ("gpt2",))
     bf16 = composed("llama", ("gpt2",))
     bf16.augmenting.to(torch.bfloat16)
     x = ids()
     a, b = fp32(x).logits, bf16(x).logits
     assert b.dtype == torch.float32 and not torch.equal(a, b)
-    torch.testing.assert_close(b, a, atol=5e-2, rtol=5e-2)
+    # The bf16 states alone move these logits (|logit| < 0.4) by 4.1e-4 at most; the bound is ~5x that. Blocks
+    # that compute in bf16 too (cast along with the augmenting model) move them by 2.5e-3.
+    torch.testing.assert_close(b, a, atol=2e-3, rtol=0)

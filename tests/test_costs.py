@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import transformers
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from calm_dist import activation_memory, costs, model_sizes
+from reference import RefBlock
 
 torch.set_num_threads(1)
 aten = torch.ops.aten
@@ -183,29 +183,6 @@ def test_causal_attention_is_about_half():
     causal = costs.attention_flops_per_token(4096, 8192, causal=True)
     assert causal == pytest.approx(full * 4097 / 8192)
     assert costs.attention_flops_per_token(1, 64, causal=True) == costs.attention_flops_per_token(1, 64, False)
-
-
-class RefBlock(nn.Module):
-    """A reference composition block: f_proj, LayerNorms, Q/K/V/O, causal SDPA cross-attention."""
-
-    def __init__(self, d_aug, d_anchor, n_heads):
-        super().__init__()
-        self.h = n_heads
-        self.proj = nn.Linear(d_aug, d_anchor)
-        self.ln_aug = nn.LayerNorm(d_anchor)
-        self.ln_q = nn.LayerNorm(d_anchor)
-        self.q = nn.Linear(d_anchor, d_anchor, bias=False)
-        self.k = nn.Linear(d_anchor, d_anchor, bias=False)
-        self.v = nn.Linear(d_anchor, d_anchor, bias=False)
-        self.o = nn.Linear(d_anchor, d_anchor, bias=False)
-
-    def forward(self, h_anchor, h_aug):
-        b, s, d = h_anchor.shape
-        heads = lambda t: t.view(b, s, self.h, d // self.h).transpose(1, 2)  # noqa: E731
-        kv = self.ln_aug(self.proj(h_aug))
-        q = heads(self.q(self.ln_q(h_anchor)))
-        out = F.scaled_dot_product_attention(q, heads(self.k(kv)), heads(self.v(kv)), is_causal=True)
-        return h_anchor + self.o(out.transpose(1, 2).reshape(b, s, d))
 
 
 def test_composition_forward_flops_match_flop_counter():

@@ -29,12 +29,6 @@ CPUS = str(min(2, os.cpu_count() or 1))      # cpus-per-task for a 2-rank node (
 JOB_TIMEOUT = 600                            # seconds a training job may take here (2 shared cores)
 
 
-def have_trainer() -> str | None:
-    missing = [p for p in ("calm_dist/train.py", "recipes/tiny.yaml", "tools/make_tiny_setup.py",
-                           "ds_configs/zero3.json") if not (REPO / p).is_file()]
-    return f"awaits {', '.join(missing)}" if missing else None
-
-
 # ---- fast: no cluster ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("script", [TRAIN_SH, CACHE_SH, LOCAL_SLURM], ids=lambda p: p.name)
 def test_script_parses(script):
@@ -159,9 +153,6 @@ STEPS = 30
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
-    reason = have_trainer()
-    if reason:
-        pytest.skip(reason)
     from tiny import tiny_setup
 
     return tiny_setup(tmp_path_factory.mktemp("tiny_slurm"), n_train=96, n_eval=16)
@@ -276,8 +267,6 @@ def test_failing_rank_fails_the_whole_job_fast(slurm_cluster, tiny_setup, tmp_pa
 @pytest.mark.slow
 def test_cache_augmenter_two_nodes(slurm_cluster, tiny_setup, tmp_path):
     """slurm/cache_augmenter.sh with the real `calm-dist cache`: one rank per node, each writes its shards."""
-    if not (REPO / "calm_dist" / "cli.py").is_file():
-        pytest.skip("awaits calm_dist/cli.py")
     log, cache = tmp_path / "job.log", tmp_path / "states"
     overrides = tiny_overrides(tiny_setup, tmp_path / "data_cache", **{"train.output_dir": tmp_path / "run",
                                                                          "train.states_cache_dir": cache})
