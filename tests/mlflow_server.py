@@ -22,7 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
+try:
+    from tests.required import unavailable
+except ImportError:
+    from required import unavailable
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "tools" / "local_mlflow.sh"
@@ -113,14 +116,11 @@ class LocalServer:
 
 
 def start_or_skip(server: LocalServer) -> None:
-    """server.up(); on failure: pytest.fail under CI, pytest.skip elsewhere."""
+    """server.up(); on failure: pytest.fail under CI, pytest.skip elsewhere (required.py)."""
     try:
         server.up()
     except ServerStartError as e:
-        msg = f"could not start a local MLflow server with tools/local_mlflow.sh: {e}"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg + " (a developer machine may skip this; CI must not)")
+        unavailable("a local MLflow server (tools/local_mlflow.sh)", str(e))
 
 
 def serve(directory: Path, port: int | None = None):

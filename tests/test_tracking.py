@@ -373,7 +373,6 @@ def test_import_offline_is_resumable(tmp_path, sqlite_uri):
 
 
 def test_system_metrics_are_logged(tmp_path, sqlite_uri, monkeypatch):
-    pytest.importorskip("psutil")
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     tracker = Tracker(TrackingConfig(tracking_uri=sqlite_uri, experiment="sysmetrics"),
                       is_main_process=True, output_dir=tmp_path)
