@@ -112,6 +112,16 @@ def data_fingerprint(cfg: DataConfig, path: str | Path, tokenizer: Tokenizer) ->
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def prompt_ids(tok: Tokenizer, prompt: str) -> list[int]:
+    """A prompt as training and evaluation feed it: bos (when the tokenizer has one), then its tokens."""
+    return ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(prompt)
+
+
+def completion_ids(tok: Tokenizer, completion: str) -> list[int]:
+    """A completion as training labels it and exact match requires it: its tokens, then eos."""
+    return tok.encode(completion) + ([tok.eos_id] if tok.eos_id is not None else [])
+
+
 def _tokenize_record(record: dict, index: int, cfg: DataConfig, tok: Tokenizer) -> tuple[list[int], list[int]]:
     bos = [tok.bos_id] if tok.bos_id is not None else []
     eos = [tok.eos_id] if tok.eos_id is not None else []
@@ -119,8 +129,8 @@ def _tokenize_record(record: dict, index: int, cfg: DataConfig, tok: Tokenizer) 
         for name in (cfg.prompt_field, cfg.completion_field):
             if not isinstance(record.get(name), str):
                 raise ConfigError(f"data row {index}: field {name!r} is missing or not a string")
-        prompt = bos + tok.encode(record[cfg.prompt_field])
-        completion = tok.encode(record[cfg.completion_field]) + eos
+        prompt = prompt_ids(tok, record[cfg.prompt_field])
+        completion = completion_ids(tok, record[cfg.completion_field])
         return prompt + completion, [IGNORE] * len(prompt) + completion
     if not isinstance(record.get(cfg.text_field), str):
         raise ConfigError(f"data row {index}: field {cfg.text_field!r} is missing or not a string")

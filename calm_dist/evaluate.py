@@ -15,7 +15,8 @@ from typing import Callable
 import torch
 
 from .composition import position_ids_from_mask
-from .data import IGNORE, Tokenizer, load_records
+from .config import ConfigError
+from .data import IGNORE, Tokenizer, completion_ids, load_records, prompt_ids
 from .lm_loss import labelled_tokens, loss_from_logits
 
 GenerateFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -39,41 +40,59 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
+def is_exact_match(generated: list[int], reference: list[int]) -> bool:
+    """Exact match, the one definition for `calm-dist eval` and the demo's tools: the generated continuation
+    begins with the reference ids, i.e. the completion and eos as training labels them
+    (data.completion_ids). Ids, not decoded text: decode is not the inverse of encode for every tokenizer
+    (WordLevel joins tokens with spaces). The eos is required, so an answer that runs on is a miss; what
+    follows the eos is the generator's padding."""
+    return list(generated[:len(reference)]) == list(reference)
+
+
+def answer_text(tokenizer: Tokenizer, generated: list[int]) -> str:
+    """The generated continuation up to its eos, decoded: what the examples show, never what is scored."""
+    if tokenizer.eos_id in generated:
+        generated = generated[:generated.index(tokenizer.eos_id)]
+    return tokenizer.decode([t for t in generated if t != tokenizer.pad_id])
+
+
 @torch.no_grad()
 def evaluate_set(generate: GenerateFn, logits_fn: LogitsFn, tokenizer: Tokenizer, records, *, batch_size: int = 64,
                  max_new_tokens: int | None = None, prompt_field: str = "prompt",
                  completion_field: str = "completion", keep_examples: int = 5) -> SetResult:
-    """Greedy exact match (decoded completion == reference, whitespace-stripped) and token-mean loss."""
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    """Greedy exact match (`is_exact_match`) and the token-mean loss of the completions, both tokenized as
+    training tokenizes them."""
+    if tokenizer.eos_id is None:
+        raise ConfigError(f"exact match needs an end-of-sequence token, and data.tokenizer {tokenizer.path} has none")
     correct, loss_sum, loss_tokens, examples = 0, 0.0, 0, []
     records = list(records)
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
-        prompts = [bos + tokenizer.encode(r[prompt_field]) for r in chunk]
-        completions = [tokenizer.encode(r[completion_field]) + eos for r in chunk]
-        budget = max_new_tokens or max(map(len, completions)) + 1
+        prompts = [prompt_ids(tokenizer, r[prompt_field]) for r in chunk]
+        references = [completion_ids(tokenizer, r[completion_field]) for r in chunk]
         ids, mask = _left_pad(prompts, tokenizer.pad_id)
-        out = generate(ids, mask, budget)[:, ids.shape[1]:]
-        for r, row in enumerate(out.tolist()):
-            if tokenizer.eos_id in row:
-                row = row[:row.index(tokenizer.eos_id)]
-            text = tokenizer.decode([t for t in row if t != tokenizer.pad_id])
-            hit = text.strip() == chunk[r][completion_field].strip()
+        out = generate(ids, mask, max_new_tokens or max(map(len, references)))[:, ids.shape[1]:]
+        for record, row, reference in zip(chunk, out.tolist(), references):
+            hit = is_exact_match(row, reference)
             correct += hit
             if len(examples) < keep_examples:
-                examples.append({"prompt": chunk[r][prompt_field], "expected": chunk[r][completion_field],
-                                 "got": text, "correct": bool(hit)})
-        # teacher-forced loss on the completion tokens
-        full, full_mask = _left_pad([p + c for p, c in zip(prompts, completions)], tokenizer.pad_id)
-        labels = torch.full_like(full, IGNORE)
-        for r, c in enumerate(completions):
-            labels[r, full.shape[1] - len(c):] = torch.tensor(c)
-        n = int(labelled_tokens(labels))
-        logits = logits_fn(full, full_mask)
-        loss_sum += loss_from_logits(logits, labels.to(logits.device)).item() * n
-        loss_tokens += n
+                examples.append({"prompt": record[prompt_field], "expected": record[completion_field],
+                                 "got": answer_text(tokenizer, row), "correct": hit})
+        summed, n = _summed_completion_loss(logits_fn, prompts, references, tokenizer.pad_id)
+        loss_sum, loss_tokens = loss_sum + summed, loss_tokens + n
     return SetResult(correct / max(1, len(records)), loss_sum / max(1, loss_tokens), len(records), examples)
+
+
+def _summed_completion_loss(logits_fn: LogitsFn, prompts: list[list[int]], completions: list[list[int]],
+                            pad_id: int) -> tuple[float, int]:
+    """Teacher-forced loss summed over the completion tokens of a batch, and their number: summed, so that
+    the set's loss is a mean over tokens, whatever the batches' sizes."""
+    full, full_mask = _left_pad([p + c for p, c in zip(prompts, completions)], pad_id)
+    labels = torch.full_like(full, IGNORE)
+    for r, c in enumerate(completions):
+        labels[r, full.shape[1] - len(c):] = torch.tensor(c)
+    logits = logits_fn(full, full_mask)
+    return loss_from_logits(logits, labels.to(logits.device), "sum").item(), int(labelled_tokens(labels))
 
 
 def hf_model_fns(model, eos_id, pad_id) -> tuple[GenerateFn, LogitsFn]:
@@ -192,8 +211,6 @@ def run(cfg, sets: dict[str, str], compositions: dict[str, str], base_models: li
 
 
 def _named(items: list[str], what: str, default_name: str) -> dict[str, str]:
-    from .config import ConfigError
-
     named = {}
     for item in items:
         name, path = item.split("=", 1) if "=" in item else (default_name, item)
@@ -204,7 +221,7 @@ def _named(items: list[str], what: str, default_name: str) -> dict[str, str]:
 
 
 def main(args) -> int:
-    from .config import ConfigError, load_config
+    from .config import load_config
 
     cfg = load_config(args.config, args.overrides)
     sets = _named(args.set, "--set", "eval")

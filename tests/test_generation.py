@@ -15,12 +15,13 @@ def build(aug_families=("gpt2",)):
     return model
 
 
-def left_padded_prompts():
+def left_padded_prompts(pads=(0, 4, 2)):
+    """Prompts of 9 positions, row r left-padded with pads[r] pad tokens."""
     g = torch.Generator().manual_seed(3)
-    x = torch.randint(3, VOCAB, (3, 9), generator=g)
+    x = torch.randint(3, VOCAB, (len(pads), 9), generator=g)
     mask = torch.ones_like(x)
-    x[1, :4], mask[1, :4] = 0, 0
-    x[2, :2], mask[2, :2] = 0, 0
+    for row, pad in enumerate(pads):
+        x[row, :pad], mask[row, :pad] = 0, 0
     return x, mask
 
 
@@ -79,16 +80,30 @@ def test_at_init_generation_equals_the_anchor():
     assert torch.equal(ours, theirs)
 
 
+def stop_steps(new_tokens: torch.Tensor, eos: int) -> list[int | None]:
+    """Per row, the step at which `eos` first appears among the new tokens (None: never)."""
+    return [row.index(eos) if eos in row else None for row in new_tokens.tolist()]
+
+
 def test_eos_stops_and_pads_like_transformers():
-    model = build()
-    x, mask = left_padded_prompts()
-    free = model.generate(x, attention_mask=mask, max_new_tokens=8, eos_token_id=-1, pad_token_id=0)
-    eos = int(free[0, 9 + 2])  # make row 0's third new token the eos
-    out = model.generate(x, attention_mask=mask, max_new_tokens=8, eos_token_id=eos, pad_token_id=0)
-    assert out.shape == free.shape
-    row = out[0, 9:].tolist()
-    first = row.index(eos)
-    assert first <= 2 and all(t == 0 for t in row[first + 1:])
+    """At init the composition is its anchor: with an eos that rows reach at different steps (one never), every
+    row equals transformers' own generate, padding after the eos included."""
+    anchor = tiny_model("llama", seed=1, hidden=48, layers=6)
+    reference = tiny_model("llama", seed=1, hidden=48, layers=6)
+    model = ComposedModel.from_pretrained(anchor, [tiny_model("gpt2", hidden=32, layers=4)])
+    x, mask = left_padded_prompts(pads=(0, 4, 2, 0, 5, 1, 3, 0))
+    kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    free = reference.generate(x, eos_token_id=-1, **kw)[:, 9:]
+    # the token whose first appearances are spread over the most steps, some row never reaching it
+    eos = max(free.unique().tolist(), key=lambda t: (None in stop_steps(free, t), len(set(stop_steps(free, t)))))
+    steps = stop_steps(free, eos)
+    assert None in steps and len({s for s in steps if s is not None}) >= 2, steps
+    ours = model.generate(x, attention_mask=mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=0)
+    theirs = reference.generate(x, eos_token_id=eos, **kw)
+    assert torch.equal(ours, theirs)
+    for row, step in zip(ours[:, 9:].tolist(), steps):
+        if step is not None:
+            assert row[step] == eos and all(t == 0 for t in row[step + 1:])
 
 
 def test_sampling_is_seeded_and_respects_top_k():

@@ -13,9 +13,14 @@ TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, TOOLS)
 
 import make_kv_task  # noqa: E402
+import pretrain_tiny  # noqa: E402
+import torch  # noqa: E402
 from kv_task import task as T  # noqa: E402
 from kv_task import tokenizer as tok  # noqa: E402
-from kv_task.evaluate import read_jsonl  # noqa: E402
+from kv_task.evaluate import exact_match, read_jsonl  # noqa: E402
+
+from calm_dist.data import Tokenizer  # noqa: E402
+from calm_dist.evaluate import evaluate_set  # noqa: E402
 
 SMALL = T.TaskSettings(seed=3, n_keys=200, n_values=10, dc_frac=0.2, n_dc_train=400, dc_arith_frac=0.25,
                        n_kv_sub_train=300, n_eval=60)
@@ -200,7 +205,6 @@ def test_tokenizer_round_trips(built):
 
 # -------------------------------------------------------------------------------- pretrain_tiny helpers
 def test_base_models_share_vocab_and_special_ids(built):
-    pretrain_tiny = pytest.importorskip("pretrain_tiny")
     out, man = built
     task = pretrain_tiny.Task(out)
     anchor = pretrain_tiny.build_model(task.vocab_size, 16, 1, 4, 32, False, 0, "llama")
@@ -211,8 +215,6 @@ def test_base_models_share_vocab_and_special_ids(built):
 
 
 def test_number_code_is_fixed_and_distinct():
-    pretrain_tiny = pytest.importorskip("pretrain_tiny")
-    import torch
     nums = T.numbers(10)
     a, b = pretrain_tiny.number_code(nums, 64), pretrain_tiny.number_code(nums, 64)
     assert torch.equal(a, b) and a.shape == (len(nums), 64)
@@ -222,7 +224,6 @@ def test_number_code_is_fixed_and_distinct():
 
 
 def test_pairs_sampler_puts_the_loss_on_values_only(built):
-    pretrain_tiny = pytest.importorskip("pretrain_tiny")
     import random
     out, _ = built
     task = pretrain_tiny.Task(out)
@@ -238,3 +239,43 @@ def test_pairs_sampler_puts_the_loss_on_values_only(built):
             if row[t] in value:  # a key: not scored, and the next token is its value (scored)
                 assert lrow[t] == -100 and row[t + 1] == value[row[t]] and lrow[t + 1] == row[t + 1]
         assert sum(x != -100 for x in lrow) == 4 + 1
+
+
+# ------------------------------------------------------------------------------------------ scoring
+class Answering(torch.nn.Module):
+    """A causal LM stand-in whose greedy continuation of each prompt is the ids `answers` holds for it."""
+
+    def __init__(self, answers: dict[tuple, list[int]], vocab_size: int):
+        super().__init__()
+        self.answers, self.vocab_size = answers, vocab_size
+
+    def forward(self, input_ids, attention_mask=None):
+        nxt = []
+        for row in input_ids.tolist():
+            prompt = next(p for p in self.answers if tuple(row[:len(p)]) == p)
+            nxt.append((self.answers[prompt] + [tok.PAD_ID] * len(row))[len(row) - len(prompt)])
+        logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], self.vocab_size)
+        logits[:, -1] = torch.nn.functional.one_hot(torch.tensor(nxt), self.vocab_size).float()
+        return type("Output", (), {"logits": logits})()
+
+
+def test_the_tools_score_exact_match_as_calm_dist_eval_does(built):
+    """tools/kv_task's exact_match (pretraining's metric) is calm-dist eval's definition: of rows answered and
+    stopped, answered and run on with `<s> <s>`, and answered wrongly, only the first kind counts, in both."""
+    out, _ = built
+    tokenizer = Tokenizer(os.path.join(out, "tokenizer.model"))
+    records = data(out, "eval_arith")[:12]
+    answers = {}
+    for i, r in enumerate(records):
+        completion = tokenizer.encode(r["completion"])
+        answers[tuple([tok.BOS_ID] + tokenizer.encode(r["prompt"]))] = [
+            completion + [tok.EOS_ID], completion + [tok.BOS_ID] * 2, [tok.EOS_ID]][i % 3]
+    model = Answering(answers, tokenizer.vocab_size)
+
+    def generate(ids, mask, n):  # every prompt of the task has the same length: no padding to strip
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        return ids
+
+    package = evaluate_set(generate, lambda ids, mask: model(ids).logits, tokenizer, records, batch_size=5)
+    assert exact_match(model, tokenizer, records, batch_size=5) == package.exact_match == 4 / 12

@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+from calm_dist.data import Tokenizer  # noqa: E402
 from kv_task import task as T  # noqa: E402
 from kv_task.evaluate import exact_match, next_token_accuracy, read_jsonl  # noqa: E402
 from kv_task.tokenizer import BOS_ID, EOS_ID, PAD_ID, encode_record, load_tokenizer  # noqa: E402
@@ -58,6 +59,7 @@ class Task:
         with open(os.path.join(task_dir, "manifest.json")) as f:
             self.manifest = json.load(f)
         self.sp = load_tokenizer(os.path.join(task_dir, "tokenizer.model"))
+        self.tokenizer = Tokenizer(os.path.join(task_dir, "tokenizer.model"))  # what calm_dist scores with
         with open(os.path.join(task_dir, "keys.json")) as f:
             self.keys = json.load(f)
         self.n_values = self.manifest["settings"]["n_values"]
@@ -288,7 +290,7 @@ def pretrain_one(which: str, task: Task, out: str, a: argparse.Namespace) -> dic
     if which == "anchor":
         sampler = RecordSampler(sp, task.data("arith_train"), rng)
         ev = task.data("eval_arith")
-        evals = {"arith": lambda m: exact_match(m, sp, ev)}
+        evals = {"arith": lambda m: exact_match(m, task.tokenizer, ev)}
     else:
         facts = task.data("kv_facts")
         if s["number_facts"]:
@@ -300,10 +302,10 @@ def pretrain_one(which: str, task: Task, out: str, a: argparse.Namespace) -> dic
         kv = task.data("kv_facts")
         random.Random(0).shuffle(kv)
         kv = kv[:300]
-        evals = {"kv_facts": lambda m: next_token_accuracy(m, sp, kv)}
+        evals = {"kv_facts": lambda m: next_token_accuracy(m, task.tokenizer, kv)}
         if s["format"] != "pairs":
             ev = task.data("eval_kv_sub_heldout")[:200]
-            evals["kv_sub"] = lambda m: exact_match(m, sp, ev)
+            evals["kv_sub"] = lambda m: exact_match(m, task.tokenizer, ev)
     after_step = None
     if s["number_embedding"] == "sinusoidal":
         after_step = fix_number_embeddings(model, task, s["number_scale"])
@@ -330,11 +332,10 @@ def pretrain_one(which: str, task: Task, out: str, a: argparse.Namespace) -> dic
 
 def evaluate_base(model, task: Task, n: int = 500) -> dict:
     """Greedy exact match on the task's eval sets, and the next-token accuracy of key -> value."""
-    sp = task.sp
     out = {}
     for name in ("eval_arith", "eval_kv_sub_heldout", "eval_kv_arith_heldout"):
-        out["em_" + name[5:]] = exact_match(model, sp, task.data(name)[:n])
-    out["acc_kv_facts"] = next_token_accuracy(model, sp, task.data("kv_facts"))
+        out["em_" + name[5:]] = exact_match(model, task.tokenizer, task.data(name)[:n])
+    out["acc_kv_facts"] = next_token_accuracy(model, task.tokenizer, task.data("kv_facts"))
     return out
 
 
