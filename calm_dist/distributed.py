@@ -6,9 +6,12 @@ it the same way); a bare `python train.py` is world 1 on 127.0.0.1.
 """
 from __future__ import annotations
 
+import errno
+import ipaddress
 import json
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -130,13 +133,95 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
 
 
 def init_process_group(env: DistEnv, timeout_s: int) -> None:
+    """Join the process group through a rendezvous store that listens on MASTER_ADDR only, then let DeepSpeed
+    adopt the group. Under torchrun the agent already hosts the store, and the ranks only connect to it."""
     from datetime import timedelta
 
     import deepspeed
+    import torch
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
 
     env.export()
     disable_shared_memory_allreduce()
-    deepspeed.init_distributed(dist_init_required=True, timeout=timedelta(seconds=timeout_s))
+    keep_gloo_on_loopback()
+    timeout = timedelta(seconds=timeout_s)
+    if not dist.is_initialized() and not torchrun_agent_hosts_store():
+        accelerator = get_accelerator()
+        # DeepSpeed binds each rank's GPU to the group on CUDA (eager NCCL set-up); so do we, as it would.
+        bind_gpu = accelerator.device_name() == "cuda" and env.world_size > 1
+        dist.init_process_group(accelerator.communication_backend_name(), store=rendezvous_store(env, timeout),
+                                rank=env.rank, world_size=env.world_size, timeout=timeout,
+                                device_id=torch.device("cuda", env.local_rank) if bind_gpu else None)
+    deepspeed.init_distributed(dist_init_required=True, timeout=timeout)
+
+
+def torchrun_agent_hosts_store(environ=os.environ) -> bool:
+    """torchrun's agent sets this when its own store (on MASTER_ADDR:MASTER_PORT) serves the ranks too."""
+    return environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
+def rendezvous_store(env: DistEnv, timeout):
+    """Rank 0 hosts the TCPStore on a socket bound to MASTER_ADDR (torch's own listens on every interface);
+    the other ranks connect to it."""
+    from torch.distributed import TCPStore
+
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    listen_fd = bound_listener(addr, port) if env.is_main else None
+    return TCPStore(addr, port, env.world_size, is_master=env.is_main, timeout=timeout, master_listen_fd=listen_fd)
+
+
+def bound_listener(addr: str, port: int) -> int | None:
+    """A listening socket on `addr`:`port` whose descriptor the store takes over; None when `addr` is not an
+    address of this host (a service or NAT address), where only torch's listener on every interface serves."""
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise ConfigError(f"MASTER_ADDR={addr} does not resolve: {e.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a requeued job rebinds its port in TIME_WAIT
+    try:
+        sock.bind(sockaddr)
+        sock.listen(socket.SOMAXCONN)
+    except OSError as e:
+        sock.close()
+        if e.errno != errno.EADDRNOTAVAIL:
+            raise ConfigError(f"the rendezvous store cannot listen on MASTER_ADDR:MASTER_PORT={addr}:{port}: "
+                              f"{e.strerror}") from None
+        print(f"warning: MASTER_ADDR={addr} is not an address of this host: the rendezvous store listens on "
+              "every interface", file=sys.stderr, flush=True)
+        return None
+    return sock.detach()
+
+
+def keep_gloo_on_loopback(environ=os.environ, hostname: str | None = None) -> None:
+    """Gloo listens on the address this host's name resolves to (unless GLOO_SOCKET_IFNAME names an interface).
+    A loopback MASTER_ADDR puts every rank on this host, so when the name resolves elsewhere gloo is sent to
+    the loopback interface instead of a reachable address."""
+    if "GLOO_SOCKET_IFNAME" in environ or not only_loopback(environ["MASTER_ADDR"]):
+        return
+    if only_loopback(hostname or socket.gethostname()):
+        return
+    name = loopback_interface()
+    if name:
+        environ["GLOO_SOCKET_IFNAME"] = name
+
+
+def only_loopback(host: str) -> bool:
+    """Every address `host` resolves to is a loopback one (False when it does not resolve)."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return False
+    return all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+def loopback_interface(net: Path = Path("/sys/class/net")) -> str | None:
+    """The interface flagged IFF_LOOPBACK (Linux's `lo`); None where /sys/class/net does not exist."""
+    for flags in sorted(net.glob("*/flags")):
+        if int(flags.read_text(), 16) & 0x8:
+            return flags.parent.name
+    return None
 
 
 def shut_down_process_group() -> None:

@@ -88,7 +88,12 @@ class LocalServer:
         return self._script("status", timeout=30).returncode == 0
 
     def down(self) -> None:
-        self._script("down", timeout=60)
+        """Stop the server with the script, and check it did: `down` signals only a pid it recognises as this
+        directory's server, so a server it failed to recognise would outlive the tests."""
+        pid = self.pid
+        r = self._script("down", timeout=60)
+        if pid is not None and running(pid):
+            raise AssertionError(f"local_mlflow.sh down left server {pid} running:\n{r.stdout}\n{r.stderr}")
 
     def kill(self) -> None:
         """Crash the server: SIGKILL its whole process group, no clean shutdown."""
@@ -113,6 +118,16 @@ class LocalServer:
             return "\n".join((self.dir / "server.log").read_text(errors="replace").splitlines()[-n:])
         except OSError:
             return "(no server.log)"
+
+
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie (a zombie still answers kill 0)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def start_or_skip(server: LocalServer) -> None:

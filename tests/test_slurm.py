@@ -25,12 +25,13 @@ from slurm_cluster import REPO, SlurmCluster, slurm_cluster  # noqa: F401  (the 
 TRAIN_SH = REPO / "slurm" / "train_composed.sh"
 CACHE_SH = REPO / "slurm" / "cache_augmenter.sh"
 LOCAL_SLURM = REPO / "tools" / "local_slurm.sh"
+LOCAL_MLFLOW = REPO / "tools" / "local_mlflow.sh"
 CPUS = str(min(2, os.cpu_count() or 1))      # cpus-per-task for a 2-rank node (ranks are not pinned)
 JOB_TIMEOUT = 600                            # seconds a training job may take here (2 shared cores)
 
 
 # ---- fast: no cluster ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("script", [TRAIN_SH, CACHE_SH, LOCAL_SLURM], ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [TRAIN_SH, CACHE_SH, LOCAL_SLURM, LOCAL_MLFLOW], ids=lambda p: p.name)
 def test_script_parses(script):
     r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -3,6 +3,7 @@
 #
 #   tools/local_mlflow.sh up     [--dir DIR] [--port P]   start (or reuse) a server, wait until healthy
 #   tools/local_mlflow.sh down   [--dir DIR]              stop it (TERM its process group, then KILL)
+#                                                         only when the pid is this DIR's server
 #   tools/local_mlflow.sh status [--dir DIR]              exit 0 and print the URI when it is healthy
 #
 # Defaults: DIR=$MLFLOW_LOCAL_DIR or <repo>/mlruns (git-ignored), P=$MLFLOW_LOCAL_PORT or 5000.
@@ -13,7 +14,7 @@
 set -euo pipefail
 
 usage() {
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -90,12 +91,29 @@ descendants() {  # all descendants of a pid, deepest first
 read_pid() { [ -f "$PIDFILE" ] && tr -dc '0-9' <"$PIDFILE" || true; }
 read_port() { [ -f "$PORTFILE" ] && tr -dc '0-9' <"$PORTFILE" || true; }
 
+# our_server PID: PID runs `mlflow server` on this DIR's store and port, as `up` started it. A pid file can
+# outlive its server (a crash, a reboot) and its number can be reused by any process, which must not be signalled.
+our_server() {
+    local pid="$1" port args
+    port="$(read_port)"
+    alive "$pid" && [ -n "$port" ] || return 1
+    args="$(tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null)" || return 1
+    grep -qx -- mlflow <<<"$args" && grep -qx -- server <<<"$args" &&
+        grep -qxF -- "sqlite:///$DIR/mlflow.db" <<<"$args" &&
+        grep -A1 -x -- --port <<<"$args" | tail -n1 | grep -qxF -- "$port"
+}
+
 stop_server() {
     local pid kids deadline
     pid="$(read_pid)"
     if [ -z "$pid" ] || ! alive "$pid"; then
         rm -f "$PIDFILE" "$PORTFILE"
         echo "local_mlflow.sh: no server running for $DIR"
+        return 0
+    fi
+    if ! our_server "$pid"; then
+        rm -f "$PIDFILE" "$PORTFILE"
+        echo "local_mlflow.sh: no server running for $DIR (pid $pid in $PIDFILE is another process: left alone)"
         return 0
     fi
     kids="$(descendants "$pid")"
@@ -114,7 +132,7 @@ stop_server() {
 case "$CMD" in
 up)
     pid="$(read_pid)"
-    if [ -n "$pid" ] && alive "$pid"; then
+    if [ -n "$pid" ] && our_server "$pid"; then
         oldport="$(read_port)"
         if [ "$PORT_GIVEN" = 1 ] && [ "$oldport" != "$PORT" ]; then
             echo "local_mlflow.sh: a server for $DIR already runs on port $oldport (pid $pid); 'down' it first" >&2
@@ -170,11 +188,11 @@ down)
 status)
     pid="$(read_pid)"
     port="$(read_port)"
-    if [ -n "$pid" ] && alive "$pid" && [ -n "$port" ] && healthy "$port"; then
+    if [ -n "$pid" ] && our_server "$pid" && healthy "$port"; then
         echo "local_mlflow.sh: running (pid $pid) on http://127.0.0.1:$port (store $DIR/mlflow.db)"
         echo "export MLFLOW_TRACKING_URI=http://127.0.0.1:$port"
         exit 0
-    elif [ -n "$pid" ] && alive "$pid"; then
+    elif [ -n "$pid" ] && our_server "$pid"; then
         echo "local_mlflow.sh: process $pid is alive but http://127.0.0.1:${port:-?}/health does not answer OK"
         exit 1
     fi

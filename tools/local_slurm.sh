@@ -6,6 +6,9 @@
 #   tools/local_slurm.sh down   [--dir DIR]                               stop everything it started
 #   tools/local_slurm.sh env    [--dir DIR]                               print the export line only
 #
+# DIR (default /run/calm_dist_slurm, or $LOCAL_SLURM_DIR) must be private: created here with mode 700, or an
+# existing directory owned by the caller with no group/other access, reached only through directories that
+# nobody else can rename. Anything else is refused: root runs what it finds in DIR (state, munge key, conf).
 # `up` prints `export SLURM_CONF=DIR/slurm.conf` on stdout (everything else goes to stderr), so
 #   eval "$(tools/local_slurm.sh up)"
 # leaves the shell ready for sbatch/squeue/scontrol.
@@ -22,6 +25,7 @@
 #     stated as `slurmd -C` prints it; state, spool, logs and pid files under DIR.
 #   * `down` cancels the jobs, stops the daemons by PID (state read from /proc/PID/stat: zombies answer
 #     kill -0), then ends any process left in the private mount namespace (leftover job steps).
+#   * DIR/cluster.env holds KEY=VALUE lines from a fixed list; it is parsed and validated, never sourced.
 # Only loopback addresses (127.0.0.0/8) appear in the configuration. Slurm has no bind-address option:
 # the daemons listen on their ports on every interface, and munge authenticates every message.
 # Needs root (the daemons run as root; apt-get installs the packages when they are missing).
@@ -36,7 +40,7 @@ log() { printf '%s: %s\n' "$PROG" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 usage() {
-    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit "${1:-2}"
 }
 
@@ -50,7 +54,7 @@ case "$CMD" in
 esac
 shift
 NODES=${LOCAL_SLURM_NODES:-2}
-DIR=${LOCAL_SLURM_DIR:-/tmp/calm_dist_slurm}
+DIR=${LOCAL_SLURM_DIR:-/run/calm_dist_slurm}
 PORT=${LOCAL_SLURM_PORT:-}
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -65,11 +69,45 @@ while [ $# -gt 0 ]; do
     esac
 done
 case "$NODES" in 1|2) ;; *) die "--nodes must be 1 or 2 (got $NODES)" ;; esac
-mkdir -p "$DIR"
-DIR=$(cd "$DIR" && pwd -P)
+
+# ---------------------------------------------------------------- the private directory
+# A directory nobody else can rename or replace: owned by root or the caller, and when group/world-writable
+# (/tmp) sticky, so that only its owner can move what is inside.
+safe_ancestor() {
+    local owner mode
+    owner=$(stat -c %u -- "$1") mode=$((8#$(stat -c %a -- "$1")))
+    [ "$owner" = 0 ] || [ "$owner" = "$2" ] || return 1
+    [ $((mode & 8#022)) = 0 ] || [ $((mode & 8#1000)) != 0 ]
+}
+
+# Create DIR with mode 700, or accept an existing one only when it is the caller's and private; print its
+# physical path.
+private_dir() {
+    local dir=$1 uid parent mode
+    uid=$(id -u)
+    mkdir -p -- "$(dirname -- "$dir")"
+    mkdir -m 700 -- "$dir" 2>/dev/null || true
+    [ -d "$dir" ] || die "$dir is not a directory"
+    dir=$(cd -P -- "$dir" && pwd)
+    [ "$(stat -c %u -- "$dir")" = "$uid" ] ||
+        die "$dir belongs to uid $(stat -c %u -- "$dir"), not to the caller (uid $uid): refusing it; pick another --dir"
+    mode=$(stat -c %a -- "$dir")
+    [ $((8#$mode & 8#077)) = 0 ] ||
+        die "$dir has mode $mode (group/other access): refusing it; use a private directory (mode 700)"
+    parent=$dir
+    while [ "$parent" != / ]; do
+        parent=$(dirname -- "$parent")
+        safe_ancestor "$parent" "$uid" ||
+            die "$parent (above $dir; $(stat -c 'uid %u, mode %a' -- "$parent")) lets another user rename it:" \
+                "refusing it"
+    done
+    echo "$dir"
+}
+
+DIR=$(private_dir "$DIR")
 CONF=$DIR/slurm.conf
 MUNGE_SOCKET=$DIR/munge/munge.socket
-STATE_FILE=$DIR/cluster.env      # written by `up`: NODES, PORT, KEEPER_PID, KEEPER_START, MNT_NS
+STATE_FILE=$DIR/cluster.env      # written by `up`: KEEPER_PID, KEEPER_START, MNT_NS, RUN_NODES, RUN_PORT
 
 export SLURM_CONF=$CONF
 
@@ -105,11 +143,29 @@ stop_pid() {
     log "warning: $name (pid $pid) still present after KILL"
 }
 
+# One KEY=VALUE line of the state file: the key from the fixed list, the value of its expected form.
+valid_state() {
+    case "$1" in
+        KEEPER_PID|KEEPER_START|RUN_PORT) [[ $2 =~ ^[0-9]{1,20}$ ]] ;;
+        RUN_NODES) [[ $2 =~ ^[12]$ ]] ;;
+        MNT_NS) [[ $2 =~ ^mnt:\[[0-9]{1,20}\]$ ]] ;;
+        *) return 1 ;;
+    esac
+}
+
+# Parsed, never sourced: a value is assigned as text and nothing in the file runs.
 load_state() {
     KEEPER_PID='' KEEPER_START='' MNT_NS='' RUN_NODES='' RUN_PORT=''
     [ -f "$STATE_FILE" ] || return 0
-    # shellcheck disable=SC1090
-    . "$STATE_FILE"
+    local line key n=0
+    while IFS= read -r line || [ -n "$line" ]; do
+        n=$((n + 1))
+        key=${line%%=*}
+        valid_state "$key" "${line#*=}" ||
+            die "$STATE_FILE line $n is not one of its KEY=VALUE lines; stop the cluster's processes and" \
+                "remove the file"
+        printf -v "$key" '%s' "${line#*=}"
+    done <"$STATE_FILE"
 }
 
 keeper_alive() {
@@ -315,7 +371,7 @@ save_state() {
     cat >"$STATE_FILE" <<EOF
 KEEPER_PID=$KEEPER_PID
 KEEPER_START=$KEEPER_START
-MNT_NS='$MNT_NS'
+MNT_NS=$MNT_NS
 RUN_NODES=$NODES
 RUN_PORT=$RUN_PORT
 EOF
