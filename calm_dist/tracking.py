@@ -23,8 +23,10 @@ the final status) is appended, in order, to ``<output_dir>/mlflow_offline/<run>-
 A background thread probes the store at most every ``retry_interval_s`` seconds, so the training loop
 never waits on the network; once the probe succeeds, the next call sends the backlog in order (in
 batches of up to 1,000 metrics, with their original steps and timestamps) and deletes the file. What is
-still unsent at :meth:`Tracker.close` stays in that file, and a warning prints the command that sends
-it later::
+still unsent at :meth:`Tracker.close` stays in that file. The next Tracker started on the same output
+directory (a resumed job) sends it first, through the same sender as ``import-offline``, and a resumed
+job continues the run those records create; ``<output_dir>/mlflow_run.json`` notes the run once it exists,
+for a job resumed from a checkpoint written before it did. By hand, a warning prints the command::
 
     python -m calm_dist.tracking import-offline FILE [--tracking-uri URI]
 
@@ -80,11 +82,13 @@ from .tracking_store import (  # noqa: F401  (re-exported: the public names of c
     _write_offline_file,
     read_offline_file,
     import_offline,
+    probe_tracking_store,
     _calm_dist_version,
     _git_commit,
 )
 
 log = logging.getLogger(__name__)
+RUN_NOTE = "mlflow_run.json"  # in the output directory: the run its job logs to
 
 # ----------------------------------------------------------------------------------------------------
 # the tracker
@@ -134,6 +138,8 @@ class Tracker:
         self._closed = False
         self._warned_not_started = False
         self._rejected_warned: set[str] = set()
+        self._noted: str | None = None  # the run id last written to <output_dir>/mlflow_run.json
+        self._adopting = False          # sending the records earlier processes left
         self.outages = 0           # how many times the store became unreachable
         self.records_buffered = 0  # how many records went through the offline file
 
@@ -149,11 +155,13 @@ class Tracker:
         return self._offline_path if self._offline else None
 
     def start(self, params: Any = None, *, run_id: str | None = None,
-              tags: dict | None = None) -> str | None:
+              tags: dict | None = None, resuming: bool = False) -> str | None:
         """Create the run (logging ``params`` flattened) or, with ``run_id`` or env MLFLOW_RUN_ID,
-        reattach that run without re-logging params. Returns the run id; None off the main process,
-        or while a new run waits to be created because the store is unreachable (then read
-        ``tracker.run_id`` later)."""
+        reattach that run without re-logging params. Records that earlier processes left in
+        ``<output_dir>/mlflow_offline`` are sent first. ``resuming`` without a run id (a checkpoint written
+        before its run could be created) continues the run those records create, else the run that
+        ``<output_dir>/mlflow_run.json`` names. Returns the run id; None off the main process, or while a new run
+        waits to be created because the store is unreachable (then read ``tracker.run_id`` later)."""
         if not self.active:
             return None
         if self._started:
@@ -163,7 +171,7 @@ class Tracker:
         cfg = self.cfg
         self.tracking_uri = resolve_tracking_uri(cfg.tracking_uri, self.output_dir)
         self.experiment = cfg.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
-        resume_id = run_id or os.environ.get("MLFLOW_RUN_ID") or None
+        resume_id = run_id or os.environ.get("MLFLOW_RUN_ID") or (self._noted_run_id() if resuming else None)
 
         all_tags = default_tags()
         try:
@@ -185,12 +193,19 @@ class Tracker:
         db = _sqlite_path(self.tracking_uri)
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
-        self._warn_leftover_files()
+        earlier = self._adopt_leftover_files()
 
         from mlflow import MlflowClient
 
         self._client = MlflowClient(self.tracking_uri)
         self._sender = _Sender(self._client, resume_id)
+        if earlier:  # sent, or written into this process's offline file: either way their files are done with
+            self._adopting = True  # no system metrics before this process's own run record
+            self._drain(budget_s=None)
+            self._adopting = False
+            for path in earlier:
+                if path != self._offline_path:
+                    path.unlink(missing_ok=True)
         create = {
             "experiment": self.experiment,
             "artifact_location": _default_artifact_location(self.tracking_uri, self.experiment),
@@ -199,8 +214,8 @@ class Tracker:
             "params": flat,
             "start_time": _now_ms(),
         }
-        if resume_id:
-            self.run_id = resume_id
+        if resume_id or (earlier and resuming):  # without an id: the run the earlier records created
+            self.run_id = resume_id or self.run_id
             first = {"type": "attach", "run_id": resume_id, **create}
         else:
             first = {"type": "create", **create}
@@ -263,9 +278,9 @@ class Tracker:
                 self._offline_fh.close()
                 self._offline_fh = None
             log.warning(
-                "MLflow: %d records could not be sent to %s; they are kept in %s. "
-                "Send them later with: %s", len(self._pending), self.tracking_uri, path,
-                _IMPORT_HINT.format(path=path))
+                "MLflow: %d records could not be sent to %s; they are kept in %s. A job resumed in %s "
+                "sends them first; or send them with: %s", len(self._pending), self.tracking_uri, path,
+                self.output_dir, _IMPORT_HINT.format(path=path))
 
     def __enter__(self) -> "Tracker":
         return self
@@ -319,6 +334,7 @@ class Tracker:
                     raise e.exc
                 self._reject(self._pending.popleft(), e.exc)
         self.run_id = self._sender.run_id
+        self._note_run()
         if self._offline:
             if self._pending:     # out of budget: keep the rest for the next calls
                 self._rewrite_offline()
@@ -330,6 +346,7 @@ class Tracker:
 
     def _lost_connection(self, exc: BaseException) -> None:
         self.run_id = self._sender.run_id
+        self._note_run()
         if not self._offline:
             self._offline = True
             self.outages += 1
@@ -397,15 +414,55 @@ class Tracker:
             log.warning("MLflow rejected a %s record (%s: %s); it is kept in %s",
                         rec.get("type"), type(exc).__name__, str(exc)[:300], path)
 
-    def _warn_leftover_files(self) -> None:
+    def _adopt_leftover_files(self) -> list[Path]:
+        """Queue the records of the offline files earlier processes left (oldest first), each behind a
+        ``run`` record naming the run it was logging to, if it had one: the same records and the same
+        sender as ``import-offline``, so this job's records follow its earlier ones into one run. A file
+        that cannot be read stays, with a warning."""
         d = self.output_dir / OFFLINE_DIRNAME
         if not d.is_dir():
+            return []
+        files = []
+        for path in d.glob("*.jsonl"):
+            if path.name.endswith(".rejected.jsonl"):
+                continue
+            try:
+                header, records = read_offline_file(path)
+            except (OSError, ValueError) as e:
+                log.warning("MLflow: cannot read the offline file %s (%s); send it by hand: %s", path, e,
+                            _IMPORT_HINT.format(path=path))
+                continue
+            files.append((header.get("created", 0), path.name, path, header, records))
+        files.sort()
+        for *_, header, records in files:
+            if header.get("run_id"):
+                self._pending.append({"type": "run", "run_id": header["run_id"]})
+            self._pending.extend(records)
+        paths = [path for _, _, path, _, _ in files]
+        if paths:
+            log.info("MLflow: sending what earlier processes buffered: %s", ", ".join(map(str, paths)))
+        return paths
+
+    # the run this output directory logs to, noted once it exists: a checkpoint written while the store was
+    # unreachable holds no run id, and the job resumed from it must still continue that run
+    def _note_run(self) -> None:
+        if self.run_id is None or self.run_id == self._noted:
             return
-        left = sorted(p for p in d.glob("*.jsonl") if not p.name.endswith(".rejected.jsonl"))
-        if left:
-            log.warning("MLflow: %d offline file(s) from earlier processes were never sent: %s. "
-                        "Send each with: %s", len(left), ", ".join(map(str, left)),
-                        _IMPORT_HINT.format(path="FILE"))
+        path = self.output_dir / RUN_NOTE
+        tmp = path.with_name(path.name + ".tmp")
+        self._noted = self.run_id  # tried once per run: a full disk must not stop training
+        try:
+            tmp.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": self.tracking_uri,
+                                       "experiment": self.experiment}) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as e:
+            log.warning("MLflow: cannot note run %s in %s (%s)", self.run_id, path, e)
+
+    def _noted_run_id(self) -> str | None:
+        try:
+            return json.loads((self.output_dir / RUN_NOTE).read_text(encoding="utf-8"))["run_id"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     # probe thread: tells the main thread when the store answers again
     def _start_probe_thread(self) -> None:
@@ -440,7 +497,8 @@ class Tracker:
     # system metrics (best effort: mlflow's monitor stops itself when the store is unreachable and
     # is restarted, continuing its step count, once the store is back)
     def _start_sysmon(self) -> None:
-        if not self.cfg.system_metrics or self._sysmon_failed or self._offline or self.run_id is None:
+        if (not self.cfg.system_metrics or self._sysmon_failed or self._offline or self.run_id is None
+                or self._adopting):
             return
         mon = self._sysmon
         if mon is not None and mon._process is not None and mon._process.is_alive():

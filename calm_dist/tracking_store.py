@@ -13,11 +13,14 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from .config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,8 @@ _MAX_METRICS_PER_BATCH = 1000
 _MAX_PARAM_VAL_LENGTH = 6000
 _MAX_TAG_VAL_LENGTH = 8000
 _IMPORT_HINT = "python -m calm_dist.tracking import-offline {path}"
+# Validation waits this long at most for the store's answer (probe_tracking_store).
+PROBE_TIMEOUT_S = 5.0
 
 
 
@@ -238,12 +243,82 @@ def _get_or_create_experiment(client, name, artifact_location=None) -> tuple[str
     else:
         how = "existing"
     if exp.lifecycle_stage != "active":
-        raise MlflowException(
-            f"MLflow experiment {name!r} (id {exp.experiment_id}) is deleted: restore it with "
-            f"`mlflow experiments restore --experiment-id {exp.experiment_id}` or pick another name",
-            error_code="INVALID_STATE",
-        )
+        raise MlflowException(deleted_experiment(name, exp.experiment_id, client.tracking_uri),
+                              error_code="INVALID_STATE")
     return exp.experiment_id, how
+
+
+def deleted_experiment(name: str, experiment_id: str, uri: str) -> str:
+    """Why a deleted experiment is refused, and how to restore it. MLflow keeps a deleted experiment's name
+    taken (and its runs) until it is purged, so a run can be neither created in it nor under its name; restoring
+    is left to the user, who deleted it on purpose or by mistake."""
+    return (f"tracking.experiment: the MLflow experiment {name!r} (id {experiment_id}) at {uri} is deleted; "
+            f"restore it with `MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id "
+            f"{experiment_id}`, or choose another tracking.experiment")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the look at the store during validation
+
+
+def probe_tracking_store(cfg, output_dir: str | Path) -> None:
+    """Ask the tracking store for the experiment, before anything heavy (validation, rank 0 alone: it logs).
+
+    A store MLflow refuses (a 4xx answer, a URI or store kind it does not take) or a deleted experiment is a
+    ConfigError: no record of the run could ever be stored. A store that does not answer within
+    PROBE_TIMEOUT_S is not: training goes on and the Tracker buffers, which one line on stderr says. A local
+    store that does not exist yet is not opened, so validation creates nothing; the run creates it.
+    """
+    if not cfg.enabled:
+        return
+    uri = resolve_tracking_uri(cfg.tracking_uri, output_dir)
+    experiment = cfg.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    local = _sqlite_path(uri) or (Path(uri.removeprefix("file://")) if "://" not in uri or uri.startswith("file:")
+                                  else None)
+    if local is not None and not local.exists():
+        return
+    answer = _ask_for_experiment(uri, experiment)
+    if "experiment" in answer:
+        found = answer["experiment"]
+        if found is not None and found.lifecycle_stage != "active":
+            raise ConfigError(deleted_experiment(experiment, found.experiment_id, uri))
+        return
+    error = answer.get("error")
+    if error is not None and not _is_transient(error):
+        raise ConfigError(f"tracking.tracking_uri: the MLflow tracking store {uri} refuses the run: "
+                          f"{_first_line(error)}")
+    reason = _first_line(error) if error is not None else f"no answer within {PROBE_TIMEOUT_S:g} s"
+    print(f"calm_dist: warning: the MLflow tracking store {uri} does not answer ({reason}); training goes on, "
+          f"buffering its records in {Path(output_dir) / OFFLINE_DIRNAME} until the store answers",
+          file=sys.stderr, flush=True)
+
+
+def _ask_for_experiment(uri: str, name: str) -> dict:
+    """{"experiment": Experiment | None} or {"error": exception}; {} when no answer came in PROBE_TIMEOUT_S.
+    The question runs in a daemon thread: a store that hangs (a black-holed host, a database that never
+    accepts) delays validation by the timeout alone, whatever MLflow's own retries and timeouts."""
+    from mlflow import MlflowClient
+
+    apply_http_defaults()
+    answer: dict = {}
+
+    def ask() -> None:
+        try:
+            answer["experiment"] = MlflowClient(uri).get_experiment_by_name(name)
+        except Exception as e:
+            answer["error"] = e
+
+    thread = threading.Thread(target=ask, name="calm_dist-mlflow-validate", daemon=True)
+    thread.start()
+    thread.join(PROBE_TIMEOUT_S)
+    return dict(answer)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The part of an exception worth one line: the OS error of a failed connection, else its first line."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    errno = re.search(r"\[Errno -?\d+\] [^\"')(]+", text)
+    return errno.group(0).strip() if errno else text[:300]
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -286,7 +361,9 @@ class _Sender:
     """Applies records to one MLflow run, in order. Records are plain JSON-able dicts:
 
     create  {experiment, artifact_location, run_name, tags, params, start_time}
-    attach  {run_id, tags, + the create fields, used if the run no longer exists}
+    attach  {run_id, tags, + the create fields, used if the run no longer exists}; run_id None: the run the
+            records before it established (a job resumed before its run could be created)
+    run     {run_id}     the records after it belong to that run (a file left by an earlier process)
     params  {params}     metrics {step, timestamp, metrics}     tags {tags}
     artifact {path, artifact_path}     dict {artifact_file, data}     end {status, end_time}
     """
@@ -378,34 +455,44 @@ class _Sender:
         if params:
             self._send_params(params)
 
+    def _attach(self, rec):
+        from mlflow.exceptions import MlflowException
+
+        run_id = rec["run_id"] or self.run_id
+        if run_id is None:  # no record before it created a run: this one does
+            rec["type"] = "create"
+            self._create(rec)
+            return
+        try:
+            self.client.get_run(run_id)
+        except MlflowException as e:
+            if e.get_http_status_code() != 404:
+                raise
+            log.warning("MLflow run %s to resume does not exist in this tracking store; "
+                        "starting a new run (tag resumed_from_run_id=%s)", run_id, run_id)
+            tags = dict(rec.get("tags") or {}, resumed_from_run_id=run_id)
+            rec.update({"type": "create", "tags": tags})
+            self._create(rec)
+            return
+        self.run_id = run_id
+        self.attached = True
+        self.run_established = True
+        if self.live:
+            self.client.update_run(self.run_id, status="RUNNING")
+        tags = rec.get("tags") or {}
+        rec.clear()
+        rec.update({"type": "tags", "tags": tags})
+        if tags:
+            self._send_tags(tags)
+
     def _apply(self, rec):
         kind = rec["type"]
         if kind == "create":
             self._create(rec)
         elif kind == "attach":
-            from mlflow.exceptions import MlflowException
-
-            try:
-                self.client.get_run(rec["run_id"])
-            except MlflowException as e:
-                if e.get_http_status_code() != 404:
-                    raise
-                log.warning("MLflow run %s to resume does not exist in this tracking store; "
-                            "starting a new run (tag resumed_from_run_id=%s)", rec["run_id"], rec["run_id"])
-                tags = dict(rec.get("tags") or {}, resumed_from_run_id=rec["run_id"])
-                rec.update({"type": "create", "tags": tags})
-                self._create(rec)
-                return
+            self._attach(rec)
+        elif kind == "run":
             self.run_id = rec["run_id"]
-            self.attached = True
-            self.run_established = True
-            if self.live:
-                self.client.update_run(self.run_id, status="RUNNING")
-            tags = rec.get("tags") or {}
-            rec.clear()
-            rec.update({"type": "tags", "tags": tags})
-            if tags:
-                self._send_tags(tags)
         elif kind == "params":
             self._require_run()
             self._send_params(rec["params"])

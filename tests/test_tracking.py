@@ -11,8 +11,10 @@ import time
 
 import pytest
 
+from calm_dist.config import ConfigError
 from calm_dist.tracking import (
     OFFLINE_DIRNAME,
+    RUN_NOTE,
     Tracker,
     TrackingConfig,
     _get_or_create_experiment,
@@ -21,13 +23,15 @@ from calm_dist.tracking import (
     import_offline,
     main as tracking_main,
     parse_tags,
+    probe_tracking_store,
     read_offline_file,
 )
+from launch import REPO, describe, run_ranks
 
 try:
-    from tests.mlflow_server import free_port, serve
+    from tests.mlflow_server import LocalServer, free_port, serve, start_or_skip
 except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from mlflow_server import free_port, serve
+    from mlflow_server import LocalServer, free_port, serve, start_or_skip
 
 PARAMS = {
     "model": {"anchor": "tiny-llama", "augmenting": ["kv-a"], "pairs": [[1, 1], [3, 3]]},
@@ -372,6 +376,77 @@ def test_import_offline_is_resumable(tmp_path, sqlite_uri):
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
+def test_probe_refuses_what_can_never_log_and_only_warns_when_unreachable(tmp_path, sqlite_uri, capsys):
+    """Validation's look at the store: a deleted experiment, a store kind MLflow refuses and a URI scheme it
+    has no store for are ConfigErrors (one line); a port nobody listens on is one warning line, no error."""
+    client = _client(sqlite_uri)
+    gone = client.create_experiment("probe_deleted")
+    client.delete_experiment(gone)
+    with pytest.raises(ConfigError) as e:
+        probe_tracking_store(TrackingConfig(tracking_uri=sqlite_uri, experiment="probe_deleted"), tmp_path)
+    assert str(e.value) == (
+        f"tracking.experiment: the MLflow experiment 'probe_deleted' (id {gone}) at {sqlite_uri} is deleted; "
+        f"restore it with `MLFLOW_TRACKING_URI={sqlite_uri} mlflow experiments restore --experiment-id {gone}`, "
+        "or choose another tracking.experiment")
+    (tmp_path / "mlruns").mkdir()  # MLflow 3 refuses a file store unless MLFLOW_ALLOW_FILE_STORE is set
+    for uri, refusal in ((str(tmp_path / "mlruns"), "The filesystem tracking backend"),
+                         ("htp://127.0.0.1:5000", "unsupported URI 'htp://127.0.0.1:5000'")):
+        with pytest.raises(ConfigError) as e:
+            probe_tracking_store(TrackingConfig(tracking_uri=uri), tmp_path)
+        assert str(e.value).startswith(f"tracking.tracking_uri: the MLflow tracking store {uri} refuses the run: ")
+        assert refusal in str(e.value) and "\n" not in str(e.value)
+    capsys.readouterr()
+
+    port = free_port()
+    probe_tracking_store(TrackingConfig(tracking_uri=f"http://127.0.0.1:{port}"), tmp_path / "out")
+    assert capsys.readouterr().err.splitlines() == [
+        f"calm_dist: warning: the MLflow tracking store http://127.0.0.1:{port} does not answer ([Errno 111] "
+        f"Connection refused); training goes on, buffering its records in {tmp_path / 'out' / OFFLINE_DIRNAME} "
+        "until the store answers"]
+    probe_tracking_store(TrackingConfig(), tmp_path / "fresh")  # the default sqlite store is not created here
+    probe_tracking_store(TrackingConfig(enabled=False, tracking_uri="htp://x"), tmp_path)
+    assert not (tmp_path / "fresh").exists() and not (tmp_path / "out").exists()
+    assert capsys.readouterr().err == ""
+
+
+def test_resumed_trackers_continue_the_run_an_offline_start_buffered(tmp_path, sqlite_uri):
+    """A job starts with its store unreachable and stops (its checkpoint can name no run); the job resumed
+    later sends those records and continues the run they create; one resumed again, from the same
+    run-less checkpoint after a crash, finds that run in <output_dir>/mlflow_run.json. One run, each step once."""
+    out = tmp_path / "out"
+    first = Tracker(TrackingConfig(tracking_uri=f"http://127.0.0.1:{free_port()}", experiment="offline_resume",
+                                   retry_interval_s=60, system_metrics=False), is_main_process=True, output_dir=out)
+    assert first.start(PARAMS) is None
+    for step in range(1, 4):
+        first.log_metrics({"loss": 1.0 / step}, step)
+    first.close("KILLED")
+    assert first.run_id is None and len(list((out / OFFLINE_DIRNAME).glob("*.jsonl"))) == 1
+
+    reachable = TrackingConfig(tracking_uri=sqlite_uri, experiment="offline_resume", system_metrics=False)
+    second = Tracker(reachable, is_main_process=True, output_dir=out)
+    run_id = second.start({"other": "params"}, resuming=True)
+    assert run_id is not None and not list((out / OFFLINE_DIRNAME).glob("*.jsonl"))
+    assert json.loads((out / RUN_NOTE).read_text())["run_id"] == run_id
+    for step in range(4, 6):
+        second.log_metrics({"loss": 1.0 / step}, step)
+    # a crash: no close, and the checkpoint it resumes from still names no run
+
+    third = Tracker(reachable, is_main_process=True, output_dir=out)
+    assert third.start({"other": "params"}, resuming=True) == run_id
+    for step in range(4, 8):
+        third.log_metrics({"loss": 1.0 / step}, step)
+    third.close()
+
+    client = _client(sqlite_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("offline_resume").experiment_id])
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    assert run.data.params == FLAT  # the first job's, logged once
+    history = client.get_metric_history(run_id, "loss")
+    # the buffered steps once each; 4 and 5 twice, as any steps run again after a crash past the last checkpoint
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 4, 5, 5, 6, 7]
+    assert all(m.value == 1.0 / m.step for m in history)
+
+
 def test_system_metrics_are_logged(tmp_path, sqlite_uri, monkeypatch):
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     tracker = Tracker(TrackingConfig(tracking_uri=sqlite_uri, experiment="sysmetrics"),
@@ -469,3 +544,104 @@ def test_server_killed_mid_run_then_restarted_loses_nothing(mlflow_server, tmp_p
     run = client.get_run(run_id)
     assert run.data.tags["during"] == "outage" and run.info.status == "FINISHED"
     assert run.data.params == {"lr": "0.1"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# training jobs (slow): calm_dist/train.py against a real server
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from tiny import tiny_setup
+
+    return tiny_setup(tmp_path_factory.mktemp("tiny"), n_train=32, n_eval=8)
+
+
+TRAIN_STEPS = 4
+
+
+def train_args(tiny, out, **extra) -> list[str]:
+    items = {"model.anchor": tiny / "anchor", "model.augmenting": f"[{tiny / 'augmenting'}]",
+             "data.train": tiny / "train.jsonl", "data.eval": "null", "data.tokenizer": tiny / "tokenizer.model",
+             "data.cache_dir": tiny / "data_cache", "train.output_dir": out, "train.steps": TRAIN_STEPS,
+             "train.micro_batch_size": 4, "train.global_batch_size": 8, "train.log_every": 1,
+             "tracking.enabled": "true", "tracking.system_metrics": "false", "tracking.retry_interval_s": 60}
+    items.update(extra)
+    return ["--config", str(REPO / "recipes" / "tiny.yaml"), *[f"{k}={v}" for k, v in items.items()]]
+
+
+@pytest.mark.slow
+def test_misconfigured_store_is_one_line_and_exit_2(mlflow_server, tiny, tmp_path, monkeypatch, capsys):
+    """train.py's main: a deleted experiment on a real server, a URI scheme MLflow has no store for, a file
+    store MLflow refuses: each one line, exit 2, before any model loads, the output directory never made."""
+    from calm_dist.train import main
+
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    client = _client(mlflow_server.uri)
+    gone = client.create_experiment("deleted_before_the_job")
+    client.delete_experiment(gone)
+    (tmp_path / "mlruns").mkdir()
+    cases = [
+        ({"tracking.tracking_uri": mlflow_server.uri, "tracking.experiment": "deleted_before_the_job"},
+         f"the MLflow experiment 'deleted_before_the_job' (id {gone}) at {mlflow_server.uri} is deleted; restore "
+         f"it with `MLFLOW_TRACKING_URI={mlflow_server.uri} mlflow experiments restore --experiment-id {gone}`"),
+        ({"tracking.tracking_uri": "htp://127.0.0.1:5000"}, "MLflow has no tracking store for the scheme 'htp'"),
+        ({"tracking.tracking_uri": tmp_path / "mlruns"}, "The filesystem tracking backend"),
+    ]
+    for overrides, message in cases:
+        out = tmp_path / "never_made"
+        code = main(train_args(tiny, out, **overrides))
+        lines = capsys.readouterr().err.splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("calm_dist: config error: "), lines
+        assert message in lines[0] and not out.exists()
+
+
+@pytest.mark.slow
+def test_job_started_offline_then_resumed_logs_every_metric_once_into_one_run(tiny, tmp_path):
+    """2 ranks, ZeRO-3: the job starts while nothing listens on the store's port (one warning, it trains,
+    stops at step 2 with its records buffered); the server comes up on that port; the job resumes. One run
+    holds every metric step exactly once, the losses rank 0 wrote to metrics.jsonl, the first job's params."""
+    server = LocalServer(tmp_path / "server")  # a free port; the server is started after the first job
+    out = tmp_path / "run"
+    args = [str(REPO / "calm_dist" / "train.py"),
+            *train_args(tiny, out, **{"tracking.tracking_uri": server.uri, "tracking.experiment": "offline_start"})]
+    first = run_ranks([*args, "train.stop_after_step=2"], check=False)
+    assert [r.returncode for r in first] == [0, 0], describe(first)
+    warnings = [line for line in first[0].output.splitlines() if line.startswith("calm_dist: warning:")]
+    assert len(warnings) == 1 and f"store {server.uri} does not answer" in warnings[0], describe(first)
+    state = json.loads((out / "checkpoints" / "step_2" / "trainer_state.json").read_text())
+    assert state["mlflow_run_id"] is None  # the run did not exist yet
+    (buffered,) = (out / OFFLINE_DIRNAME).glob("*.jsonl")
+    assert read_offline_file(buffered)[1][0]["type"] == "create"
+
+    try:
+        start_or_skip(server)
+        second = run_ranks([*args, "train.resume=auto"], check=False)
+        assert [r.returncode for r in second] == [0, 0], describe(second)
+        client = _client(server.uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("offline_start").experiment_id])
+        run_id = run.info.run_id
+        logged = {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+                  for key in run.data.metrics}
+        artifacts = {a.path for a in client.list_artifacts(run_id)}
+    finally:
+        server.down()
+    state = json.loads((out / "checkpoints" / f"step_{TRAIN_STEPS}" / "trainer_state.json").read_text())
+    assert state["mlflow_run_id"] == run_id and run.info.status == "FINISHED"
+    assert not list((out / OFFLINE_DIRNAME).glob("*.jsonl"))
+    # rank 0 wrote every logged metric to metrics.jsonl as well: the run holds each (step, value) once
+    written: dict[str, list] = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        for key, value in row.items():
+            if key != "step":
+                written.setdefault(key, []).append((row["step"], value))
+    assert sorted(step for step, _ in written["train/loss"]) == list(range(1, TRAIN_STEPS + 1))
+    assert logged.keys() == written.keys()
+    for key, points in written.items():
+        assert [step for step, _ in sorted(logged[key])] == [step for step, _ in sorted(points)], key
+        assert [v for _, v in sorted(logged[key])] == pytest.approx([v for _, v in sorted(points)], rel=1e-6), key
+    assert run.data.params["train.stop_after_step"] == "2"  # logged once, by the first job's buffered create
+    assert run.data.tags["world_size"] == "2"
+    assert {"config.json", "deepspeed_config.json", "composition"} <= artifacts
