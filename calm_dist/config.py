@@ -7,6 +7,7 @@ before anything heavy runs. Every ConfigError ends the program with one line and
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,25 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration that cannot work; reported as one line, exit code 2, before any heavy work."""
+
+
+# Single-field range checks, called from each section's __post_init__; None (unset) always passes. The
+# comparisons are written so that NaN fails them too.
+def at_least(key: str, value, low) -> None:
+    if value is not None and not value >= low:
+        raise ConfigError(f"{key} must be >= {low}, got {value}")
+
+
+def above(key: str, value, low) -> None:
+    if value is not None and not value > low:
+        raise ConfigError(f"{key} must be > {low}, got {value}")
+
+
+def within(key: str, value, low, high, *, high_open: bool = False) -> None:
+    if value is None:
+        return
+    if not (low <= value < high if high_open else low <= value <= high):
+        raise ConfigError(f"{key} must be in [{low}, {high}{')' if high_open else ']'}, got {value}")
 
 
 @dataclass
@@ -41,6 +61,11 @@ class ModelConfig:
     augmenting_init: Literal["pretrained", "random"] = "pretrained"
     augmenting_sees: Literal["all", "prompt"] = "all"  # prompt: the prefix-encoder ablation
 
+    def __post_init__(self):
+        at_least("model.every", self.every, 1)
+        at_least("model.num_heads", self.num_heads, 1)
+        at_least("model.lora_rank", self.lora_rank, 1)
+
 
 @dataclass
 class DataConfig:
@@ -56,6 +81,9 @@ class DataConfig:
     overlong: Literal["error", "truncate"] = "error"
     cache_dir: str | None = None           # tokenized data; null: <output_dir>/../data_cache
 
+    def __post_init__(self):
+        at_least("data.seq_len", self.seq_len, 1)  # the models' position limits are checked in validate.py
+
 
 @dataclass
 class OptimConfig:
@@ -67,6 +95,18 @@ class OptimConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0                 # 0: off
+
+    def __post_init__(self):
+        above("optim.lr", self.lr, 0)
+        at_least("optim.weight_decay", self.weight_decay, 0)
+        if len(self.betas) != 2:
+            raise ConfigError(f"optim.betas must be two numbers [beta1, beta2], got {self.betas}")
+        for i, beta in enumerate(self.betas):
+            within(f"optim.betas[{i}]", beta, 0, 1, high_open=True)
+        above("optim.eps", self.eps, 0)
+        at_least("optim.warmup_steps", self.warmup_steps, 0)
+        within("optim.min_lr_ratio", self.min_lr_ratio, 0, 1)  # the floor of the decay, as a fraction of lr
+        at_least("optim.grad_clip", self.grad_clip, 0)
 
 
 @dataclass
@@ -83,6 +123,14 @@ class TrainConfig:
     checkpoint_every: int = 0              # 0: only at the end
     keep_last: int = 2
     resume: str | None = None              # "auto" (latest in output_dir), a step_N directory, or null
+    # dotted keys a resume may change (e.g. [optim.lr]); any other difference from the checkpoint's config is
+    # refused. Never compared, as they do not change what is computed: train.output_dir, resume,
+    # resume_allow_changes, log_every, eval_every, checkpoint_every, keep_last, stop_after_step, fail_at_step,
+    # peak_tflops_per_rank, augmenting_states, states_cache_dir, compile, activation_checkpointing,
+    # data.cache_dir, distributed.* (ZeRO knobs, timeout, leaf blocks) and tracking.*; train.steps only under a
+    # constant schedule (a cosine decays over it). data.train and data.tokenizer are compared by the tokenized
+    # data's fingerprint (bytes + tokenizer + settings), so moving the files is no change
+    resume_allow_changes: list[str] = field(default_factory=list)
     augmenting_states: Literal["recompute", "cached"] = "recompute"
     states_cache_dir: str | None = None    # null: <output_dir>/augmenting_cache
     states_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -94,6 +142,21 @@ class TrainConfig:
     stop_after_step: int | None = None     # checkpoint and exit cleanly after this step, as if preempted
     fail_at_step: int | None = None        # fault injection for tests: rank 1 raises at this step
 
+    def __post_init__(self):
+        at_least("train.steps", self.steps, 1)
+        at_least("train.micro_batch_size", self.micro_batch_size, 1)
+        at_least("train.global_batch_size", self.global_batch_size, 1)
+        # numpy's global generator takes seeds in [0, 2**32); trainer.seed_all seeds it with this
+        within("train.seed", self.seed, 0, 2**32, high_open=True)
+        at_least("train.log_every", self.log_every, 1)
+        at_least("train.eval_every", self.eval_every, 0)
+        at_least("train.eval_batches", self.eval_batches, 0)
+        at_least("train.checkpoint_every", self.checkpoint_every, 0)
+        at_least("train.keep_last", self.keep_last, 1)
+        above("train.peak_tflops_per_rank", self.peak_tflops_per_rank, 0)
+        at_least("train.stop_after_step", self.stop_after_step, 1)
+        at_least("train.fail_at_step", self.fail_at_step, 0)
+
 
 @dataclass
 class DistributedConfig:
@@ -102,6 +165,9 @@ class DistributedConfig:
     # ZeRO-3 gathers each frozen decoder block whole (one hook per block, FSDP-style units) instead of
     # hooking every Linear and norm inside it; false restores DeepSpeed's per-module hooks.
     zero3_leaf_blocks: bool = True
+
+    def __post_init__(self):
+        above("distributed.timeout_s", self.timeout_s, 0)
 
 
 @dataclass
@@ -114,6 +180,10 @@ class TrackingConfig:
     system_metrics: bool = True            # MLflow's CPU/memory/disk monitor as system/* metrics
     retry_interval_s: float = 30.0         # server unreachable: probe it this often, in the background
     flush_budget_s: float = 2.0            # at most this long per logging call spent sending a backlog
+
+    def __post_init__(self):
+        above("tracking.retry_interval_s", self.retry_interval_s, 0)
+        at_least("tracking.flush_budget_s", self.flush_budget_s, 0)
 
 
 @dataclass
@@ -178,11 +248,13 @@ def _check(value: Any, annotation: Any, where: str) -> Any:
     if annotation is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # no field means anything by inf or nan
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if annotation is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -225,7 +297,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not UTF-8 text: byte {e.object[e.start]:#04x} at offset "
+                              f"{e.start}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}".replace("\n", " ")) from None
         if not isinstance(data, dict):

@@ -7,11 +7,11 @@ tokenizer file bytes, settings) and memory-mapped on later runs. Rows are right-
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,14 +30,20 @@ class Tokenizer:
         if self.path.is_file() and self.path.suffix == ".model":
             import sentencepiece as spm
 
-            self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
+            if self.path.stat().st_size == 0:
+                raise ConfigError(f"data.tokenizer: {path} is an empty file")
+            with _named_load_failure(path, "a SentencePiece model"):
+                self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
             self.vocab_size = self._sp.get_piece_size()
             ids = (self._sp.bos_id(), self._sp.eos_id(), self._sp.pad_id())
             self.bos_id, self.eos_id, self.pad_id = (i if i >= 0 else None for i in ids)
         elif self.path.is_dir():
             from transformers import AutoTokenizer
 
-            self._hf = AutoTokenizer.from_pretrained(str(self.path), trust_remote_code=False)
+            if not any(self.path.iterdir()):
+                raise ConfigError(f"data.tokenizer: {path} is an empty directory")
+            with _named_load_failure(path, "a tokenizer"):
+                self._hf = AutoTokenizer.from_pretrained(str(self.path), trust_remote_code=False)
             self._sp = None
             self.vocab_size = len(self._hf)
             self.bos_id, self.eos_id, self.pad_id = self._hf.bos_token_id, self._hf.eos_token_id, self._hf.pad_token_id
@@ -64,6 +70,16 @@ class Tokenizer:
         return h.hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def _named_load_failure(path, what: str):
+    """A tokenizer file the library cannot parse becomes one line naming the path, not a library traceback."""
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"data.tokenizer: cannot load {what} from {path}: {first}") from None
+
+
 def check_tokenizer_matches(tokenizer: Tokenizer, model_config, who: str) -> None:
     """The tokenizer must fit the model's embedding table and agree on the special ids."""
     problems = []
@@ -77,13 +93,31 @@ def check_tokenizer_matches(tokenizer: Tokenizer, model_config, who: str) -> Non
         raise ConfigError(f"data.tokenizer does not match the {who}: {'; '.join(problems)}")
 
 
+def check_data_path(key: str, path: str) -> None:
+    """`path` names data load_records can read: an existing file, or a directory `Dataset.save_to_disk`
+    wrote (its state.json). An empty value would otherwise name the working directory."""
+    if not path:
+        raise ConfigError(f"{key} is not set")
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{key}: {path} does not exist")
+    if p.is_dir() and not (p / "state.json").is_file():
+        hint = ("a DatasetDict: name one split's directory" if (p / "dataset_dict.json").is_file() else
+                "no state.json: use a .jsonl, .json or .parquet file, or a directory written by save_to_disk")
+        raise ConfigError(f"{key}: {path} is a directory that holds no saved dataset ({hint})")
+
+
 def load_records(path: str | Path):
     """A `datasets.Dataset` from JSONL / JSON, Parquet, or a save_to_disk directory."""
     import datasets
 
     path = Path(path)
     if path.is_dir():
-        return datasets.load_from_disk(str(path))
+        try:
+            return datasets.load_from_disk(str(path))
+        except Exception as e:  # a damaged saved dataset: name the directory, not a datasets traceback
+            raise ConfigError(f"{path}: cannot read it as a saved dataset: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
     kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
     if kind is None:
         raise ConfigError(f"{path}: unsupported data file (use .jsonl, .json, .parquet or a saved dataset directory)")
@@ -196,54 +230,39 @@ class TokenizedData:
 
 
 def load_tokenized(cfg: DataConfig, path: str | Path, tok: Tokenizer, cache_dir: str | Path,
-                   is_writer: bool = True, wait_s: float = 0.0) -> TokenizedData:
+                   is_writer: bool = True, silence_s: float = 0.0) -> TokenizedData:
     """Tokenize once per fingerprint; later runs (and the other ranks) read the saved arrays.
 
-    Non-writers wait up to `wait_s` for the writer's result: the saved arrays, or an `.error` file with the
-    writer's ConfigError (a bad row), which they raise too, so every rank stops with the same message.
+    The writer (rank 0) tokenizes under a heartbeat; the others wait for its arrays however long that takes
+    (calm_dist/rank_zero.py), and stop when its heartbeat has been silent for `silence_s` or it records an
+    error: a bad row's ConfigError, which they raise too, so every rank stops with the same message.
     """
     import datasets
 
+    from .rank_zero import run_on_rank_zero
+
     fp = data_fingerprint(cfg, path, tok)
     target = Path(cache_dir) / f"tokens-{fp}"
-    error_file = target.with_name(target.name + ".error")
-    if not (target / "dataset_info.json").exists():
-        if is_writer:
-            _write_tokenized(cfg, path, tok, target, error_file)
-        else:
-            _wait_for_writer(target, error_file, wait_s)
+    run_on_rank_zero(f"tokenizing {path}", is_writer, lambda: _write_tokenized(cfg, path, tok, target),
+                     done=lambda: (target / "dataset_info.json").exists(),
+                     status_file=target.with_name(target.name + ".status"), silence_s=silence_s)
     # One batch read of every row: `ds[column]` formats row by row (minutes for 10^5 rows).
     rows = datasets.load_from_disk(str(target)).with_format("numpy")[:]
     cols = {k: torch.from_numpy(np.asarray(rows[k], dtype=np.int64)) for k in ("input_ids", "labels", "attention_mask")}
     return TokenizedData(**cols, fingerprint=fp)
 
 
-def _write_tokenized(cfg: DataConfig, path, tok: Tokenizer, target: Path, error_file: Path) -> None:
+def _write_tokenized(cfg: DataConfig, path, tok: Tokenizer, target: Path) -> None:
     import datasets
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    error_file.unlink(missing_ok=True)
-    try:
-        arrays = tokenize(cfg, path, tok)
-    except ConfigError as e:
-        error_file.write_text(str(e))
-        raise
+    arrays = tokenize(cfg, path, tok)
     tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
     datasets.Dataset.from_dict(arrays).save_to_disk(str(tmp))
     try:
         tmp.rename(target)
     except OSError:  # another job wrote it meanwhile
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _wait_for_writer(target: Path, error_file: Path, wait_s: float) -> None:
-    deadline = time.monotonic() + wait_s
-    while not (target / "dataset_info.json").exists():
-        if error_file.exists():
-            raise ConfigError(error_file.read_text())
-        if time.monotonic() > deadline:
-            raise ConfigError(f"tokenized data {target} did not appear within {wait_s:.0f} s (rank 0 writes it)")
-        time.sleep(0.2)
 
 
 class GlobalBatchSampler:

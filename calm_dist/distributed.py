@@ -41,14 +41,32 @@ class DistEnv:
 
     @classmethod
     def from_environ(cls, environ=os.environ) -> "DistEnv":
+        """The launcher's layout (torchrun / deepspeed, else srun, else one process). A variable that is not a
+        non-negative integer, an empty world or a rank outside it is a ConfigError naming the variable."""
+        def number(name: str, default: int | str) -> int:
+            raw = str(environ.get(name, default))
+            try:
+                value = int(raw.split("(")[0])  # Slurm writes a repeated per-node count as "2(x3)"
+            except ValueError:
+                value = -1
+            if value < 0:
+                raise ConfigError(f"{name}={raw!r} is not a non-negative integer")
+            return value
+
         if "RANK" in environ:
-            world = int(environ.get("WORLD_SIZE", 1))
-            return cls(int(environ["RANK"]), int(environ.get("LOCAL_RANK", 0)), world,
-                       int(environ.get("LOCAL_WORLD_SIZE", environ.get("LOCAL_SIZE", world))))
-        if "SLURM_PROCID" in environ and int(environ.get("SLURM_NTASKS", 1)) > 1:
-            return cls(int(environ["SLURM_PROCID"]), int(environ.get("SLURM_LOCALID", 0)), int(environ["SLURM_NTASKS"]),
-                       int(environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]))
-        return cls(0, 0, 1, 1)
+            names = ("RANK", "WORLD_SIZE")
+            world = number("WORLD_SIZE", 1)
+            env = cls(number("RANK", 0), number("LOCAL_RANK", 0), world,
+                      number("LOCAL_WORLD_SIZE", environ.get("LOCAL_SIZE", world)))
+        elif "SLURM_PROCID" in environ and number("SLURM_NTASKS", 1) > 1:
+            names = ("SLURM_PROCID", "SLURM_NTASKS")
+            env = cls(number("SLURM_PROCID", 0), number("SLURM_LOCALID", 0), number("SLURM_NTASKS", 1),
+                      number("SLURM_NTASKS_PER_NODE", 1))
+        else:
+            return cls(0, 0, 1, 1)
+        if not 0 <= env.rank < env.world_size:
+            raise ConfigError(f"{names[0]}={env.rank} is outside the world of {names[1]}={env.world_size} ranks")
+        return env
 
     def export(self, environ=os.environ) -> None:
         """Make the torch/DeepSpeed variables agree with what we derived (SLURM, or single process)."""
@@ -284,13 +302,13 @@ def augmenting_compute_dtype(cfg: Config) -> str:
 
 
 def load_frozen_models(cfg: Config, ds_config: dict, dtype, load_anchor: bool = True, load_augmenting: bool = True,
-                       is_main: bool = True, barrier=lambda: None):
+                       is_main: bool = True):
     """Load the anchor and augmenting LMs straight into ZeRO-3 shards when stage 3 is on.
 
     HfDeepSpeedConfig must exist (and stay referenced) while from_pretrained runs; it is returned so the
     caller keeps it alive as long as the models. With `model.augmenting_init=random` the random models are
-    first written to <output_dir>/random_augmenting/<i> (rank 0, outside ZeRO) and then loaded like any other,
-    so the export names a model that evaluation can load bit for bit.
+    first written to <output_dir>/random_augmenting/<i> (rank 0, outside ZeRO, the other ranks waiting for them)
+    and then loaded like any other, so the export names a model that evaluation can load bit for bit.
     """
     import torch
     from transformers.integrations import HfDeepSpeedConfig
@@ -303,7 +321,6 @@ def load_frozen_models(cfg: Config, ds_config: dict, dtype, load_anchor: bool = 
     if load_augmenting and m.augmenting_init == "random":
         paths = materialize_random_augmenting(cfg, is_main)
         revisions = [None] * len(paths)
-        barrier()
     keep_alive = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
     anchor = load_causal_lm(m.anchor, m.anchor_revision, dtype, m.trust_remote_code) if load_anchor else None
     aug_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[augmenting_compute_dtype(cfg)]
@@ -332,18 +349,36 @@ def mark_zero3_leaf_blocks(models) -> int:
 
 
 def materialize_random_augmenting(cfg: Config, is_main: bool) -> list[str]:
-    """Randomly initialised copies of the augmenting architectures, seeded, saved once per output_dir."""
-    from pathlib import Path
+    """Randomly initialised copies of the augmenting architectures, seeded, saved once per output_dir.
+
+    Rank 0 writes them while the other ranks wait, however long a large model takes to write, until rank 0
+    fails or its heartbeat has been silent for distributed.timeout_s (calm_dist/rank_zero.py)."""
+    from functools import partial
+
+    from .rank_zero import run_on_rank_zero
+
+    out = []
+    for i, path in enumerate(cfg.model.augmenting):
+        target = Path(cfg.train.output_dir) / "random_augmenting" / str(i)
+        run_on_rank_zero(f"writing the random augmenting model {target}", is_main,
+                         partial(_write_random_augmenting, path, cfg.train.seed + 1 + i, target),
+                         done=(target / "config.json").exists, status_file=target.with_name(f"{i}.status"),
+                         silence_s=cfg.distributed.timeout_s)
+        out.append(str(target))
+    return out
+
+
+def _write_random_augmenting(path: str, seed: int, target: Path) -> None:
+    """Written aside, then renamed: a rank 0 killed while saving leaves no directory that looks complete."""
+    import shutil
 
     from transformers import AutoConfig
 
     from .baselines import random_augmenting
 
-    out = []
-    for i, path in enumerate(cfg.model.augmenting):
-        target = Path(cfg.train.output_dir) / "random_augmenting" / str(i)
-        if is_main and not (target / "config.json").exists():
-            model = random_augmenting(AutoConfig.from_pretrained(path), seed=cfg.train.seed + 1 + i)
-            model.save_pretrained(target)
-        out.append(str(target))
-    return out
+    model = random_augmenting(AutoConfig.from_pretrained(path), seed=seed)
+    staged = target.with_name(f"{target.name}.tmp")
+    shutil.rmtree(staged, ignore_errors=True)
+    model.save_pretrained(staged)
+    shutil.rmtree(target, ignore_errors=True)  # an incomplete directory (no config.json) would block the rename
+    staged.rename(target)

@@ -21,8 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
     args = parser.parse_args(argv)
-    env = DistEnv.from_environ()
     try:
+        env = DistEnv.from_environ()
         cfg = load_config(args.config, args.overrides)
         from calm_dist.validate import validate
 

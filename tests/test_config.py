@@ -1,10 +1,13 @@
 """The config tree: YAML + overrides, types, and the up-front refusals (one line, exit code 2)."""
 import subprocess
 import sys
+import types
+import typing
 
 import pytest
 
 from calm_dist.config import Config, ConfigError, flatten, load_config
+from calm_dist.distributed import DistEnv
 from launch import REPO, base_env
 
 
@@ -32,6 +35,60 @@ def test_defaults_overrides_and_types(tmp_path):
 def test_bad_values_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, override)
+
+
+def numeric_keys() -> list[str]:
+    """Every int or float field of the config tree (optional or not) as a dotted key, read from the dataclasses
+    themselves, so a field added later is covered without editing this test. Lists of numbers (optim.betas,
+    model.layer_pairs) have their own rows in test_reliability.py's table."""
+    keys = []
+    for section, cls in typing.get_type_hints(Config).items():
+        for name, annotation in typing.get_type_hints(cls).items():
+            optional = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+            kinds = set(typing.get_args(annotation)) - {type(None)} if optional else {annotation}
+            if kinds <= {int, float}:
+                keys.append(f"{section}.{name}")
+    return keys
+
+
+def test_every_numeric_field_is_range_checked():
+    """No field of the tree takes -10^9 (each has a floor of 0 or above): each refusal names its key and value."""
+    keys = numeric_keys()
+    assert {"optim.min_lr_ratio", "train.seed", "distributed.timeout_s", "tracking.flush_budget_s"} <= set(keys)
+    unchecked = []
+    for key in keys:
+        try:
+            load_config(None, [f"{key}=-1000000000"])
+            unchecked.append(key)
+        except ConfigError as e:
+            assert str(e).startswith(f"{key} must be") and "got -1000000000" in str(e), str(e)
+    assert not unchecked, f"accepted -10^9: {unchecked}"
+
+
+@pytest.mark.parametrize("environ,expected", [
+    ({}, DistEnv(0, 0, 1, 1)),
+    ({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}, DistEnv(1, 1, 4, 2)),
+    ({"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "2(x2)"},
+     DistEnv(3, 1, 4, 2)),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, DistEnv(0, 0, 1, 1)),
+])
+def test_rank_layout_from_the_launchers_variables(environ, expected):
+    assert DistEnv.from_environ(environ) == expected
+
+
+@pytest.mark.parametrize("environ,message", [
+    ({"RANK": "abc"}, "RANK='abc' is not a non-negative integer"),
+    ({"RANK": "0", "WORLD_SIZE": ""}, "WORLD_SIZE='' is not a non-negative integer"),
+    ({"RANK": "-1", "WORLD_SIZE": "2"}, "RANK='-1' is not a non-negative integer"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "x"}, "LOCAL_RANK='x' is not a non-negative integer"),
+    ({"RANK": "4", "WORLD_SIZE": "4"}, "RANK=4 is outside the world of WORLD_SIZE=4 ranks"),
+    ({"SLURM_PROCID": "5", "SLURM_NTASKS": "4"}, "SLURM_PROCID=5 is outside the world of SLURM_NTASKS=4 ranks"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "four"}, "SLURM_NTASKS='four' is not a non-negative integer"),
+])
+def test_bad_rank_variables_are_config_errors_naming_them(environ, message):
+    with pytest.raises(ConfigError) as e:
+        DistEnv.from_environ(environ)
+    assert str(e.value) == message
 
 
 @pytest.fixture(scope="module")
