@@ -354,6 +354,7 @@ def run_cache_job(cfg, env, plan, rows_per_shard: int = 256, batch_size: int = 1
     from .composition import load_causal_lm
     from .data import Tokenizer, load_tokenized
     from .distributed import augmenting_compute_dtype, init_process_group, local_device, shut_down_process_group
+    from .locks import lock_for_job
 
     check_rows_per_shard(rows_per_shard)
     distributed = env.world_size > 1
@@ -363,6 +364,7 @@ def run_cache_job(cfg, env, plan, rows_per_shard: int = 256, batch_size: int = 1
     tokenizer = Tokenizer(cfg.data.tokenizer)
     revisions = cfg.model.augmenting_revisions or [None] * len(cfg.model.augmenting)
     device = local_device(env)  # each rank its own GPU, where there is one
+    lock_for_job(cache_root(cfg), "train.states_cache_dir", env.is_main, device)  # before anything is written there
     dtype = DTYPES[augmenting_compute_dtype(cfg)]  # the trainer's rule, never the checkpoint's own dtype
     models = [load_causal_lm(p, r, dtype, cfg.model.trust_remote_code).eval().to(device)
               for p, r in zip(cfg.model.augmenting, revisions)]

@@ -10,21 +10,25 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
+from .agreement import first_failure, gather_failures
 from .composition import ComposedModel
 from .config import Config
 from .data import GlobalBatchSampler, Tokenizer, load_tokenized
 from .distributed import (DistEnv, init_process_group, load_frozen_models, local_device, mark_zero3_leaf_blocks,
                           shut_down_process_group, to_device, zero_stage)
 from .lm_loss import labelled_tokens
+from .locks import lock_for_job
 from .validate import Plan
 
 log = logging.getLogger("calm_dist")
@@ -53,6 +57,14 @@ def lr_lambda(cfg: Config):
     return factor
 
 
+def seed_all(seed: int) -> None:
+    """torch (every device), numpy and python random: a step may draw from any of them, and an unseeded one
+    starts from OS entropy, so two runs of one config would draw differently."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, plan: Plan):
         self.cfg, self.env, self.plan = cfg, env, plan
@@ -66,7 +78,9 @@ class Trainer:
         cfg, env = self.cfg, self.env
         init_process_group(env, cfg.distributed.timeout_s)
         self.device = local_device(env)
-        torch.manual_seed(cfg.train.seed)
+        lock_for_job(self.output_dir, "train.output_dir", env.is_main, self.device)  # before anything is written there
+        resume_from = self._choose_checkpoint()  # before any weight loads: a damaged checkpoint costs no loading
+        seed_all(cfg.train.seed)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.tokenizer = Tokenizer(cfg.data.tokenizer)
         self.train_data = self._tokenized(cfg.data.train)
@@ -95,8 +109,8 @@ class Trainer:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
         self._setup_flop_accounting()
         self.start_step, self.run_id = 0, None
-        if self.plan.resume_from is not None:
-            self._restore(self.plan.resume_from)
+        if resume_from is not None:
+            self._restore(resume_from)
         self.tracker = self._tracker()
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_stop_signal)
@@ -115,7 +129,7 @@ class Trainer:
             self.train_states, self.eval_states = self._open_states_caches()
         anchor, augmenting, self._hf_ds_config = load_frozen_models(
             cfg, self.plan.ds_config, dtype, load_augmenting=not cached and m.method == "calm",
-            is_main=self.env.is_main, barrier=dist.barrier)
+            is_main=self.env.is_main)
         torch.manual_seed(cfg.train.seed)  # the trainable weights' initial values depend on the seed alone
         composition_budget = None
         if cached:  # the augmenting weights are never loaded: their states come from disk
@@ -180,14 +194,19 @@ class Trainer:
         tracker = Tracker(self.cfg.tracking, is_main_process=self.env.is_main, output_dir=self.output_dir)
         tags = {"zero_stage": "3", "world_size": str(self.env.world_size),
                 "augmenting_states": self.cfg.train.augmenting_states}
-        self.run_id = tracker.start(self.cfg.to_dict(), run_id=self.run_id, tags=tags)
+        rng = ckpt.rng_state()  # MLflow names a new run with python's random: tracking must not shift the run's draws
+        self.run_id = tracker.start(self.cfg.to_dict(), run_id=self.run_id, tags=tags, resuming=self.start_step > 0)
+        ckpt.set_rng_state(rng)
         if self.start_step == 0:
             tracker.log_dict(self.cfg.to_dict(), "config.json")
             tracker.log_dict(self.plan.ds_config, "deepspeed_config.json")
         return tracker
 
     def _on_stop_signal(self, signum, frame):
-        log.warning("signal %s: checkpointing after this step, then exiting", signal.Signals(signum).name)
+        # every rank says where it runs: a job's log then shows which ranks the stop reached, on which node
+        env = self.env
+        log.warning("rank %d (local rank %d on %s): %s: checkpointing after this step, then exiting", env.rank,
+                    env.local_rank, os.uname().nodename, signal.Signals(signum).name)
         self.stop_requested = True
 
     # ---- the loop -------------------------------------------------------------------------------------
@@ -265,12 +284,9 @@ class Trainer:
                 cache.verify(range(self.env.rank, len(cache.manifest["shards"]), self.env.world_size))
         except CacheError as e:
             problem = e
-        flag = torch.tensor([1.0 if problem else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if problem:
-            raise problem
-        if flag.item():
-            raise CacheError("another rank found a corrupted cache shard (see its log)")
+        failures = gather_failures(problem, self.device)  # rank 0 reports what rank 1 found
+        if failures:
+            raise CacheError(first_failure(failures))
         return caches["train"], caches.get("eval")
 
     def _states(self, indices, upcoming=None):
@@ -296,9 +312,9 @@ class Trainer:
         for b in range(n_batches):
             idx = rows[b * t.micro_batch_size:(b + 1) * t.micro_batch_size]
             weight = 1.0 if idx else 0.0
-            rows = idx or [0]  # a rank out of rows still joins the collective forward
-            batch = to_device(data.batch(rows), self.device)
-            states = (to_device(self.eval_states.read(rows), self.device)
+            batch_rows = idx or [0]  # a rank out of rows still joins the collective forward, its loss weighted 0
+            batch = to_device(data.batch(batch_rows), self.device)
+            states = (to_device(self.eval_states.read(batch_rows), self.device)
                       if self.cfg.train.augmenting_states == "cached" else None)
             loss_sum = self._summed_loss(batch, states)
             total += weight * torch.stack([loss_sum.float(), labelled_tokens(batch["labels"]).float()])
@@ -338,56 +354,92 @@ class Trainer:
             return self.model.composition_state_dict() if self.env.is_main else None
 
     def save_checkpoint(self, step: int) -> None:
-        """Every rank writes into step_N.tmp; all agree it worked; rank 0 publishes (checkpoint.py)."""
-        env, staged = self.env, ckpt.staging_dir(self.output_dir, step)
-        if env.is_main:
-            if staged.exists():
-                import shutil
+        """Every rank writes and syncs its files into step_N.tmp; all agree it worked; rank 0 publishes
+        (checkpoint.py). Each phase that can fail on one rank ends in an agreement (_checkpoint_phase)."""
+        from functools import partial
 
-                shutil.rmtree(staged)
-            staged.mkdir(parents=True)
-        dist.barrier()
-        weights = self._gathered_composition()  # collective: before anything that may fail on one rank
-        failure = None
-        try:
-            self._write_checkpoint_files(staged, step, weights)
-        except OSError as e:
-            failure = e
-        flag = torch.tensor([1.0 if failure else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item():
-            if env.is_main:
-                import shutil
-
-                shutil.rmtree(staged, ignore_errors=True)
-            previous = ckpt.latest_checkpoint(self.output_dir)
-            reason = f"{failure.strerror or failure}" if failure else "another rank failed to write its part"
-            raise ckpt.CheckpointError(f"writing checkpoint step_{step} under {self.output_dir} failed: {reason}; "
-                                       f"the previous checkpoint ({previous.name if previous else 'none'}) is intact")
         from .faults import maybe_fail
 
+        env, staged = self.env, ckpt.staging_dir(self.output_dir, step)
+        self._checkpoint_phase(step, staged, partial(ckpt.new_staging_dir, staged) if env.is_main else None)
+        weights = self._gathered_composition()  # collective: outside the phases, which may end early on one rank
+        self._checkpoint_phase(step, staged, partial(self._write_checkpoint_files, staged, step, weights))
         maybe_fail("kill_in_checkpoint", step, env.rank)
         dist.barrier()
-        if env.is_main:
-            ckpt.publish(self.output_dir, step, self.cfg.train.keep_last)
-        dist.barrier()
+        publish = partial(ckpt.publish, self.output_dir, step, self.cfg.train.keep_last)
+        self._checkpoint_phase(step, staged, publish if env.is_main else None)
+
+    def _checkpoint_phase(self, step: int, staged: Path, work) -> None:
+        """This rank's `work` (None: nothing here but the agreement), then every rank learns whether it failed
+        anywhere (gather_failures): an error of any kind on one rank stops every rank at once, where a peer
+        would otherwise wait in the next collective until the timeout. The failing rank raises its own error
+        (an OSError such as a full disk as one CheckpointError line), the others a CheckpointError naming it;
+        the last published checkpoint stands."""
+        failure = None
+        try:
+            if work is not None:
+                work()
+        except Exception as e:
+            failure = e
+        failures = gather_failures(failure, self.device)
+        if not failures:
+            return
+        if self.env.is_main:
+            import shutil
+
+            shutil.rmtree(staged, ignore_errors=True)
+        if failure is not None and not isinstance(failure, OSError):
+            raise failure
+        previous = ckpt.latest_checkpoint(self.output_dir)
+        raise ckpt.CheckpointError(f"writing checkpoint step_{step} under {self.output_dir} failed on "
+                                   f"{first_failure(failures)}; the last published checkpoint "
+                                   f"({previous.name if previous else 'none'}) is intact") from failure
 
     def _write_checkpoint_files(self, staged: Path, step: int, weights) -> None:
+        """This rank's files, each hashed by this rank right after it is written, then synced with its part of
+        the index."""
         import json
 
-        from .composition import write_composition_files
+        from .composition import CONFIG_FILE, WEIGHTS_FILE, write_composition_files
+        from .faults import maybe_fail
 
         env = self.env
         optimizer_state = self.optimizer.state_dict()
         optimizer_state.pop("loss_scaler", None)  # an object; static for fp32/bf16, rebuilt on load
-        ckpt.save_state(optimizer_state, staged, f"optimizer.rank{env.rank}")
-        ckpt.save_state(ckpt.rng_state(), staged, f"rng.rank{env.rank}")
+        hashes = ckpt.save_state(optimizer_state, staged, f"optimizer.rank{env.rank}")
+        maybe_fail("raise_in_checkpoint", step, env.rank)
+        hashes |= ckpt.save_state(ckpt.rng_state(), staged, f"rng.rank{env.rank}")
         if env.is_main:
             write_composition_files(staged, weights, self.model.composition_config())
-            (staged / "trainer_state.json").write_text(json.dumps({
+            hashes |= ckpt.file_hashes(staged, [WEIGHTS_FILE, CONFIG_FILE])
+            hashes["trainer_state.json"] = ckpt.write_text(staged / "trainer_state.json", json.dumps({
                 "step": step, "world_size": env.world_size, "scheduler": self.scheduler.state_dict(),
-                "mlflow_run_id": self.tracker.run_id, "global_batch_size": self.global_batch_size}, indent=2))
-            (staged / "config.yaml").write_text(self.cfg.to_yaml())
+                "mlflow_run_id": self.tracker.run_id, "global_batch_size": self.global_batch_size,
+                "data_fingerprint": self.train_data.fingerprint}, indent=2))
+            hashes["config.yaml"] = ckpt.write_text(staged / "config.yaml", self.cfg.to_yaml())
+        ckpt.write_index_part(staged, env.rank, hashes)
+
+    def _choose_checkpoint(self) -> Path | None:
+        """The newest resume candidate intact on every rank. Each rank hashes its own files and a share of the
+        shared ones, then all agree (gather_failures), so every rank resumes the same checkpoint."""
+        candidates = self.plan.resume_candidates
+        for i, (directory, known) in enumerate(candidates):
+            if known is None:  # validation found every rank's small shared files intact; now the large ones
+                problem = None
+                try:
+                    ckpt.verify_rank_share(directory, self.env.rank, self.env.world_size)
+                except ckpt.DamagedCheckpoint as e:
+                    problem = e
+                failures = gather_failures(problem, self.device)
+                if not failures:
+                    return directory
+                known = first_failure(failures)
+            if i + 1 == len(candidates):
+                raise ckpt.DamagedCheckpoint(f"cannot resume {directory}: {known}; no older checkpoint is intact")
+            if self.env.is_main:
+                print(f"cannot resume {directory.name} ({known}): resuming from {candidates[i + 1][0].name} instead",
+                      flush=True)
+        return None
 
     def _restore(self, directory: Path) -> None:
         state = ckpt.read_trainer_state(directory)
@@ -397,10 +449,21 @@ class Trainer:
         states[self.env.rank] = optimizer_state
         self.optimizer.load_state_dict(states, load_optimizer_states=True)
         self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_optim_config()
         ckpt.set_rng_state(ckpt.load_state(directory, f"rng.rank{self.env.rank}"))
         self.start_step, self.run_id = state["step"], state.get("mlflow_run_id")
         if self.env.is_main:
             print(f"resumed from {directory} at step {self.start_step}", flush=True)
+
+    def _apply_optim_config(self) -> None:
+        """Loading brings back the saved hyperparameters (LambdaLR's state holds base_lrs, the optimizer's its
+        groups' lr, betas, eps, weight decay); train.resume_allow_changes may have changed them: this config's
+        win. Unchanged, the values are those restored, bit for bit (lr = base_lr * factor, as LambdaLR computes)."""
+        o, scheduler = self.cfg.optim, self.scheduler
+        scheduler.base_lrs = [o.lr] * len(self.optimizer.param_groups)
+        for group, factor in zip(self.optimizer.param_groups, scheduler.lr_lambdas):
+            group.update(lr=o.lr * factor(scheduler.last_epoch), initial_lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                         weight_decay=o.weight_decay)
 
     def export(self) -> Path:
         """The final composition in the core's save_composition format: <output_dir>/final."""

@@ -6,11 +6,12 @@ nothing on disk is touched.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import CheckpointError, checkpoints_dir, read_trainer_state, resolve_resume
-from .config import Config, ConfigError
+from .checkpoint import CheckpointError, DamagedCheckpoint, checkpoints_dir, read_checkpoint_state, resume_candidates
+from .config import Config, ConfigError, flatten, load_config
 from .distributed import DistEnv, build_ds_config, gradient_accumulation_steps, zero_stage
 from .mapping import MappingError, default_layer_pairs, validate_layer_pairs
 
@@ -24,7 +25,9 @@ class Plan:
     layer_pairs: list[list[tuple[int, int]]]
     accumulation: int
     ds_config: dict
-    resume_from: Path | None
+    # checkpoints a resume may start from, best first, each with the problem found here (None: fits so far);
+    # the trainer verifies the large files and resumes the first one intact on every rank
+    resume_candidates: list[tuple[Path, str | None]]
 
 
 def read_model_config(path: str, revision: str | None, trust_remote_code: bool, key: str):
@@ -55,17 +58,13 @@ def read_model_config(path: str, revision: str | None, trust_remote_code: bool, 
 def validate(cfg: Config, env: DistEnv, *, need_train_data: bool = True, training: bool = True) -> Plan:
     """`training=False` (cache, eval): skip the output directory's checkpoint and resume checks."""
     from .composition import CompositionError, check_same_vocabulary
-    from .data import Tokenizer, check_tokenizer_matches, load_tokenized
+    from .data import Tokenizer, check_data_path, check_tokenizer_matches, load_tokenized
 
     m, d, t = cfg.model, cfg.data, cfg.train
     if not m.augmenting:
         raise ConfigError("model.augmenting lists no augmenting model")
     if m.augmenting_revisions is not None and len(m.augmenting_revisions) != len(m.augmenting):
         raise ConfigError("model.augmenting_revisions must name one revision per augmenting model")
-    for key, value in (("train.steps", t.steps), ("train.micro_batch_size", t.micro_batch_size),
-                       ("data.seq_len", d.seq_len), ("train.keep_last", t.keep_last)):
-        if value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}")
     if m.method == "lora" and (t.augmenting_states == "cached" or t.activation_checkpointing):
         raise ConfigError("model.method=lora trains the anchor alone: it takes neither cached augmenting states "
                           "nor the composition's activation checkpointing")
@@ -74,8 +73,15 @@ def validate(cfg: Config, env: DistEnv, *, need_train_data: bool = True, trainin
     if t.compile and not cfg.distributed.zero3_leaf_blocks:
         raise ConfigError("train.compile needs distributed.zero3_leaf_blocks=true: DeepSpeed's per-module ZeRO-3 "
                           "hooks cannot run inside a compiled block")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    if cfg.tracking.enabled:
+        check_tracking_uri(cfg.tracking.tracking_uri)
+    for key, path in (("train.output_dir", t.output_dir), ("data.cache_dir", data_cache_dir(cfg)),
+                      ("train.states_cache_dir", t.states_cache_dir)):
+        check_directory_can_exist(key, path)
+    if training and env.is_main:  # rank 0 alone logs, so it alone asks the store (a few seconds at most)
+        from .tracking import probe_tracking_store
+
+        probe_tracking_store(cfg.tracking, t.output_dir)
 
     anchor = read_model_config(m.anchor, m.anchor_revision, m.trust_remote_code, "model.anchor")
     revisions = m.augmenting_revisions or [None] * len(m.augmenting)
@@ -99,45 +105,163 @@ def validate(cfg: Config, env: DistEnv, *, need_train_data: bool = True, trainin
     heads = m.num_heads or anchor.num_attention_heads
     if anchor.hidden_size % heads:
         raise ConfigError(f"model.num_heads={heads} does not divide the anchor width {anchor.hidden_size}")
+    for key, config in (("model.anchor", anchor), *((f"model.augmenting[{i}]", a) for i, a in enumerate(augmenting))):
+        check_position_limit(key, config, d.seq_len)
 
     for key, path in (("data.train", d.train if need_train_data else None), ("data.eval", d.eval)):
-        if path is not None and not Path(path).exists():
-            raise ConfigError(f"{key}: {path} does not exist" if path else f"{key} is not set")
+        if path is not None:
+            check_data_path(key, path)
     if not d.tokenizer or not Path(d.tokenizer).exists():
         raise ConfigError(f"data.tokenizer: {d.tokenizer or '(not set)'} does not exist")
     tokenizer = Tokenizer(d.tokenizer)
     check_tokenizer_matches(tokenizer, anchor, "anchor")
     # Bad rows (missing fields, over-long sequences, an empty set) are found here, on every rank.
-    for path in ([d.train] if need_train_data else []) + ([d.eval] if d.eval else []):
-        load_tokenized(d, path, tokenizer, data_cache_dir(cfg), is_writer=env.is_main, wait_s=cfg.distributed.timeout_s)
+    fingerprints = {path: load_tokenized(d, path, tokenizer, data_cache_dir(cfg), is_writer=env.is_main,
+                                         silence_s=cfg.distributed.timeout_s).fingerprint
+                    for path in ([d.train] if need_train_data else []) + ([d.eval] if d.eval else [])}
 
     accumulation = gradient_accumulation_steps(cfg, env.world_size)
     ds_config = build_ds_config(cfg, env.world_size)
     if zero_stage(ds_config) != 3:
         raise ConfigError(f"{cfg.distributed.deepspeed_config}: calm_dist trains under ZeRO stage 3 "
                           f"(zero_optimization.stage is {zero_stage(ds_config)})")
-    resume_from = _check_resume(cfg, env) if training else None
-    return Plan(anchor, augmenting, pairs, accumulation, ds_config, resume_from)
+    resume = _check_resume(cfg, env, fingerprints.get(d.train)) if training else []
+    return Plan(anchor, augmenting, pairs, accumulation, ds_config, resume)
 
 
 def data_cache_dir(cfg: Config) -> Path:
     return Path(cfg.data.cache_dir or Path(cfg.train.output_dir).parent / "data_cache")
 
 
-def _check_resume(cfg: Config, env: DistEnv) -> Path | None:
-    t = cfg.train
+def check_position_limit(key: str, model_config, seq_len: int) -> None:
+    """Every model reads whole rows of data.seq_len tokens, so each must have position ids for all of them
+    (GPT-2 names the limit n_positions; its config maps max_position_embeddings onto it)."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise ConfigError(f"data.seq_len={seq_len} exceeds {key}'s position limit (max_position_embeddings={limit})")
+
+
+def check_directory_can_exist(key: str, path: str | Path | None) -> None:
+    """A directory the run will create or write into: neither it nor any existing parent is a regular file."""
+    if path is None:
+        return
+    path = Path(path).absolute()
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                raise ConfigError(f"{key}={path}: {candidate} is a file, not a directory")
+            return
+
+
+def check_tracking_uri(configured: str | None) -> None:
+    """The tracking URI's scheme (tracking.tracking_uri, else $MLFLOW_TRACKING_URI) must name one of MLflow's
+    tracking stores: MLflow's own registry of them (its built-in schemes and any installed store plugins)
+    decides, as MlflowClient will. Unset, or a bare path (a sqlite file or a file store), always has a store."""
+    key, uri = ("tracking.tracking_uri", configured) if configured else (
+        "$MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI"))
+    if not uri or "://" not in uri:
+        return
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    from .credentials import redact
+
     try:
-        resume_from = resolve_resume(t.resume, t.output_dir)
+        _tracking_store_registry.get_store_builder(uri)
+    except MlflowException:
+        schemes = ", ".join(sorted(s for s in _tracking_store_registry._registry if s))
+        raise ConfigError(f"{key}={redact(uri)}: MLflow has no tracking store for the scheme "
+                          f"{uri.split('://', 1)[0]!r} (it knows {schemes})") from None
+
+
+def _check_resume(cfg: Config, env: DistEnv, train_fingerprint: str | None) -> list[tuple[Path, str | None]]:
+    """The resume candidates; the newest readable one must fit this world size and config, or it is refused."""
+    t = cfg.train
+    _check_allowed_changes(cfg)
+    try:
+        directories = resume_candidates(t.resume, t.output_dir)
     except CheckpointError as e:
         raise ConfigError(str(e)) from None
-    if resume_from is None:
+    if not directories:
         existing = checkpoints_dir(t.output_dir)
         if existing.is_dir() and any(p.name.startswith("step_") for p in existing.iterdir()):
             raise ConfigError(f"{existing} already holds checkpoints: pass train.resume=auto to continue, or choose "
                               "another train.output_dir (nothing is overwritten)")
+        return []
+    candidates, fitting_seen = [], False
+    for directory in directories:
+        try:
+            state = read_checkpoint_state(directory)
+        except DamagedCheckpoint as e:
+            if t.resume != "auto":
+                raise
+            candidates.append((directory, str(e)))
+            continue
+        problem = _resume_mismatch(cfg, env, directory, state, train_fingerprint)
+        if problem and not fitting_seen:  # the checkpoint the user means: say what does not fit
+            raise ConfigError(problem)
+        fitting_seen = True
+        candidates.append((directory, problem))
+    if all(problem for _, problem in candidates):
+        raise DamagedCheckpoint(f"no intact checkpoint to resume under {checkpoints_dir(t.output_dir)}: "
+                                + "; ".join(problem for _, problem in candidates))
+    return candidates
+
+
+def _resume_mismatch(cfg: Config, env: DistEnv, directory: Path, state: dict, train_fingerprint: str | None):
+    """Why `directory` cannot be resumed with this config and world (None: it can)."""
+    if state["world_size"] != env.world_size:
+        return (f"{directory} was written by {state['world_size']} ranks; resume it with the same world size "
+                f"(now {env.world_size})")
+    try:
+        saved = load_config(directory / "config.yaml")
+    except ConfigError as e:
+        return f"{directory}/config.yaml does not load with this version of calm_dist: {e}"
+    changes = config_changes(saved, cfg, state["data_fingerprint"], train_fingerprint)
+    refused = {k: v for k, v in changes.items() if k not in cfg.train.resume_allow_changes}
+    if not refused:
         return None
-    saved_world = read_trainer_state(resume_from)["world_size"]
-    if saved_world != env.world_size:
-        raise ConfigError(f"{resume_from} was written by {saved_world} ranks; resume it with the same world size "
-                          f"(now {env.world_size})")
-    return resume_from
+    return (f"the config differs from the one {directory} was written with, in "
+            + "; ".join(f"{k} ({v})" for k, v in refused.items())
+            + f": restore the saved values, or list the keys that may change in "
+            f"train.resume_allow_changes=[{','.join(refused)}]")
+
+
+# Keys that never change what a resumed run computes: where it writes, how often it logs, evaluates and
+# checkpoints, when it stops, how it is tracked, where its caches live, and how ZeRO-3 partitions, gathers,
+# compiles or recomputes the same math. data.train and data.tokenizer are compared by the tokenized data's
+# fingerprint (data bytes + tokenizer + tokenization settings) instead of by path.
+NEVER_COMPARED = {
+    "train.output_dir", "train.resume", "train.resume_allow_changes", "train.log_every", "train.eval_every",
+    "train.checkpoint_every", "train.keep_last", "train.stop_after_step", "train.fail_at_step",
+    "train.peak_tflops_per_rank", "train.states_cache_dir", "train.augmenting_states", "train.compile",
+    "train.activation_checkpointing", "data.cache_dir", "distributed.timeout_s", "distributed.deepspeed_config",
+    "distributed.zero3_leaf_blocks", "data.train", "data.tokenizer"}
+NEVER_COMPARED_SECTIONS = ("tracking.",)
+FINGERPRINTED = ("data.format", "data.prompt_field", "data.completion_field", "data.text_field", "data.seq_len",
+                 "data.packing", "data.overlong")
+
+
+def config_changes(saved: Config, cfg: Config, saved_fingerprint: str, fingerprint: str | None) -> dict[str, str]:
+    """{key: "old -> new"} for every key that changes the run (train.steps only under a cosine schedule,
+    where it sets the decay's length)."""
+    old, new = flatten(saved.to_dict()), flatten(cfg.to_dict())
+
+    def compared(key: str) -> bool:
+        if key == "train.steps":
+            return cfg.optim.schedule == "cosine" or saved.optim.schedule == "cosine"
+        return key not in NEVER_COMPARED and not key.startswith(NEVER_COMPARED_SECTIONS)
+    changes = {k: f"{old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+               if compared(k) and old.get(k) != new.get(k)}
+    if fingerprint is not None and fingerprint != saved_fingerprint and not any(k in changes for k in FINGERPRINTED):
+        moved = [k for k in ("data.train", "data.tokenizer") if old[k] != new[k]] or ["data.train"]
+        for key in moved:
+            changes[key] = f"{old[key]!r} -> {new[key]!r}, tokenized data {saved_fingerprint} -> {fingerprint}"
+    return changes
+
+
+def _check_allowed_changes(cfg: Config) -> None:
+    known = flatten(Config().to_dict())
+    for key in cfg.train.resume_allow_changes:
+        if key not in known:
+            raise ConfigError(f"train.resume_allow_changes: unknown key {key} (keys are dotted, e.g. optim.lr)")

@@ -85,11 +85,9 @@ def test_cached_saves_exactly_the_augmenting_forward():
     assert recompute - cached == pytest.approx(aug * BATCH * SEQ, rel=1e-6)
 
 
-def test_mfu_from_the_same_accounting():
-    """What the training log's MFU line divides: tokens/s x model FLOPs per token / peak."""
+def test_causal_accounting_is_below_all_pairs_by_the_attention_terms_only():
+    """MFU counts causal attention (each query against the keys up to it); what the trainer logs as train/tflops
+    and train/mfu is checked against step_cost on a real 2-rank run in test_distributed_training.py."""
     sc = costs.step_cost(anchor_config(), augmenting_config("llama"), [(1, 1), (3, 3)], seq_len=SEQ)
-    tokens_per_s = 1000.0
-    assert sc.mfu(tokens_per_s, peak_flops=tokens_per_s * sc.total * 2) == pytest.approx(0.5)
-    # causal accounting (what MFU reports) is below the all-pairs count, by the attention terms only
     full = costs.step_cost(anchor_config(), augmenting_config("llama"), [(1, 1), (3, 3)], seq_len=SEQ, causal=False)
     assert sc.total < full.total and full.total - sc.total < 0.2 * full.total

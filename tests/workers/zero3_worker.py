@@ -6,8 +6,10 @@ import glob
 import json
 import math
 import os
+import random
 import sys
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -25,17 +27,42 @@ def partition_report(model, world: int) -> dict:
             "local": sum(l for l, _ in sizes), "full": sum(f for _, f in sizes)}
 
 
-def frozen_identical(model, anchor_dir: str) -> bool:
-    """Gather every anchor weight and compare it bit for bit with the file it was loaded from."""
+def frozen_mismatches(model, anchor_dir: str) -> list[str]:
+    """Gather every anchor weight and compare it bit for bit with the file it was loaded from. Empty only
+    when every parameter was found in the file, every saved tensor was compared, and all are equal."""
     import deepspeed
 
     saved = load_file(f"{anchor_dir}/model.safetensors")
-    same = True
+    problems, compared = [], set()
     for name, p in model.anchor.named_parameters():
         with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-            if name in saved:
-                same &= torch.equal(p.data, saved[name])
-    return bool(same)
+            if name not in saved:
+                problems.append(f"parameter {name} is not in the saved anchor")
+            elif not torch.equal(p.data, saved[name]):
+                problems.append(f"parameter {name} differs from the saved anchor")
+        compared.add(name)
+    problems += [f"saved tensor {name} matches no parameter" for name in sorted(saved.keys() - compared)]
+    return problems
+
+
+def draw_on_every_forward(model, rank: int) -> None:
+    """Consume every RNG a step could use (torch, numpy, python), a rank-dependent amount per forward, as
+    dropout would: a resumed run draws the same numbers only if each rank's RNG states were restored."""
+    def draw(module, inputs):
+        torch.rand(rank + 1)
+        np.random.rand(rank + 1)
+        [random.random() for _ in range(rank + 1)]
+    model.register_forward_pre_hook(draw)
+
+
+def rng_draws(device) -> list[list[float]]:
+    """One draw of torch, numpy and python random per rank, gathered: [rank][generator]."""
+    import torch.distributed as dist
+
+    mine = torch.tensor([torch.rand(1).item(), np.random.rand(), random.random()], dtype=torch.float64, device=device)
+    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return [t.tolist() for t in every]
 
 
 @torch.no_grad()
@@ -59,9 +86,12 @@ def main():
     trainer = Trainer(cfg, env, validate(cfg, env))
     trainer.setup()
     before = partition_report(trainer.model, env.world_size)
+    draw_on_every_forward(trainer.model, env.rank)
     result = trainer.run()
+    calm = cfg.model.method == "calm"
     report = {"losses": result.losses, "step": result.step, "partition": before,
-              "frozen_identical": frozen_identical(trainer.model, cfg.model.anchor) if cfg.model.method == "calm" else None,
+              "rng_draws": rng_draws(trainer.device),  # first: nothing else may draw after the run
+              "frozen_mismatches": frozen_mismatches(trainer.model, cfg.model.anchor) if calm else None,
               "world_size": env.world_size,
               "compiled_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],  # train.compile
               "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values()),
