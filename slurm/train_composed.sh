@@ -15,12 +15,14 @@
 #   PYTHON          interpreter (default .venv/bin/python of the submit dir if present, else python3)
 #   TRAIN_SCRIPT    entry point (default calm_dist/train.py)
 #   MAX_REQUEUES    stop requeueing after this many restarts (default 50)
-#   SIGNAL_REPEAT_S while a stop is pending, re-send it to the ranks every N s (default 20; 0: once)
+#   SIGNAL_REPEAT_S while a stop is pending, re-send USR1 to the ranks every N s (default 20; 0: once)
 #
-# Preemption: --signal=B:USR1@N makes Slurm send SIGUSR1 to this batch shell N seconds before the time
-# limit (or send it yourself: scancel --signal=USR1 --batch JOBID). The shell forwards it to the ranks;
-# calm_dist/train.py finishes its step, writes a checkpoint and exits 0; then the shell requeues the job
-# (scontrol requeue) and the new run starts with train.resume=auto in the same RUN_DIR.
+# Stops: --signal=B:USR1@N makes Slurm send SIGUSR1 to this batch shell N seconds before the time limit;
+# scancel --signal=USR1 --batch JOBID or scancel --signal=TERM JOBID stop a run by hand. The ranks (train.py)
+# finish their step, write a checkpoint and exit 0 on USR1 or TERM alike; then this shell requeues the job
+# (scontrol requeue) and the new run starts with train.resume=auto in the same RUN_DIR, unless the job is
+# ending for good: scancel JOBID (TERM to everything, then KILL after KillWait) or a preemption. A TERM at
+# the time limit requeues too. The rule and what Slurm sends when: docs/slurm.md.
 # A rank that fails ends the whole job (srun --kill-on-bad-exit, torchrun without restarts).
 #
 # --- Defaults: edit here or override on the sbatch command line ------------------------------------
@@ -81,9 +83,11 @@ say "job $SLURM_JOB_ID restart $RESTART: $NNODES node(s) [$SLURM_JOB_NODELIST] x
 say "config $CONFIG, run dir $RUN_DIR, DeepSpeed $JOB_DS_CONFIG, python $PYTHON"
 
 # --- The per-node launcher (runs on every node under srun; sbatch copies only this file, so it is inline)
-# It starts torchrun with SIGUSR1 ignored (torchrun would die of it, and the ranks must not die of it
-# before train.py installs its handler); on USR1/TERM it forwards the signal to torchrun's children (the
-# ranks) and keeps re-sending USR1 every SIGNAL_REPEAT_S until they exit.
+# It starts torchrun with SIGUSR1 and SIGTERM ignored and out of torchrun's own handling: torchrun would die
+# of USR1, and it turns TERM into a SignalException that kills the ranks 30 s later, checkpoint or not; the
+# ranks inherit both as ignored until train.py installs its handler. Slurm signals every process of the step,
+# torchrun included. On USR1 or TERM the launcher forwards the signal to torchrun's children (the ranks) and
+# re-sends USR1 every SIGNAL_REPEAT_S until they exit, which also reaches a rank still setting up.
 # shellcheck disable=SC2016
 NODE_LAUNCHER='
 set -u
@@ -97,24 +101,28 @@ children_of() {  # PIDs whose parent is $1 (from /proc/PID/stat; the comm field 
     return 0
 }
 forward() { local w; for w in $(children_of "$TORCHRUN_PID"); do kill -s "$1" "$w" 2>/dev/null || true; done; }
-on_usr1() {
-    forward USR1
+on_stop() {
+    forward "$1"
     if [ -z "$REPEATER" ] && [ "${SIGNAL_REPEAT_S:-20}" -gt 0 ]; then
-        # no output fds held (the step ends when its output closes), and its sleep dies with it
-        ( trap "" USR1; trap "kill \$NAP 2>/dev/null; exit 0" TERM
+        # deaf to the TERM Slurm sends every process of the step, it ends on a HUP from the launcher; no output
+        # fds held (the step ends when its output closes), and its sleep dies with it
+        ( trap "" USR1 TERM; trap "kill \$NAP 2>/dev/null; exit 0" HUP
           while :; do sleep "${SIGNAL_REPEAT_S:-20}" & NAP=$!; wait $NAP; forward USR1; done ) </dev/null >/dev/null 2>&1 &
         REPEATER=$!
     fi
 }
 REPEATER=
-trap on_usr1 USR1
-trap "forward TERM" TERM
+trap "on_stop USR1" USR1
+trap "on_stop TERM" TERM
 if [ -z "${DS_ACCELERATOR:-}" ] && ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }; then
     export DS_ACCELERATOR=cpu
 fi
 echo "node $SLURM_NODEID ($(hostname)): torchrun --nnodes $SLURM_NNODES --node_rank $SLURM_NODEID" \
      "--nproc_per_node $PROCS_PER_NODE (DS_ACCELERATOR=${DS_ACCELERATOR:-auto})"
-( trap "" USR1; exec "$PYTHON" -m torch.distributed.run --nnodes "$SLURM_NNODES" --node_rank "$SLURM_NODEID" \
+# torchrun handles the signals it is told to (--signals-to-handle, read from PET_SIGNALS_TO_HANDLE; older
+# releases read TORCHELASTIC_SIGNALS_TO_HANDLE): not TERM
+export PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT TORCHELASTIC_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
+( trap "" USR1 TERM; exec "$PYTHON" -m torch.distributed.run --nnodes "$SLURM_NNODES" --node_rank "$SLURM_NODEID" \
       --nproc_per_node "$PROCS_PER_NODE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
       --max_restarts 0 "$@" ) &
 TORCHRUN_PID=$!
@@ -122,18 +130,20 @@ while :; do
     wait "$TORCHRUN_PID" && rc=0 || rc=$?
     kill -0 "$TORCHRUN_PID" 2>/dev/null || break   # still there (or an unreaped zombie): interrupted by a trap
 done
-[ -n "$REPEATER" ] && kill "$REPEATER" 2>/dev/null
+[ -n "$REPEATER" ] && kill -s HUP "$REPEATER" 2>/dev/null
 [ "$rc" = 0 ] || echo "node $SLURM_NODEID ($(hostname)): torchrun exited with $rc" >&2
 exit "$rc"
 '
 
-# --- Preemption: forward USR1 to the job step, remember it, requeue after a clean exit ---------------
+# --- Stops: forward USR1/TERM to the job step as USR1, remember it, requeue after a clean stop ---------
+# TERM reaches this shell only when the whole job ends (scancel, time limit, preemption): Slurm signals the
+# step's processes itself, and srun would take a forwarded TERM as an order to end its step.
 STOP_SIGNAL=
 SRUN_PID=
 on_signal() {
     STOP_SIGNAL=$1
     say "got SIG$1: asking the ranks to checkpoint and exit"
-    [ -n "$SRUN_PID" ] && kill -s "$1" "$SRUN_PID" 2>/dev/null || true
+    [ -n "$SRUN_PID" ] && kill -s USR1 "$SRUN_PID" 2>/dev/null || true
 }
 trap 'on_signal USR1' USR1
 trap 'on_signal TERM' TERM
@@ -155,19 +165,28 @@ if [ "$rc" != 0 ]; then
     say "training failed (srun exit $rc); see the rank errors above"
     exit "$rc"
 fi
-if [ "$STOP_SIGNAL" = USR1 ]; then
-    if [ -f "$RUN_DIR/final/composition.safetensors" ]; then
-        say "training finished before the stop took effect: not requeueing"
-    elif [ "$RESTART" -ge "$MAX_REQUEUES" ]; then
-        die "stopped at a checkpoint, but restart $RESTART reached MAX_REQUEUES=$MAX_REQUEUES: not requeueing"
-    else
-        say "checkpoint written: requeueing job $SLURM_JOB_ID (resumes from $RUN_DIR/checkpoints/latest)"
-        # The controller ends this shell as it requeues the job; nothing below runs on success.
-        timeout 60 scontrol requeue "$SLURM_JOB_ID" || die "scontrol requeue $SLURM_JOB_ID failed"
-        exec sleep 120
-    fi
-elif [ "$STOP_SIGNAL" = TERM ]; then
-    say "stopped by SIGTERM after a checkpoint (cancelled or preempted): not requeueing from here"
-    exit 143
+if [ -f "$RUN_DIR/final/composition.safetensors" ]; then
+    [ -z "$STOP_SIGNAL" ] || say "training finished before the SIG$STOP_SIGNAL took effect: not requeueing"
+    say "done: $RUN_DIR/final"
+    exit 0
 fi
-say "done: $RUN_DIR/final"
+# The ranks stopped at a checkpoint: a USR1 or TERM reached them (through this shell, or straight from Slurm).
+# Requeue unless the job is ending for good: scancel and a preemption leave it neither RUNNING nor at its
+# TimeLimit (Slurm requeues a preempted job itself under PreemptMode=REQUEUE). The controller's answer
+# decides; without one, a TERM to this shell counts as the job ending.
+JOB=$(timeout 30 scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null) || JOB="JobState=UNKNOWN Reason=$STOP_SIGNAL"
+STATE=$(grep -o 'JobState=[A-Z_]*' <<<"$JOB" || true); STATE=${STATE#JobState=}
+REASON=$(grep -o ' Reason=[^ ]*' <<<"$JOB" || true); REASON=${REASON# Reason=}
+case "$STATE/$REASON" in
+    RUNNING/* | */TimeLimit | UNKNOWN/USR1 | UNKNOWN/) ;;
+    *) say "stopped at a checkpoint while the job ends (JobState=$STATE Reason=$REASON: cancelled or preempted):" \
+           "not requeueing; RUN_DIR=$RUN_DIR sbatch ... resumes it"
+       exit 0 ;;
+esac
+[ "$RESTART" -lt "$MAX_REQUEUES" ] ||
+    die "stopped at a checkpoint, but restart $RESTART reached MAX_REQUEUES=$MAX_REQUEUES: not requeueing"
+say "checkpoint written (JobState=$STATE Reason=$REASON): requeueing job $SLURM_JOB_ID" \
+    "(resumes from $RUN_DIR/checkpoints/latest)"
+# The controller ends this shell as it requeues the job; nothing below runs on success.
+timeout 60 scontrol requeue "$SLURM_JOB_ID" || die "scontrol requeue $SLURM_JOB_ID failed"
+exec sleep 120

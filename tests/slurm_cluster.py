@@ -129,6 +129,32 @@ class SlurmCluster:
                 raise AssertionError(f"job {job_id} ({job.state}): {pattern!r} never appeared in {log}\n{text}")
             time.sleep(0.3)
 
+    @staticmethod
+    def wait_for_output(log: Path, pattern: str, timeout: float) -> str:
+        """The job log once `pattern` appears in it. A cancelled job reads CANCELLED while its batch script
+        still runs (until KillWait), so its last lines can come after `wait` returns."""
+        deadline = time.monotonic() + timeout
+        rx = re.compile(pattern)
+        while True:
+            text = log.read_text(errors="replace") if log.is_file() else ""
+            if rx.search(text):
+                return text
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{pattern!r} never appeared in {log}\n{text[-6000:]}")
+            time.sleep(0.3)
+
+    def wait_for_requeue(self, job_id: str, log: Path, timeout: float) -> Job:
+        """Wait until the job has been requeued once (Restarts=1), before its next run starts."""
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if job.restarts >= 1:
+                return job
+            if job.state in TERMINAL_STATES or time.monotonic() > deadline:
+                text = log.read_text(errors="replace")[-6000:] if log.is_file() else "(no log)"
+                raise AssertionError(f"job {job_id} ({job.state}) was not requeued\n{text}\n{self.diagnostics()}")
+            time.sleep(1)
+
     def signal_batch(self, job_id: str, signal: str = "USR1") -> None:
         """What --signal=B:USR1@N does before the time limit: the signal to the batch shell only."""
         self.client("scancel", f"--signal={signal}", "--batch", job_id)

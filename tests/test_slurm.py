@@ -6,7 +6,10 @@ Slow checks, on the cluster:
   with the real calm_dist/train.py and recipes/tiny.yaml (no stand-ins):
   (b) slurm/train_composed.sh on 1 node x 2 procs and 2 nodes x 1 proc: checkpoints + exported composition;
   (c) USR1 mid-run -> checkpoint -> requeue -> resume: the same final weights as an uninterrupted run;
-  (d) train.fail_at_step: the whole job fails fast, with the error in the job log.
+  (d) train.fail_at_step: the whole job fails fast, with the error in the job log;
+  (e) Slurm's time-limit warning -> checkpoint -> requeue -> resume, then scancel: checkpoint, not requeued;
+  (f) world size 4 on 2 nodes x 2 ranks: the caching job, then ZeRO-3 training on the cached states stopped by
+      scancel --signal=TERM, requeued and resumed, against a single-process reference.
 """
 from __future__ import annotations
 
@@ -170,11 +173,11 @@ def tiny_overrides(setup: Path, cache: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in items.items()]
 
 
-def submit_train(cluster: SlurmCluster, setup: Path, tmp: Path, nodes: int, procs: int, **extra):
+def submit_train(cluster: SlurmCluster, setup: Path, tmp: Path, nodes: int, procs: int, sbatch_args=(), **extra):
     log, run_dir = tmp / "job-%j.log", tmp / "run-%j"
     job_id = cluster.sbatch(TRAIN_SH, *tiny_overrides(setup, tmp / "data_cache", **extra),
                             sbatch_args=(f"--nodes={nodes}", f"--cpus-per-task={CPUS if procs > 1 else 1}",
-                                         "--time=00:30:00", f"--output={log}"),
+                                         "--time=00:30:00", f"--output={log}", *sbatch_args),
                             env={"CONFIG": "recipes/tiny.yaml", "RUN_DIR": run_dir, "PYTHON": sys.executable,
                                  "PROCS_PER_NODE": procs})
     return job_id, Path(str(log).replace("%j", job_id)), Path(str(run_dir).replace("%j", job_id))
@@ -285,3 +288,98 @@ def test_cache_augmenter_two_nodes(slurm_cluster, tiny_setup, tmp_path):
     assert f"cached train: {cache}/train" in text
     writers = [json.loads((cache / "train" / f"shard-{i:05d}.json").read_text())["written_by_rank"] for i in range(6)]
     assert writers == [0, 1, 0, 1, 0, 1]                 # each node's rank wrote its half
+
+
+@pytest.mark.slow
+def test_time_limit_warning_requeues_and_scancel_stops_for_good(slurm_cluster, tiny_setup, tmp_path):
+    """Slurm's own time-limit warning (--time=1 --signal=B:USR1@1: USR1 in the last 30-60 s) -> checkpoint ->
+    requeue -> resume; then `scancel` (TERM to every process, KILL after KillWait): the ranks checkpoint and the
+    job ends CANCELLED, not requeued. torchrun raises no SignalException: it does not handle TERM."""
+    job_id, log, run_dir = submit_train(slurm_cluster, tiny_setup, tmp_path, 2, 1, **{
+        "train.steps": 100_000, "train.log_every": 10, "train.checkpoint_every": 0},  # runs into its time limit
+        sbatch_args=("--time=1", "--signal=B:USR1@1"))
+    slurm_cluster.wait_for_requeue(job_id, log, timeout=JOB_TIMEOUT)
+    slurm_cluster.client("scontrol", "update", f"JobId={job_id}", "TimeLimit=30")  # the resumed run is not warned
+    resumed = r"resumed from \S+/step_(\d+) at step \d+"
+    slurm_cluster.wait_for_log(job_id, log, resumed + r"[\s\S]*\n0: step \d+/", timeout=JOB_TIMEOUT)  # training again
+    resumed_at = int(re.search(resumed, log.read_text()).group(1))
+    slurm_cluster.client("scancel", job_id)
+    job = slurm_cluster.wait(job_id, JOB_TIMEOUT, log)
+    assert job.state == "CANCELLED" and job.restarts == 1, log.read_text()[-6000:]
+    text = slurm_cluster.wait_for_output(log, r"\] (stopped at a checkpoint|training failed)", timeout=120)
+    first, second = text.split("restart 1:")
+    assert "got SIGUSR1" in first and "checkpoint written (JobState=RUNNING" in first, first[-6000:]
+    assert "got SIGTERM" in second and re.search(r"the job ends \(JobState=\w+ Reason=None", second), second[-6000:]
+    for rank, host in enumerate(["node1", "node2"]):
+        assert f"{rank}: rank {rank} (local rank 0 on {host}): SIGTERM: checkpointing" in second, second[-6000:]
+    assert "SignalException" not in text and "training failed" not in text, text[-6000:]
+    assert int((run_dir / "checkpoints" / "latest").read_text().strip().removeprefix("step_")) > resumed_at
+    assert not (run_dir / "final").exists()
+
+
+# ---- slow: world size 4 end to end, 2 nodes x 2 ranks ----------------------------------------------------
+# 96 rows in global batches of 16 (4 ranks x micro-batch 2 x accumulation 2): 6 steps an epoch, so 14 steps
+# run 3 epochs. 12 train shards of 8 rows: rank r (node r // 2) writes shards r, r + 4, r + 8.
+WIDE_STEPS, WIDE_BATCH, WIDE_SHARD_ROWS = 14, 16, 8
+
+
+@pytest.mark.slow
+def test_four_ranks_on_two_nodes_cache_train_stop_resume_match_the_single_process_reference(
+        slurm_cluster, tiny_setup, tmp_path):
+    """slurm/cache_augmenter.sh (2 nodes x 2 tasks), then slurm/train_composed.sh (2 nodes x 2 ranks, ZeRO-3,
+    cached states, eval at the end) stopped by `scancel --signal=TERM` (TERM to every process of the step,
+    torchrun included), requeued and resumed: every step's loss, the final weights and the eval loss equal a
+    single process's over the same global batches. Ranks 2 and 3 are local ranks 0 and 1 of node2, where a
+    local rank used for a global one (sampler slice, shard assignment) would read or write another rank's rows."""
+    import torch
+
+    from calm_dist.config import load_config
+    from reference_training import eval_loss, reference_training
+
+    cache = tmp_path / "states"
+    wide = {"data.eval": tiny_setup / "eval.jsonl", "train.steps": WIDE_STEPS, "train.micro_batch_size": 2,
+            "train.global_batch_size": WIDE_BATCH, "train.checkpoint_every": 0, "train.augmenting_states": "cached",
+            "train.states_cache_dir": cache}
+    cache_log = tmp_path / "cache.log"
+    cache_job = slurm_cluster.sbatch(
+        CACHE_SH, f"--rows-per-shard={WIDE_SHARD_ROWS}",
+        *tiny_overrides(tiny_setup, tmp_path / "data_cache", **wide, **{"train.output_dir": tmp_path / "unused"}),
+        sbatch_args=("--nodes=2", "--ntasks-per-node=2", "--cpus-per-task=1", f"--output={cache_log}"),
+        env={"CONFIG": "recipes/tiny.yaml", "PYTHON": sys.executable})
+    job = slurm_cluster.wait(cache_job, JOB_TIMEOUT, cache_log)
+    assert job.state == "COMPLETED", cache_log.read_text()[-6000:]
+    for split, shards in (("train", 12), ("eval", 2)):
+        writers = [json.loads((cache / split / f"shard-{i:05d}.json").read_text())["written_by_rank"]
+                   for i in range(shards)]
+        assert writers == [i % 4 for i in range(shards)], (split, writers)
+
+    job_id, log, run_dir = submit_train(slurm_cluster, tiny_setup, tmp_path, 2, 2, **wide)
+    slurm_cluster.wait_for_log(job_id, log, rf"step [3-9]/{WIDE_STEPS} \|", timeout=JOB_TIMEOUT)
+    slurm_cluster.client("scancel", "--signal=TERM", job_id)
+    job = slurm_cluster.wait(job_id, JOB_TIMEOUT, log)
+    text = log.read_text()
+    assert job.state == "COMPLETED" and job.restarts == 1, text[-6000:]
+    assert "SignalException" not in text and "checkpoint written (JobState=RUNNING" in text
+    for rank in range(4):  # srun's label is the node; each rank names its local rank and host
+        node, local = divmod(rank, 2)
+        assert f"{node}: rank {rank} (local rank {local} on node{node + 1}): SIGTERM: checkpointing" in text, text[-6000:]
+    stopped_at = int(re.search(r"resumed from \S+/step_(\d+) at step", text).group(1))
+    assert 3 <= stopped_at < WIDE_STEPS
+    latest = run_dir / "checkpoints" / f"step_{WIDE_STEPS}"
+    assert json.loads((latest / "trainer_state.json").read_text())["world_size"] == 4
+    assert sorted(p.name for p in latest.glob("optimizer.rank*.safetensors")) == \
+        [f"optimizer.rank{r}.safetensors" for r in range(4)]
+
+    cfg = load_config(REPO / "recipes" / "tiny.yaml", tiny_overrides(tiny_setup, tmp_path / "data_cache", **wide))
+    ref_losses, ref_weights = reference_training(cfg, WIDE_BATCH, tmp_path / "ref_cache")
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["train/loss"] for r in logged if "train/loss" in r}
+    assert sorted(losses) == list(range(1, WIDE_STEPS + 1))  # each step once, across the stop
+    assert [losses[s] for s in sorted(losses)] == pytest.approx(ref_losses, abs=1e-5)
+    trained = final_weights(run_dir)
+    assert trained.keys() == ref_weights.keys()
+    for name in trained:
+        torch.testing.assert_close(trained[name], ref_weights[name], atol=1e-4, rtol=0)
+    eval_logged = [r["eval/loss"] for r in logged if "eval/loss" in r]
+    assert eval_logged == pytest.approx([eval_loss(run_dir / "final", cfg, range(16), tmp_path / "ref_cache")],
+                                        abs=1e-5)

@@ -288,8 +288,10 @@ JobRequeue=1
 # Job ids start at a random point so that two local clusters on one machine (two engineers, or a test run
 # beside a manual one) do not derive the same MASTER_PORT (20000 + job id) for their rendezvous.
 FirstJobId=$FIRST_JOB_ID
-# Fast turnaround for tests: short kill wait, quick scheduling passes, finished jobs kept 10 min.
-KillWait=5
+# KillWait=30 (Slurm's default): the grace between the TERM that ends a job (scancel, time limit) and the
+# KILL, in which the ranks checkpoint and the batch script requeues. Quick scheduling passes; finished jobs
+# kept 10 min.
+KillWait=30
 MinJobAge=600
 InactiveLimit=0
 SlurmdTimeout=120
