@@ -80,9 +80,21 @@ class LoRAAnchor(nn.Module):
         return ComposedOutput(logits=logits,
                               loss=loss_from_logits(logits, labels, loss_reduction) if labels is not None else None)
 
-    def generate(self, input_ids, attention_mask=None, max_new_tokens=32, eos_token_id=None, pad_token_id=None, **_):
-        return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                                   do_sample=False, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    def generate(self, input_ids, attention_mask=None, *, max_new_tokens=32, do_sample=False, temperature=1.0,
+                 top_k=None, top_p=None, eos_token_id=None, pad_token_id=None, generator=None,
+                 refresh_augmenting=True):
+        """ComposedModel.generate's arguments, decoded by transformers (`refresh_augmenting` has no augmenting
+        model to act on). transformers samples from torch's global generator: a given `generator` seeds it
+        inside a forked RNG state, so the caller's random stream is left as it was."""
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                      do_sample=do_sample, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        if do_sample:
+            kwargs.update(temperature=temperature, top_k=top_k if top_k is not None else 0, top_p=top_p)
+        if generator is None:
+            return self.model.generate(**kwargs)
+        with torch.random.fork_rng(devices=[input_ids.device] if input_ids.is_cuda else []):
+            torch.manual_seed(generator.initial_seed())
+            return self.model.generate(**kwargs)
 
     def composition_state_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}

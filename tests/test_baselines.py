@@ -73,3 +73,23 @@ def test_augmenting_sees_prompt_hides_the_completion_states():
     assert torch.equal(logits(perturbed(states, completion, 0)), base)
     assert (logits(perturbed(states, 1 - completion, 0)) - base).abs().amax(dim=(1, 2)).min() > 1e-3
     assert (logits(perturbed(states, completion, 0), key_mask=None) - logits(states, key_mask=None)).abs().max() > 1e-3
+
+
+def test_lora_generate_takes_the_sampling_arguments():
+    """LoRAAnchor decodes with every argument ComposedModel.generate takes: at init it IS the anchor, so sampling
+    with a seed equals transformers' sampling of the anchor under that seed; unknown arguments are refused."""
+    import pytest
+
+    anchor = tiny_model("llama", seed=2, hidden=32, layers=2)
+    lora = LoRAAnchor(tiny_model("llama", seed=2, hidden=32, layers=2), rank=2, targets=None)
+    ids = torch.tensor([[1, 7, 11, 19]])
+    sampled = lora.generate(ids, max_new_tokens=12, do_sample=True, temperature=1.5, top_k=20,
+                            generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(5)
+    expected = anchor.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=True,
+                               temperature=1.5, top_k=20, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(sampled, expected)
+    greedy = lora.generate(ids, max_new_tokens=12)
+    assert not torch.equal(sampled, greedy)  # the sampling arguments were not dropped
+    with pytest.raises(TypeError):
+        lora.generate(ids, max_new_tokens=2, num_beams=4)
