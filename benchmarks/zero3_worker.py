@@ -138,4 +138,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from calm_dist.distributed import exit_process
+
+    exit_process(main() or 0)

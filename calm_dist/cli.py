@@ -158,5 +158,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def console_main() -> None:
+    """The `calm-dist` command and `python -m calm_dist.cli`: main(), then the process ends without interpreter
+    finalization (distributed.exit_process). main() itself returns, for callers in the same process."""
+    from .distributed import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -242,6 +242,20 @@ def loopback_interface(net: Path = Path("/sys/class/net")) -> str | None:
     return None
 
 
+def exit_process(code: int) -> None:
+    """End an entry point's process without interpreter finalization, once everything is written and closed.
+    destroy_process_group drops only torch's own references: DeepSpeed keeps its groups (and ZeRO its hooks)
+    alive to the end, and when finalization then destroys gloo's backend while its worker threads still hold
+    tensors, the process aborts ("terminate called without an active exception", pytorch PR #179291),
+    turning a finished run into a failed job now and then."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def shut_down_process_group() -> None:
     """Leave the process group cleanly once every rank is done: a barrier, then destroy it. Exiting with it
     alive let gloo's worker threads outlive the interpreter, which aborted a rank at exit now and then

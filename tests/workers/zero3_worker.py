@@ -105,4 +105,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from calm_dist.distributed import exit_process
+
+    exit_process(main() or 0)
