@@ -112,7 +112,10 @@ def read_ds_json(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"distributed.deepspeed_config: {path} does not exist")
     try:
-        ds = json.loads(path.read_text())
+        ds = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"distributed.deepspeed_config: {path} is not UTF-8 text: byte {e.object[e.start]:#x} at "
+                          f"offset {e.start}") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"distributed.deepspeed_config: {path} is not valid JSON: {e}") from None
     owned = sorted(set(ds) & OWNED_DS_KEYS)

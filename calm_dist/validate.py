@@ -70,6 +70,9 @@ def validate(cfg: Config, env: DistEnv, *, need_train_data: bool = True, trainin
                           "nor the composition's activation checkpointing")
     if m.augmenting_init == "random" and t.augmenting_states == "cached":
         raise ConfigError("model.augmenting_init=random recomputes its states: use train.augmenting_states=recompute")
+    for key, step in (("train.stop_after_step", t.stop_after_step), ("train.fail_at_step", t.fail_at_step)):
+        if step is not None and step >= t.steps:  # it would never happen: the run ends at train.steps
+            raise ConfigError(f"{key}={step} is not before train.steps={t.steps}")
     if t.compile and not cfg.distributed.zero3_leaf_blocks:
         raise ConfigError("train.compile needs distributed.zero3_leaf_blocks=true: DeepSpeed's per-module ZeRO-3 "
                           "hooks cannot run inside a compiled block")

@@ -299,6 +299,8 @@ def _bad_paths(tiny: Path, tmp: Path) -> list[tuple[str, list[str], dict, str]]:
     empty_model.write_bytes(b"")
     a_file = tmp / "a_file"
     a_file.write_text("a regular file")
+    latin1_ds = tmp / "latin1_ds.json"
+    latin1_ds.write_bytes('{"zero_optimization": {"stage": 3}, "comment": "café"}'.encode("latin-1"))
     short_augmenting = tmp / "short_positions_augmenting"  # 16 positions, under the recipe's seq_len of 32
     shutil.copytree(tiny / "augmenting", short_augmenting, dirs_exist_ok=True)
     config = json.loads((short_augmenting / "config.json").read_text())
@@ -306,6 +308,10 @@ def _bad_paths(tiny: Path, tmp: Path) -> list[tuple[str, list[str], dict, str]]:
     return [
         ("non-UTF-8 config file", ["--config-file", str(latin1)], {}, f"config file {latin1} is not UTF-8 text: "
          "byte 0xe9"),
+        ("non-UTF-8 DeepSpeed JSON", [f"distributed.deepspeed_config={latin1_ds}"], {},
+         f"distributed.deepspeed_config: {latin1_ds} is not UTF-8 text: byte 0xe9"),
+        ("stop_after_step at or after the last step", ["train.stop_after_step=12"], {},
+         "train.stop_after_step=12 is not before train.steps=12"),
         ("data.train empty", ["data.train="], {}, "data.train is not set"),
         ("data.eval empty", ["data.eval="], {}, "data.eval is not set"),
         ("data.train a directory without data", [f"data.train={not_a_dataset}"], {},
