@@ -146,3 +146,13 @@ def serve(directory: Path, port: int | None = None):
         yield server
     finally:
         server.down()
+
+
+def clean_mlflow_env(monkeypatch) -> None:
+    """A test's MLflow environment: none of the caller's tracking variables, and short HTTP timeouts without
+    retries (Tracker.start() sets those with setdefault; monkeypatch restores them after the test)."""
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_TAGS",
+                "MLFLOW_ENABLE_ASYNC_LOGGING", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")

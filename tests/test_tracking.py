@@ -29,9 +29,9 @@ from calm_dist.tracking import (
 )
 
 try:
-    from tests.mlflow_server import free_port, serve
+    from tests.mlflow_server import clean_mlflow_env, free_port, serve
 except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from mlflow_server import free_port, serve
+    from mlflow_server import clean_mlflow_env, free_port, serve
 
 PARAMS = {
     "model": {"anchor": "tiny-llama", "augmenting": ["kv-a"], "pairs": [[1, 1], [3, 3]]},
@@ -54,12 +54,7 @@ FLAT = {
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
-    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_TAGS",
-                "MLFLOW_ENABLE_ASYNC_LOGGING", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
-        monkeypatch.delenv(var, raising=False)
-    # Tracker.start() sets these with setdefault; restore them after each test.
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    clean_mlflow_env(monkeypatch)
 
 
 @pytest.fixture(scope="module")
