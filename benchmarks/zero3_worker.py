@@ -138,6 +138,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from calm_dist.distributed import exit_process
+    from calm_dist.distributed import run_then_exit
 
-    exit_process(main() or 0)
+    run_then_exit(main)

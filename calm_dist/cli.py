@@ -161,9 +161,9 @@ def main(argv: list[str] | None = None) -> int:
 def console_main() -> None:
     """The `calm-dist` command and `python -m calm_dist.cli`: main(), then the process ends without interpreter
     finalization (distributed.exit_process). main() itself returns, for callers in the same process."""
-    from .distributed import exit_process
+    from .distributed import run_then_exit
 
-    exit_process(main())
+    run_then_exit(main)
 
 
 if __name__ == "__main__":

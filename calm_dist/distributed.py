@@ -259,6 +259,24 @@ def exit_process(code: int) -> None:
     os._exit(code)
 
 
+def run_then_exit(main) -> None:
+    """Run an entry point's `main()` and end the process through exit_process whatever happens: an uncaught
+    exception is printed by sys.excepthook (torch's names the rank) and exits 1, a SystemExit keeps its code.
+    Letting an exception reach the interpreter would finalize it, and abort a rank now and then (exit_process)."""
+    try:
+        code = main() or 0
+    except SystemExit as e:  # argparse and sys.exit: the message, if any, as Python itself prints it
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    exit_process(code)
+
+
 def shut_down_process_group() -> None:
     """Leave the process group cleanly once every rank is done: a barrier, then destroy it. Exiting with it
     alive let gloo's worker threads outlive the interpreter, which aborted a rank at exit now and then

@@ -50,6 +50,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from calm_dist.distributed import exit_process
+    from calm_dist.distributed import run_then_exit
 
-    exit_process(main())
+    run_then_exit(main)

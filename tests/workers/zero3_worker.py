@@ -105,6 +105,6 @@ def main():
 
 
 if __name__ == "__main__":
-    from calm_dist.distributed import exit_process
+    from calm_dist.distributed import run_then_exit
 
-    exit_process(main() or 0)
+    run_then_exit(main)
