@@ -22,4 +22,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from calm_dist.distributed import run_then_exit
+
+    run_then_exit(main)

@@ -41,4 +41,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from calm_dist.distributed import run_then_exit
+
+    run_then_exit(main)
