@@ -24,7 +24,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 demo: install
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash tools/demo.sh
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash examples/kv_task/demo.sh
 
 bench: install
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) benchmarks/run.py

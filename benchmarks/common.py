@@ -18,15 +18,12 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import json  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 
 @dataclass(frozen=True)
@@ -54,8 +51,8 @@ class Size:
 
     @property
     def pairs(self) -> list[tuple[int, int]]:
-        """The paper's rule (calm_dist.mapping.default_layer_pairs): every 4th augmenting block."""
-        from calm_dist.mapping import default_layer_pairs
+        """The paper's rule (calm_dist.model.layer_pairs.default_layer_pairs): every 4th augmenting block."""
+        from calm_dist.model.layer_pairs import default_layer_pairs
 
         return default_layer_pairs(self.aug_layers, self.anchor_layers)
 

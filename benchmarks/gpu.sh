@@ -5,7 +5,7 @@
 #
 # Measures, interleaved after warm-up (median of STEPS): the composed training step with recomputed
 # augmenting states, the same step with cached states, and the frozen anchor's fwd+bwd (input gradients only):
-# step time, tokens/s, MFU = tokens/s x cost-model FLOPs per token (calm_dist.costs.step_cost) / 989 TFLOP/s
+# step time, tokens/s, MFU = tokens/s x cost-model FLOPs per token (calm_dist.planning.costs.step_cost) / 989 TFLOP/s
 # (H100 SXM dense bf16; override with PEAK_TFLOPS). Writes $OUT/gpu_bench.json (or
 # benchmarks/results/gpu_bench.json without $OUT). Budget: < 5 minutes (the python part is capped at 270 s).
 #
@@ -34,11 +34,12 @@ import json, os, statistics, sys, time, traceback
 import torch
 import transformers as T
 
-from calm_dist import ComposedModel, costs
-from calm_dist.backbones import decoder
-from calm_dist.compiled_blocks import compile_frozen_blocks
-from calm_dist.composition import position_ids_from_mask
-from calm_dist.lm_loss import head_loss
+from calm_dist import ComposedModel
+from calm_dist.planning import costs
+from calm_dist.model.backbones import decoder
+from calm_dist.training.parallelize import compile_frozen_blocks
+from calm_dist.model.composition import position_ids_from_mask
+from calm_dist.model.lm_loss import head_loss
 
 out_path = sys.argv[1]
 smoke = os.environ.get("GPU_BENCH_SMOKE") == "1"
@@ -79,7 +80,8 @@ result = {"device": torch.cuda.get_device_name(0) if cuda else "cpu (smoke)", "d
 try:
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
-    from calm_dist.distributed import DistEnv, init_process_group, mark_zero3_leaf_blocks
+    from calm_dist.training.dist_env import DistEnv, init_process_group
+    from calm_dist.training.parallelize import mark_zero3_leaf_blocks
 
     zero3 = True
     result["deepspeed"] = deepspeed.__version__

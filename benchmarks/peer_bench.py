@@ -15,10 +15,8 @@ fp32, one thread; a training step = zero_grad + forward + loss + backward + Adam
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (pins threads before torch)
 
 import torch  # noqa: E402
@@ -89,7 +87,7 @@ def main() -> None:
     import x_transformers
     from importlib.metadata import version
 
-    from calm_dist.compiled_blocks import compile_frozen_blocks
+    from calm_dist.training.parallelize import compile_frozen_blocks
 
     ours = common.build_composed(size)
     peer, peer_anchor, peer_augment = build_peer(size)

@@ -9,7 +9,7 @@ round-robin after a warm-up, and the medians are compared. Nothing here asserts 
 ratio measured in the same run (benchmarks/README.md explains each one).
 
   P1  composed training step, cached augmenting states  /  anchor alone fwd+bwd (input grads)   goal <= 1.10
-  P2  cached / recompute step time, vs the cost model's ratio (calm_dist.costs.step_cost)        within 10%
+  P2  cached / recompute step time, vs the cost model's ratio (calm_dist.planning.costs.step_cost)        within 10%
   P3  our training step / CALM-pytorch's (x-transformers models of the same shapes)              goal <= 0.8
   P4  greedy decoding tokens/s, ours (KV caches) / CALM-pytorch's; ours cached / uncached        goal >= 5x
   P5  ZeRO-3 per-rank resident frozen-parameter bytes, world 2 / world 1                         goal <= 0.55
@@ -35,8 +35,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import common  # noqa: E402  (pins threads before torch)
+import common  # noqa: E402  (pins threads before torch; benchmarks/ is on sys.path as the script's folder)
 
 REPO = common.REPO
 PEER_VENV = HERE / ".venv-peer"
@@ -50,9 +49,9 @@ def child_steps(size: common.Size, out: Path) -> dict:
     recomputed states, interleaved; then one profiled call of each."""
     import torch
 
-    from calm_dist.backbones import decoder
-    from calm_dist.composition import position_ids_from_mask
-    from calm_dist.lm_loss import head_loss
+    from calm_dist.model.backbones import decoder
+    from calm_dist.model.composition import position_ids_from_mask
+    from calm_dist.model.lm_loss import head_loss
 
     torch.set_num_threads(1)
     model = common.build_composed(size)
@@ -117,8 +116,8 @@ def child_matmul(size: common.Size, out: Path) -> dict:
                                       "flops_per_s_median": 2 * n ** 3 / common.median(basis),
                                       "flops_per_s_best": 2 * n ** 3 / min(basis)}
     torch.set_num_threads(1)
-    try:  # the trainer's own MFU denominator (calm_dist.hardware.measured_matmul_peak)
-        from calm_dist.hardware import measured_matmul_peak
+    try:  # the trainer's own MFU denominator (calm_dist.planning.hardware.measured_matmul_peak)
+        from calm_dist.planning.hardware import measured_matmul_peak
 
         res["calm_dist_measured_matmul_peak_1t"] = measured_matmul_peak()
     except Exception as e:  # noqa: BLE001
@@ -134,7 +133,7 @@ def child_cache(size: common.Size, out: Path) -> dict:
 
     import torch
 
-    from calm_dist.augmenter_cache import StatesCache, build_cache
+    from calm_dist.training.states_cache import StatesCache, build_cache
 
     torch.set_num_threads(1)
     _, aug = common.build_models(size)
@@ -268,9 +267,8 @@ def ensure_peer_venv(log) -> str:
 
 
 def run_zero3(size: common.Size, log) -> dict:
-    """P5: the composed model under ZeRO-3 with world 1 and world 2 (ranks spawned as tests/launch.py does)."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from launch import run_ranks
+    """P5: the composed model under ZeRO-3 with world 1 and world 2, each rank started by torchrun on loopback."""
+    from calm_dist.training.dist_env import free_port
 
     tmp = Path(tempfile.mkdtemp(prefix="calm_bench_zero3_", dir=os.environ.get("CALM_BENCH_TMP")))
     try:
@@ -282,10 +280,12 @@ def run_zero3(size: common.Size, log) -> dict:
         for world in (1, 2):
             report = tmp / f"world{world}"
             t0 = time.perf_counter()
-            run_ranks([str(HERE / "zero3_worker.py"), "--anchor", str(tmp / "anchor"), "--augmenting",
-                       str(tmp / "augmenting"), "--pairs", json.dumps([list(p) for p in size.pairs]),
-                       "--seq", str(size.seq), "--micro-batch", str(size.zero_batch), "--steps", str(size.zero_steps),
-                       "--report", str(report)], world=world, timeout=900)
+            subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
+                            "--master_addr=127.0.0.1", f"--master_port={free_port()}", "--local_addr=127.0.0.1",
+                            str(HERE / "zero3_worker.py"), "--anchor", str(tmp / "anchor"), "--augmenting",
+                            str(tmp / "augmenting"), "--pairs", json.dumps([list(p) for p in size.pairs]),
+                            "--seq", str(size.seq), "--micro-batch", str(size.zero_batch), "--steps",
+                            str(size.zero_steps), "--report", str(report)], check=True, timeout=900, cwd=REPO)
             out[f"world{world}"] = [json.loads((tmp / f"world{world}.rank{r}.json").read_text()) for r in range(world)]
             log(f"  ZeRO-3 world {world}: {time.perf_counter() - t0:.0f} s")
         return out
@@ -320,8 +320,7 @@ def machine_info() -> dict:
 
 
 def cost_model(size: common.Size) -> dict:
-    from calm_dist import costs
-
+    from calm_dist.planning import costs
     a, g = common.anchor_config(size), common.augmenting_config(size)
     cached = costs.step_cost(a, g, size.pairs, seq_len=size.seq, states="cached")
     recompute = costs.step_cost(a, g, size.pairs, seq_len=size.seq, states="recompute")

@@ -1,8 +1,8 @@
 """One rank of a ZeRO-3 composed model: resident parameter bytes, step time, peak memory (and FLOPs).
 
-Spawned by benchmarks/run.py (P5) and tests/test_plan_vs_measured.py with RANK / WORLD_SIZE / MASTER_ADDR /
-MASTER_PORT set (tests/launch.py). The frozen models load straight into ZeRO-3 shards as the trainer loads
-them (HfDeepSpeedConfig alive during from_pretrained, calm_dist.distributed), the composition is built on
+Spawned by benchmarks/run.py (P5) and tests/integration/test_plan_vs_measured.py with RANK / WORLD_SIZE / MASTER_ADDR /
+MASTER_PORT set (tests/helpers/launch.py). The frozen models load straight into ZeRO-3 shards as the trainer loads
+them (HfDeepSpeedConfig alive during from_pretrained, calm_dist.training.parallelize), the composition is built on
 top, and `deepspeed.initialize` partitions everything, the frozen weights included.
 
     python benchmarks/zero3_worker.py --anchor DIR --augmenting DIR --pairs '[[3,3],[7,7]]' --seq 256 \
@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (pins threads, DS_ACCELERATOR=cpu)
 
 import torch  # noqa: E402
@@ -70,8 +68,10 @@ def main() -> None:
     import torch.distributed as dist
     from transformers.integrations import HfDeepSpeedConfig
 
-    from calm_dist.composition import ComposedModel, load_causal_lm
-    from calm_dist.distributed import DistEnv, init_process_group, shut_down_process_group
+    from calm_dist.model.composition import ComposedModel
+
+    from calm_dist.model.io import load_causal_lm
+    from calm_dist.training.dist_env import DistEnv, init_process_group, shut_down_process_group
 
     env = DistEnv.from_environ()
     init_process_group(env, 300)
@@ -138,6 +138,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from calm_dist.distributed import run_then_exit
+    from calm_dist.training.dist_env import run_then_exit
 
     run_then_exit(main)

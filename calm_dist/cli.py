@@ -16,43 +16,43 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args, need_train_data: bool = True, training: bool = False):
-    from .config import load_config
-    from .distributed import DistEnv
-    from .validate import validate
+    from calm_dist.config import load_config
+    from calm_dist.training.dist_env import DistEnv
+    from calm_dist.training.preflight import preflight
 
     cfg = load_config(args.config, args.overrides)
     env = DistEnv.from_environ()
-    return cfg, env, validate(cfg, env, need_train_data=need_train_data, training=training)
+    return cfg, env, preflight(cfg, env, need_train_data=need_train_data, training=training)
 
 
 def cmd_cache(args) -> int:
-    from .augmenter_cache import check_rows_per_shard, run_cache_job
+    from calm_dist.training.states_cache import check_rows_per_shard, run_cache_job
 
     check_rows_per_shard(args.rows_per_shard)  # before any model or data is read
-    cfg, env, plan = _load(args)
+    cfg, env, resolved = _load(args)
     if args.estimate:
-        from .augmenter_cache import estimate
+        from calm_dist.training.states_cache import estimate
 
-        print(json.dumps(estimate(cfg, plan, flops_per_s=args.flops_per_s, read_bytes_per_s=args.read_bytes_per_s,
+        print(json.dumps(estimate(cfg, resolved, flops_per_s=args.flops_per_s, read_bytes_per_s=args.read_bytes_per_s,
                                   write_bytes_per_s=args.write_bytes_per_s), indent=2))
         return 0
-    from .trainer import quiet_libraries
+    from calm_dist.training.trainer import quiet_libraries
 
     quiet_libraries()
-    for split, path in run_cache_job(cfg, env, plan, rows_per_shard=args.rows_per_shard).items():
+    for split, path in run_cache_job(cfg, env, resolved, rows_per_shard=args.rows_per_shard).items():
         if env.is_main:
             print(f"cached {split}: {path}")
     return 0
 
 
 def cmd_train(args) -> int:
-    from .train import main as train_main
+    from calm_dist.train import main as train_main
 
     return train_main((["--config", args.config] if args.config else []) + args.overrides)
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import main as eval_main
+    from calm_dist.task_eval import main as eval_main
 
     return eval_main(args)
 
@@ -60,9 +60,9 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    from . import ComposedModel
-    from .data import Tokenizer
-    from .distributed import DistEnv, local_device
+    from calm_dist import ComposedModel
+    from calm_dist.data.tokenized import Tokenizer
+    from calm_dist.training.dist_env import DistEnv, local_device
 
     sampling = sampling_arguments(args)  # before anything loads
     device = local_device(DistEnv.from_environ())
@@ -80,7 +80,7 @@ def cmd_generate(args) -> int:
 def sampling_arguments(args) -> dict:
     """Greedy unless --temperature, --top-k or --top-p asks for sampling (a temperature of 1 when only a top-k or
     top-p is given); values out of range are one line, exit 2."""
-    from .config import ConfigError
+    from calm_dist.config import ConfigError
 
     t, k, p = args.temperature, args.top_k, args.top_p
     if t is not None and t < 0:
@@ -96,8 +96,8 @@ def sampling_arguments(args) -> dict:
 
 
 # These own their argument parsing: everything after the verb goes to them untouched.
-DELEGATED = {"compare": "compare MLflow runs (calm_dist/compare.py)",
-             "plan": "predict memory, communication and cache size for a cluster (calm_dist/plan.py)"}
+DELEGATED = {"compare": "compare MLflow runs (calm_dist/tracking/compare.py)",
+             "plan": "predict memory, communication and cache size for a cluster (calm_dist/planning/plan.py)"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="exact match and loss of anchor, augmenting and composed models")
-    from .evaluate import add_arguments
+    from calm_dist.task_eval import add_arguments
 
     add_arguments(p)
     p.set_defaults(func=cmd_eval)
@@ -144,12 +144,12 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_parser(name, help=text)
 
     args = parser.parse_args(argv)
-    from .trainer import quiet_libraries
+    from calm_dist.training.trainer import quiet_libraries
 
     quiet_libraries()
-    from .augmenter_cache import CacheError
-    from .composition import CompositionError
-    from .config import ConfigError
+    from calm_dist.training.states_cache import CacheError
+    from calm_dist.model.composition import CompositionError
+    from calm_dist.config import ConfigError
 
     try:
         return args.func(args)
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 def console_main() -> None:
     """The `calm-dist` command and `python -m calm_dist.cli`: main(), then the process ends without interpreter
     finalization (distributed.exit_process). main() itself returns, for callers in the same process."""
-    from .distributed import run_then_exit
+    from calm_dist.training.dist_env import run_then_exit
 
     run_then_exit(main)
 

@@ -1,7 +1,7 @@
 """The one typed config tree: dataclasses, loaded from YAML with dotted `key=value` overrides.
 
 Loading checks names and types (an unknown key or a non-numeric number is a `ConfigError`);
-`calm_dist.validate` checks the config against the world (paths, model shapes, world size)
+`calm_dist.training.preflight` checks the config against the world (paths, model shapes, world size)
 before anything heavy runs. Every ConfigError ends the program with one line and exit code 2.
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ class ModelConfig:
     augmenting: list[str] = field(default_factory=list)
     anchor_revision: str | None = None
     augmenting_revisions: list[str | None] | None = None
-    # per augmenting model, (augmenting_layer, anchor_layer) pairs; null: the paper's rule (calm_dist/mapping.py)
+    # per augmenting model, (augmenting_layer, anchor_layer) pairs; null: the paper's rule (calm_dist/model/layer_pairs.py)
     layer_pairs: list[list[list[int]]] | None = None
     every: int = 4
     num_heads: int | None = None           # cross-attention heads; null: the anchor's
@@ -54,7 +54,7 @@ class ModelConfig:
     # the frozen augmenting models' dtype when their states are recomputed (auto: train.precision); bf16
     # under fp32 training takes the augmenting forward off the critical path (~0.9% relative error in states)
     augmenting_dtype: Literal["auto", "fp32", "bf16"] = "auto"
-    # baselines and ablations (calm_dist/baselines.py), trained through the same entry point
+    # baselines and ablations (calm_dist/model/baselines.py), trained through the same entry point
     method: Literal["calm", "lora"] = "calm"          # lora: LoRA on the anchor alone, as many parameters
     lora_rank: int | None = None                      # null: matched to the composition's parameter count
     lora_targets: list[str] | None = None             # null: PEFT's default modules for the anchor's family
@@ -135,7 +135,7 @@ class TrainConfig:
     states_cache_dir: str | None = None    # null: <output_dir>/augmenting_cache
     states_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     activation_checkpointing: bool = False
-    # torch.compile each frozen decoder block (calm_dist/compiled_blocks.py): fuses HF's elementwise work,
+    # torch.compile each frozen decoder block (calm_dist/training/parallelize.py): fuses HF's elementwise work,
     # 10-13% off the CPU step here for ~20 s of compilation at start; needs distributed.zero3_leaf_blocks
     compile: bool = False
     peak_tflops_per_rank: float | None = None  # for MFU; null: measured matmul peak on CPU, a table for known GPUs
@@ -198,7 +198,7 @@ class Config:
     def to_dict(self) -> dict:
         """The tree as it leaves the process (params, config.json, a checkpoint's config.yaml): credentials in
         the tracking URI redacted."""
-        from .credentials import redact
+        from calm_dist.tracking.credentials import redact
 
         d = dataclasses.asdict(self)
         d["tracking"]["tracking_uri"] = redact(d["tracking"]["tracking_uri"])

@@ -12,7 +12,7 @@ if __package__ in (None, ""):  # run as a script by a launcher: make `calm_dist`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from calm_dist.config import ConfigError, load_config  # noqa: E402
-from calm_dist.distributed import DistEnv  # noqa: E402
+from calm_dist.training.dist_env import DistEnv  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,20 +24,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         env = DistEnv.from_environ()
         cfg = load_config(args.config, args.overrides)
-        from calm_dist.validate import validate
+        from calm_dist.training.preflight import preflight
 
-        plan = validate(cfg, env)
+        resolved = preflight(cfg, env)
     except ConfigError as e:
         print(f"calm_dist: config error: {e}", file=sys.stderr)
         return 2
-    from calm_dist.augmenter_cache import CacheError
-    from calm_dist.checkpoint import CheckpointError
-    from calm_dist.composition import CompositionError
-    from calm_dist.trainer import quiet_libraries, train
+    from calm_dist.training.states_cache import CacheError
+    from calm_dist.training.checkpoint import CheckpointError
+    from calm_dist.model.composition import CompositionError
+    from calm_dist.training.trainer import quiet_libraries, train
 
     quiet_libraries()
     try:
-        result = train(cfg, env, plan)
+        result = train(cfg, env, resolved)
     except (ConfigError, CacheError, CompositionError) as e:  # bad inputs found while setting up: no traceback
         print(f"calm_dist: error: {e}", file=sys.stderr)
         return 2
@@ -50,6 +50,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from calm_dist.distributed import run_then_exit
+    from calm_dist.training.dist_env import run_then_exit
 
     run_then_exit(main)

@@ -5,7 +5,7 @@
 #   CONFIG=recipes/my.yaml sbatch --nodes=4 --ntasks-per-node=8 --gpus-per-task=1 slurm/cache_augmenter.sh
 #
 # Runs `python -m calm_dist.cli cache --config $CONFIG [overrides]` (= `calm-dist cache`) as one srun task
-# per rank: calm_dist/distributed.py maps SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS to the rank, local
+# per rank: calm_dist/training/dist_env.py maps SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS to the rank, local
 # rank and world size, and this script sets MASTER_ADDR / MASTER_PORT for any collective the command needs.
 #
 # Environment: CONFIG (default recipes/tiny.yaml), PYTHON (default .venv/bin/python of the submit dir, else

@@ -1,12 +1,9 @@
 import os
-import sys
-from pathlib import Path
 
 # Every process of the suite: DeepSpeed on the CPU with gloo, one thread per rank.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
 

@@ -1,0 +1,131 @@
+"""The paper's baselines, trained through the same entry point as the composition.
+
+- `LoRAAnchor`: LoRA (PEFT) on the anchor alone, its rank chosen so that it trains as many parameters as
+  the composition would (`model.method=lora`).
+- `random_augmenting`: an augmenting model of the same architecture with random weights
+  (`model.augmenting_init=random`): does the composition use what the augmenting model knows?
+- The prefix-encoder ablation (`model.augmenting_sees=prompt`) is a mask on the composition itself
+  (`ComposedModel.forward(augmenting_key_mask=...)`, `generate(refresh_augmenting=False)`).
+
+`LoRAAnchor` offers the trainer the same surface as `ComposedModel` (forward, trainable_parameters,
+composition_state_dict / composition_config, generate) and exports in the same directory format, with
+`"method": "lora"` in composition.json.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from calm_dist.model import backbones
+from calm_dist.model.composition import FORMAT_VERSION, WEIGHTS_FILE, ComposedOutput, position_ids_from_mask
+from calm_dist.model.lm_loss import loss_from_logits
+
+
+def default_lora_targets(anchor_config) -> list[str]:
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    return list(DEFAULTS[anchor_config.model_type])
+
+
+def lora_parameters_per_rank(anchor: nn.Module, targets: list[str]) -> int:
+    """LoRA adds r * (in + out) per targeted Linear (or GPT-2 Conv1D)."""
+    total = 0
+    for name, module in anchor.named_modules():
+        if name.split(".")[-1] in targets:
+            if hasattr(module, "in_features"):
+                total += module.in_features + module.out_features
+            elif hasattr(module, "nf"):  # transformers' Conv1D: weight [in, out]
+                total += getattr(module.weight, "ds_shape", module.weight.shape)[0] + module.nf
+    if total == 0:
+        raise ValueError(f"no module of the anchor is named {targets}")
+    return total
+
+
+def matched_lora_rank(anchor: nn.Module, targets: list[str], budget: int) -> int:
+    """The rank whose LoRA parameter count is closest to `budget` (the composition's)."""
+    return max(1, round(budget / lora_parameters_per_rank(anchor, targets)))
+
+
+class LoRAAnchor(nn.Module):
+    def __init__(self, anchor: nn.Module, rank: int, targets: list[str], alpha: float | None = None):
+        super().__init__()
+        from peft import LoraConfig, get_peft_model
+
+        self.rank, self.targets = rank, targets
+        anchor.requires_grad_(False)
+        config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, target_modules=targets, lora_dropout=0.0,
+                            bias="none", init_lora_weights=True)  # B = 0: equals the anchor at step 0
+        self.model = get_peft_model(anchor, config)
+        self.model.eval()
+        self.description = {"anchor": {"name_or_path": getattr(anchor.config, "_name_or_path", None),
+                                       "model_type": anchor.config.model_type}}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.model.eval()  # no dropout in the frozen model
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def forward(self, input_ids, attention_mask=None, labels=None, augmenting_states=None, augmenting_key_mask=None,
+                loss_reduction="mean", return_logits=None):
+        # the logits path: LoRA may adapt the head, which lm_loss.head_loss does not differentiate
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                            use_cache=False).logits
+        return ComposedOutput(logits=logits,
+                              loss=loss_from_logits(logits, labels, loss_reduction) if labels is not None else None)
+
+    def generate(self, input_ids, attention_mask=None, *, max_new_tokens=32, do_sample=False, temperature=1.0,
+                 top_k=None, top_p=None, eos_token_id=None, pad_token_id=None, generator=None,
+                 refresh_augmenting=True):
+        """ComposedModel.generate's arguments, decoded by transformers (`refresh_augmenting` has no augmenting
+        model to act on). transformers samples from torch's global generator: a given `generator` seeds it
+        inside a forked RNG state, so the caller's random stream is left as it was."""
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                      do_sample=do_sample, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        if do_sample:
+            kwargs.update(temperature=temperature, top_k=top_k if top_k is not None else 0, top_p=top_p)
+        if generator is None:
+            return self.model.generate(**kwargs)
+        with torch.random.fork_rng(devices=[input_ids.device] if input_ids.is_cuda else []):
+            torch.manual_seed(generator.initial_seed())
+            return self.model.generate(**kwargs)
+
+    def composition_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def composition_config(self) -> dict:
+        return {"format_version": FORMAT_VERSION, "method": "lora", "anchor": self.description["anchor"],
+                "lora_rank": self.rank, "lora_targets": self.targets}
+
+    @classmethod
+    def from_export(cls, directory, anchor: nn.Module) -> "LoRAAnchor":
+        from safetensors.torch import load_file
+
+        config = json.loads((Path(directory) / "composition.json").read_text())
+        model = cls(anchor, config["lora_rank"], config["lora_targets"])
+        missing = set(model.composition_state_dict()) ^ set(load_file(str(Path(directory) / WEIGHTS_FILE)))
+        if missing:
+            raise ValueError(f"{directory}: LoRA weights do not fit this anchor ({sorted(missing)[:3]} ...)")
+        model.model.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE)), strict=False)
+        return model
+
+
+def random_augmenting(config, seed: int, dtype=None) -> nn.Module:
+    """The same architecture with freshly initialised weights (built outside ZeRO, then saved and loaded)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    backbones.Backbone.from_config(model.config)
+    return model
+
+
+def prompt_key_mask(labels: torch.Tensor) -> torch.Tensor:
+    """1 on the positions before the first labelled token (the prompt), 0 from the completion on."""
+    return ((labels != -100).long().cumsum(dim=1) == 0).long()

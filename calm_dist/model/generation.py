@@ -1,0 +1,133 @@
+"""Decoding a composed model: every new token goes to every model, each with its own KV cache.
+
+With `use_cache=True` the anchor and each augmenting model keep a transformers cache, and each
+composition block keeps the keys/values it projected from the augmenting states so far; a step
+costs one token per model. `use_cache=False` recomputes the whole sequence every step. Both give
+the same tokens under greedy decoding. `refresh_augmenting=False` is the paper's "prefix encoder"
+ablation: the augmenting models see the prompt only.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from calm_dist.model.composition import ComposedModel, _cache_kwarg, _Context, position_ids_from_mask
+from calm_dist.model.cross_attention import cross_attention_mask
+
+
+def _warpers(do_sample: bool, temperature: float, top_k: int | None, top_p: float | None) -> LogitsProcessorList:
+    warpers = LogitsProcessorList()
+    if not do_sample:
+        return warpers
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p is not None and top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    return warpers
+
+
+@torch.no_grad()
+def generate(model: ComposedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+             max_new_tokens: int = 32, use_cache: bool = True, do_sample: bool = False, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
+             pad_token_id: int | None = None, refresh_augmenting: bool = True,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Prompt + new tokens [B, T + max_new_tokens] (finished rows padded with pad_token_id), like transformers."""
+    config = model.anchor.config
+    eos_token_id = config.eos_token_id if eos_token_id is None else eos_token_id
+    pad_token_id = (config.pad_token_id if config.pad_token_id is not None else eos_token_id) if pad_token_id is None else pad_token_id
+    warpers = _warpers(do_sample, temperature, top_k, top_p)
+    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    step = _CachedStepper(model, refresh_augmenting) if use_cache else _RecomputingStepper(model, refresh_augmenting)
+
+    sequences = input_ids
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    logits = step.prefill(input_ids, mask)
+    for _ in range(max_new_tokens):
+        scores = warpers(sequences, logits.float())
+        if do_sample:
+            next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
+        else:
+            next_tokens = scores.argmax(dim=-1)
+        if pad_token_id is not None:
+            next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_token_id))
+        sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
+        if eos_token_id is not None:
+            unfinished &= next_tokens != eos_token_id
+        if not unfinished.any() or sequences.shape[1] == input_ids.shape[1] + max_new_tokens:
+            break
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        logits = step.next(sequences, mask)
+    if sequences.shape[1] < input_ids.shape[1] + max_new_tokens and pad_token_id is not None:
+        fill = sequences.new_full((sequences.shape[0], input_ids.shape[1] + max_new_tokens - sequences.shape[1]), pad_token_id)
+        sequences = torch.cat([sequences, fill], dim=1)
+    return sequences
+
+
+class _RecomputingStepper:
+    """Every step runs every model over the whole sequence."""
+
+    def __init__(self, model: ComposedModel, refresh_augmenting: bool):
+        self.model, self.refresh = model, refresh_augmenting
+
+    def prefill(self, input_ids, mask):
+        self.prompt_ids, self.prompt_mask = input_ids, mask
+        return self.next(input_ids, mask)
+
+    def next(self, sequences, mask):
+        if self.refresh:
+            return self.model(sequences, attention_mask=mask).logits[:, -1]
+        # prefix encoder: augmenting states of the prompt only, the anchor over everything
+        states = self.model.run_augmenting(self.prompt_ids, self.prompt_mask, position_ids_from_mask(self.prompt_mask))
+        t = sequences.shape[1]
+        cross_mask = cross_attention_mask(torch.arange(t, device=sequences.device), self.prompt_mask,
+                                          self.prompt_ids.shape[1])
+        with self.model._composing(_Context(self.model.keys_values(states), cross_mask)):
+            out = self.model.anchor(input_ids=sequences, attention_mask=mask,
+                                    position_ids=position_ids_from_mask(mask), use_cache=False)
+        return out.logits[:, -1]
+
+
+class _CachedStepper:
+    """One KV cache per model, plus the composition blocks' keys/values so far; one token per step."""
+
+    def __init__(self, model: ComposedModel, refresh_augmenting: bool):
+        self.model, self.refresh = model, refresh_augmenting
+        self.anchor_cache = DynamicCache(config=model.anchor.config)
+        self.augmenting_caches = [DynamicCache(config=m.config) for m in model.augmenting]
+
+    def prefill(self, input_ids, mask):
+        self.key_mask = mask
+        self.keys_values = self._project(input_ids, mask, position_ids_from_mask(mask))
+        return self._anchor(input_ids, mask, position_ids_from_mask(mask))
+
+    def next(self, sequences, mask):
+        new_ids, new_positions = sequences[:, -1:], position_ids_from_mask(mask)[:, -1:]
+        if self.refresh:
+            fresh = self._project(new_ids, mask, new_positions)
+            self.keys_values = [[(torch.cat([k, fk], dim=2), torch.cat([v, fv], dim=2))
+                                 for (k, v), (fk, fv) in zip(old, new)]
+                                for old, new in zip(self.keys_values, fresh)]
+            self.key_mask = mask
+        return self._anchor(new_ids, mask, new_positions)
+
+    def _project(self, ids, mask, positions):
+        states = self.model.run_augmenting(ids, mask, positions, caches=self.augmenting_caches)
+        return self.model.keys_values(states)
+
+    def _anchor(self, ids, mask, positions):
+        total = mask.shape[1]
+        query_positions = torch.arange(total - ids.shape[1], total, device=ids.device)
+        cross_mask = cross_attention_mask(query_positions, self.key_mask, self.key_mask.shape[1])
+        with self.model._composing(_Context(self.keys_values, cross_mask)):
+            out = self.model.anchor(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                    use_cache=True, **{_cache_kwarg(self.model.anchor): self.anchor_cache})
+        return out.logits[:, -1]

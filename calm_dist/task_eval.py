@@ -1,0 +1,249 @@
+"""Exact match (greedy decoding) and completion loss for the anchor alone, each augmenting model alone,
+and the composition, over prompt/completion data sets: the paper's Table 1 shape.
+
+    calm-dist eval --config recipe.yaml --composition runs/x/final --set kv_arith=data/kv_arith_eval.jsonl \
+        [--set name=path ...] [--models anchor,augmenting,composed] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from calm_dist.model.composition import position_ids_from_mask
+from calm_dist.config import ConfigError
+from calm_dist.data.tokenized import IGNORE, Tokenizer, completion_ids, load_records, prompt_ids
+from calm_dist.model.lm_loss import labelled_tokens, loss_from_logits
+
+GenerateFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class SetResult:
+    exact_match: float
+    loss: float
+    n: int
+    examples: list[dict]
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, width - len(row):], mask[r, width - len(row):] = torch.tensor(row), 1
+    return ids, mask
+
+
+def is_exact_match(generated: list[int], reference: list[int]) -> bool:
+    """Exact match, the one definition for `calm-dist eval` and the demo's tools: the generated continuation
+    begins with the reference ids, i.e. the completion and eos as training labels them
+    (data.completion_ids). Ids, not decoded text: decode is not the inverse of encode for every tokenizer
+    (WordLevel joins tokens with spaces). The eos is required, so an answer that runs on is a miss; what
+    follows the eos is the generator's padding."""
+    return list(generated[:len(reference)]) == list(reference)
+
+
+def answer_text(tokenizer: Tokenizer, generated: list[int]) -> str:
+    """The generated continuation up to its eos, decoded: what the examples show, never what is scored."""
+    if tokenizer.eos_id in generated:
+        generated = generated[:generated.index(tokenizer.eos_id)]
+    return tokenizer.decode([t for t in generated if t != tokenizer.pad_id])
+
+
+@torch.no_grad()
+def evaluate_set(generate: GenerateFn, logits_fn: LogitsFn, tokenizer: Tokenizer, records, *, batch_size: int = 64,
+                 max_new_tokens: int | None = None, prompt_field: str = "prompt",
+                 completion_field: str = "completion", keep_examples: int = 5) -> SetResult:
+    """Greedy exact match (`is_exact_match`) and the token-mean loss of the completions, both tokenized as
+    training tokenizes them."""
+    if tokenizer.eos_id is None:
+        raise ConfigError(f"exact match needs an end-of-sequence token, and data.tokenizer {tokenizer.path} has none")
+    correct, loss_sum, loss_tokens, examples = 0, 0.0, 0, []
+    records = list(records)
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        prompts = [prompt_ids(tokenizer, r[prompt_field]) for r in chunk]
+        references = [completion_ids(tokenizer, r[completion_field]) for r in chunk]
+        ids, mask = _left_pad(prompts, tokenizer.pad_id)
+        out = generate(ids, mask, max_new_tokens or max(map(len, references)))[:, ids.shape[1]:]
+        for record, row, reference in zip(chunk, out.tolist(), references):
+            hit = is_exact_match(row, reference)
+            correct += hit
+            if len(examples) < keep_examples:
+                examples.append({"prompt": record[prompt_field], "expected": record[completion_field],
+                                 "got": answer_text(tokenizer, row), "correct": hit})
+        summed, n = _summed_completion_loss(logits_fn, prompts, references, tokenizer.pad_id)
+        loss_sum, loss_tokens = loss_sum + summed, loss_tokens + n
+    return SetResult(correct / max(1, len(records)), loss_sum / max(1, loss_tokens), len(records), examples)
+
+
+def _summed_completion_loss(logits_fn: LogitsFn, prompts: list[list[int]], completions: list[list[int]],
+                            pad_id: int) -> tuple[float, int]:
+    """Teacher-forced loss summed over the completion tokens of a batch, and their number: summed, so that
+    the set's loss is a mean over tokens, whatever the batches' sizes."""
+    full, full_mask = _left_pad([p + c for p, c in zip(prompts, completions)], pad_id)
+    labels = torch.full_like(full, IGNORE)
+    for r, c in enumerate(completions):
+        labels[r, full.shape[1] - len(c):] = torch.tensor(c)
+    logits = logits_fn(full, full_mask)
+    return loss_from_logits(logits, labels.to(logits.device), "sum").item(), int(labelled_tokens(labels))
+
+
+def hf_model_fns(model, eos_id, pad_id) -> tuple[GenerateFn, LogitsFn]:
+    """A transformers causal LM on its own, with the same left-padding position handling."""
+    def generate(ids, mask, n):
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                              eos_token_id=eos_id, pad_token_id=pad_id)
+
+    def logits(ids, mask):
+        return model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    return generate, logits
+
+
+def composed_fns(model, eos_id, pad_id, refresh_augmenting: bool = True) -> tuple[GenerateFn, LogitsFn]:
+    def generate(ids, mask, n):
+        return model.generate(ids, attention_mask=mask, max_new_tokens=n, eos_token_id=eos_id, pad_token_id=pad_id,
+                              refresh_augmenting=refresh_augmenting)
+
+    def logits(ids, mask):
+        return model(ids, attention_mask=mask).logits
+    return generate, logits
+
+
+def on_device(fns: tuple[GenerateFn, LogitsFn], model) -> tuple[GenerateFn, LogitsFn]:
+    """The same functions run where the model's weights are (a GPU when there is one): generated tokens come
+    back to the CPU to be decoded, logits stay where they are (the loss is computed there, no B x T x V copy)."""
+    device = next(model.parameters()).device
+    generate, logits = fns
+    return (lambda ids, mask, n: generate(ids.to(device), mask.to(device), n).cpu(),
+            lambda ids, mask: logits(ids.to(device), mask.to(device)))
+
+
+def format_table(results: dict[str, dict[str, SetResult]], metric: str = "exact_match") -> str:
+    """Markdown table: rows = data sets, columns = models."""
+    models = list(results)
+    sets = list(dict.fromkeys(s for per_model in results.values() for s in per_model))
+    lines = ["| data set | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+    for s in sets:
+        cells = []
+        for m in models:
+            r = results[m].get(s)
+            cells.append("–" if r is None else (f"{100 * r.exact_match:.1f}" if metric == "exact_match" else f"{r.loss:.3f}"))
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def to_json(results: dict[str, dict[str, SetResult]]) -> dict:
+    return {m: {s: vars(r) for s, r in per.items()} for m, per in results.items()}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="the training recipe (models, tokenizer)")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--composition", action="append", default=[], metavar="[NAME=]DIR",
+                   help="a trained export (composition or LoRA baseline); repeat for several columns "
+                        "(default: composed=<train.output_dir>/final)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=PATH", help="a prompt/completion data set")
+    p.add_argument("--models", default="augmenting,anchor",
+                   help="base-model columns: anchor, augmenting (comma list; empty for none)")
+    p.add_argument("--prefix-only", action="store_true",
+                   help="also evaluate each composition with the augmenting models seeing the prompt only")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--limit", type=int, help="at most this many examples per set")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--mlflow-run-id", help="log eval metrics into this MLflow run (default: a new run)")
+
+
+def load_export(directory, anchor_path: str):
+    """A trained export: a CALM composition, or the LoRA baseline (composition.json says which)."""
+    from calm_dist.model.baselines import LoRAAnchor
+    from calm_dist.model.composition import ComposedModel, read_composition_config
+    from calm_dist.model.io import load_causal_lm
+
+    config = json.loads((Path(directory) / "composition.json").read_text())
+    if config.get("method") == "lora":
+        return LoRAAnchor.from_export(directory, load_causal_lm(anchor_path)).eval()
+    read_composition_config(directory)
+    return ComposedModel.from_composition(directory, anchor=anchor_path).eval()
+
+
+def run(cfg, sets: dict[str, str], compositions: dict[str, str], base_models: list[str], batch_size: int = 64,
+        max_new_tokens: int | None = None, limit: int | None = None,
+        prefix_only: bool = False) -> dict[str, dict[str, SetResult]]:
+    from calm_dist.model.baselines import LoRAAnchor
+    from calm_dist.model.io import load_causal_lm
+    from calm_dist.training.dist_env import DistEnv, local_device
+
+    tokenizer = Tokenizer(cfg.data.tokenizer)
+    eos, pad = tokenizer.eos_id, tokenizer.pad_id
+    device = local_device(DistEnv.from_environ())
+    fns: dict[str, tuple[GenerateFn, LogitsFn]] = {}
+    if "augmenting" in base_models:
+        for i, path in enumerate(cfg.model.augmenting):
+            name = "augmenting" if len(cfg.model.augmenting) == 1 else f"augmenting{i}"
+            model = load_causal_lm(path).eval().to(device)
+            fns[name] = on_device(hf_model_fns(model, eos, pad), model)
+    if "anchor" in base_models:
+        model = load_causal_lm(cfg.model.anchor).eval().to(device)
+        fns["anchor"] = on_device(hf_model_fns(model, eos, pad), model)
+    for name, directory in compositions.items():
+        model = load_export(directory, cfg.model.anchor).to(device)
+        fns[name] = on_device(composed_fns(model, eos, pad), model)  # LoRAAnchor offers the same generate / forward
+        if prefix_only and not isinstance(model, LoRAAnchor):
+            fns[f"{name}_prefix_only"] = on_device(composed_fns(model, eos, pad, refresh_augmenting=False), model)
+    results: dict[str, dict[str, SetResult]] = {}
+    for name, (gen, logits) in fns.items():
+        results[name] = {}
+        for set_name, path in sets.items():
+            records = load_records(path)
+            records = records.select(range(min(limit, len(records)))) if limit else records
+            results[name][set_name] = evaluate_set(gen, logits, tokenizer, records, batch_size=batch_size,
+                                                   max_new_tokens=max_new_tokens,
+                                                   prompt_field=cfg.data.prompt_field,
+                                                   completion_field=cfg.data.completion_field)
+    return results
+
+
+def _named(items: list[str], what: str, default_name: str) -> dict[str, str]:
+    named = {}
+    for item in items:
+        name, path = item.split("=", 1) if "=" in item else (default_name, item)
+        if not Path(path).exists():
+            raise ConfigError(f"{what} {name}: {path} does not exist")
+        named[name] = path
+    return named
+
+
+def main(args) -> int:
+    from calm_dist.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    sets = _named(args.set, "--set", "eval")
+    if not sets:
+        raise ConfigError("no --set NAME=PATH given")
+    compositions = _named(args.composition or [str(Path(cfg.train.output_dir) / "final")], "--composition", "composed")
+    base_models = [m.strip() for m in args.models.split(",") if m.strip()]
+    results = run(cfg, sets, compositions, base_models, args.batch_size, args.max_new_tokens, args.limit,
+                  args.prefix_only)
+    print("exact match (%)\n" + format_table(results) + "\n\ncompletion loss\n" + format_table(results, "loss"))
+    if args.json:
+        Path(args.json).write_text(json.dumps(to_json(results), indent=2))
+    run_id = args.mlflow_run_id
+    if run_id or cfg.tracking.enabled:
+        from calm_dist.tracking.tracker import Tracker
+
+        tracker = Tracker(cfg.tracking, is_main_process=True, output_dir=cfg.train.output_dir)
+        tracker.start(cfg.to_dict(), run_id=run_id)
+        tracker.log_metrics({f"eval/{m}/{s}/{k}": getattr(r, k) for m, per in results.items()
+                             for s, r in per.items() for k in ("exact_match", "loss")}, step=cfg.train.steps)
+        tracker.log_dict(to_json(results), "eval_results.json")
+        tracker.close()
+    return 0
+

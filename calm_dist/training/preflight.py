@@ -1,0 +1,272 @@
+"""Check a config against the world before anything heavy: files, model shapes, tokenizer, world size.
+
+Reads only small files (config.json of each model, the tokenizer, the DeepSpeed JSON); loads no
+weights and starts no process group. Every problem is a ConfigError (one line, exit code 2), and
+nothing on disk is touched.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from calm_dist.training.checkpoint import CheckpointError, DamagedCheckpoint, checkpoints_dir, read_checkpoint_state, resume_candidates
+from calm_dist.config import Config, ConfigError, flatten, load_config
+from calm_dist.training.dist_env import DistEnv
+from calm_dist.training.ds_config import build_ds_config, gradient_accumulation_steps, zero_stage
+from calm_dist.model.layer_pairs import MappingError, default_layer_pairs, validate_layer_pairs
+
+
+@dataclass
+class ResolvedRun:
+    """The run as preflight resolved it against the models, data and checkpoints on disk, handed to the trainer
+    so nothing is read twice."""
+
+    anchor_config: object
+    augmenting_configs: list
+    layer_pairs: list[list[tuple[int, int]]]
+    accumulation: int
+    ds_config: dict
+    # checkpoints a resume may start from, best first, each with the problem found here (None: fits so far);
+    # the trainer verifies the large files and resumes the first one intact on every rank
+    resume_candidates: list[tuple[Path, str | None]]
+
+
+def read_model_config(path: str, revision: str | None, trust_remote_code: bool, key: str):
+    from transformers import AutoConfig
+
+    if not path:
+        raise ConfigError(f"{key} is not set")
+    local = Path(path).expanduser()
+    if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise ConfigError(f"{key}: {path} does not exist")
+    try:
+        config = AutoConfig.from_pretrained(str(local) if local.exists() else path, revision=revision,
+                                            trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key}: cannot read a model config from {path}: {str(e).splitlines()[0]}") from None
+    if local.is_dir() and not any(local.glob("*.safetensors")):
+        raise ConfigError(f"{key}: {path} holds no safetensors weights (pickled checkpoints are refused; "
+                          "convert with save_pretrained(..., safe_serialization=True))")
+    from calm_dist.model.backbones import Backbone, UnsupportedArchitecture
+
+    try:
+        Backbone.from_config(config)
+    except UnsupportedArchitecture as e:
+        raise ConfigError(f"{key}: {e}") from None
+    return config
+
+
+def preflight(cfg: Config, env: DistEnv, *, need_train_data: bool = True, training: bool = True) -> ResolvedRun:
+    """`training=False` (cache, eval): skip the output directory's checkpoint and resume checks."""
+    from calm_dist.model.composition import CompositionError, check_same_vocabulary
+    from calm_dist.data.tokenized import Tokenizer, check_data_path, check_tokenizer_matches, load_tokenized
+
+    m, d, t = cfg.model, cfg.data, cfg.train
+    if not m.augmenting:
+        raise ConfigError("model.augmenting lists no augmenting model")
+    if m.augmenting_revisions is not None and len(m.augmenting_revisions) != len(m.augmenting):
+        raise ConfigError("model.augmenting_revisions must name one revision per augmenting model")
+    if m.method == "lora" and (t.augmenting_states == "cached" or t.activation_checkpointing):
+        raise ConfigError("model.method=lora trains the anchor alone: it takes neither cached augmenting states "
+                          "nor the composition's activation checkpointing")
+    if m.augmenting_init == "random" and t.augmenting_states == "cached":
+        raise ConfigError("model.augmenting_init=random recomputes its states: use train.augmenting_states=recompute")
+    for key, step in (("train.stop_after_step", t.stop_after_step), ("train.fail_at_step", t.fail_at_step)):
+        if step is not None and step >= t.steps:  # it would never happen: the run ends at train.steps
+            raise ConfigError(f"{key}={step} is not before train.steps={t.steps}")
+    if t.compile and not cfg.distributed.zero3_leaf_blocks:
+        raise ConfigError("train.compile needs distributed.zero3_leaf_blocks=true: DeepSpeed's per-module ZeRO-3 "
+                          "hooks cannot run inside a compiled block")
+    if cfg.tracking.enabled:
+        check_tracking_uri(cfg.tracking.tracking_uri)
+    for key, path in (("train.output_dir", t.output_dir), ("data.cache_dir", data_cache_dir(cfg)),
+                      ("train.states_cache_dir", t.states_cache_dir)):
+        check_directory_can_exist(key, path)
+    if training and env.is_main:  # rank 0 alone logs, so it alone asks the store (a few seconds at most)
+        from calm_dist.tracking.tracker import probe_tracking_store
+
+        probe_tracking_store(cfg.tracking, t.output_dir)
+
+    anchor = read_model_config(m.anchor, m.anchor_revision, m.trust_remote_code, "model.anchor")
+    revisions = m.augmenting_revisions or [None] * len(m.augmenting)
+    augmenting = [read_model_config(p, r, m.trust_remote_code, f"model.augmenting[{i}]")
+                  for i, (p, r) in enumerate(zip(m.augmenting, revisions))]
+    try:
+        for i, a in enumerate(augmenting):
+            check_same_vocabulary(anchor, a, i)
+    except CompositionError as e:
+        raise ConfigError(str(e)) from None
+
+    if m.layer_pairs is not None and len(m.layer_pairs) != len(augmenting):
+        raise ConfigError(f"model.layer_pairs has {len(m.layer_pairs)} lists for {len(augmenting)} augmenting models")
+    try:
+        pairs = [validate_layer_pairs(m.layer_pairs[i], a.num_hidden_layers, anchor.num_hidden_layers,
+                                      f"augmenting model {i}") if m.layer_pairs is not None
+                 else default_layer_pairs(a.num_hidden_layers, anchor.num_hidden_layers, m.every)
+                 for i, a in enumerate(augmenting)]
+    except MappingError as e:
+        raise ConfigError(f"model.layer_pairs: {e}") from None
+    heads = m.num_heads or anchor.num_attention_heads
+    if anchor.hidden_size % heads:
+        raise ConfigError(f"model.num_heads={heads} does not divide the anchor width {anchor.hidden_size}")
+    for key, config in (("model.anchor", anchor), *((f"model.augmenting[{i}]", a) for i, a in enumerate(augmenting))):
+        check_position_limit(key, config, d.seq_len)
+
+    for key, path in (("data.train", d.train if need_train_data else None), ("data.eval", d.eval)):
+        if path is not None:
+            check_data_path(key, path)
+    if not d.tokenizer or not Path(d.tokenizer).exists():
+        raise ConfigError(f"data.tokenizer: {d.tokenizer or '(not set)'} does not exist")
+    tokenizer = Tokenizer(d.tokenizer)
+    check_tokenizer_matches(tokenizer, anchor, "anchor")
+    # Bad rows (missing fields, over-long sequences, an empty set) are found here, on every rank.
+    fingerprints = {path: load_tokenized(d, path, tokenizer, data_cache_dir(cfg), is_writer=env.is_main,
+                                         silence_s=cfg.distributed.timeout_s).fingerprint
+                    for path in ([d.train] if need_train_data else []) + ([d.eval] if d.eval else [])}
+
+    accumulation = gradient_accumulation_steps(cfg, env.world_size)
+    ds_config = build_ds_config(cfg, env.world_size)
+    if zero_stage(ds_config) != 3:
+        raise ConfigError(f"{cfg.distributed.deepspeed_config}: calm_dist trains under ZeRO stage 3 "
+                          f"(zero_optimization.stage is {zero_stage(ds_config)})")
+    resume = _check_resume(cfg, env, fingerprints.get(d.train)) if training else []
+    return ResolvedRun(anchor, augmenting, pairs, accumulation, ds_config, resume)
+
+
+def data_cache_dir(cfg: Config) -> Path:
+    return Path(cfg.data.cache_dir or Path(cfg.train.output_dir).parent / "data_cache")
+
+
+def check_position_limit(key: str, model_config, seq_len: int) -> None:
+    """Every model reads whole rows of data.seq_len tokens, so each must have position ids for all of them
+    (GPT-2 names the limit n_positions; its config maps max_position_embeddings onto it)."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise ConfigError(f"data.seq_len={seq_len} exceeds {key}'s position limit (max_position_embeddings={limit})")
+
+
+def check_directory_can_exist(key: str, path: str | Path | None) -> None:
+    """A directory the run will create or write into: neither it nor any existing parent is a regular file."""
+    if path is None:
+        return
+    path = Path(path).absolute()
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                raise ConfigError(f"{key}={path}: {candidate} is a file, not a directory")
+            return
+
+
+def check_tracking_uri(configured: str | None) -> None:
+    """The tracking URI's scheme (tracking.tracking_uri, else $MLFLOW_TRACKING_URI) must name one of MLflow's
+    tracking stores: MLflow's own registry of them (its built-in schemes and any installed store plugins)
+    decides, as MlflowClient will. Unset, or a bare path (a sqlite file or a file store), always has a store."""
+    key, uri = ("tracking.tracking_uri", configured) if configured else (
+        "$MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI"))
+    if not uri or "://" not in uri:
+        return
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    from calm_dist.tracking.credentials import redact
+
+    try:
+        _tracking_store_registry.get_store_builder(uri)
+    except MlflowException:
+        schemes = ", ".join(sorted(s for s in _tracking_store_registry._registry if s))
+        raise ConfigError(f"{key}={redact(uri)}: MLflow has no tracking store for the scheme "
+                          f"{uri.split('://', 1)[0]!r} (it knows {schemes})") from None
+
+
+def _check_resume(cfg: Config, env: DistEnv, train_fingerprint: str | None) -> list[tuple[Path, str | None]]:
+    """The resume candidates; the newest readable one must fit this world size and config, or it is refused."""
+    t = cfg.train
+    _check_allowed_changes(cfg)
+    try:
+        directories = resume_candidates(t.resume, t.output_dir)
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
+    if not directories:
+        existing = checkpoints_dir(t.output_dir)
+        if existing.is_dir() and any(p.name.startswith("step_") for p in existing.iterdir()):
+            raise ConfigError(f"{existing} already holds checkpoints: pass train.resume=auto to continue, or choose "
+                              "another train.output_dir (nothing is overwritten)")
+        return []
+    candidates, fitting_seen = [], False
+    for directory in directories:
+        try:
+            state = read_checkpoint_state(directory)
+        except DamagedCheckpoint as e:
+            if t.resume != "auto":
+                raise
+            candidates.append((directory, str(e)))
+            continue
+        problem = _resume_mismatch(cfg, env, directory, state, train_fingerprint)
+        if problem and not fitting_seen:  # the checkpoint the user means: say what does not fit
+            raise ConfigError(problem)
+        fitting_seen = True
+        candidates.append((directory, problem))
+    if all(problem for _, problem in candidates):
+        raise DamagedCheckpoint(f"no intact checkpoint to resume under {checkpoints_dir(t.output_dir)}: "
+                                + "; ".join(problem for _, problem in candidates))
+    return candidates
+
+
+def _resume_mismatch(cfg: Config, env: DistEnv, directory: Path, state: dict, train_fingerprint: str | None):
+    """Why `directory` cannot be resumed with this config and world (None: it can)."""
+    if state["world_size"] != env.world_size:
+        return (f"{directory} was written by {state['world_size']} ranks; resume it with the same world size "
+                f"(now {env.world_size})")
+    try:
+        saved = load_config(directory / "config.yaml")
+    except ConfigError as e:
+        return f"{directory}/config.yaml does not load with this version of calm_dist: {e}"
+    changes = config_changes(saved, cfg, state["data_fingerprint"], train_fingerprint)
+    refused = {k: v for k, v in changes.items() if k not in cfg.train.resume_allow_changes}
+    if not refused:
+        return None
+    return (f"the config differs from the one {directory} was written with, in "
+            + "; ".join(f"{k} ({v})" for k, v in refused.items())
+            + f": restore the saved values, or list the keys that may change in "
+            f"train.resume_allow_changes=[{','.join(refused)}]")
+
+
+# Keys that never change what a resumed run computes: where it writes, how often it logs, evaluates and
+# checkpoints, when it stops, how it is tracked, where its caches live, and how ZeRO-3 partitions, gathers,
+# compiles or recomputes the same math. data.train and data.tokenizer are compared by the tokenized data's
+# fingerprint (data bytes + tokenizer + tokenization settings) instead of by path.
+NEVER_COMPARED = {
+    "train.output_dir", "train.resume", "train.resume_allow_changes", "train.log_every", "train.eval_every",
+    "train.checkpoint_every", "train.keep_last", "train.stop_after_step", "train.fail_at_step",
+    "train.peak_tflops_per_rank", "train.states_cache_dir", "train.augmenting_states", "train.compile",
+    "train.activation_checkpointing", "data.cache_dir", "distributed.timeout_s", "distributed.deepspeed_config",
+    "distributed.zero3_leaf_blocks", "data.train", "data.tokenizer"}
+NEVER_COMPARED_SECTIONS = ("tracking.",)
+FINGERPRINTED = ("data.format", "data.prompt_field", "data.completion_field", "data.text_field", "data.seq_len",
+                 "data.packing", "data.overlong")
+
+
+def config_changes(saved: Config, cfg: Config, saved_fingerprint: str, fingerprint: str | None) -> dict[str, str]:
+    """{key: "old -> new"} for every key that changes the run (train.steps only under a cosine schedule,
+    where it sets the decay's length)."""
+    old, new = flatten(saved.to_dict()), flatten(cfg.to_dict())
+
+    def compared(key: str) -> bool:
+        if key == "train.steps":
+            return cfg.optim.schedule == "cosine" or saved.optim.schedule == "cosine"
+        return key not in NEVER_COMPARED and not key.startswith(NEVER_COMPARED_SECTIONS)
+    changes = {k: f"{old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+               if compared(k) and old.get(k) != new.get(k)}
+    if fingerprint is not None and fingerprint != saved_fingerprint and not any(k in changes for k in FINGERPRINTED):
+        moved = [k for k in ("data.train", "data.tokenizer") if old[k] != new[k]] or ["data.train"]
+        for key in moved:
+            changes[key] = f"{old[key]!r} -> {new[key]!r}, tokenized data {saved_fingerprint} -> {fingerprint}"
+    return changes
+
+
+def _check_allowed_changes(cfg: Config) -> None:
+    known = flatten(Config().to_dict())
+    for key in cfg.train.resume_allow_changes:
+        if key not in known:
+            raise ConfigError(f"train.resume_allow_changes: unknown key {key} (keys are dotted, e.g. optim.lr)")

@@ -1,0 +1,1 @@
+"""Worked examples built on calm_dist; run their modules from the repository root (`python -m examples...`)."""

@@ -1,0 +1,165 @@
+#!/usr/bin/env python
+"""Build the key-value task of CALM at tiny scale: keys, data sets (JSONL) and the shared tokenizer.
+
+    python examples/kv_task/make_data.py --out artifacts/kv_task [--seed 0] [--n-keys 900] [--n-values 30]
+        [--dc-frac 0.2] [--n-dc-train 20000] [--dc-arith-frac 0.25] [--n-kv-sub-train 20000] [--n-eval 500] [--force]
+
+Writes into --out:
+    manifest.json              settings, file list with sha256, vocabulary size and special ids
+    keys.json                  key -> value, the D_C keys and the held-out keys
+    tokenizer.model            SentencePiece (BPE; every key, number and operator is one token)
+    data/arith_train.jsonl     numeric arithmetic, the whole table (anchor pretraining)
+    data/kv_facts.jsonl        "key" -> "value" for every key (augmenting pretraining)
+    data/kv_sub_train.jsonl    KV-substitution over all keys (augmenting pretraining)
+    data/dc_train.jsonl        composition training file: D_C (KV-arithmetic over the D_C keys only,
+                               <= 20% of the keys) shuffled with --dc-arith-frac numeric replay records
+    data/dc_kv_arith.jsonl     the KV-arithmetic part of dc_train alone
+    data/eval_kv_arith_heldout.jsonl  KV-arithmetic, both keys held out (the headline metric)
+    data/eval_kv_sub_heldout.jsonl    KV-substitution, same expressions
+    data/eval_kv_arith_dc_keys.jsonl  KV-arithmetic over D_C keys, expressions not in D_C
+    data/eval_arith.jsonl             numeric arithmetic (a sample of the table)
+
+Reruns with the same settings reuse the files (checked against the manifest's hashes); --force rebuilds.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+
+
+from examples.kv_task import task as T
+from examples.kv_task import tokenizer as tok
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def _sha(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_jsonl(path: str, records: list[dict]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for r in records:
+            f.write(json.dumps(r, separators=(", ", ": ")) + "\n")
+    os.replace(tmp, path)
+
+
+def is_current(out: str, settings: T.TaskSettings) -> bool:
+    """True when ``out`` holds a complete build for these settings (every file present, hashes match)."""
+    path = os.path.join(out, MANIFEST)
+    if not os.path.exists(path):
+        return False
+    try:
+        with open(path) as f:
+            man = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return False
+    if man.get("settings") != settings.to_dict() or man.get("format_version") != FORMAT_VERSION:
+        return False
+    for rel, sha in man.get("files", {}).items():
+        p = os.path.join(out, rel)
+        if not os.path.exists(p) or _sha(p) != sha:
+            return False
+    return True
+
+
+def build(out: str, settings: T.TaskSettings, force: bool = False, verbose: bool = True) -> dict:
+    """Build (or reuse) the task in ``out``; returns the manifest."""
+    if not force and is_current(out, settings):
+        if verbose:
+            print(f"[make_kv_task] reusing {out} (same settings)")
+        with open(os.path.join(out, MANIFEST)) as f:
+            return json.load(f)
+    t0 = time.time()
+    os.makedirs(os.path.join(out, "data"), exist_ok=True)
+    man_path = os.path.join(out, MANIFEST)
+    if os.path.exists(man_path):
+        os.remove(man_path)  # a half-written build must never look current
+    ks = T.make_keys(settings)
+    sets = T.build_datasets(settings, ks)
+    files: dict[str, str] = {}
+    with open(os.path.join(out, "keys.json.tmp"), "w") as f:
+        json.dump(ks.to_dict(), f, indent=0)
+    os.replace(os.path.join(out, "keys.json.tmp"), os.path.join(out, "keys.json"))
+    files["keys.json"] = ""
+    for name, recs in sets.items():
+        rel = f"data/{name}.jsonl"
+        _write_jsonl(os.path.join(out, rel), recs)
+        files[rel] = ""
+    words = T.vocabulary_words(settings, ks)
+    text = list(T.record_text(sets["arith_train"])) + list(T.record_text(sets["kv_sub_train"])) \
+        + list(T.record_text(sets["kv_facts"])) + list(T.record_text(sets["dc_train"]))
+    tok.train_tokenizer(words, text, model_prefix=os.path.join(out, "tokenizer"))
+    files["tokenizer.model"] = ""
+    sp = tok.load_tokenizer(os.path.join(out, "tokenizer.model"))
+    # every word must be exactly one token, with the id its position promises
+    for i, w in enumerate(words):
+        ids = sp.encode(w)
+        if ids != [4 + i]:
+            raise RuntimeError(f"tokenizer: word {w!r} -> {ids}, expected [{4 + i}]")
+    for rel in files:
+        files[rel] = _sha(os.path.join(out, rel))
+    man = {
+        "format_version": FORMAT_VERSION,
+        "settings": settings.to_dict(),
+        "files": files,
+        "vocab_size": sp.get_piece_size(),
+        "special_ids": {"pad": tok.PAD_ID, "unk": tok.UNK_ID, "bos": tok.BOS_ID, "eos": tok.EOS_ID},
+        "counts": {name: len(recs) for name, recs in sets.items()},
+        "n_dc_keys": len(ks.dc_keys), "n_heldout_keys": len(ks.heldout_keys),
+        "sequence_format": "<s> prompt completion </s>; loss on completion and </s>; one token per word",
+    }
+    with open(man_path + ".tmp", "w") as f:
+        json.dump(man, f, indent=1)
+    os.replace(man_path + ".tmp", man_path)
+    if verbose:
+        print(f"[make_kv_task] wrote {out} in {time.time() - t0:.1f}s: vocab {man['vocab_size']}, "
+              f"{len(ks.dc_keys)}/{settings.n_keys} D_C keys, " +
+              ", ".join(f"{k}={v}" for k, v in man["counts"].items()))
+    return man
+
+
+def settings_from_args(a: argparse.Namespace) -> T.TaskSettings:
+    return T.TaskSettings(seed=a.seed, n_keys=a.n_keys, n_values=a.n_values, dc_frac=a.dc_frac,
+                          n_dc_train=a.n_dc_train, dc_arith_frac=a.dc_arith_frac, n_kv_sub_train=a.n_kv_sub_train, n_eval=a.n_eval)
+
+
+def parser() -> argparse.ArgumentParser:
+    d = T.TaskSettings()
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--n-keys", type=int, default=d.n_keys)
+    p.add_argument("--n-values", type=int, default=d.n_values,
+                   help="values are 0..N-1; n-keys must be a multiple")
+    p.add_argument("--dc-frac", type=float, default=d.dc_frac, help="fraction of keys D_C may use (<= 0.2)")
+    p.add_argument("--n-dc-train", type=int, default=d.n_dc_train)
+    p.add_argument("--dc-arith-frac", type=float, default=d.dc_arith_frac,
+                   help="share of numeric-arithmetic replay records in dc_train.jsonl (0 = pure D_C)")
+    p.add_argument("--n-kv-sub-train", type=int, default=d.n_kv_sub_train)
+    p.add_argument("--n-eval", type=int, default=d.n_eval)
+    p.add_argument("--force", action="store_true", help="rebuild even when --out is current")
+    return p
+
+
+def main(argv=None) -> int:
+    a = parser().parse_args(argv)
+    settings = settings_from_args(a)
+    settings.validate()
+    build(a.out, settings, force=a.force)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

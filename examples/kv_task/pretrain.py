@@ -1,0 +1,421 @@
+#!/usr/bin/env python
+"""Pretrain the two tiny base models of the key-value task (Hugging Face models, save_pretrained).
+
+    python examples/kv_task/pretrain.py --task artifacts/kv_task --out artifacts/models [--which both]
+        [--parallel] [--seed 0] [--anchor-steps 1500] [--aug-steps 500] [--batch 128] [--lr 3e-3]
+        [--max-minutes 10] [--force]
+
+anchor (OUT/anchor): a Llama (d=64, 4 blocks, 16 heads) trained on numeric arithmetic only
+    (``<s> a op b = r </s>``, the whole table); it never sees a key. Its key-token embedding rows are
+    zeroed after training: every key is the same unknown token to it.
+augmenting (OUT/aug): a GPT-2 (d=64, 4 blocks, learned absolute positions, tied embeddings) trained
+    on every key's value and no arithmetic. ``--aug-format pairs`` (default): sequences
+    ``<s> k1 v1 [op] k2 v2 ... </s>`` of key-value facts over all keys (plus ``n n`` for every number:
+    a number's value is itself), loss on the values, so its state AT a key predicts that key's value;
+    ``sub``: KV-substitution (``k1 op k2 =`` -> ``v1 op v2``); ``mix``: half each.
+Number tokens: with ``--number-embedding sinusoidal`` (default) both models' number rows are one fixed
+    sinusoidal code of the number's value (kept fixed during training; the augmenting model's tied
+    output rows too), so the two models share one code for numbers, as models of one family do.
+
+Both models use the task's tokenizer: same vocab size and pad/bos/eos ids. Runs are seeded and
+single-threaded by default (deterministic). Reruns with the same settings and task reuse the saved
+models (``pretrain.json`` in each model dir); --force retrains. Each model dir gets ``metrics.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+
+import torch
+
+from calm_dist.data.tokenized import Tokenizer
+from examples.kv_task import task as T
+from examples.kv_task.evaluate import exact_match, next_token_accuracy, read_jsonl
+from examples.kv_task.tokenizer import BOS_ID, EOS_ID, PAD_ID, encode_record, load_tokenizer
+
+FORMAT_VERSION = 2
+
+
+def log(*a):
+    print("[pretrain_tiny]", *a, flush=True)
+
+
+# ------------------------------------------------------------------------------------------- data
+class Task:
+    """A task directory written by make_kv_task.py."""
+
+    def __init__(self, task_dir: str):
+        self.dir = task_dir
+        with open(os.path.join(task_dir, "manifest.json")) as f:
+            self.manifest = json.load(f)
+        self.sp = load_tokenizer(os.path.join(task_dir, "tokenizer.model"))
+        self.tokenizer = Tokenizer(os.path.join(task_dir, "tokenizer.model"))  # what calm_dist scores with
+        with open(os.path.join(task_dir, "keys.json")) as f:
+            self.keys = json.load(f)
+        self.n_values = self.manifest["settings"]["n_values"]
+        self.vocab_size = self.manifest["vocab_size"]
+
+    def data(self, name: str) -> list[dict]:
+        return read_jsonl(os.path.join(self.dir, "data", name + ".jsonl"))
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes whenever the vocabulary or a base-model corpus changes."""
+        f = self.manifest["files"]
+        used = {k: f[k] for k in ("tokenizer.model", "keys.json", "data/arith_train.jsonl",
+                                  "data/kv_facts.jsonl", "data/kv_sub_train.jsonl") if k in f}
+        return hashlib.sha256(json.dumps(used, sort_keys=True).encode()).hexdigest()[:16]
+
+    def token_id(self, word) -> int:
+        return self.sp.piece_to_id("\u2581" + str(word))
+
+    def key_ids(self) -> list[int]:
+        return [self.token_id(k) for k in self.keys["keys"]]
+
+    def number_ids(self) -> list[int]:
+        return [self.token_id(n) for n in T.numbers(self.n_values)]
+
+
+def pad_batch(seqs):
+    """Right-pad (ids, labels) pairs; returns input_ids, attention_mask, labels."""
+    n = max(len(s[0]) for s in seqs)
+    ids = torch.full((len(seqs), n), PAD_ID, dtype=torch.long)
+    lab = torch.full((len(seqs), n), -100, dtype=torch.long)
+    att = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, (x, y) in enumerate(seqs):
+        ids[i, :len(x)] = torch.tensor(x)
+        lab[i, :len(y)] = torch.tensor(y)
+        att[i, :len(x)] = 1
+    return ids, att, lab
+
+
+class RecordSampler:
+    """Uniformly sampled prompt/completion records (``<s> prompt completion </s>``), encoded once."""
+
+    def __init__(self, sp, records: list[dict], rng: random.Random):
+        self.enc = [encode_record(sp, r) for r in records]
+        self.rng = rng
+
+    def batch(self, n: int):
+        return pad_batch([self.rng.choice(self.enc) for _ in range(n)])
+
+
+class PairsSampler:
+    """Sequences ``<s> k1 v1 [op] k2 v2 [op] ... </s>`` of facts (each fact once per epoch, shuffled),
+    a random ``+``/``-``/``=`` between some pairs; loss on the values and ``</s>``."""
+
+    def __init__(self, sp, facts: list[dict], rng: random.Random, pairs_per_seq: int = 6,
+                 sep_prob: float = 0.5):
+        self.facts = [(sp.encode(r["prompt"]), sp.encode(r["completion"])) for r in facts]
+        self.seps = [sp.encode(w)[0] for w in ("+", "-", "=")]
+        self.rng, self.k, self.sep_prob = rng, pairs_per_seq, sep_prob
+        self.order: list[int] = []
+
+    def _next_fact(self):
+        if not self.order:
+            self.order = list(range(len(self.facts)))
+            self.rng.shuffle(self.order)
+        return self.facts[self.order.pop()]
+
+    def one(self):
+        ids, lab = [BOS_ID], [-100]
+        for j in range(self.k):
+            if j and self.rng.random() < self.sep_prob:
+                ids.append(self.rng.choice(self.seps))
+                lab.append(-100)
+            k, v = self._next_fact()
+            ids += k + v
+            lab += [-100] * len(k) + v
+        ids.append(EOS_ID)
+        lab.append(EOS_ID)
+        return ids, lab
+
+    def batch(self, n: int):
+        return pad_batch([self.one() for _ in range(n)])
+
+
+class MixSampler:
+    """Equal shares of each sampler in every batch."""
+
+    def __init__(self, samplers):
+        self.samplers = samplers
+
+    def batch(self, n: int):
+        counts = [n // len(self.samplers)] * len(self.samplers)
+        counts[0] += n - sum(counts)
+        seqs = []
+        for s, c in zip(self.samplers, counts):
+            ids, att, lab = s.batch(c)
+            for i in range(c):
+                m = int(att[i].sum())
+                seqs.append((ids[i, :m].tolist(), lab[i, :m].tolist()))
+        return pad_batch(seqs)
+
+
+# ------------------------------------------------------------------------------------------ model
+def build_model(vocab_size: int, hidden: int, layers: int, heads: int, ffn: int, tie: bool, seed: int,
+                arch: str = "llama"):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        # learned absolute position embeddings: every state carries its position
+        cfg = GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=hidden, n_layer=layers, n_head=heads,
+                         n_inner=ffn, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                         pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, tie_word_embeddings=tie)
+        return GPT2LMHeadModel(cfg)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads, intermediate_size=ffn,
+                      max_position_embeddings=64, pad_token_id=PAD_ID, bos_token_id=BOS_ID,
+                      eos_token_id=EOS_ID, tie_word_embeddings=tie, rms_norm_eps=1e-5,
+                      attention_dropout=0.0)
+    return LlamaForCausalLM(cfg)
+
+
+def number_code(numbers: list[int], dim: int, scale: float = 1.0) -> torch.Tensor:
+    """Fixed sinusoidal code of each number's value (like a position encoding): dim/2 frequencies with
+    periods spaced geometrically from 3 to 4x the number range; each row has norm ``scale``."""
+    n = torch.tensor(numbers, dtype=torch.float64)[:, None]
+    span = max(numbers) - min(numbers) + 1
+    periods = torch.logspace(math.log10(3.0), math.log10(4.0 * span), dim // 2, dtype=torch.float64)
+    ang = 2 * math.pi * n / periods[None, :]
+    code = torch.stack([torch.sin(ang), torch.cos(ang)], dim=-1).flatten(1)
+    return (code * scale / math.sqrt(dim // 2)).float()
+
+
+def fix_number_embeddings(model, task: Task, scale: float):
+    """Set the number tokens' input embedding rows (and, when tied, output rows) to the fixed sinusoidal
+    code of their value; returns the per-step callback that keeps them fixed."""
+    ids = task.number_ids()
+    emb = model.get_input_embeddings().weight
+    code = number_code(T.numbers(task.n_values), emb.shape[1], scale)
+
+    def restore():
+        with torch.no_grad():
+            emb[ids] = code
+    restore()
+    return restore
+
+
+def train(model, sampler, steps: int, batch: int, lr: float, warmup: int, wd: float, log_every: int,
+          max_seconds: float, evals=None, eval_every: int = 0, stop_at: float | None = None,
+          after_step=None):
+    """AdamW, linear warmup then cosine decay to lr/10; optional early stop once every eval >= stop_at."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd, betas=(0.9, 0.98))
+
+    def lr_at(s):
+        if s < warmup:
+            return lr * (s + 1) / warmup
+        p = (s - warmup) / max(1, steps - warmup)
+        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+    model.train()
+    t0, c0, hist, loss_avg = time.time(), time.process_time(), [], None
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        ids, att, lab = sampler.batch(batch)
+        loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if after_step is not None:
+            after_step()
+        loss_avg = loss.item() if loss_avg is None else 0.95 * loss_avg + 0.05 * loss.item()
+        last = step + 1 == steps or time.time() - t0 > max_seconds
+        if (step + 1) % log_every == 0 or last:
+            log(f"step {step + 1} loss {loss_avg:.4f} lr {lr_at(step):.2e} {time.time() - t0:.0f}s")
+        if evals and eval_every and ((step + 1) % eval_every == 0 or last):
+            accs = {k: fn(model) for k, fn in evals.items()}
+            hist.append({"step": step + 1, "seconds": round(time.time() - t0, 1), **accs})
+            log(f"  eval step {step + 1}: " + " ".join(f"{k}={a:.3f}" for k, a in accs.items()))
+            if stop_at is not None and all(a >= stop_at for a in accs.values()):
+                log(f"  every eval >= {stop_at}: stopping early")
+                break
+        if last:
+            break
+    model.eval()
+    return {"steps": step + 1, "seconds": round(time.time() - t0, 1),
+            "cpu_seconds": round(time.process_time() - c0, 1), "final_loss": loss_avg, "history": hist}
+
+
+# -------------------------------------------------------------------------------------- main flow
+def settings_for(a: argparse.Namespace, which: str) -> dict:
+    common = {"format_version": FORMAT_VERSION, "seed": a.seed, "batch": a.batch, "lr": a.lr,
+              "warmup": a.warmup, "weight_decay": a.weight_decay, "number_embedding": a.number_embedding,
+              "number_scale": a.number_scale, "stop_at": a.stop_at, "eval_every": a.eval_every,
+              "max_minutes": a.max_minutes}
+    if which == "anchor":
+        return {**common, "which": "anchor", "arch": a.anchor_arch, "steps": a.anchor_steps,
+                "layers": a.anchor_layers, "hidden": a.anchor_hidden, "heads": a.anchor_heads,
+                "ffn": a.anchor_ffn, "tie": a.anchor_tie, "zero_unseen": not a.keep_unseen_embeddings}
+    return {**common, "which": "aug", "arch": a.aug_arch, "steps": a.aug_steps, "layers": a.aug_layers,
+            "hidden": a.aug_hidden, "heads": a.aug_heads, "ffn": a.aug_ffn, "tie": not a.aug_untied,
+            "format": a.aug_format, "pairs_per_seq": a.pairs_per_seq, "sep_prob": a.sep_prob,
+            "number_facts": not a.no_number_facts}
+
+
+def is_current(model_dir: str, settings: dict, task: Task) -> bool:
+    p = os.path.join(model_dir, "pretrain.json")
+    if not all(os.path.exists(os.path.join(model_dir, f)) for f in ("pretrain.json", "config.json", "metrics.json")):
+        return False
+    with open(p) as f:
+        man = json.load(f)
+    return man.get("settings") == settings and man.get("task") == task.fingerprint
+
+
+def pretrain_one(which: str, task: Task, out: str, a: argparse.Namespace) -> dict:
+    model_dir = os.path.join(out, which)
+    s = settings_for(a, which)
+    if not a.force and is_current(model_dir, s, task):
+        log(f"reusing {model_dir} (same settings and task)")
+        with open(os.path.join(model_dir, "metrics.json")) as f:
+            return json.load(f)
+    seed = a.seed + (0 if which == "anchor" else 1000)
+    rng = random.Random(seed)
+    sp = task.sp
+    model = build_model(task.vocab_size, s["hidden"], s["layers"], s["heads"], s["ffn"], s["tie"], seed, s["arch"])
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"{which}: {s['arch']} {n_params / 1e6:.2f}M params, {s['layers']} blocks, d={s['hidden']}, "
+        f"{s['heads']} heads")
+    if which == "anchor":
+        sampler = RecordSampler(sp, task.data("arith_train"), rng)
+        ev = task.data("eval_arith")
+        evals = {"arith": lambda m: exact_match(m, task.tokenizer, ev)}
+    else:
+        facts = task.data("kv_facts")
+        if s["number_facts"]:
+            # a number's value is the number itself: "7" -> "7" (no arithmetic)
+            facts = facts + [{"prompt": str(n), "completion": str(n)} for n in T.numbers(task.n_values)]
+        pairs = PairsSampler(sp, facts, rng, s["pairs_per_seq"], s["sep_prob"])
+        sub = RecordSampler(sp, task.data("kv_sub_train"), rng)
+        sampler = {"pairs": pairs, "sub": sub, "mix": MixSampler([pairs, sub])}[s["format"]]
+        kv = task.data("kv_facts")
+        random.Random(0).shuffle(kv)
+        kv = kv[:300]
+        evals = {"kv_facts": lambda m: next_token_accuracy(m, task.tokenizer, kv)}
+        if s["format"] != "pairs":
+            ev = task.data("eval_kv_sub_heldout")[:200]
+            evals["kv_sub"] = lambda m: exact_match(m, task.tokenizer, ev)
+    after_step = None
+    if s["number_embedding"] == "sinusoidal":
+        after_step = fix_number_embeddings(model, task, s["number_scale"])
+    torch.manual_seed(seed)
+    stop_at = s["stop_at"] if s["stop_at"] is not None and 0 < s["stop_at"] <= 1 else None
+    info = train(model, sampler, s["steps"], s["batch"], s["lr"], s["warmup"], s["weight_decay"], a.log_every,
+                 s["max_minutes"] * 60, evals, s["eval_every"], stop_at, after_step)
+    if which == "anchor" and s["zero_unseen"]:
+        # the anchor never saw a key: make every key token the same unknown token (zero embedding)
+        with torch.no_grad():
+            model.get_input_embeddings().weight[task.key_ids()] = 0.0
+    metrics = evaluate_base(model, task)
+    metrics.update(info)
+    os.makedirs(model_dir, exist_ok=True)
+    model.save_pretrained(model_dir)
+    with open(os.path.join(model_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    with open(os.path.join(model_dir, "pretrain.json"), "w") as f:
+        json.dump({"settings": s, "task": task.fingerprint, "params": n_params}, f, indent=1)
+    log(f"{which} saved to {model_dir} after {info['steps']} steps, {info['seconds']}s: "
+        + " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k.startswith(("em_", "acc_"))))
+    return metrics
+
+
+def evaluate_base(model, task: Task, n: int = 500) -> dict:
+    """Greedy exact match on the task's eval sets, and the next-token accuracy of key -> value."""
+    out = {}
+    for name in ("eval_arith", "eval_kv_sub_heldout", "eval_kv_arith_heldout"):
+        out["em_" + name[5:]] = exact_match(model, task.tokenizer, task.data(name)[:n])
+    out["acc_kv_facts"] = next_token_accuracy(model, task.tokenizer, task.data("kv_facts"))
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", required=True, help="task dir written by make_kv_task.py")
+    p.add_argument("--out", required=True, help="models go to OUT/anchor and OUT/aug")
+    p.add_argument("--which", choices=["anchor", "aug", "both"], default="both")
+    p.add_argument("--parallel", action="store_true",
+                   help="with --which both: train the two models at once, one process (one thread) each")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--number-embedding", choices=["learned", "sinusoidal"], default="sinusoidal",
+                   help="sinusoidal: both models' number-token embeddings are one fixed code of the number's "
+                        "value (the augmenting model's tied output rows too)")
+    p.add_argument("--number-scale", type=float, default=1.0, help="norm of each sinusoidal number row")
+    p.add_argument("--anchor-arch", choices=["llama", "gpt2"], default="llama")
+    p.add_argument("--anchor-steps", type=int, default=1500)
+    p.add_argument("--anchor-layers", type=int, default=4)
+    p.add_argument("--anchor-hidden", type=int, default=64)
+    p.add_argument("--anchor-heads", type=int, default=16,
+                   help="also the composition's cross-attention heads (CALM: as many as the anchor)")
+    p.add_argument("--anchor-ffn", type=int, default=256)
+    p.add_argument("--anchor-tie", action="store_true", help="tie the anchor's embeddings")
+    p.add_argument("--keep-unseen-embeddings", action="store_true",
+                   help="keep the anchor's (untrained) key embeddings instead of zeroing them")
+    p.add_argument("--aug-arch", choices=["llama", "gpt2"], default="gpt2")
+    p.add_argument("--aug-steps", type=int, default=500)
+    p.add_argument("--aug-layers", type=int, default=4)
+    p.add_argument("--aug-hidden", type=int, default=64)
+    p.add_argument("--aug-heads", type=int, default=4)
+    p.add_argument("--aug-ffn", type=int, default=256)
+    p.add_argument("--aug-untied", action="store_true", help="untie the augmenting model's embeddings")
+    p.add_argument("--aug-format", choices=["pairs", "sub", "mix"], default="pairs")
+    p.add_argument("--pairs-per-seq", type=int, default=6)
+    p.add_argument("--sep-prob", type=float, default=0.5)
+    p.add_argument("--no-number-facts", action="store_true",
+                   help="augmenting corpus without the 'n n' facts (a number's value is itself)")
+    p.add_argument("--stop-at", type=float, default=0.99,
+                   help="stop early once every periodic eval reaches this accuracy (outside (0, 1]: never)")
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--log-every", type=int, default=250)
+    p.add_argument("--max-minutes", type=float, default=10.0, help="wall-clock cap per model")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--force", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    a = parser().parse_args(argv)
+    torch.set_num_threads(a.threads)
+    task = Task(a.task)
+    if a.which == "both" and a.parallel:
+        base = [x for x in argv if x != "--parallel"]
+        if "--which" in base:
+            i = base.index("--which")
+            del base[i:i + 2]
+        env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
+        procs = [subprocess.Popen([sys.executable, "-m", "examples.kv_task.pretrain", *base, "--which", w], env=env)
+                 for w in ("anchor", "aug")]
+
+        def stop(signum, frame):
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGTERM, stop)
+        try:
+            rcs = [p.wait() for p in procs]
+        finally:  # never leave a child training on its own
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+                    p.wait()
+        return max(rcs)
+    for which in (["anchor", "aug"] if a.which == "both" else [a.which]):
+        pretrain_one(which, task, a.out, a)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

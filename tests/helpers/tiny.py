@@ -1,0 +1,62 @@
+"""Tiny decoder LMs built from configs (no hub), one per supported family, and compositions of them."""
+from __future__ import annotations
+
+import torch
+import transformers as T
+
+VOCAB = 96
+SPECIAL = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def tiny_config(family: str, hidden: int = 32, layers: int = 4, heads: int = 4, vocab: int = VOCAB):
+    common = dict(vocab_size=vocab, **SPECIAL)
+    if family == "gpt2":
+        return T.GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=256,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
+    if family == "gpt_neox":
+        return T.GPTNeoXConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                               num_attention_heads=heads, max_position_embeddings=256, **common)
+    cls = {"llama": T.LlamaConfig, "mistral": T.MistralConfig, "qwen2": T.Qwen2Config, "qwen3": T.Qwen3Config}[family]
+    extra = {"head_dim": hidden // heads} if family == "qwen3" else {}
+    return cls(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
+               num_key_value_heads=max(1, heads // 2), max_position_embeddings=256, **extra, **common)
+
+
+def tiny_model(family: str, seed: int = 0, **kw):
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(tiny_config(family, **kw))
+    return model.eval()
+
+
+def randomize_composition(model, seed: int = 0, scale: float = 0.2) -> None:
+    """Give the zero-initialised blocks non-trivial weights, so the composition really acts."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.blocks.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * scale
+            p.copy_(1.0 + noise if "norm.weight" in name else noise)
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox"]
+
+
+def ids(batch=2, length=12, seed=0):
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def composed(anchor_family="llama", aug_families=("gpt2",), randomize=True, **kw):
+    anchor = tiny_model(anchor_family, seed=1, hidden=48, layers=6, heads=4)
+    augmenting = [tiny_model(f, seed=2 + i, hidden=32, layers=8, heads=4) for i, f in enumerate(aug_families)]
+    from calm_dist import ComposedModel
+
+    model = ComposedModel.from_pretrained(anchor, augmenting, **kw)
+    if randomize:
+        randomize_composition(model)
+    return model
+
+
+def tiny_setup(directory, **kw):
+    """calm_dist.tiny_setup's models, tokenizer and data in `directory` (the integration tests' inputs)."""
+    from calm_dist.tiny_setup import make_tiny_setup
+
+    return make_tiny_setup(directory, **kw)

@@ -1,0 +1,276 @@
+"""The key-value task generator (examples/kv_task/make_data.py) and the tiny-model helpers (examples/kv_task/pretrain.py).
+
+Fast: small settings, no training."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from calm_dist.data.tokenized import Tokenizer
+from calm_dist.task_eval import evaluate_set
+from examples.kv_task import make_data as make_kv_task
+from examples.kv_task import pretrain as pretrain_tiny
+from examples.kv_task import task as T
+from examples.kv_task import tokenizer as tok
+from examples.kv_task.evaluate import exact_match, read_jsonl
+
+SMALL = T.TaskSettings(seed=3, n_keys=200, n_values=10, dc_frac=0.2, n_dc_train=400, dc_arith_frac=0.25,
+                       n_kv_sub_train=300, n_eval=60)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("kv") / "task")
+    man = make_kv_task.build(out, SMALL, verbose=False)
+    return out, man
+
+
+def data(out, name):
+    return read_jsonl(os.path.join(out, "data", name + ".jsonl"))
+
+
+def keys_json(out):
+    with open(os.path.join(out, "keys.json")) as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------------------------- determinism / reuse
+def test_same_settings_give_identical_files(built, tmp_path):
+    out, man = built
+    man2 = make_kv_task.build(str(tmp_path / "again"), SMALL, verbose=False)
+    assert man2["files"] == man["files"]  # sha256 of every file, tokenizer included
+    for rel in man["files"]:
+        with open(os.path.join(out, rel), "rb") as a, open(os.path.join(tmp_path, "again", rel), "rb") as b:
+            assert a.read() == b.read(), rel
+
+
+def test_other_seed_gives_other_keys():
+    a = T.make_keys(SMALL)
+    b = T.make_keys(T.TaskSettings(**{**SMALL.to_dict(), "seed": SMALL.seed + 1}))
+    assert a.keys != b.keys
+
+
+def test_rebuild_is_skipped_when_current_and_redone_when_settings_change(built, tmp_path):
+    out = str(tmp_path / "t")
+    make_kv_task.build(out, SMALL, verbose=False)
+    stamp = os.path.getmtime(os.path.join(out, "data", "dc_train.jsonl"))
+    assert make_kv_task.is_current(out, SMALL)
+    make_kv_task.build(out, SMALL, verbose=False)
+    assert os.path.getmtime(os.path.join(out, "data", "dc_train.jsonl")) == stamp
+    other = T.TaskSettings(**{**SMALL.to_dict(), "n_eval": 50})
+    assert not make_kv_task.is_current(out, other)
+    make_kv_task.build(out, other, verbose=False)
+    assert make_kv_task.is_current(out, other) and not make_kv_task.is_current(out, SMALL)
+
+
+def test_a_tampered_file_makes_the_build_stale(tmp_path):
+    out = str(tmp_path / "t")
+    make_kv_task.build(out, SMALL, verbose=False)
+    with open(os.path.join(out, "data", "eval_arith.jsonl"), "a") as f:
+        f.write('{"prompt": "1 + 1 =", "completion": "3"}\n')
+    assert not make_kv_task.is_current(out, SMALL)
+
+
+# ------------------------------------------------------------------------------------------- key split
+def test_dc_spans_at_most_20_percent_of_the_keys(built):
+    out, _ = built
+    k = keys_json(out)
+    assert len(k["dc_keys"]) <= 0.2 * len(k["keys"])
+    used = {w for r in data(out, "dc_train") for w in T.keys_of(r)}
+    assert used <= set(k["dc_keys"])
+    assert len(used) <= 0.2 * len(k["keys"])
+    assert {w for r in data(out, "dc_kv_arith") for w in T.keys_of(r)} == used
+
+
+def test_dc_keys_cover_every_value(built):
+    out, _ = built
+    k = keys_json(out)
+    assert {k["value"][x] for x in k["dc_keys"]} == set(range(SMALL.n_values))
+
+
+def test_eval_keys_are_disjoint_from_dc_keys(built):
+    out, _ = built
+    k = keys_json(out)
+    dc = set(k["dc_keys"])
+    assert set(k["heldout_keys"]).isdisjoint(dc)
+    assert set(k["heldout_keys"]) | dc == set(k["keys"])
+    for name in ("eval_kv_arith_heldout", "eval_kv_sub_heldout"):
+        recs = data(out, name)
+        assert recs and all(T.keys_of(r) and set(T.keys_of(r)).isdisjoint(dc) for r in recs), name
+    train_prompts = {r["prompt"] for r in data(out, "dc_train")}
+    assert train_prompts.isdisjoint(r["prompt"] for r in data(out, "eval_kv_arith_heldout"))
+    assert train_prompts.isdisjoint(r["prompt"] for r in data(out, "eval_kv_arith_dc_keys"))
+    # the augmenting model's substitution corpus never holds a held-out evaluation expression
+    assert {r["prompt"] for r in data(out, "kv_sub_train")}.isdisjoint(
+        r["prompt"] for r in data(out, "eval_kv_sub_heldout"))
+
+
+def test_values_are_balanced_and_in_range():
+    ks = T.make_keys(SMALL)
+    counts = {}
+    for key in ks.keys:
+        counts[ks.value[key]] = counts.get(ks.value[key], 0) + 1
+    assert set(counts) == set(range(SMALL.n_values))
+    assert set(counts.values()) == {SMALL.n_keys // SMALL.n_values}
+    assert len(set(ks.keys)) == SMALL.n_keys and all(k.isalpha() and k.islower() for k in ks.keys)
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError):
+        T.TaskSettings(dc_frac=0.25).validate()
+    with pytest.raises(ValueError):
+        T.TaskSettings(n_keys=1001, n_values=40).validate()
+    with pytest.raises(ValueError):
+        T.TaskSettings(n_keys=40, n_values=40).validate()  # one key per value: no held-out key left
+
+
+# ------------------------------------------------------------------------------------------ the records
+def test_records_are_correct(built):
+    out, _ = built
+    val = keys_json(out)["value"]
+
+    def num(w):
+        return val[w] if w in val else int(w)
+
+    def calc(p):
+        a, op, b, eq = p.split()
+        assert eq == "="
+        return num(a) + num(b) if op == "+" else num(a) - num(b)
+    for name in ("dc_train", "eval_kv_arith_heldout", "eval_kv_arith_dc_keys", "eval_arith", "arith_train"):
+        for r in data(out, name):
+            assert int(r["completion"]) == calc(r["prompt"]), (name, r)
+    for r in data(out, "eval_kv_sub_heldout") + data(out, "kv_sub_train"):
+        a, op, b, _ = r["prompt"].split()
+        assert r["completion"] == f"{val[a]} {op} {val[b]}"
+    assert all(r["completion"] == str(val[r["prompt"]]) for r in data(out, "kv_facts"))
+    assert len(data(out, "arith_train")) == 2 * SMALL.n_values ** 2
+
+
+def test_dc_train_mixes_in_numeric_replay(built):
+    out, man = built
+    recs = data(out, "dc_train")
+    numeric = [r for r in recs if not T.keys_of(r)]
+    assert len(recs) == man["counts"]["dc_train"]
+    assert abs(len(numeric) / len(recs) - SMALL.dc_arith_frac) < 0.01
+    assert len(recs) - len(numeric) == SMALL.n_dc_train
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+def test_every_word_is_one_token_with_a_predictable_id(built):
+    out, man = built
+    sp = tok.load_tokenizer(os.path.join(out, "tokenizer.model"))
+    words = T.vocabulary_words(SMALL, T.make_keys(SMALL))
+    assert sp.get_piece_size() == man["vocab_size"] == 4 + len(words)
+    for i, w in enumerate(words):
+        assert sp.encode(w) == [4 + i]
+    assert (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id()) == (0, 1, 2, 3)
+    assert man["special_ids"] == {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
+
+
+def test_expression_tokenization(built):
+    out, _ = built
+    sp = tok.load_tokenizer(os.path.join(out, "tokenizer.model"))
+    ks = T.make_keys(SMALL)
+    k1, k2 = ks.keys[0], ks.keys[1]
+    ids, labels = tok.encode_record(sp, {"prompt": f"{k1} - {k2} =", "completion": "-7"})
+    assert ids == [tok.BOS_ID, sp.piece_to_id("\u2581" + k1), sp.piece_to_id("\u2581-"),
+                   sp.piece_to_id("\u2581" + k2), sp.piece_to_id("\u2581="), sp.piece_to_id("\u2581-7"), tok.EOS_ID]
+    assert labels == [-100] * 5 + ids[5:]
+    # a negative number is one token, distinct from the operator followed by a number
+    assert len(sp.encode("-7")) == 1 and sp.encode("- 7") == [sp.piece_to_id("\u2581-"), sp.piece_to_id("\u25817")]
+    # the same word has the same id first in the text and inside it
+    assert sp.encode(f"{k1} + {k1}")[0] == sp.encode(f"{k1} + {k1}")[2]
+    # prompt + completion encoded separately == the whole text encoded at once
+    assert sp.encode(f"{k1} - {k2} =") + sp.encode("-7") == sp.encode(f"{k1} - {k2} = -7")
+
+
+def test_tokenizer_round_trips(built):
+    out, _ = built
+    sp = tok.load_tokenizer(os.path.join(out, "tokenizer.model"))
+    for name in ("dc_train", "eval_kv_sub_heldout", "eval_arith", "kv_facts"):
+        for r in data(out, name)[:100]:
+            for text in (r["prompt"], r["completion"], f"{r['prompt']} {r['completion']}"):
+                ids = sp.encode(text)
+                assert tok.UNK_ID not in ids
+                assert sp.decode(ids) == text
+
+
+# -------------------------------------------------------------------------------- pretrain_tiny helpers
+def test_base_models_share_vocab_and_special_ids(built):
+    out, man = built
+    task = pretrain_tiny.Task(out)
+    anchor = pretrain_tiny.build_model(task.vocab_size, 16, 1, 4, 32, False, 0, "llama")
+    aug = pretrain_tiny.build_model(task.vocab_size, 16, 1, 2, 32, True, 0, "gpt2")
+    for m in (anchor, aug):
+        c = m.config
+        assert (c.vocab_size, c.pad_token_id, c.bos_token_id, c.eos_token_id) == (man["vocab_size"], 0, 2, 3)
+
+
+def test_number_code_is_fixed_and_distinct():
+    nums = T.numbers(10)
+    a, b = pretrain_tiny.number_code(nums, 64), pretrain_tiny.number_code(nums, 64)
+    assert torch.equal(a, b) and a.shape == (len(nums), 64)
+    assert torch.allclose(a.norm(dim=1), torch.ones(len(nums)))
+    sim = a @ a.T
+    assert bool((sim.argmax(dim=1) == torch.arange(len(nums))).all())  # each code is nearest to itself
+
+
+def test_pairs_sampler_puts_the_loss_on_values_only(built):
+    import random
+    out, _ = built
+    task = pretrain_tiny.Task(out)
+    facts = data(out, "kv_facts")
+    s = pretrain_tiny.PairsSampler(task.sp, facts, random.Random(0), pairs_per_seq=4, sep_prob=0.5)
+    ids, att, lab = s.batch(8)
+    value = {task.token_id(r["prompt"]): task.token_id(r["completion"]) for r in facts}
+    for i in range(ids.shape[0]):
+        n = int(att[i].sum())
+        row, lrow = ids[i, :n].tolist(), lab[i, :n].tolist()
+        assert row[0] == tok.BOS_ID and row[-1] == tok.EOS_ID and lrow[-1] == tok.EOS_ID
+        for t in range(1, n - 1):
+            if row[t] in value:  # a key: not scored, and the next token is its value (scored)
+                assert lrow[t] == -100 and row[t + 1] == value[row[t]] and lrow[t + 1] == row[t + 1]
+        assert sum(x != -100 for x in lrow) == 4 + 1
+
+
+# ------------------------------------------------------------------------------------------ scoring
+class Answering(torch.nn.Module):
+    """A causal LM stand-in whose greedy continuation of each prompt is the ids `answers` holds for it."""
+
+    def __init__(self, answers: dict[tuple, list[int]], vocab_size: int):
+        super().__init__()
+        self.answers, self.vocab_size = answers, vocab_size
+
+    def forward(self, input_ids, attention_mask=None):
+        nxt = []
+        for row in input_ids.tolist():
+            prompt = next(p for p in self.answers if tuple(row[:len(p)]) == p)
+            nxt.append((self.answers[prompt] + [tok.PAD_ID] * len(row))[len(row) - len(prompt)])
+        logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], self.vocab_size)
+        logits[:, -1] = torch.nn.functional.one_hot(torch.tensor(nxt), self.vocab_size).float()
+        return type("Output", (), {"logits": logits})()
+
+
+def test_the_tools_score_exact_match_as_calm_dist_eval_does(built):
+    """examples/kv_task's exact_match (pretraining's metric) is calm-dist eval's definition: of rows answered and
+    stopped, answered and run on with `<s> <s>`, and answered wrongly, only the first kind counts, in both."""
+    out, _ = built
+    tokenizer = Tokenizer(os.path.join(out, "tokenizer.model"))
+    records = data(out, "eval_arith")[:12]
+    answers = {}
+    for i, r in enumerate(records):
+        completion = tokenizer.encode(r["completion"])
+        answers[tuple([tok.BOS_ID] + tokenizer.encode(r["prompt"]))] = [
+            completion + [tok.EOS_ID], completion + [tok.BOS_ID] * 2, [tok.EOS_ID]][i % 3]
+    model = Answering(answers, tokenizer.vocab_size)
+
+    def generate(ids, mask, n):  # every prompt of the task has the same length: no padding to strip
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        return ids
+
+    package = evaluate_set(generate, lambda ids, mask: model(ids).logits, tokenizer, records, batch_size=5)
+    assert exact_match(model, tokenizer, records, batch_size=5) == package.exact_match == 4 / 12
