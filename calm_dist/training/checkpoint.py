@@ -1,4 +1,4 @@
-"""Atomic checkpoints of what trains, without pickle.
+"""Atomic checkpoints of what trains, without pickle, and the protocol every rank follows to write and resume them.
 
 Layout of `<output_dir>/checkpoints/step_N/`:
     composition.safetensors + composition.json   the full composition weights (the export format)
@@ -18,16 +18,17 @@ it names or, in the moment between the two renames, that directory moved aside (
 
 Resuming verifies before loading: every rank checks the small shared files (trainer_state.json,
 config.yaml) against the index, then its own files and a share of the large shared ones, and the ranks agree
-on the newest checkpoint that is intact everywhere (the trainer, through calm_dist.training.agreement).
+on the newest checkpoint that is intact everywhere (`calm_dist.training.checkpointer.Checkpointer.choose`).
 
 Nested state (optimizer and scheduler state dicts, RNG tuples) is stored as tensors in safetensors
 plus a JSON skeleton; loading never unpickles anything.
+
+This module is the format and the publishing on disk, light enough for preflight to read checkpoints before
+anything heavy loads; `calm_dist.training.checkpointer` is the collective protocol of a training job built on it.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import random
 import re
 import shutil
@@ -35,9 +36,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from calm_dist.config import ConfigError
+from calm_dist.files import fsync_dir, fsync_file, save_safetensors, sha256_file, write_atomic, write_file
 
 LATEST = "latest"
 INDEX = "checksums.json"
@@ -91,23 +93,13 @@ def from_skeleton(obj, tensors: dict[str, torch.Tensor]):
     return obj
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors' save_file, with its I/O errors (a full disk) raised as OSError like every other write."""
-    from safetensors import SafetensorError
-
-    try:
-        save_file(tensors, str(path))
-    except SafetensorError as e:
-        raise OSError(f"{e} ({path})") from None
-
-
 def save_state(state, directory: Path, name: str) -> dict[str, str]:
     """Write `name`.safetensors + `name`.json; returns {file name: sha256} of both."""
     tensors: dict[str, torch.Tensor] = {}
     skeleton = to_skeleton(state, tensors)
     save_safetensors(tensors, directory / f"{name}.safetensors")
     return {**file_hashes(directory, [f"{name}.safetensors"]),
-            f"{name}.json": write_text(directory / f"{name}.json", json.dumps(skeleton))}
+            f"{name}.json": write_file(directory / f"{name}.json", json.dumps(skeleton))}
 
 
 def load_state(directory: Path, name: str):
@@ -118,22 +110,10 @@ def load_state(directory: Path, name: str):
 
 
 # ---- checksums -------------------------------------------------------------------------------------
-def write_text(path: Path, text: str) -> str:
-    """Write `text` and return the sha256 of the bytes written."""
-    data = text.encode()
-    path.write_bytes(data)
-    return hashlib.sha256(data).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def file_hashes(directory: Path, names) -> dict[str, str]:
     """{name: sha256} of files this rank has just written (read back from the page cache, one file at a time:
     a large optimizer shard is never held twice in memory)."""
-    return {name: file_sha256(directory / name) for name in names}
+    return {name: sha256_file(directory / name) for name in names}
 
 
 def write_index_part(directory: Path, rank: int, hashes: dict[str, str]) -> None:
@@ -141,9 +121,7 @@ def write_index_part(directory: Path, rank: int, hashes: dict[str, str]) -> None
     syncs the files it wrote, so the work is spread over the ranks, before the agreement that publishes them."""
     for name in hashes:
         fsync_file(directory / name)
-    part = directory / INDEX_PART.format(rank=rank)
-    write_text(part, json.dumps(hashes, indent=1, sort_keys=True))
-    fsync_file(part)
+    write_file(directory / INDEX_PART.format(rank=rank), json.dumps(hashes, indent=1, sort_keys=True), fsync=True)
 
 
 def write_index(directory: Path) -> None:
@@ -152,8 +130,7 @@ def write_index(directory: Path) -> None:
     files: dict[str, str] = {}
     for part in parts:
         files.update(json.loads(part.read_text()))
-    write_text(directory / INDEX, json.dumps({"files": dict(sorted(files.items()))}, indent=1))
-    fsync_file(directory / INDEX)
+    write_file(directory / INDEX, json.dumps({"files": dict(sorted(files.items()))}, indent=1), fsync=True)
     for part in parts:
         part.unlink()
 
@@ -181,7 +158,7 @@ def verify_files(directory: Path, index: dict[str, str], names) -> None:
             raise DamagedCheckpoint(f"{path} is not listed in its {INDEX}")
         if not path.is_file():
             raise DamagedCheckpoint(f"{path} is missing")
-        if file_sha256(path) != index[name]:
+        if sha256_file(path) != index[name]:
             raise DamagedCheckpoint(f"{path} does not match its sha256 in {INDEX} (damaged or truncated)")
 
 
@@ -253,11 +230,6 @@ def aside_dir(step_directory: Path) -> Path:
     return step_directory.with_name(step_directory.name + ".replaced")
 
 
-def fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
 def publish(output_dir, step: int, keep_last: int) -> Path:
     """Rank 0, once every rank has written and synced its files into the staging dir: index, rename, point
     `latest`, prune. A step saved again (a finished run resumed, a crash between rename and `latest`) is moved
@@ -266,13 +238,13 @@ def publish(output_dir, step: int, keep_last: int) -> Path:
     staged, final = staging_dir(output_dir, step), step_dir(output_dir, step)
     aside = aside_dir(final)
     write_index(staged)
-    _fsync_dir(staged)
+    fsync_dir(staged)
     if final.exists():
         if aside.exists():  # left by a crash after an earlier rename in: `latest` can only resolve to final
             shutil.rmtree(aside)
         final.rename(aside)
     staged.rename(final)
-    _fsync_dir(root)
+    fsync_dir(root)
     point_latest(root, final.name)
     if aside.exists():
         shutil.rmtree(aside)
@@ -282,19 +254,8 @@ def publish(output_dir, step: int, keep_last: int) -> Path:
 
 def point_latest(root: Path, name: str) -> None:
     """Replace `latest` atomically: it names the old step directory or the new one, never a partial file."""
-    tmp = root / f".{LATEST}.tmp"
-    tmp.write_text(name + "\n")
-    fsync_file(tmp)
-    os.replace(tmp, root / LATEST)
-    _fsync_dir(root)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_atomic(root / LATEST, name + "\n", aside=f".{LATEST}.tmp")  # one writer: rank 0, under the job's lock
+    fsync_dir(root)
 
 
 def prune(root: Path, keep_last: int, protect: str) -> None:
@@ -338,7 +299,8 @@ def resume_candidates(resume: str | None, output_dir) -> list[Path]:
     if resume != "auto":
         path = Path(resume)
         if not (path / "trainer_state.json").is_file():
-            raise CheckpointError(f"train.resume={resume}: not a checkpoint directory (expected .../checkpoints/step_N)")
+            raise CheckpointError(f"train.resume={resume}: not a checkpoint directory "
+                                  "(expected .../checkpoints/step_N)")
         return [path]
     root = checkpoints_dir(output_dir)
     pointer = root / LATEST

@@ -31,9 +31,11 @@ import logging
 import os
 import socket
 import time
+from functools import partial
 from pathlib import Path
 
 from calm_dist.config import ConfigError
+from calm_dist.training.agreement import run_everywhere
 
 LOCK_FILE = ".calm_dist.lock"
 UNSUPPORTED = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL}
@@ -93,17 +95,7 @@ def lock_directory(directory: str | Path, key: str) -> None:
 
 
 def lock_for_job(directory: str | Path, key: str, is_main: bool, device="cpu") -> None:
-    """Global rank 0 locks `directory`; every rank raises when it could not (collective: every rank calls it)."""
-    from calm_dist.training.agreement import first_failure, gather_failures
-
-    problem = None
-    if is_main:
-        try:
-            lock_directory(directory, key)
-        except Exception as e:  # any failure must reach the agreement, or the other ranks wait for the timeout
-            problem = e
-    failures = gather_failures(problem, device)
-    if problem is not None:
-        raise problem
-    if failures:
-        raise DirectoryInUse(first_failure(failures))
+    """Global rank 0 locks `directory`; every rank raises when it could not (collective: every rank calls it).
+    Any failure reaches the agreement, or the other ranks would wait for the timeout."""
+    agreed = run_everywhere(partial(lock_directory, directory, key) if is_main else None, device)
+    agreed.raise_failure(DirectoryInUse)

@@ -1,5 +1,7 @@
 """Everything applied to the models for distributed training, in one place: frozen models loaded straight into
-ZeRO-3 shards, decoder blocks as ZeRO-3 leaves, `torch.compile` of frozen blocks, activation checkpointing.
+ZeRO-3 shards, decoder blocks as ZeRO-3 leaves, `torch.compile` of frozen blocks, activation checkpointing, and
+`build_distributed_model`, which applies them in order around the composition (or the LoRA baseline) and hands
+the result to `deepspeed.initialize`.
 
 `torch.compile` (`train.compile`): HF decoder blocks spend a large share of their time outside matmuls (RMSNorm
 in fp32, RoPE, SwiGLU and their backwards, each a separate pass over memory in eager mode); inductor fuses them.
@@ -19,15 +21,26 @@ activations are kept.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
+from transformers.integrations import HfDeepSpeedConfig
 
 from calm_dist.config import Config
+from calm_dist.console import say
 from calm_dist.model import backbones
-from calm_dist.model.io import materialize_random_augmenting
+from calm_dist.model.baselines import LoRAAnchor, default_lora_targets, matched_lora_rank, prompt_key_mask
+from calm_dist.model.composition import ComposedModel
+from calm_dist.model.io import load_causal_lm, write_random_augmenting
+from calm_dist.planning.costs import composition_params
 from calm_dist.training.ds_config import zero_stage
+from calm_dist.training.preflight import ResolvedRun
+from calm_dist.training.rank_zero import run_on_rank_zero
 
 
 def augmenting_compute_dtype(cfg: Config) -> str:
@@ -36,6 +49,22 @@ def augmenting_compute_dtype(cfg: Config) -> str:
     model.augmenting_dtype, where auto follows train.precision (never the checkpoint's own dtype)."""
     choice = cfg.model.augmenting_dtype
     return cfg.train.precision if choice == "auto" else choice
+
+
+def materialize_random_augmenting(cfg: Config, is_main: bool) -> list[str]:
+    """Randomly initialised copies of the augmenting architectures, seeded, saved once per output_dir.
+
+    Rank 0 writes them while the other ranks wait, however long a large model takes to write, until rank 0
+    fails or its heartbeat has been silent for distributed.timeout_s (calm_dist/training/rank_zero.py)."""
+    out = []
+    for i, path in enumerate(cfg.model.augmenting):
+        target = Path(cfg.train.output_dir) / "random_augmenting" / str(i)
+        run_on_rank_zero(f"writing the random augmenting model {target}", is_main,
+                         partial(write_random_augmenting, path, cfg.train.seed + 1 + i, target),
+                         done=(target / "config.json").exists, status_file=target.with_name(f"{i}.status"),
+                         silence_s=cfg.distributed.timeout_s)
+        out.append(str(target))
+    return out
 
 
 def load_frozen_models(cfg: Config, ds_config: dict, dtype, load_anchor: bool = True, load_augmenting: bool = True,
@@ -47,11 +76,6 @@ def load_frozen_models(cfg: Config, ds_config: dict, dtype, load_anchor: bool = 
     first written to <output_dir>/random_augmenting/<i> (rank 0, outside ZeRO, the other ranks waiting for them)
     and then loaded like any other, so the export names a model that evaluation can load bit for bit.
     """
-    import torch
-    from transformers.integrations import HfDeepSpeedConfig
-
-    from calm_dist.model.composition import load_causal_lm
-
     m = cfg.model
     revisions = m.augmenting_revisions or [None] * len(m.augmenting)
     paths = list(m.augmenting)
@@ -75,11 +99,9 @@ def mark_zero3_leaf_blocks(models) -> int:
     per-module hooks: DeepSpeed 0.19 frees a leaf's weights before the gradients of those are reduced.
     Returns how many blocks were marked.
     """
-    from deepspeed.utils import set_z3_leaf_module
+    from deepspeed.utils import set_z3_leaf_module  # imported here, as in build_distributed_model
 
-    from calm_dist.model.backbones import frozen_decoder_blocks
-
-    blocks = frozen_decoder_blocks(models)
+    blocks = backbones.frozen_decoder_blocks(models)
     for block in blocks:
         set_z3_leaf_module(block, True)
     return len(blocks)
@@ -105,3 +127,95 @@ def checkpoint_anchor_blocks(model) -> list[int]:
     for j in wrapped:
         blocks[j].forward = partial(_checkpointed, blocks[j].forward)
     return wrapped
+
+
+@dataclass
+class DistributedModel:
+    """What the loop drives: the composition (or the LoRA baseline) as `module`, DeepSpeed's engine around it,
+    and the optimizer and scheduler DeepSpeed returned."""
+
+    module: torch.nn.Module
+    engine: object
+    optimizer: object
+    scheduler: object
+    hf_ds_config: HfDeepSpeedConfig | None  # referenced for as long as the models live (load_frozen_models)
+    prompt_keys_only: bool  # model.augmenting_sees=prompt: the prefix-encoder ablation's key mask
+
+    def summed_loss(self, batch: dict, states) -> torch.Tensor:
+        """One forward of the engine: the micro-batch's summed next-token loss (the composition computes it
+        without materialising the logits)."""
+        key_mask = prompt_key_mask(batch["labels"]) if self.prompt_keys_only else None
+        return self.engine(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                           augmenting_states=states, augmenting_key_mask=key_mask, loss_reduction="sum").loss
+
+
+def frozen_models(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The frozen LMs held in this process (the anchor, and the augmenting models unless cached)."""
+    if isinstance(model, ComposedModel):
+        return [model.anchor, *model.augmenting]
+    return [model.model]  # the LoRA baseline: the anchor under PEFT
+
+
+def build_module(cfg: Config, resolved: ResolvedRun, dtype: torch.dtype, is_main: bool):
+    """The composition (or, for the LoRA baseline, the anchor with adapters) with its frozen weights in shards;
+    returns it and the HfDeepSpeedConfig to keep alive."""
+    m = cfg.model
+    cached = cfg.train.augmenting_states == "cached"
+    anchor, augmenting, hf_ds_config = load_frozen_models(
+        cfg, resolved.ds_config, dtype, load_augmenting=not cached and m.method == "calm", is_main=is_main)
+    torch.manual_seed(cfg.train.seed)  # the trainable weights' initial values depend on the seed alone
+    if cached:  # the augmenting weights are never loaded: their states come from disk
+        augmenting = resolved.augmenting_configs
+    budget = None
+    if m.method == "lora":  # as many trainable parameters as the composition it is compared with
+        targets = m.lora_targets or default_lora_targets(anchor.config)
+        budget = composition_params(resolved.anchor_config, resolved.augmenting_configs, resolved.layer_pairs)
+        module = LoRAAnchor(anchor, m.lora_rank or matched_lora_rank(anchor, targets, budget), targets)
+    else:
+        module = ComposedModel(anchor, augmenting, layer_pairs=resolved.layer_pairs, num_heads=m.num_heads,
+                               sources={"anchor_revision": m.anchor_revision,
+                                        "augmenting_revisions": m.augmenting_revisions or [None] * len(augmenting)})
+        module.blocks.to(dtype)
+    n = sum(p.numel() for p in module.trainable_parameters())
+    say(is_main, f"{m.method}: {n:,} trainable parameters" + (f" (composition budget {budget:,})" if budget else ""))
+    return module, hf_ds_config
+
+
+def lr_lambda(cfg: Config) -> Callable[[int], float]:
+    """The learning-rate factor of each optimizer step: linear warm-up, then constant or a cosine decay to
+    optim.min_lr_ratio at train.steps."""
+    o, total = cfg.optim, cfg.train.steps
+
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def build_distributed_model(cfg: Config, resolved: ResolvedRun, is_main: bool) -> DistributedModel:
+    """The module built, compiled, checkpointed and marked in that order, then DeepSpeed's engine, AdamW and a
+    LambdaLR of `lr_lambda` around it. Reads no states cache: in cached mode the caller opens and verifies it
+    first, so a bad cache is refused before any weight loads."""
+    import deepspeed  # imported here: deepspeed takes seconds to import, and `calm-dist cache` never needs it
+
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    module, hf_ds_config = build_module(cfg, resolved, dtype, is_main)
+    if cfg.train.compile:  # before checkpointing wraps the blocks, so the recompute runs the compiled graph
+        n = compile_frozen_blocks(frozen_models(module))
+        say(is_main, f"compiling {n} frozen decoder blocks (torch.compile, on their first call)")
+    if cfg.train.activation_checkpointing:
+        checkpoint_anchor_blocks(module)
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                  weight_decay=o.weight_decay)
+    if cfg.distributed.zero3_leaf_blocks and zero_stage(resolved.ds_config) == 3:
+        mark_zero3_leaf_blocks(frozen_models(module))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=module, optimizer=optimizer, config=resolved.ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+    return DistributedModel(module, engine, optimizer, scheduler, hf_ds_config,
+                            prompt_keys_only=cfg.model.augmenting_sees == "prompt")

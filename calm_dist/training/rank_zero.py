@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Callable
 
 from calm_dist.config import ConfigError
+from calm_dist.files import write_atomic
+from calm_dist.training.faults import maybe_stall
 
 BEAT_S = 5.0  # rank 0's heartbeat period, shortened to a quarter of a smaller silence bound
 FIRST_POLL_S, MAX_POLL_S = 0.1, 2.0
@@ -61,8 +63,6 @@ def run_on_rank_zero(what: str, is_rank_zero: bool, work: Callable[[], None], do
 
 
 def _work_with_heartbeat(what: str, work: Callable[[], None], status_file: Path, beat_s: float) -> None:
-    from calm_dist.training.faults import maybe_stall
-
     status_file.parent.mkdir(parents=True, exist_ok=True)
     status = {"what": what, "state": "working", "beat": 0, "host": socket.gethostname(), "pid": os.getpid()}
     _write_status(status_file, status)
@@ -106,10 +106,9 @@ def _describe(error: BaseException) -> str:
 
 
 def _write_status(path: Path, status: dict) -> None:
-    """Readers on any node see the old status or the new one, never a part (write aside, then rename)."""
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({**status, "time": time.time()}))
-    os.replace(tmp, path)
+    """Readers on any node see the old status or the new one, never a part. Not synced: a beat every few
+    seconds must stay cheap, and a status lost in a crash reads as silence, which the waiters handle."""
+    write_atomic(path, json.dumps({**status, "time": time.time()}), fsync=False)
 
 
 def _read_status(path: Path) -> bytes | None:

@@ -20,15 +20,26 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
-from calm_dist.training.agreement import first_failure, gather_failures
-from calm_dist.training.checkpoint import save_safetensors
+from tqdm import tqdm
+
+from calm_dist.config import ConfigError
+from calm_dist.data.tokenized import Tokenizer, load_records, load_tokenized
+from calm_dist.files import replacing, save_safetensors, sha256_file, write_atomic
 from calm_dist.model.composition import capture_block_outputs, position_ids_from_mask, truncate_after
+from calm_dist.model.io import load_causal_lm
+from calm_dist.model.layer_pairs import used_augmenting_layers
+from calm_dist.planning import costs
+from calm_dist.training.agreement import run_everywhere
+from calm_dist.training.dist_env import DistEnv, init_process_group, local_device, shut_down_process_group
+from calm_dist.training.locks import lock_for_job
+from calm_dist.training.parallelize import augmenting_compute_dtype
+from calm_dist.training.preflight import data_cache_dir
 
 FORMAT = 2  # 2: compute dtype and shard size recorded, sidecars name their first row
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -40,14 +51,6 @@ LAYOUT_KEYS = ("rows_per_shard",)
 
 class CacheError(RuntimeError):
     """A cache that must not be trained on: stale, incomplete, truncated or corrupted."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def weights_fingerprint(model_dir: str | Path) -> str:
@@ -100,8 +103,6 @@ def stale_reasons(saved: dict, expected: dict) -> str:
 
 def check_rows_per_shard(rows_per_shard) -> None:
     """A shard holds at least one row (`--rows-per-shard`); checked before any model loads."""
-    from calm_dist.config import ConfigError
-
     if not isinstance(rows_per_shard, int) or rows_per_shard < 1:
         raise ConfigError(f"--rows-per-shard must be a positive number of rows, got {rows_per_shard!r}")
 
@@ -112,11 +113,7 @@ def shard_rows(s: int, n_rows: int, rows_per_shard: int) -> range:
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=1))
 
 
 def shard_name(s: int) -> str:
@@ -146,8 +143,6 @@ def build_cache(directory: str | Path, comps: dict, models: list, layers: list[l
         truncate_after(model, max(ls))
     n_shards = math.ceil(len(data) / rows_per_shard)
     mine = [s for s in range(rank, n_shards, world) if not (directory / f"{shard_name(s)}.json").exists()]
-    from tqdm import tqdm
-
     # disable=None: a progress bar on a terminal only
     for s in tqdm(mine, desc=f"caching {directory.name} (rank {rank})", disable=None if progress else True,
                   leave=False):
@@ -169,17 +164,8 @@ def check_compute_dtype(models: list, compute_dtype: str) -> None:
 
 def on_rank0_agreed(rank: int, device, check) -> None:
     """Run `check` on rank 0; every rank raises when it failed, so no rank waits for a peer that gave up."""
-    problem = None
-    if rank == 0:
-        try:
-            check()
-        except (CacheError, OSError) as e:
-            problem = e
-    failures = gather_failures(problem, device)  # also the ranks' barrier
-    if problem is not None:
-        raise problem
-    if failures:
-        raise CacheError(f"cache build stopped by {first_failure(failures)}")
+    agreed = run_everywhere(check if rank == 0 else None, device, catch=(CacheError, OSError))  # also a barrier
+    agreed.raise_failure(lambda first: CacheError(f"cache build stopped by {first}"))
 
 
 def _begin_or_resume(directory: Path, recorded: dict) -> None:
@@ -205,16 +191,12 @@ def _compute_states(models, layers, devices, data, rows: range, batch_size: int,
 
 def _write_shard(directory: Path, s: int, rows: range, tensors: dict, rank: int) -> None:
     path = directory / f"{shard_name(s)}.safetensors"
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        save_safetensors(tensors, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with replacing(path, aside=f".{path.name}.tmp") as tmp:  # one writer per shard: a rerun overwrites it
+            save_safetensors(tensors, tmp)
         _write_json_atomic(directory / f"{shard_name(s)}.json", {"sha256": sha256_file(path), "first_row": rows.start,
                                                                  "rows": len(rows), "written_by_rank": rank})
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise CacheError(f"writing cache shard {path} failed: {e.strerror or e}; the shards already written "
                          "are kept, and a rerun resumes from them") from None
 
@@ -328,19 +310,28 @@ def cache_root(cfg) -> Path:
     return Path(cfg.train.states_cache_dir or Path(cfg.train.output_dir) / "augmenting_cache")
 
 
-def used_layers(layer_pairs) -> list[list[int]]:
-    return [sorted({int(i) for i, _ in pairs}) for pairs in layer_pairs]
-
-
 def expected_components(cfg, layer_pairs, data_fingerprint: str) -> dict:
-    from calm_dist.training.parallelize import augmenting_compute_dtype
-
     for path in cfg.model.augmenting:
         if not Path(path).is_dir():
             raise CacheError(f"cached states need local augmenting model directories; {path} is not one")
     revisions = cfg.model.augmenting_revisions or [None] * len(cfg.model.augmenting)
-    return components(cfg.model.augmenting, revisions, used_layers(layer_pairs), data_fingerprint,
+    return components(cfg.model.augmenting, revisions, used_augmenting_layers(layer_pairs), data_fingerprint,
                       cfg.data.seq_len, cfg.train.states_dtype, augmenting_compute_dtype(cfg))
+
+
+def open_verified_caches(cfg, layer_pairs, train_data, eval_data, env: DistEnv, device
+                         ) -> tuple[StatesCache, StatesCache | None]:
+    """The train and eval caches (eval: None without eval data), refused when stale or corrupted before any
+    weight loads. The ranks split the checksum work and agree on the verdict: every rank raises the same
+    CacheError, naming the rank that found the problem. Collective."""
+    caches = {split: StatesCache(cache_root(cfg) / split, expected_components(cfg, layer_pairs, data.fingerprint))
+              for split, data in (("train", train_data), ("eval", eval_data)) if data is not None}
+
+    def verify_share() -> None:
+        for cache in caches.values():
+            cache.verify(range(env.rank, len(cache.manifest["shards"]), env.world_size))
+    run_everywhere(verify_share, device, catch=CacheError).raise_failure(CacheError, keep_own=lambda e: False)
+    return caches["train"], caches.get("eval")
 
 
 def splits(cfg) -> dict[str, str]:
@@ -349,14 +340,6 @@ def splits(cfg) -> dict[str, str]:
 
 def run_cache_job(cfg, env, resolved, rows_per_shard: int = 256, batch_size: int = 16) -> dict[str, Path]:
     """Cache every split; each rank computes its share of shards (no ZeRO: a forward-only job)."""
-    import torch.distributed as dist
-
-    from calm_dist.model.io import load_causal_lm
-    from calm_dist.data.tokenized import Tokenizer, load_tokenized
-    from calm_dist.training.dist_env import init_process_group, local_device, shut_down_process_group
-    from calm_dist.training.parallelize import augmenting_compute_dtype
-    from calm_dist.training.locks import lock_for_job
-
     check_rows_per_shard(rows_per_shard)
     distributed = env.world_size > 1
     if distributed:
@@ -370,13 +353,11 @@ def run_cache_job(cfg, env, resolved, rows_per_shard: int = 256, batch_size: int
     models = [load_causal_lm(p, r, dtype, cfg.model.trust_remote_code).eval().to(device)
               for p, r in zip(cfg.model.augmenting, revisions)]
     out = {}
-    from calm_dist.training.preflight import data_cache_dir
-
     for split, path in splits(cfg).items():
         data = load_tokenized(cfg.data, path, tokenizer, data_cache_dir(cfg), is_writer=False)  # written by validate
         comps = expected_components(cfg, resolved.layer_pairs, data.fingerprint)
-        out[split] = build_cache(cache_root(cfg) / split, comps, models, used_layers(resolved.layer_pairs), data,
-                                 rank=env.rank, world=env.world_size, rows_per_shard=rows_per_shard,
+        out[split] = build_cache(cache_root(cfg) / split, comps, models, used_augmenting_layers(resolved.layer_pairs),
+                                 data, rank=env.rank, world=env.world_size, rows_per_shard=rows_per_shard,
                                  batch_size=batch_size, barrier=barrier, progress=env.is_main)
     shut_down_process_group()  # no-op in a single process
     return out
@@ -384,12 +365,10 @@ def run_cache_job(cfg, env, resolved, rows_per_shard: int = 256, batch_size: int
 
 def estimate(cfg, resolved, *, flops_per_s: float, read_bytes_per_s: float, write_bytes_per_s: float) -> dict:
     """Disk size of the cache and the cache-vs-recompute break-even, from the cost model (no model is loaded)."""
-    from calm_dist.planning import costs
-    from calm_dist.data.tokenized import load_records
-
     seq_len = cfg.data.seq_len
     tokens = {split: len(load_records(path)) * seq_len for split, path in splits(cfg).items()}
-    per_token = costs.cache_bytes_per_token(resolved.augmenting_configs, resolved.layer_pairs, dtype=cfg.train.states_dtype)
+    per_token = costs.cache_bytes_per_token(resolved.augmenting_configs, resolved.layer_pairs,
+                                            dtype=cfg.train.states_dtype)
     aug_flops = sum(costs.augmenting_forward_flops(c, seq_len, max(i for i, _ in pairs))
                     for c, pairs in zip(resolved.augmenting_configs, resolved.layer_pairs))
     step = costs.step_cost(resolved.anchor_config, resolved.augmenting_configs, resolved.layer_pairs, seq_len=seq_len,

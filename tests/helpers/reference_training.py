@@ -2,8 +2,8 @@
 derived here and not through GlobalBatchSampler, and plain-PyTorch training over them (no DeepSpeed, no
 calm_dist trainer, the logits path of the loss instead of the trainer's head_loss).
 
-tests/integration/test_distributed_training.py (2 ranks) and tests/integration/test_slurm.py (4 ranks on 2 Slurm nodes) compare their
-losses and weights with these.
+tests/integration/test_distributed_training.py (2 ranks) and tests/integration/test_slurm.py (4 ranks on 2 Slurm
+nodes) compare their losses and weights with these.
 """
 from __future__ import annotations
 
@@ -11,6 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from calm_dist import ComposedModel
+from calm_dist.data.tokenized import Tokenizer, load_tokenized
+from calm_dist.model.lm_loss import labelled_tokens, loss_from_logits
+from calm_dist.training.parallelize import lr_lambda  # its values are pinned by hand in test_schedule.py
 
 
 def reference_batches(n_rows: int, batch_size: int, seed: int, steps: int) -> list[np.ndarray]:
@@ -26,10 +31,6 @@ def reference_batches(n_rows: int, batch_size: int, seed: int, steps: int) -> li
 def reference_training(cfg, global_batch: int, tokenized_cache: Path):
     """`cfg.train.steps` steps of one process over the reference batches: the same AdamW, schedule and
     clipping. Returns (the loss of each step, the composition's final weights)."""
-    from calm_dist import ComposedModel
-    from calm_dist.data.tokenized import Tokenizer, load_tokenized
-    from calm_dist.model.lm_loss import labelled_tokens, loss_from_logits
-    from calm_dist.training.trainer import lr_lambda  # its values are pinned by hand in test_schedule.py
 
     data = load_tokenized(cfg.data, cfg.data.train, Tokenizer(cfg.data.tokenizer), tokenized_cache)
     torch.manual_seed(cfg.train.seed)
@@ -55,9 +56,6 @@ def reference_training(cfg, global_batch: int, tokenized_cache: Path):
 def eval_loss(composition_dir: Path, cfg, rows, tokenized_cache: Path) -> float:
     """Token-mean next-token loss of an exported composition over the given rows of `cfg.data.eval`: one
     process, one batch, the logits path (the trainer's eval runs ZeRO-3 micro-batches through head_loss)."""
-    from calm_dist import ComposedModel
-    from calm_dist.data.tokenized import Tokenizer, load_tokenized
-    from calm_dist.model.lm_loss import labelled_tokens, loss_from_logits
 
     data = load_tokenized(cfg.data, cfg.data.eval, Tokenizer(cfg.data.tokenizer), tokenized_cache)
     model = ComposedModel.from_composition(composition_dir).eval()

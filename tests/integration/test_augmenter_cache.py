@@ -3,20 +3,31 @@ import json
 
 import pytest
 import torch
+from transformers import AutoConfig
 
 from calm_dist import ComposedModel
-from calm_dist.training.states_cache import CacheError, StatesCache, build_cache, components, sha256_file
-from calm_dist.config import DataConfig
+from calm_dist.cli import main
+from calm_dist.config import DataConfig, load_config
 from calm_dist.data.tokenized import Tokenizer, load_tokenized
+from calm_dist.files import sha256_file
+from calm_dist.model import backbones
+from calm_dist.model.composition import capture_block_outputs, position_ids_from_mask
+from calm_dist.model.io import load_causal_lm
 from calm_dist.model.lm_loss import labelled_tokens
+from calm_dist.training.dist_env import DistEnv
+from calm_dist.training.parallelize import checkpoint_anchor_blocks, load_frozen_models
+from calm_dist.training.preflight import preflight
+from calm_dist.training.states_cache import (CacheError, StatesCache, build_cache, cache_root, components,
+                                             expected_components, run_cache_job)
+
+from tests.helpers.launch import REPO, Ranks, describe
+from tests.helpers.tiny import tiny_setup
 
 PAIRS = [[(1, 1), (3, 3)]]
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tests.helpers.tiny import tiny_setup
-
     root = tmp_path_factory.mktemp("tiny")
     setup = tiny_setup(root, n_train=40, n_eval=8)
     cfg = DataConfig(train=str(setup / "train.jsonl"), tokenizer=str(setup / "tokenizer.model"), seq_len=32)
@@ -30,8 +41,6 @@ def comps(setup, data, dtype="fp32"):
 
 def build(setup, data, directory, dtype="fp32", rows_per_shard=16, **kw):
     """40 rows at 16 per shard: shards of 16, 16 and 8 rows, each computed in micro-batches of 8."""
-    from calm_dist.model.io import load_causal_lm
-
     return build_cache(directory, comps(setup, data, dtype), [load_causal_lm(str(setup / "augmenting"))], [[1, 3]],
                        data, rows_per_shard=rows_per_shard, batch_size=8, progress=False, **kw)
 
@@ -86,13 +95,6 @@ def test_cached_and_recomputed_training_agree(tiny, tmp_path, dtype, loss_rel, g
 
 def cache_job(setup, out, **overrides):
     """`calm-dist cache` in this process, one rank: the real job, which loads the augmenting model itself."""
-    from tests.helpers.launch import REPO
-
-    from calm_dist.training.states_cache import run_cache_job
-    from calm_dist.config import load_config
-    from calm_dist.training.dist_env import DistEnv
-    from calm_dist.training.preflight import preflight
-
     cfg = load_config(REPO / "recipes" / "tiny.yaml", cache_overrides(setup, out, **overrides))
     env = DistEnv(0, 0, 1, 1)
     resolved = preflight(cfg, env, training=False)
@@ -102,11 +104,6 @@ def cache_job(setup, out, **overrides):
 def test_a_bf16_saved_augmenting_model_is_cached_in_the_trainers_compute_dtype(tiny, tmp_path):
     """fp32 training: the trainer recomputes the states of a bf16 checkpoint in fp32 (model.augmenting_dtype=auto),
     so the cache job must compute them in fp32 too, and record it. Rows across three shards, the last ragged."""
-    from calm_dist.training.states_cache import expected_components
-    from calm_dist.model.composition import capture_block_outputs, position_ids_from_mask
-    from calm_dist.model.io import load_causal_lm
-    from calm_dist.training.parallelize import load_frozen_models
-
     setup, _ = tiny
     bf16_dir = tmp_path / "augmenting_bf16"
     load_causal_lm(str(setup / "augmenting")).to(torch.bfloat16).save_pretrained(bf16_dir)
@@ -128,8 +125,6 @@ def test_a_bf16_saved_augmenting_model_is_cached_in_the_trainers_compute_dtype(t
 
 def test_training_without_augmenting_weights(tiny, tmp_path):
     """Configs only: the composition holds no augmenting weights and refuses to run without states."""
-    from transformers import AutoConfig
-
     setup, data = tiny
     model = ComposedModel.from_pretrained(setup / "anchor", [AutoConfig.from_pretrained(setup / "augmenting")],
                                           layer_pairs=PAIRS)
@@ -230,13 +225,6 @@ def cache_overrides(setup, out, **extra) -> list[str]:
 def test_a_refusal_on_rank_0_stops_every_rank(tiny, tmp_path):
     """2 real gloo ranks resume a partial cache begun at 16 rows per shard with --rows-per-shard 8: rank 0 finds
     it, rank 1 learns it from rank 0 (it never reads building.json), and both exit 2 by themselves."""
-    from tests.helpers.launch import REPO, Ranks, describe
-
-    from calm_dist.training.states_cache import cache_root, expected_components
-    from calm_dist.config import load_config
-    from calm_dist.training.dist_env import DistEnv
-    from calm_dist.training.preflight import preflight
-
     setup, _ = tiny
     overrides = cache_overrides(setup, tmp_path)
     cfg = load_config(REPO / "recipes" / "tiny.yaml", overrides)
@@ -299,8 +287,6 @@ def test_the_reader_serves_only_rows_its_shards_hold(tiny, tmp_path):
 
 @pytest.mark.parametrize("rows_per_shard", ["0", "-3"])
 def test_rows_per_shard_must_be_positive(capsys, rows_per_shard):
-    from calm_dist.cli import main
-
     assert main(["cache", "--config", "never-read.yaml", "--rows-per-shard", rows_per_shard]) == 2
     assert capsys.readouterr().err.strip().splitlines() == \
         [f"calm-dist: error: --rows-per-shard must be a positive number of rows, got {rows_per_shard}"]
@@ -316,9 +302,6 @@ def test_a_cache_of_other_inputs_is_not_resumed(tiny, tmp_path):
 
 
 def test_activation_checkpointing_changes_no_number_and_recomputes(tiny):
-    from calm_dist.model import backbones
-    from calm_dist.training.parallelize import checkpoint_anchor_blocks
-
     setup, data = tiny
     batch = data.batch([1, 2, 3, 4])
 

@@ -9,8 +9,20 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+import transformers as T
+
+import calm_dist.training.checkpoint as ckpt
+from calm_dist.config import ConfigError, load_config
+from calm_dist.files import sha256_file
+from calm_dist.train import main
+from calm_dist.training.checkpoint import (INDEX, CheckpointError, DamagedCheckpoint, read_checkpoint_state,
+                                           verify_rank_share)
+from calm_dist.training.dist_env import DistEnv
+from calm_dist.training.preflight import config_changes, preflight
 
 from tests.helpers.launch import REPO, run_ranks
+from tests.helpers.tiny import tiny_setup
 
 TRAIN = str(REPO / "calm_dist" / "train.py")
 RECIPE = str(REPO / "recipes" / "tiny.yaml")
@@ -18,8 +30,6 @@ RECIPE = str(REPO / "recipes" / "tiny.yaml")
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tests.helpers.tiny import tiny_setup
-
     return tiny_setup(tmp_path_factory.mktemp("tiny"), n_train=64, n_eval=8)
 
 
@@ -56,37 +66,31 @@ def truncate(path: Path) -> None:
 
 def drop_world_size_and_reindex(step: Path) -> None:
     """trainer_state.json without world_size, the index updated to match (as another writer would leave it)."""
-    from calm_dist.training.checkpoint import INDEX, file_sha256
-
     state = json.loads((step / "trainer_state.json").read_text())
     del state["world_size"]
     (step / "trainer_state.json").write_text(json.dumps(state))
     index = json.loads((step / INDEX).read_text())
-    index["files"]["trainer_state.json"] = file_sha256(step / "trainer_state.json")
+    index["files"]["trainer_state.json"] = sha256_file(step / "trainer_state.json")
     (step / INDEX).write_text(json.dumps(index))
 
 
 def check(step: Path, rank: int) -> None:
     """What resuming checks on `rank` of 2: the small shared files, then its share of the rest."""
-    from calm_dist.training.checkpoint import read_checkpoint_state, verify_rank_share
-
     read_checkpoint_state(step)
     verify_rank_share(step, rank, 2)
 
 
 def test_the_index_lists_every_file_and_each_rank_hashes_only_its_share(written, monkeypatch):
-    import calm_dist.training.checkpoint as ckpt
-
     for step in ("step_2", "step_4"):
         directory = written / "checkpoints" / step
         index = ckpt.read_index(directory)
         assert sorted(index) == sorted(p.name for p in directory.iterdir() if p.name != ckpt.INDEX)  # no part left
-        assert all(ckpt.file_sha256(directory / name) == sha for name, sha in index.items())
+        assert all(ckpt.sha256_file(directory / name) == sha for name, sha in index.items())
         assert {"optimizer.rank1.safetensors", "rng.rank1.json", "composition.safetensors"} <= index.keys()
     hashed: dict[int, list[str]] = {0: [], 1: []}
-    real_sha256 = ckpt.file_sha256
+    real_sha256 = ckpt.sha256_file
     for rank in (0, 1):
-        monkeypatch.setattr(ckpt, "file_sha256", lambda path, r=rank: hashed[r].append(path.name) or real_sha256(path))
+        monkeypatch.setattr(ckpt, "sha256_file", lambda path, r=rank: hashed[r].append(path.name) or real_sha256(path))
         ckpt.verify_rank_share(written / "checkpoints" / "step_4", rank, 2)
     assert {n for n in hashed[0] if ".rank" in n} == {"optimizer.rank0.safetensors", "optimizer.rank0.json",
                                                      "rng.rank0.safetensors", "rng.rank0.json"}
@@ -111,8 +115,6 @@ DAMAGE = {  # name: (damage done to step_4, the rank that finds it, words of the
 
 @pytest.mark.parametrize("name", DAMAGE)
 def test_damage_is_one_checkpoint_error_line(run_copy, name):
-    from calm_dist.training.checkpoint import CheckpointError, DamagedCheckpoint
-
     damage, finder, words = DAMAGE[name]
     step = run_copy / "checkpoints" / "step_4"
     damage(step)
@@ -125,8 +127,6 @@ def test_damage_is_one_checkpoint_error_line(run_copy, name):
 
 def test_a_damaged_resume_path_exits_2_with_one_line(run_copy, tiny, monkeypatch, capsys):
     """Through train.py's error mapping: a damaged checkpoint is bad input, exit 2 before anything loads."""
-    from calm_dist.train import main
-
     step = run_copy / "checkpoints" / "step_4"
     truncate(step / "trainer_state.json")
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
@@ -140,10 +140,6 @@ def test_a_damaged_resume_path_exits_2_with_one_line(run_copy, tiny, monkeypatch
 # ---- resume=auto: the candidates and their known problems ---------------------------------------------
 def resolved_resume(run: Path, env_world: int = 2, **overrides):
     """preflight() of the written run's own config, resumed with `overrides`, as rank 0 of `env_world`."""
-    from calm_dist.config import load_config
-    from calm_dist.training.dist_env import DistEnv
-    from calm_dist.training.preflight import preflight
-
     step = run / "checkpoints" / "step_4"
     items = {"train.resume": "auto", "train.output_dir": run, **overrides}
     cfg = load_config(step / "config.yaml", [f"{k}={v}" for k, v in items.items()])
@@ -151,8 +147,6 @@ def resolved_resume(run: Path, env_world: int = 2, **overrides):
 
 
 def test_auto_falls_back_past_damaged_shared_files_and_refuses_when_none_is_intact(run_copy):
-    from calm_dist.training.checkpoint import DamagedCheckpoint
-
     truncate(run_copy / "checkpoints" / "step_4" / "trainer_state.json")
     (latest, problem), (previous, none) = resolved_resume(run_copy).resume_candidates
     assert latest.name == "step_4" and "trainer_state.json does not match" in problem
@@ -172,9 +166,6 @@ def other_data(tiny: Path, tmp: Path) -> Path:
 
 def other_anchor(tiny: Path, tmp: Path) -> Path:
     """A model of the anchor's shape with other weights."""
-    import torch
-    import transformers as T
-
     path = tmp / "other_anchor"
     torch.manual_seed(123)
     T.AutoModelForCausalLM.from_config(T.AutoConfig.from_pretrained(tiny / "anchor")).save_pretrained(path)
@@ -182,8 +173,6 @@ def other_anchor(tiny: Path, tmp: Path) -> Path:
 
 
 def test_a_config_that_changes_the_run_is_refused_naming_each_key(written, tiny, tmp_path):
-    from calm_dist.config import ConfigError
-
     changed = {"train.seed": 1, "optim.lr": 0.006, "train.micro_batch_size": 2, "train.global_batch_size": 16,
                "optim.weight_decay": 0.1, "train.steps": 8, "data.train": other_data(tiny, tmp_path),
                "model.anchor": other_anchor(tiny, tmp_path), "model.layer_pairs": "[[[1,2]]]"}
@@ -200,8 +189,6 @@ def test_a_config_that_changes_the_run_is_refused_naming_each_key(written, tiny,
 
 
 def test_allowed_and_never_compared_changes_resume(written, tiny, tmp_path):
-    from calm_dist.config import ConfigError
-
     plan = resolved_resume(written, **{"optim.lr": 0.006, "train.seed": 1,
                                    "train.resume_allow_changes": "[optim.lr,train.seed]"})
     assert [(p.name, problem) for p, problem in plan.resume_candidates] == [("step_4", None), ("step_2", None)]
@@ -217,9 +204,6 @@ def test_allowed_and_never_compared_changes_resume(written, tiny, tmp_path):
 
 
 def test_train_steps_is_compared_only_where_the_schedule_depends_on_it():
-    from calm_dist.config import load_config
-    from calm_dist.training.preflight import config_changes
-
     saved = load_config(None, ["optim.schedule=constant", "train.steps=10"])
     assert config_changes(saved, load_config(None, ["optim.schedule=constant", "train.steps=20"]), "f", "f") == {}
     cosine = load_config(None, ["train.steps=10"])

@@ -15,6 +15,10 @@ import pytest
 import torch
 
 import calm_dist.training.checkpoint as ckpt
+from calm_dist.files import write_file
+
+from tests.helpers.launch import REPO, Ranks, describe
+from tests.helpers.tiny import tiny_setup
 
 WORLD = 2
 
@@ -27,8 +31,8 @@ def stage(out: Path, step: int, marker: float) -> None:
         hashes = ckpt.save_state({"exp_avg": torch.full((4,), marker)}, staged, f"optimizer.rank{rank}")
         if rank == 0:
             state = {"step": step, "world_size": WORLD, "scheduler": {}, "data_fingerprint": "f", "marker": marker}
-            hashes["trainer_state.json"] = ckpt.write_text(staged / "trainer_state.json", json.dumps(state))
-            hashes["config.yaml"] = ckpt.write_text(staged / "config.yaml", "train: {}\n")
+            hashes["trainer_state.json"] = write_file(staged / "trainer_state.json", json.dumps(state))
+            hashes["config.yaml"] = write_file(staged / "config.yaml", "train: {}\n")
         ckpt.write_index_part(staged, rank, hashes)
 
 
@@ -155,7 +159,7 @@ def test_each_rank_syncs_its_own_files_and_publish_syncs_none_of_them(tmp_path, 
 
     hashes = ckpt.save_state({"exp_avg": torch.ones(4)}, staged, "optimizer.rank0")
     state = {"step": 2, "world_size": WORLD, "scheduler": {}, "data_fingerprint": "f"}
-    hashes["trainer_state.json"] = ckpt.write_text(staged / "trainer_state.json", json.dumps(state))
+    hashes["trainer_state.json"] = write_file(staged / "trainer_state.json", json.dumps(state))
     ckpt.write_index_part(staged, 0, hashes)
     synced.clear()
     ckpt.publish(tmp_path, 2, keep_last=1)
@@ -167,9 +171,6 @@ def test_each_rank_syncs_its_own_files_and_publish_syncs_none_of_them(tmp_path, 
 def test_a_runtime_error_on_rank_1_while_checkpointing_stops_both_ranks_and_rank_0_names_it(tmp_path):
     """Not an OSError: rank 1 raises its own error, rank 0 a CheckpointError naming it, both by themselves
     (distributed.timeout_s=600: a rank left waiting in a collective would outlive the harness' 300 s)."""
-    from tests.helpers.launch import REPO, Ranks, describe
-    from tests.helpers.tiny import tiny_setup
-
     tiny = tiny_setup(tmp_path / "tiny", n_train=32, n_eval=8)
     out = tmp_path / "run"
     items = {"model.anchor": tiny / "anchor", "model.augmenting": f"[{tiny / 'augmenting'}]",

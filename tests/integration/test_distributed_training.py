@@ -4,10 +4,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from calm_dist.config import load_config
+from calm_dist.data.tokenized import Tokenizer, load_tokenized
+from calm_dist.model.baselines import LoRAAnchor
+from calm_dist.model.composition import read_composition_config
+from calm_dist.model.io import load_causal_lm
+from calm_dist.planning import costs
 
 from tests.helpers.launch import REPO, describe, run_ranks
+from tests.helpers.reference import merged_lora_anchor
 from tests.helpers.reference_training import eval_loss, reference_training
+from tests.helpers.tiny import tiny_setup
 
 pytestmark = pytest.mark.slow
 WORKER = str(REPO / "tests" / "helpers" / "workers" / "zero3_worker.py")
@@ -24,8 +35,6 @@ PEAK_TFLOPS_PER_RANK = 0.5
 
 @pytest.fixture(scope="module")
 def setup_dir(tmp_path_factory):
-    from tests.helpers.tiny import tiny_setup
-
     return tiny_setup(tmp_path_factory.mktemp("tiny"), n_train=N_TRAIN, n_eval=N_EVAL)
 
 
@@ -33,7 +42,8 @@ def overrides(setup: Path, out: Path, **extra) -> list[str]:
     items = {
         "model.anchor": setup / "anchor", "model.augmenting": f"[{setup / 'augmenting'}]",
         "model.layer_pairs": "[[[1,1],[3,3]]]",
-        "data.train": setup / "train.jsonl", "data.eval": setup / "eval.jsonl", "data.tokenizer": setup / "tokenizer.model", "data.seq_len": 32,
+        "data.train": setup / "train.jsonl", "data.eval": setup / "eval.jsonl",
+        "data.tokenizer": setup / "tokenizer.model", "data.seq_len": 32,
         "data.cache_dir": out.parent / "data_cache", "train.output_dir": out, "train.steps": STEPS,
         "train.micro_batch_size": 4, "train.global_batch_size": GLOBAL_BATCH, "train.log_every": 1,
         "optim.lr": 3e-3, "optim.warmup_steps": 2, "tracking.enabled": "false",
@@ -50,9 +60,6 @@ def run_worker(setup, out, world=2, **extra):
 
 def reference_run(setup: Path, out: Path):
     """Single process, plain PyTorch: the same global batches, AdamW, schedule and clipping."""
-    from calm_dist.config import load_config
-    from calm_dist.data.tokenized import Tokenizer, load_tokenized
-
     cfg = load_config(RECIPE, overrides(setup, out))
     data = load_tokenized(cfg.data, cfg.data.train, Tokenizer(cfg.data.tokenizer), out.parent / "ref_cache")
     assert STEPS > 2 * (len(data) // GLOBAL_BATCH)  # the run crosses two epoch boundaries
@@ -72,8 +79,6 @@ def logged(out: Path, key: str) -> dict[int, float]:
 
 def export_eval_loss(setup: Path, out: Path, rows) -> float:
     """Token-mean next-token loss of the exported composition over the given eval rows (one process)."""
-    from calm_dist.config import load_config
-
     return eval_loss(out / "final", load_config(RECIPE, overrides(setup, out)), rows, out.parent / "ref_cache")
 
 
@@ -101,15 +106,13 @@ def test_two_rank_zero3_matches_single_process_reference(setup_dir, zero3, refer
     assert report["partition"]["local"] * 2 == pytest.approx(report["partition"]["full"], rel=0.01)
     fused, plain = report["head_loss_outside_forward"]  # the head's own ZeRO-3 gather (lm_loss._gathered)
     assert fused == pytest.approx(plain, abs=1e-5)
-    assert report["shm_buffers"] == []  # nothing left in /dev/shm (calm_dist.training.dist_env.disable_shared_memory_allreduce)
+    # nothing left in /dev/shm (calm_dist.training.dist_env.disable_shared_memory_allreduce)
+    assert report["shm_buffers"] == []
 
 
 def test_logged_tflops_and_mfu_are_the_cost_model_over_the_step_time(setup_dir, zero3):
     """What the trainer logs: model FLOPs of every position of the global batch (costs.step_cost) over the
     step's wall time, and that over the peak of all ranks."""
-    from transformers import AutoConfig
-
-    from calm_dist.planning import costs
     out, _ = zero3
     per_token = costs.step_cost(AutoConfig.from_pretrained(setup_dir / "anchor"),
                                 [AutoConfig.from_pretrained(setup_dir / "augmenting")], [[(1, 1), (3, 3)]],
@@ -161,8 +164,6 @@ def test_stop_and_resume_equals_uninterrupted_run(setup_dir, tmp_path):
 
 def check_one_mlflow_run(db, experiment, losses):
     """Both halves of a stopped-and-resumed 2-rank job logged into exactly one MLflow run."""
-    from mlflow.tracking import MlflowClient
-
     client = MlflowClient(f"sqlite:///{db}")
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id])
@@ -182,7 +183,8 @@ def test_cached_states_with_activation_checkpointing_match_reference(setup_dir, 
     """`calm-dist cache` on 2 ranks, then ZeRO-3 training that never loads the augmenting weights; then a
     shard that only rank 1 verifies is corrupted: both ranks stop with exit 2 and rank 0 says what rank 1 found."""
     out = tmp_path / "cached"
-    common = overrides(setup_dir, out, **{"train.augmenting_states": "cached", "train.activation_checkpointing": "true"})
+    common = overrides(setup_dir, out, **{"train.augmenting_states": "cached",
+                                          "train.activation_checkpointing": "true"})
     run_ranks(["-m", "calm_dist.cli", "cache", "--config", str(RECIPE), "--rows-per-shard", "16", *common])
     manifest = json.loads((out / "augmenting_cache" / "train" / "manifest.json").read_text())
     assert len(manifest["shards"]) == 3 and manifest["rows"] == N_TRAIN
@@ -212,12 +214,6 @@ def test_baselines_train_through_the_same_zero3_entry_point(setup_dir, tmp_path,
     """LoRA on the anchor, a random augmenting model, the prompt-only augmenting model: 2 ranks, ZeRO-3.
     LoRA's export has trained (B starts at zero) and reloads to the anchor with B A folded in by hand; the
     random augmenting model is its seeded initialisation. (tests/unit/test_baselines.py: the prompt-only mask.)"""
-    from calm_dist.model.baselines import LoRAAnchor
-    from calm_dist.model.composition import read_composition_config
-    from calm_dist.model.io import load_causal_lm
-    from calm_dist.config import load_config
-    from tests.helpers.reference import merged_lora_anchor
-
     out = tmp_path / "baseline"
     report = run_worker(setup_dir, out, **baseline)
     assert len(report["losses"]) == STEPS and report["losses"][-1] < report["losses"][0]
@@ -233,8 +229,6 @@ def test_baselines_train_through_the_same_zero3_entry_point(setup_dir, tmp_path,
         x = torch.randint(3, reference.config.vocab_size, (3, 20), generator=torch.Generator().manual_seed(0))
         torch.testing.assert_close(reloaded(x).logits, reference(input_ids=x).logits, atol=1e-5, rtol=0)
     elif "model.augmenting_init" in baseline:  # the export names the random model it was trained with
-        from transformers import AutoConfig, AutoModelForCausalLM
-
         random_dir = out / "random_augmenting" / "0"
         assert str(random_dir) in json.dumps(saved["augmenting"]) and (random_dir / "config.json").exists()
         torch.manual_seed(load_config(REPO / "recipes" / "tiny.yaml", overrides(setup_dir, out)).train.seed + 1)

@@ -13,7 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from calm_dist.config import ConfigError
+from calm_dist.training.locks import LOCK_FILE, DirectoryInUse, lock_directory
+
 from tests.helpers.launch import REPO, Ranks, base_env, describe, run_ranks
+from tests.helpers.tiny import tiny_setup
 
 HOLD = ("import sys; from calm_dist.training.locks import lock_directory\n"
         "for d in sys.argv[1:]: lock_directory(d, 'held by the test')\n"
@@ -46,9 +50,6 @@ def names_holder(line: str, holder: subprocess.Popen) -> bool:
 
 
 def test_a_held_directory_is_refused_naming_the_holder_and_a_dead_holders_file_is_no_lock(tmp_path):
-    from calm_dist.config import ConfigError
-    from calm_dist.training.locks import LOCK_FILE, DirectoryInUse, lock_directory
-
     directory = tmp_path / "out"
     holder = hold(directory)
     try:
@@ -69,10 +70,6 @@ def test_a_held_directory_is_refused_naming_the_holder_and_a_dead_holders_file_i
 
 @pytest.mark.slow
 def test_train_and_cache_jobs_on_held_directories_exit_2_on_every_rank_and_go_through_once_it_is_gone(tmp_path):
-    from tests.helpers.tiny import tiny_setup
-
-    from calm_dist.training.locks import LOCK_FILE
-
     tiny = tiny_setup(tmp_path / "tiny", n_train=32, n_eval=8)
     out, cache = tmp_path / "run", tmp_path / "cache"
     items = {"model.anchor": tiny / "anchor", "model.augmenting": f"[{tiny / 'augmenting'}]",

@@ -8,10 +8,17 @@ import signal
 import time
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from calm_dist.config import load_config
+from calm_dist.data.tokenized import Tokenizer, tokenize
+from calm_dist.model.io import load_causal_lm
 
 from tests.helpers.launch import REPO, Ranks, describe
+from tests.helpers.tiny import tiny_setup
 
 WORKER = str(REPO / "tests" / "helpers" / "workers" / "rank_zero_worker.py")
 
@@ -84,12 +91,6 @@ STALL_S = 16    # each rank-0 step takes at least this long
 def test_rank_zero_steps_of_a_training_run_outlast_the_collective_timeout(tmp_path):
     """Tokenizing (in validation) and writing the random augmenting model each take longer than
     distributed.timeout_s on rank 0; both ranks train and agree with the references."""
-    from calm_dist.config import load_config
-    from calm_dist.model.io import load_causal_lm
-    from calm_dist.data.tokenized import Tokenizer, tokenize
-    from tests.helpers.tiny import tiny_setup
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     setup, out = tiny_setup(tmp_path / "tiny", n_train=16, n_eval=4), tmp_path / "run"
     overrides = [f"{k}={v}" for k, v in {
         "model.anchor": setup / "anchor", "model.augmenting": f"[{setup / 'augmenting'}]",
@@ -108,8 +109,6 @@ def test_rank_zero_steps_of_a_training_run_outlast_the_collective_timeout(tmp_pa
     (status,) = (tmp_path / "data_cache").glob("tokens-*.status")
     assert json.loads(status.read_text())["state"] == "done"
     saved = Path(str(status)[:-len(".status")])
-    import datasets
-
     written = datasets.load_from_disk(str(saved)).with_format("numpy")[:]
     expected = tokenize(cfg.data, cfg.data.train, Tokenizer(cfg.data.tokenizer))
     assert all((written[k] == expected[k]).all() for k in expected)

@@ -2,6 +2,7 @@
 
 Every scenario checks what survives on disk; docs/reliability.md lists the guarantees and these tests.
 """
+import io
 import json
 import math
 import re
@@ -12,10 +13,17 @@ import time
 from pathlib import Path
 
 import pytest
+import sentencepiece as spm
+import transformers as T
 from safetensors.torch import load_file
+
+from calm_dist.files import sha256_file
+from calm_dist.train import main
+from calm_dist.training.faults import Faults
 
 from tests.helpers.launch import REPO, Ranks, describe, run_ranks
 from tests.helpers.required import unavailable
+from tests.helpers.tiny import tiny_setup
 
 TRAIN = str(REPO / "calm_dist" / "train.py")
 RECIPE = str(REPO / "recipes" / "tiny.yaml")
@@ -24,8 +32,6 @@ STEPS = 12
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tests.helpers.tiny import tiny_setup
-
     return tiny_setup(tmp_path_factory.mktemp("tiny"), n_train=64, n_eval=8)
 
 
@@ -65,6 +71,24 @@ def resume_and_compare(tiny, out, baseline):
     base_losses, base_weights = baseline
     assert losses(out) == base_losses  # every step, before and after the fault, bit for bit
     assert_same_weights(final_weights(out), base_weights)
+
+
+def test_the_config_and_the_environment_inject_faults_through_one_call(monkeypatch):
+    """train.fail_at_step (rank 1, or rank 0 alone) and CALM_DIST_FAULT both act at Faults.at(point, step)."""
+    monkeypatch.delenv("CALM_DIST_FAULT", raising=False)
+    Faults(1, 2, fail_at_step=3).at("raise_in_step", 2)  # another step
+    Faults(0, 2, fail_at_step=3).at("raise_in_step", 3)  # another rank
+    Faults(1, 2, fail_at_step=3).at("kill_after_step", 3)  # another point
+    for rank, world in ((1, 2), (0, 1)):
+        with pytest.raises(RuntimeError, match=f"^train.fail_at_step=3: injected failure on rank {rank}$"):
+            Faults(rank, world, fail_at_step=3).at("raise_in_step", 3)
+    monkeypatch.setenv("CALM_DIST_FAULT", "raise_in_checkpoint:4:1")
+    Faults(0, 2).at("raise_in_checkpoint", 4)
+    with pytest.raises(RuntimeError, match="^injected fault raise_in_checkpoint:4:1 on rank 1$"):
+        Faults(1, 2).at("raise_in_checkpoint", 4)
+    monkeypatch.setenv("CALM_DIST_FAULT", "raise_in_step:2")  # the step point through the environment too
+    with pytest.raises(RuntimeError, match="^injected fault raise_in_step:2 on rank 0$"):
+        Faults(0, 2).at("raise_in_step", 2)
 
 
 # What gloo raises on the surviving rank when its peer's socket goes: reset or closed, as the timing falls.
@@ -212,8 +236,6 @@ def test_disk_full_while_caching(tiny, tmp_path, small_disk):
     train_cache = disk / "cache" / "train"
     assert not (train_cache / "manifest.json").exists()
     assert not list(train_cache.glob(".*.tmp"))
-    from calm_dist.training.states_cache import sha256_file
-
     for sidecar in train_cache.glob("shard-*.json"):  # every shard it did finish is complete and verified
         shard = sidecar.with_suffix(".safetensors")
         assert sha256_file(shard) == json.loads(sidecar.read_text())["sha256"]
@@ -237,10 +259,6 @@ def _bad_inputs(tiny: Path, tmp: Path) -> list[tuple[str, list[str], dict, str]]
     pickled.mkdir(exist_ok=True)
     shutil.copy(tiny / "anchor" / "config.json", pickled / "config.json")
     (pickled / "pytorch_model.bin").write_bytes(b"not really a pickle")
-    import io
-
-    import sentencepiece as spm
-
     big_vocab = tmp / "big_vocab.model"
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter([r["prompt"] + r["completion"] for r in rows] * 20),
@@ -250,8 +268,6 @@ def _bad_inputs(tiny: Path, tmp: Path) -> list[tuple[str, list[str], dict, str]]
     big_vocab.write_bytes(buf.getvalue())
     other_vocab = tmp / "other_vocab_aug"
     if not other_vocab.exists():
-        import transformers as T
-
         T.GPT2LMHeadModel(T.GPT2Config(n_embd=32, n_layer=4, n_head=4, vocab_size=99, bos_token_id=1,
                                        eos_token_id=2, pad_token_id=0)).save_pretrained(other_vocab)
     existing = tmp / "existing_run"
@@ -266,7 +282,8 @@ def _original_bad_inputs(missing, empty, ds_owned, ds_stage2, bad_yaml, pickled,
         ("unknown key", ["train.stepz=3"], {}, "unknown key train.stepz"),
         ("non-numeric override", ["train.steps=ten"], {}, "train.steps: expected an integer, got 'ten'"),
         ("bad enum", ["train.precision=fp4"], {}, "train.precision: expected one of"),
-        ("missing anchor", ["model.anchor=/nonexistent/anchor"], {}, "model.anchor: /nonexistent/anchor does not exist"),
+        ("missing anchor", ["model.anchor=/nonexistent/anchor"], {},
+         "model.anchor: /nonexistent/anchor does not exist"),
         ("missing train data", ["data.train=/nonexistent.jsonl"], {}, "data.train: /nonexistent.jsonl does not exist"),
         ("layer out of range", ["model.layer_pairs=[[[1,7]]]"], {}, "anchor layer 7 is out of range"),
         ("batch vs world", ["train.global_batch_size=6"], {"WORLD_SIZE": "2"},
@@ -389,8 +406,6 @@ def _out_of_range_values() -> list[tuple[str, list[str], dict, str]]:
 
 def test_bad_inputs_get_one_clear_line_and_exit_2(tiny, tmp_path, monkeypatch, capsys):
     """In-process through train.py's main (the subprocess path is covered by test_config.py and below)."""
-    from calm_dist.train import main
-
     cases = _bad_inputs(tiny, tmp_path)
     assert len(cases) == len({name for name, *_ in cases}) >= 45
     cwd = tmp_path / "cwd"  # an empty working directory: a path that falls back to "." names nothing else

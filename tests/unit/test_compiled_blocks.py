@@ -4,7 +4,9 @@ import torch
 
 from calm_dist import ComposedModel
 from calm_dist.model.backbones import decoder_blocks
+from calm_dist.model.baselines import LoRAAnchor
 from calm_dist.training.parallelize import compile_frozen_blocks
+
 from tests.helpers.tiny import VOCAB, randomize_composition, tiny_model
 
 
@@ -48,7 +50,5 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(anchor_family, aug_fa
 
 
 def test_blocks_with_a_trainable_parameter_stay_eager():
-    from calm_dist.model.baselines import LoRAAnchor
-
     lora = LoRAAnchor(tiny_model("llama", layers=3), rank=2, targets=["q_proj"])
     assert compile_frozen_blocks([lora.model]) == 0

@@ -1,11 +1,11 @@
-"""The learning-rate schedule (trainer.lr_lambda) against values written out by hand."""
+"""The learning-rate schedule (parallelize.lr_lambda) against values written out by hand."""
 import math
 
 import pytest
 import torch
 
 from calm_dist.config import Config
-from calm_dist.training.trainer import lr_lambda
+from calm_dist.training.parallelize import lr_lambda
 
 
 def factors(steps: int, warmup: int, schedule: str = "cosine", min_lr_ratio: float = 0.1, upto: int | None = None):

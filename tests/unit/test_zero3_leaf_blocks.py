@@ -3,7 +3,9 @@ import pytest
 from deepspeed.utils import z3_leaf_module
 
 from calm_dist.model.backbones import decoder_blocks
+from calm_dist.model.baselines import LoRAAnchor
 from calm_dist.training.parallelize import mark_zero3_leaf_blocks
+
 from tests.helpers.tiny import tiny_model
 
 
@@ -17,7 +19,5 @@ def test_every_decoder_block_and_only_blocks_become_leaves(family):
 
 
 def test_blocks_with_trainable_parameters_keep_per_module_hooks():
-    from calm_dist.model.baselines import LoRAAnchor
-
     lora = LoRAAnchor(tiny_model("llama", layers=3), rank=2, targets=["q_proj"])
     assert mark_zero3_leaf_blocks([lora.model]) == 0

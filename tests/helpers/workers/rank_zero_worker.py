@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from calm_dist.config import ConfigError
+from calm_dist.training.dist_env import run_then_exit
 from calm_dist.training.rank_zero import run_on_rank_zero
 
 
@@ -41,6 +42,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from calm_dist.training.dist_env import run_then_exit
-
     run_then_exit(main)

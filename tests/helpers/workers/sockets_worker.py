@@ -16,7 +16,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from calm_dist.training.dist_env import DistEnv, init_process_group
+from calm_dist.training.dist_env import DistEnv, init_process_group, run_then_exit
 
 
 CLONE_NEWUTS, CLONE_NEWNET = 0x04000000, 0x40000000
@@ -92,6 +92,4 @@ def main():
 
 
 if __name__ == "__main__":
-    from calm_dist.training.dist_env import run_then_exit
-
     run_then_exit(main)

@@ -11,12 +11,16 @@ import sys
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 
 from calm_dist.config import load_config
-from calm_dist.training.dist_env import DistEnv, shut_down_process_group
-from calm_dist.training.trainer import Trainer, quiet_libraries
+from calm_dist.console import quiet_libraries
+from calm_dist.model.backbones import decoder
+from calm_dist.model.lm_loss import head_loss, loss_from_logits
+from calm_dist.training.dist_env import DistEnv, run_then_exit, shut_down_process_group
 from calm_dist.training.preflight import preflight
+from calm_dist.training.trainer import Trainer
 
 
 def partition_report(model, world: int) -> dict:
@@ -30,7 +34,7 @@ def partition_report(model, world: int) -> dict:
 def frozen_mismatches(model, anchor_dir: str) -> list[str]:
     """Gather every anchor weight and compare it bit for bit with the file it was loaded from. Empty only
     when every parameter was found in the file, every saved tensor was compared, and all are equal."""
-    import deepspeed
+    import deepspeed  # imported here, once main() has quieted the libraries: its import logs at info level
 
     saved = load_file(f"{anchor_dir}/model.safetensors")
     problems, compared = [], set()
@@ -57,8 +61,6 @@ def draw_on_every_forward(model, rank: int) -> None:
 
 def rng_draws(device) -> list[list[float]]:
     """One draw of torch, numpy and python random per rank, gathered: [rank][generator]."""
-    import torch.distributed as dist
-
     mine = torch.tensor([torch.rand(1).item(), np.random.rand(), random.random()], dtype=torch.float64, device=device)
     every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(every, mine)
@@ -69,9 +71,6 @@ def rng_draws(device) -> list[list[float]]:
 def head_loss_outside_forward(model) -> list[float]:
     """lm_loss.head_loss called outside the engine's forward, where ZeRO-3 leaves the head partitioned (its own
     gather), and the logits path, on the same batch: the anchor alone (hooks idle)."""
-    from calm_dist.model.backbones import decoder
-    from calm_dist.model.lm_loss import head_loss, loss_from_logits
-
     ids = torch.arange(3, 19).reshape(2, 8)
     hidden = decoder(model.anchor)(input_ids=ids, use_cache=False).last_hidden_state
     return [head_loss(hidden, model.anchor.get_output_embeddings(), ids).item(),
@@ -85,17 +84,18 @@ def main():
     env = DistEnv.from_environ()
     trainer = Trainer(cfg, env, preflight(cfg, env))
     trainer.setup()
-    before = partition_report(trainer.model, env.world_size)
-    draw_on_every_forward(trainer.model, env.rank)
+    model = trainer.model.module  # the composition (or LoRA baseline) under DeepSpeed's engine
+    before = partition_report(model, env.world_size)
+    draw_on_every_forward(model, env.rank)
     result = trainer.run()
     calm = cfg.model.method == "calm"
     report = {"losses": result.losses, "step": result.step, "partition": before,
               "rng_draws": rng_draws(trainer.device),  # first: nothing else may draw after the run
-              "frozen_mismatches": frozen_mismatches(trainer.model, cfg.model.anchor) if calm else None,
+              "frozen_mismatches": frozen_mismatches(model, cfg.model.anchor) if calm else None,
               "world_size": env.world_size,
               "compiled_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],  # train.compile
               "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values()),
-              "head_loss_outside_forward": head_loss_outside_forward(trainer.model) if cfg.model.method == "calm" else None,
+              "head_loss_outside_forward": head_loss_outside_forward(model) if cfg.model.method == "calm" else None,
               # DeepSpeed's CPU shared-memory all-reduce would have left one buffer per rank here for good
               "shm_buffers": glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{os.environ['MASTER_PORT']}_*")}
     if env.is_main:
@@ -105,6 +105,4 @@ def main():
 
 
 if __name__ == "__main__":
-    from calm_dist.training.dist_env import run_then_exit
-
     run_then_exit(main)
