@@ -44,7 +44,8 @@ class Size:
     prompt: int = 32             # decoding: prompt length (batch 1)
     new_tokens: int = 256        # decoding: greedy tokens generated
     repeats: int = 7             # timed repeats per measurement (after warm-up); medians reported
-    decode_repeats: int = 3      # repeats of the slow (no KV cache) decoding paths: 3, so one outlier cannot set the median
+    decode_repeats: int = 3      # repeats of the slow (no KV cache) decoding paths: 3, so one outlier cannot set
+    #                              the median
     cache_rows: int = 128        # P7: rows written to the augmenting-state cache
     zero_batch: int = 2          # P5: micro-batch per rank of the ZeRO-3 steps
     zero_steps: int = 4          # P5: ZeRO-3 steps per rank (the first is warm-up)
@@ -274,7 +275,8 @@ def profile_ops(fns: dict, out: Path, calls: int = 2, filename: str = "profile_p
         glines.append(f"| {c} | {x:.1f} | {y:.1f} | {y - x:+.1f} |")
     glines.append(f"| **total of op self times** | {sum(groups[a].values()):.1f} | {sum(groups[b].values()):.1f} | "
                   f"{sum(groups[b].values()) - sum(groups[a].values()):+.1f} |")
-    glines.append(f"| wall time per call (profiler on) | {wall_ms[a]:.1f} | {wall_ms[b]:.1f} | {wall_ms[b] - wall_ms[a]:+.1f} |")
+    glines.append(f"| wall time per call (profiler on) | {wall_ms[a]:.1f} | {wall_ms[b]:.1f} | "
+                  f"{wall_ms[b] - wall_ms[a]:+.1f} |")
     text = (f"# {title}: `{a}` vs `{b}`, per call (torch.profiler, self CPU time, mean of {calls} calls, 1 thread)\n\n"
             "## By category\n\n" + "\n".join(glines) + "\n\n## Top ops by delta\n\n" + "\n".join(lines) + "\n")
     (out / filename).write_text(text)

@@ -23,10 +23,15 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 LOCAL_WORLD_SIZE=1 LOCAL_SIZE=1 MASTER_ADDR=127.0.0.1
 export MASTER_PORT=${MASTER_PORT:-29517}
 export TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-if [ "${GPU_BENCH_SMOKE:-0}" = 1 ]; then export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1; else export DS_ACCELERATOR=cuda; fi
+if [ "${GPU_BENCH_SMOKE:-0}" = 1 ]; then
+  export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
+else
+  export DS_ACCELERATOR=cuda
+fi
 OUT_DIR=${OUT:-benchmarks/results}
 mkdir -p "$OUT_DIR"
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+command -v nvidia-smi >/dev/null \
+  && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
 timeout "${TIMEOUT_S:-270}" "$PYTHON" - "$OUT_DIR/gpu_bench.json" <<'PY'
 import json, os, statistics, sys, time, traceback
@@ -36,6 +41,7 @@ import transformers as T
 
 from calm_dist import ComposedModel
 from calm_dist.planning import costs
+from calm_dist.planning.hardware import GPU_PEAK_TFLOPS
 from calm_dist.model.backbones import decoder
 from calm_dist.training.parallelize import compile_frozen_blocks
 from calm_dist.model.composition import position_ids_from_mask
@@ -55,7 +61,7 @@ STEPS = int(os.environ.get("STEPS", 8 if cuda else 2))
 WARMUP = int(os.environ.get("WARMUP", 2 if cuda else 1))
 SEQ = int(os.environ.get("SEQ", 2048 if cuda else 32))
 MICRO = int(os.environ.get("MICRO", 8 if cuda else 2))
-PEAK = float(os.environ.get("PEAK_TFLOPS", 989.0)) * 1e12  # H100 SXM dense bf16
+PEAK = float(os.environ.get("PEAK_TFLOPS", GPU_PEAK_TFLOPS["H100"][0])) * 1e12  # H100 SXM dense bf16
 COMPILE = os.environ.get("COMPILE") == "1"  # train.compile=true: compiled frozen blocks (compiled in the warm-up)
 
 if smoke:
@@ -187,9 +193,11 @@ for name in ("recompute", "cached"):
                         "tflops_per_s": tokens * cost[name].total / med / 1e12,
                         "mfu": cost[name].mfu(tokens / med, PEAK)}
 if times["anchor_alone"]:
-    result["anchor_alone"] = {"step_s_median": statistics.median(times["anchor_alone"]), "step_s": times["anchor_alone"]}
+    result["anchor_alone"] = {"step_s_median": statistics.median(times["anchor_alone"]),
+                              "step_s": times["anchor_alone"]}
     if times["cached"]:
-        result["P1_cached_over_anchor_alone"] = result["cached"]["step_s_median"] / result["anchor_alone"]["step_s_median"]
+        result["P1_cached_over_anchor_alone"] = (result["cached"]["step_s_median"]
+                                                 / result["anchor_alone"]["step_s_median"])
 if times["cached"] and times["recompute"]:
     result["P2_cached_over_recompute"] = result["cached"]["step_s_median"] / result["recompute"]["step_s_median"]
     result["P2_predicted"] = cost["cached"].total / cost["recompute"].total

@@ -415,18 +415,21 @@ def analyse(size: common.Size, r: dict) -> list[dict]:
         add("P5", "ZeRO-3 per-rank resident frozen bytes, world 2 / world 1", f2 / f1, 0.55, "<=",
             tok_s=t2, mem=mib(max(x["peak_rss_bytes"] for x in z["world2"])),
             note=f"{f1 / 2**20:.1f} MiB -> {f2 / 2**20:.1f} MiB per rank; world 1 peak RSS "
-                 f"{mib(z['world1'][0]['peak_rss_bytes']):,.0f} MiB; ZeRO-3 tokens/s world 1 {t1:,.0f}, world 2 {t2:,.0f}")
+                 f"{mib(z['world1'][0]['peak_rss_bytes']):,.0f} MiB; ZeRO-3 tokens/s world 1 {t1:,.0f}, "
+                 f"world 2 {t2:,.0f}")
     mm = r.get("matmul") or {}
     if st and cm:
         peak1 = st["matmul"]["flops_per_s_median"]  # timed in the same rounds as the steps
         peak2 = mm.get("float32_2t", {}).get("flops_per_s_median", float("nan"))
         flops_rec = cm["recompute"]["total"] * tokens
         mfu = flops_rec / rc / peak1
+        bf16_1t = mm.get("bfloat16_1t", {}).get("flops_per_s_median", float("nan"))
         add("P6", "MFU, composed step (recompute) / fp32 matmul peak (1 thread)", mfu, 0.30, ">=",
-            tok_s=tokens / rc, note=f"{flops_rec / rc / 1e9:.1f} GFLOP/s of {peak1 / 1e9:.1f} (1-thread {matmul_n(size)}^3 "
-                                    f"fp32 matmul timed in the same rounds; separately: 2 threads {peak2 / 1e9:.1f}, "
-                                    f"bf16 1 thread {mm.get('bfloat16_1t', {}).get('flops_per_s_median', float('nan')) / 1e9:.0f}); cached step MFU "
-                                    f"{cm['cached']['total'] * tokens / c / peak1:.1%}")
+            tok_s=tokens / rc,
+            note=f"{flops_rec / rc / 1e9:.1f} GFLOP/s of {peak1 / 1e9:.1f} (1-thread {matmul_n(size)}^3 "
+                 f"fp32 matmul timed in the same rounds; separately: 2 threads {peak2 / 1e9:.1f}, "
+                 f"bf16 1 thread {bf16_1t / 1e9:.0f}); cached step MFU "
+                 f"{cm['cached']['total'] * tokens / c / peak1:.1%}")
         if z and peak2 == peak2:
             zt = sum(x["tokens_per_s_per_rank"] for x in z["world2"])
             zmfu = zt * cm["recompute"]["total"] / peak2
@@ -439,7 +442,8 @@ def analyse(size: common.Size, r: dict) -> list[dict]:
         # cold: the mean over one pass (the first reads after eviction wait on the disk), not the median
         add("P7", "cache reader rows/s (cold) / training consumption rows/s", ca["cold"]["rows_per_s_mean"] / consume,
             5.0, ">=", unit="x", mem=mib(ca.get("peak_rss_bytes")),
-            note=f"read cold {ca['cold']['rows_per_s_mean']:,.0f} rows/s (pass mean), warm {ca['warm']['rows_per_s']:,.0f} rows/s "
+            note=f"read cold {ca['cold']['rows_per_s_mean']:,.0f} rows/s (pass mean), "
+                 f"warm {ca['warm']['rows_per_s']:,.0f} rows/s "
                  f"({ca['bytes_per_row'] / 2**20:.2f} MiB/row); step consumes {consume:.2f} rows/s")
     return rows
 
@@ -462,8 +466,8 @@ def markdown(size: common.Size, info: dict, rows: list[dict], command: str) -> s
             f"Size `{size.name}`: anchor Llama d={size.anchor_d} x {size.anchor_layers} layers ({size.anchor_heads} "
             f"heads), augmenting Llama d={size.aug_d} x {size.aug_layers} ({size.aug_heads} heads), SwiGLU "
             f"{size.ffn_mult}x, vocab {size.vocab}, pairs {size.pairs}, batch {size.batch} x seq {size.seq}, fp32; "
-            f"medians of {size.repeats} interleaved repeats after warm-up, of process CPU time (one thread per process: "
-            f"time spent waiting for the shared cores is excluded; wall-clock medians are in the JSON).\n\n")
+            f"medians of {size.repeats} interleaved repeats after warm-up, of process CPU time (one thread per "
+            f"process: time spent waiting for the shared cores is excluded; wall-clock medians are in the JSON).\n\n")
     lines = ["| id | measurement | value | goal | met | tokens/s | peak RSS MiB | notes |",
              "|---|---|---:|---|---|---:|---:|---|"]
     for r in rows:
@@ -545,7 +549,8 @@ def main() -> int:
                 results["errors"][f"memory_{variant}"] = str(e)
         if peer_py:
             try:
-                mem["peer"] = run_child([str(HERE / "peer_bench.py"), "--size", size.name, "--memory-only"], python=peer_py)
+                mem["peer"] = run_child([str(HERE / "peer_bench.py"), "--size", size.name, "--memory-only"],
+                                        python=peer_py)
             except Exception as e:  # noqa: BLE001
                 results["errors"]["memory_peer"] = str(e)
         results["memory"] = mem

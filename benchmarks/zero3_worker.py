@@ -1,9 +1,9 @@
 """One rank of a ZeRO-3 composed model: resident parameter bytes, step time, peak memory (and FLOPs).
 
-Spawned by benchmarks/run.py (P5) and tests/integration/test_plan_vs_measured.py with RANK / WORLD_SIZE / MASTER_ADDR /
-MASTER_PORT set (tests/helpers/launch.py). The frozen models load straight into ZeRO-3 shards as the trainer loads
-them (HfDeepSpeedConfig alive during from_pretrained, calm_dist.training.parallelize), the composition is built on
-top, and `deepspeed.initialize` partitions everything, the frozen weights included.
+Spawned by benchmarks/run.py (P5) and tests/integration/test_plan_vs_measured.py with RANK / WORLD_SIZE /
+MASTER_ADDR / MASTER_PORT set (tests/helpers/launch.py). The frozen models load straight into ZeRO-3 shards as
+the trainer loads them (HfDeepSpeedConfig alive during from_pretrained, calm_dist.training.parallelize), the
+composition is built on top, and `deepspeed.initialize` partitions everything, the frozen weights included.
 
     python benchmarks/zero3_worker.py --anchor DIR --augmenting DIR --pairs '[[3,3],[7,7]]' --seq 256 \
         --micro-batch 2 --steps 4 --report OUT.json [--ds-config ds_configs/zero3.json] [--count-flops]
@@ -81,7 +81,7 @@ def main() -> None:
                "train_batch_size": args.micro_batch * world, "gradient_clipping": 1.0,
                "bf16": {"enabled": False}, "steps_per_print": 10 ** 9, "wall_clock_breakdown": False})
     rss_before_models = common.current_rss_bytes()
-    keep_alive = HfDeepSpeedConfig(ds)  # noqa: F841  (must stay referenced while the models load)
+    hf_ds_config = HfDeepSpeedConfig(ds)  # referenced until the end (the `del` below): ZeRO-3 loading needs it
     anchor = load_causal_lm(args.anchor)
     augmenting = load_causal_lm(args.augmenting)
     torch.manual_seed(0)
@@ -135,6 +135,7 @@ def main() -> None:
     out_path = Path(args.report)
     common.write_json(out_path.with_name(f"{out_path.name}.rank{env.rank}.json"), report)
     shut_down_process_group()  # not exiting with gloo's threads alive (pytorch#179291)
+    del hf_ds_config
 
 
 if __name__ == "__main__":

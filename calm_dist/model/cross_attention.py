@@ -1,11 +1,7 @@
 """One CALM composition block: f_proj then causal multi-head cross-attention, zero-initialised output.
 
-Parameters per block (D_A = augmenting width, D_B = anchor width):
-    f_proj           D_A*D_B + D_B          (linear with bias)
-    LayerNorm x 2    2 * 2*D_B              (on the projected augmenting states and on the anchor query)
-    W_Q, W_K, W_V    3 * D_B^2              (no bias)
-    W_O              D_B^2                  (no bias, zero-initialised: composed == anchor at step 0)
-    total            D_A*D_B + 4*D_B^2 + 5*D_B
+The block's parameter tensors and their count (D_A*D_B + 4*D_B^2 + 5*D_B per block) are listed once, torch-free,
+in `calm_dist.planning.shapes`, which the planner shares.
 """
 from __future__ import annotations
 
@@ -13,15 +9,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from calm_dist.planning.shapes import block_parameter_count
 
-def block_parameter_count(d_augmenting: int, d_anchor: int) -> int:
-    return d_augmenting * d_anchor + 4 * d_anchor * d_anchor + 5 * d_anchor
+__all__ = ["CrossAttentionBlock", "cross_attention_mask", "block_parameter_count"]
 
 
-def cross_attention_mask(query_positions: torch.Tensor, key_mask: torch.Tensor | None, num_keys: int) -> torch.Tensor | None:
+def cross_attention_mask(query_positions: torch.Tensor, key_mask: torch.Tensor | None,
+                         num_keys: int) -> torch.Tensor:
     """Boolean [B or 1, 1, Tq, Tk] mask: query at absolute position t sees keys s <= t that are not padding.
 
-    Returns None when plain causal attention over aligned positions suffices (SDPA's fast path).
+    Callers pass None instead of a mask when plain causal attention over aligned positions suffices (SDPA's
+    fast path).
     """
     causal = torch.arange(num_keys, device=query_positions.device)[None, :] <= query_positions[:, None]  # [Tq, Tk]
     if key_mask is None:
@@ -55,7 +53,8 @@ class CrossAttentionBlock(nn.Module):
 
     def forward(self, anchor_states: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 mask: torch.Tensor | None) -> torch.Tensor:
-        """The residual update for anchor_states [B, Tq, D_B]; mask as from cross_attention_mask (None: causal, aligned)."""
+        """The residual update for anchor_states [B, Tq, D_B]; mask as from cross_attention_mask (None: causal,
+        aligned)."""
         b, t, d = anchor_states.shape
         queries = self._heads(self.q_proj(self.query_norm(anchor_states.to(self.q_proj.weight.dtype))))
         if mask is None:

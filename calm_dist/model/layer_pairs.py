@@ -18,10 +18,11 @@ LayerPairs = list[tuple[int, int]]
 
 
 class MappingError(ValueError):
-    pass
+    """Layer pairs the two models cannot take."""
 
 
 def default_layer_pairs(n_augmenting_layers: int, n_anchor_layers: int, every: int = 4) -> LayerPairs:
+    """The paper's rule (module docstring): every `every`-th augmenting block, to evenly spaced anchor blocks."""
     if every < 1:
         raise MappingError(f"every must be >= 1, got {every}")
     n = n_augmenting_layers // every
@@ -37,8 +38,10 @@ def default_layer_pairs(n_augmenting_layers: int, n_anchor_layers: int, every: i
     return list(zip(augmenting, anchor))
 
 
-def validate_layer_pairs(pairs, n_augmenting_layers: int, n_anchor_layers: int, who: str = "augmenting model") -> LayerPairs:
-    """Normalise to a list of int tuples and check ranges; one augmenting layer may feed several anchor layers."""
+def validate_layer_pairs(pairs, n_augmenting_layers: int, n_anchor_layers: int, who: str = "augmenting model",
+                         anchor: str = "anchor") -> LayerPairs:
+    """Normalise to a list of int tuples and check ranges; one augmenting layer may feed several anchor layers.
+    `who` and `anchor` name the two models in the messages."""
     try:
         pairs = [(int(i), int(j)) for i, j in pairs]
     except (TypeError, ValueError) as e:
@@ -47,9 +50,10 @@ def validate_layer_pairs(pairs, n_augmenting_layers: int, n_anchor_layers: int, 
         raise MappingError(f"the {who} needs at least one layer pair")
     for i, j in pairs:
         if not 0 <= i < n_augmenting_layers:
-            raise MappingError(f"augmenting layer {i} is out of range: the {who} has blocks 0..{n_augmenting_layers - 1}")
+            raise MappingError(
+                f"augmenting layer {i} is out of range: the {who} has blocks 0..{n_augmenting_layers - 1}")
         if not 0 <= j < n_anchor_layers:
-            raise MappingError(f"anchor layer {j} is out of range: the anchor has blocks 0..{n_anchor_layers - 1}")
+            raise MappingError(f"anchor layer {j} is out of range: the {anchor} has blocks 0..{n_anchor_layers - 1}")
     if len(set(pairs)) != len(pairs):
         raise MappingError(f"duplicate layer pair in {pairs} for the {who}")
     return pairs

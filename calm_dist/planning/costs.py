@@ -3,8 +3,8 @@
 
 Pure Python (no torch import). Everything is derived from a light description of each model, `ModelSpec`,
 built by `model_spec(...)` from a `transformers.PretrainedConfig`, a dict of config.json fields, or a named size
-from `calm_dist.planning.model_sizes`. Supported families: llama, mistral, qwen2, qwen3 (GQA, gated SwiGLU MLP with three
-matrices, RMSNorm), gpt2 (n_embd/n_layer/n_head, 4x GELU MLP, learned positions, tied embeddings, biases) and
+from `calm_dist.planning.model_sizes`. Supported families: llama, mistral, qwen2, qwen3 (GQA, gated SwiGLU MLP
+with three matrices, RMSNorm), gpt2 (n_embd/n_layer/n_head, 4x GELU MLP, learned positions, tied embeddings, biases) and
 gpt_neox (two-matrix GELU MLP, LayerNorm, biases).
 
 Conventions (docs/plan.md has the derivations):
@@ -18,7 +18,7 @@ Conventions (docs/plan.md has the derivations):
   output is added (the input of block j + 1). A layer pair is (augmenting_layer, anchor_layer).
 * Composition block per pair: f_proj Linear(D_A -> D_B, bias), LayerNorm(D_B) on the projected augmenting
   states, LayerNorm(D_B) on the anchor query, Q/K/V/O Linear(D_B -> D_B, no bias), W^O zero-initialised,
-  causal multi-head cross-attention with the anchor's head count.
+  causal multi-head cross-attention with the anchor's head count (its tensors: `calm_dist.planning.shapes`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
-from calm_dist.model.layer_pairs import default_layer_pairs  # noqa: F401  (one rule, shared with the composition)
+from calm_dist.model.layer_pairs import default_layer_pairs, validate_layer_pairs
+from calm_dist.planning import shapes
+from calm_dist.planning.shapes import block_parameter_count as composition_block_params
 
 __all__ = [
     "DTYPE_BYTES", "dtype_bytes", "ModelSpec", "model_spec", "ParamCounts", "param_counts", "param_tensors",
@@ -268,42 +270,26 @@ def normalize_layer_pairs(anchor: Any, augmenting: Any, layer_pairs: Any = None,
 
     `augmenting` is one model or a list of models; `layer_pairs` is None (the default rule for each),
     a list of (aug_layer, anchor_layer) pairs (one augmenting model), or a list of such lists (one per
-    augmenting model; None inside it means the default for that one). Indices are validated."""
+    augmenting model; None inside it means the default for that one). The pairs pass the composition's own
+    check (`calm_dist.model.layer_pairs.validate_layer_pairs`), so the planner accepts what training accepts."""
     anchor = model_spec(anchor)
     augs = _spec_list(augmenting)
     per = _split_pairs(len(augs), layer_pairs)
     out = []
     for spec, pairs in zip(augs, per):
-        pairs = default_layer_pairs(spec.num_layers, anchor.num_layers, every) if pairs is None else \
-            [(int(a), int(b)) for a, b in pairs]
-        if not pairs:
-            raise ValueError(f"no layer pairs for augmenting model {spec.name}")
-        for a, b in pairs:
-            if not 0 <= a < spec.num_layers:
-                raise ValueError(f"augmenting layer {a} out of range for {spec.name} ({spec.num_layers} layers)")
-            if not 0 <= b < anchor.num_layers:
-                raise ValueError(f"anchor layer {b} out of range for {anchor.name} ({anchor.num_layers} layers)")
-        out.append((spec, pairs))
+        if pairs is None:
+            pairs = default_layer_pairs(spec.num_layers, anchor.num_layers, every)
+        out.append((spec, validate_layer_pairs(pairs, spec.num_layers, anchor.num_layers,
+                                               f"augmenting model {spec.name}", f"anchor {anchor.name}")))
     return anchor, out
 
 
 # -------------------------------------------------------------------------------------- composition blocks
 
-def composition_block_params(d_aug: int, d_anchor: int) -> int:
-    """Trainable parameters of one pair: f_proj D_A*D_B + D_B (bias), W^Q, W^K, W^V, W^O 4*D_B^2 (no bias),
-    two LayerNorms (projected augmenting states, anchor query) 2 * 2*D_B.
-    (The paper counts D_A*D_B + 3*D_B^2, + D_B^2 for W^O.)"""
-    return d_aug * d_anchor + d_anchor + 4 * d_anchor * d_anchor + 4 * d_anchor
-
-
-def _block_matmul_params(d_aug: int, d_anchor: int) -> int:
-    return d_aug * d_anchor + 4 * d_anchor * d_anchor
-
-
 def composition_params(anchor: Any, augmenting: Any, layer_pairs: Any = None, every: int = 4) -> int:
     """Trainable parameters of all composition blocks (one block per pair, per augmenting model)."""
     anchor, groups = normalize_layer_pairs(anchor, augmenting, layer_pairs, every)
-    return sum(len(p) * composition_block_params(s.hidden_size, anchor.hidden_size) for s, p in groups)
+    return shapes.composition_parameter_count(anchor.hidden_size, [(s.hidden_size, p) for s, p in groups])
 
 
 # -------------------------------------------------------------------------------------------------- FLOPs
@@ -344,7 +330,8 @@ def augmenting_forward_flops(augmenting: Any, seq_len: int, deepest_layer: int, 
 def composition_forward_flops(d_aug: int, d_anchor: int, seq_len: int, causal: bool = True) -> float:
     """Forward FLOPs per token of one composition block: f_proj 2*D_A*D_B, Q/K/V/O 4 * 2*D_B^2, cross
     attention scores + values over the augmenting positions (causal like the anchor's self-attention)."""
-    return 2.0 * _block_matmul_params(d_aug, d_anchor) + attention_flops_per_token(seq_len, d_anchor, causal)
+    return (2.0 * shapes.block_matmul_parameter_count(d_aug, d_anchor)
+            + attention_flops_per_token(seq_len, d_anchor, causal))
 
 
 @dataclass(frozen=True)
@@ -400,7 +387,7 @@ class StepCost:
 def step_cost(anchor: Any, augmenting: Any, layer_pairs: Any = None, *, seq_len: int, states: str = "recompute",
               activation_checkpointing: bool = False, causal: bool = True, attn_backward_factor: float = 2.0,
               every: int = 4) -> StepCost:
-    """FLOPs per token of one training step (shared/README section 6), term by term.
+    """FLOPs per token of one training step (docs/plan.md section 3), term by term.
 
     Let j0 be the first (lowest) composed anchor layer over all pairs. Then per token:
       aug_forward     = sum over augmenting models of 2 * matmul params of blocks 0..deepest composed layer
@@ -440,13 +427,13 @@ def step_cost(anchor: Any, augmenting: Any, layer_pairs: Any = None, *, seq_len:
     anchor_fwd = anchor_forward_flops(anchor, seq_len, causal)
     blk_fwd = 0.0
     blk_bwd = 0.0
-    n_params = 0
     for s, pairs in groups:
         da, db = s.hidden_size, anchor.hidden_size
         attn = attention_flops_per_token(seq_len, db, causal)
         blk_fwd += len(pairs) * composition_forward_flops(da, db, seq_len, causal)
-        blk_bwd += len(pairs) * (2.0 * _block_matmul_params(da, db) + 2.0 * 4 * db * db + attn_backward_factor * attn)
-        n_params += len(pairs) * composition_block_params(da, db)
+        blk_bwd += len(pairs) * (2.0 * shapes.block_matmul_parameter_count(da, db) + 2.0 * 4 * db * db
+                                 + attn_backward_factor * attn)
+    n_params = shapes.composition_parameter_count(anchor.hidden_size, [(s.hidden_size, p) for s, p in groups])
     pc = param_counts(anchor)
     attn_a = attention_flops_per_token(seq_len, anchor.d_attn, causal)
     above = L - 1 - j0

@@ -1,4 +1,7 @@
-"""This machine's peak FLOP/s: the denominator of MFU in the training log and the benchmarks."""
+"""This machine's peak FLOP/s: the denominator of MFU in the training log and the benchmarks.
+
+The GPU table is plain data that `calm-dist plan` reads for its default peak; torch is imported only inside the
+functions that query the device or measure a matmul, so importing this module stays torch-free."""
 from __future__ import annotations
 
 GPU_PEAK_TFLOPS = {  # dense tensor-core peaks per GPU: (bf16, fp32)

@@ -6,28 +6,25 @@ CPU memory per node (offload), all-gather / reduce-scatter volume per micro-step
 and the step time at a given MFU, the augmenting-state cache size and its break-even. `main(argv)` is the CLI.
 docs/plan.md explains every formula and walks through a 70B + 7B plan.
 
-Pure Python (imports only calm_dist.planning.costs and calm_dist.planning.model_sizes).
+Pure Python: imports only the other calm_dist.planning modules (and, through costs, the torch-free
+calm_dist.model.layer_pairs).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from calm_dist.planning import activation_memory
+from calm_dist.planning import activation_memory, costs, model_sizes, shapes
+from calm_dist.planning.hardware import GPU_PEAK_TFLOPS
+from calm_dist.planning.report import GB, GiB, Plan, format_plan, human_count
 
-from calm_dist.planning import costs
-
-from calm_dist.planning import model_sizes
 __all__ = ["ZeroOptions", "Hardware", "Plan", "plan", "resolve_model", "format_plan", "main"]
-
-GiB = 1024 ** 3
-GB = 1e9
 
 
 @dataclass(frozen=True)
@@ -49,48 +46,13 @@ class ZeroOptions:
 class Hardware:
     """Per-GPU figures; defaults are an H100 SXM node (8 GPUs on NVLink, one 400 Gb/s NIC per GPU)."""
 
-    gpu_peak_tflops: float = 989.0   # dense bf16 tensor-core peak
+    gpu_peak_tflops: float = GPU_PEAK_TFLOPS["H100"][0]   # dense bf16 tensor-core peak
     gpu_mem_gib: float = 80.0
     net_GBps: float = 50.0           # inter-node bandwidth per GPU (400 Gb/s InfiniBand NDR)
     nvlink_GBps: float = 450.0       # intra-node bandwidth per GPU, one direction (NVLink 4: 900 GB/s both ways)
     disk_write_GBps: float = 2.0     # per node, to the cache's file system
     disk_read_GBps: float = 2.0      # per node
     reserve_gib: float = 4.0         # CUDA context, NCCL buffers, allocator fragmentation (a rule of thumb)
-
-
-@dataclass
-class Plan:
-    """Everything `plan` computed. Bytes are bytes, FLOPs are FLOPs, times are seconds (see `format_plan`)."""
-
-    inputs: dict
-    models: dict
-    layer_pairs: list
-    params: dict
-    memory_gpu: dict
-    memory_gpu_total: float
-    memory_gpu_headroom: float
-    memory_cpu_per_node: dict
-    activations: dict
-    comm_per_micro_step: dict
-    comm_per_step: dict
-    flops: dict
-    step_cost: dict
-    time: dict
-    cache: dict
-    warnings: list = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return _jsonable(asdict(self))
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
 
 
 def resolve_model(arg: Any) -> costs.ModelSpec:
@@ -116,7 +78,184 @@ def resolve_model(arg: Any) -> costs.ModelSpec:
     return costs.model_spec(arg)
 
 
-# ----------------------------------------------------------------------------------------- helper counts
+# ---------------------------------------------------------------------------------------------------- plan
+
+def plan(anchor: Any, augmenting: Any, layer_pairs: Any = None, *, nodes: int = 1, gpus_per_node: int = 8,
+         seq_len: int = 4096, micro_batch: int = 1, grad_accum: int = 1, zero: ZeroOptions | None = None,
+         dtype: str = "bf16", states: str = "recompute", activation_checkpointing: bool = False,
+         tokens: float | None = None, mfu: float = 0.4, hfu: float | None = None, hardware: Hardware | None = None,
+         causal: bool = True, every: int = 4, truncate_augmenting: bool = True) -> Plan:
+    """Plan one CALM training configuration (see the module docstring and docs/plan.md).
+
+    anchor / augmenting: named sizes, config.json paths, dicts, PretrainedConfigs or ModelSpecs (augmenting may
+    be a list). layer_pairs: None (costs.default_layer_pairs for each augmenting model), one list of
+    (aug_layer, anchor_layer) pairs, or one list per augmenting model. states: 'recompute' (augmenting models
+    loaded and run every micro-step) or 'cached' (states read from disk; augmenting models not loaded).
+    tokens: training tokens, for the cache size and the run time. mfu: the model-FLOPs utilisation the step
+    compute time is computed at (model FLOPs / (mfu * peak)); or hfu: the hardware-FLOPs utilisation
+    (recomputation included), which compares runs with and without activation checkpointing fairly.
+    truncate_augmenting: the augmenting models keep only blocks 0..deepest composed layer (as
+    composition.ComposedModel does by default; embeddings, final norm and LM head stay loaded)."""
+    zero = zero or ZeroOptions()
+    hw = hardware or Hardware()
+    if states not in ("recompute", "cached"):
+        raise ValueError("states must be 'recompute' or 'cached'")
+    if zero.stage not in (0, 1, 2, 3):
+        raise ValueError("zero stage must be 0, 1, 2 or 3")
+    run = _resolve(anchor, augmenting, layer_pairs, every, zero=zero, hw=hw, nodes=nodes,
+                   gpus_per_node=gpus_per_node, seq_len=seq_len, micro_batch=micro_batch, grad_accum=grad_accum,
+                   dtype=dtype, states=states, activation_checkpointing=activation_checkpointing, causal=causal,
+                   truncate_augmenting=truncate_augmenting)
+    warnings = _input_warnings(run)
+    if zero.offload_params and zero.stage != 3:
+        raise ValueError("parameter offload needs ZeRO stage 3")
+
+    counts = _count_parameters(run)
+    gpu, cpu_per_node, act = _memory(run, counts)
+    gpu_total = sum(gpu.values())
+    headroom = hw.gpu_mem_gib * GiB - gpu_total
+    if headroom < 0:
+        warnings.append(_out_of_memory_warning(run, gpu_total, act))
+    comm_micro, comm_step = _communication(run, counts)
+    sc = _step_cost(run)
+    mfu = _model_flops_utilisation(sc, mfu, hfu)
+    flops = _flops(run, sc)
+    time = _time(run, sc, flops, comm_step, mfu=mfu, hfu=hfu, tokens=tokens)
+    if time["comm_s"] > time["compute_s"]:
+        warnings.append(_communication_bound_warning(run, time))
+    cache = _cache(run, counts, time, tokens=tokens,
+                   other_mode_step_s=_step_s_in_other_mode(run, mfu=mfu, hfu=hfu, tokens=tokens))
+    if states == "cached" and cache["read_GBps_needed_per_node"] > hw.disk_read_GBps:
+        warnings.append(f"reading cached states needs {cache['read_GBps_needed_per_node']:.1f} GB/s per node at "
+                        f"this throughput; the file system gives {hw.disk_read_GBps:.1f}")
+
+    return Plan(inputs=_inputs(run, tokens=tokens, mfu=mfu), models=_models(run, counts),
+                layer_pairs=[[list(x) for x in p] for p in run.pairs], params=_params(run, counts),
+                memory_gpu=gpu, memory_gpu_total=gpu_total, memory_gpu_headroom=headroom,
+                memory_cpu_per_node=cpu_per_node, activations=act.as_dict(), comm_per_micro_step=comm_micro,
+                comm_per_step=comm_step, flops=flops, step_cost=sc.as_dict(), time=time, cache=cache,
+                warnings=warnings)
+
+
+# ------------------------------------------------------------------------------------------ the resolved run
+
+@dataclass(frozen=True)
+class _Run:
+    """`plan`'s arguments with the models resolved and the layer pairs checked: what every step reads."""
+
+    anchor: costs.ModelSpec
+    groups: list                # [(augmenting ModelSpec, [(aug_layer, anchor_layer), ...]), ...]
+    elem_bytes: int             # bytes per parameter / activation element in `dtype`
+    zero: ZeroOptions
+    hw: Hardware
+    nodes: int
+    gpus_per_node: int
+    seq_len: int
+    micro_batch: int
+    grad_accum: int
+    dtype: str
+    states: str
+    activation_checkpointing: bool
+    causal: bool
+    every: int
+    truncate_augmenting: bool
+
+    @property
+    def augs(self) -> list[costs.ModelSpec]:
+        return [s for s, _ in self.groups]
+
+    @property
+    def pairs(self) -> list[list[tuple[int, int]]]:
+        return [p for _, p in self.groups]
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def j0(self) -> int:
+        """The first (lowest) composed anchor layer: nothing below it needs a backward."""
+        return min(bb for _, p in self.groups for _, bb in p)
+
+    @property
+    def tokens_micro(self) -> int:
+        """Tokens per micro-step and rank."""
+        return self.micro_batch * self.seq_len
+
+    @property
+    def tokens_step(self) -> int:
+        """Tokens per optimizer step over all ranks."""
+        return self.tokens_micro * self.grad_accum * self.world
+
+    @property
+    def hpz(self) -> int:
+        """The hpZ group size (1: no secondary partition; hpZ exists at ZeRO stage 3 only)."""
+        return self.zero.hpz_partition_size if self.zero.stage == 3 else 1
+
+    @property
+    def aug_loaded(self) -> bool:
+        """Whether the augmenting models are loaded and run (not when their states are read from the cache)."""
+        return self.states == "recompute"
+
+
+def _resolve(anchor: Any, augmenting: Any, layer_pairs: Any, every: int, *, dtype: str, **options: Any) -> _Run:
+    anchor_s = resolve_model(anchor)
+    aug_in = augmenting if isinstance(augmenting, (list, tuple)) else [augmenting]
+    aug_specs = [resolve_model(a) for a in aug_in]
+    anchor_s, groups = costs.normalize_layer_pairs(anchor_s, aug_specs, layer_pairs, every)
+    return _Run(anchor=anchor_s, groups=groups, elem_bytes=costs.dtype_bytes(dtype), every=every, dtype=dtype,
+                **options)
+
+
+def _input_warnings(run: _Run) -> list[str]:
+    """What in the configuration itself looks wrong (the run may still work)."""
+    warnings = []
+    for s in [run.anchor] + run.augs:
+        if s.learned_positions and run.seq_len > s.learned_positions:
+            warnings.append(f"{s.name} has {s.learned_positions} learned positions, fewer than seq_len "
+                            f"{run.seq_len}")
+    for s in run.augs:
+        if s.vocab_size != run.anchor.vocab_size:
+            warnings.append(f"vocabulary sizes differ ({run.anchor.name}: {run.anchor.vocab_size}, {s.name}: "
+                            f"{s.vocab_size}): CALM feeds the same token ids to both models")
+    hpz = run.hpz
+    if hpz > 1 and (run.world % hpz or run.gpus_per_node % hpz):
+        warnings.append(f"hpZ partition size {hpz} should divide gpus_per_node ({run.gpus_per_node}) so that its "
+                        f"groups stay inside a node")
+    return warnings
+
+
+# ------------------------------------------------------------------------------------------------ parameters
+
+@dataclass(frozen=True)
+class _Counts:
+    """Parameter counts of the run: what is loaded, what trains, what ZeRO-3 keeps whole on every rank."""
+
+    anchor: costs.ParamCounts
+    augs: list[costs.ParamCounts]
+    trainable: int
+    aug_kept: list[int]         # each augmenting model once the blocks above its deepest pair are dropped
+    frozen: int                 # loaded frozen parameters: the anchor + the kept augmenting models (if loaded)
+    persistent_frozen: int      # frozen parameters in tensors at or below the persistence threshold
+    persistent_trainable: int   # trainable parameters in tensors at or below the persistence threshold
+
+
+def _count_parameters(run: _Run) -> _Counts:
+    pc_anchor = costs.param_counts(run.anchor)
+    pc_augs = [costs.param_counts(s) for s in run.augs]
+    n_train = shapes.composition_parameter_count(run.anchor.hidden_size, [(s.hidden_size, p) for s, p in run.groups])
+    kept_blocks = [max(a for a, _ in p) + 1 if run.truncate_augmenting else s.num_layers for s, p in run.groups]
+    aug_kept = [pc.total - (s.num_layers - k) * pc.per_block for s, pc, k in zip(run.augs, pc_augs, kept_blocks)]
+    p_aug = sum(aug_kept) if run.aug_loaded else 0
+    thr = run.zero.param_persistence_threshold
+    persist_frozen = _persistent_numel(run.anchor, thr) + (
+        sum(_persistent_numel(s, thr, k) for s, k in zip(run.augs, kept_blocks)) if run.aug_loaded else 0)
+    persist_train = sum(len(p) * sum(k for k in _block_tensor_sizes(s, run.anchor) if k <= thr)
+                        for s, p in run.groups)
+    return _Counts(anchor=pc_anchor, augs=pc_augs, trainable=n_train, aug_kept=aug_kept,
+                   frozen=pc_anchor.total + p_aug, persistent_frozen=persist_frozen,
+                   persistent_trainable=persist_train)
+
 
 def _persistent_numel(spec: costs.ModelSpec, threshold: int, n_layers: int | None = None,
                       with_head: bool = True) -> int:
@@ -136,104 +275,35 @@ def _largest_module(spec: costs.ModelSpec) -> int:
     return max(k for group in t.values() for _, k, _ in group)
 
 
-def _composition_tensors(d_aug: int, d_anchor: int) -> list[int]:
-    """Parameter tensor sizes of one composition block: proj weight, proj bias, 2 LayerNorms (weight, bias),
-    W^Q, W^K, W^V, W^O."""
-    return [d_aug * d_anchor, d_anchor] + [d_anchor] * 4 + [d_anchor * d_anchor] * 4
+def _block_tensor_sizes(aug: costs.ModelSpec, anchor: costs.ModelSpec) -> list[int]:
+    """numel of each parameter tensor of one composition block joining `aug` to `anchor`."""
+    return [n for _, n, _ in shapes.block_tensors(aug.hidden_size, anchor.hidden_size)]
 
 
-def _gather(numel: float, group: int, b: int) -> float:
-    """Bytes one rank receives in a ring all-gather of `numel` elements over `group` ranks."""
-    return numel * b * (group - 1) / group if group > 1 else 0.0
+def _gathered_augmenting_numel(spec: costs.ModelSpec, pairs: list, pc: costs.ParamCounts, threshold: int) -> int:
+    """What ZeRO-3 gathers of one augmenting model per forward: its embedding and blocks up to the deepest pair
+    (no head), less what persists."""
+    deep = max(a for a, _ in pairs) + 1
+    return pc.embedding + deep * pc.per_block - _persistent_numel(spec, threshold, deep, with_head=False)
 
 
-# ---------------------------------------------------------------------------------------------------- plan
+# ---------------------------------------------------------------------------------------------------- memory
 
-def plan(anchor: Any, augmenting: Any, layer_pairs: Any = None, *, nodes: int = 1, gpus_per_node: int = 8,
-         seq_len: int = 4096, micro_batch: int = 1, grad_accum: int = 1, zero: ZeroOptions | None = None,
-         dtype: str = "bf16", states: str = "recompute", activation_checkpointing: bool = False,
-         tokens: float | None = None, mfu: float = 0.4, hfu: float | None = None, hardware: Hardware | None = None,
-         causal: bool = True, every: int = 4, truncate_augmenting: bool = True,
-         _cache_economics: bool = True) -> Plan:
-    """Plan one CALM training configuration (see the module docstring and docs/plan.md).
-
-    anchor / augmenting: named sizes, config.json paths, dicts, PretrainedConfigs or ModelSpecs (augmenting may
-    be a list). layer_pairs: None (costs.default_layer_pairs for each augmenting model), one list of
-    (aug_layer, anchor_layer) pairs, or one list per augmenting model. states: 'recompute' (augmenting models
-    loaded and run every micro-step) or 'cached' (states read from disk; augmenting models not loaded).
-    tokens: training tokens, for the cache size and the run time. mfu: the model-FLOPs utilisation the step
-    compute time is computed at (model FLOPs / (mfu * peak)); or hfu: the hardware-FLOPs utilisation
-    (recomputation included), which compares runs with and without activation checkpointing fairly.
-    truncate_augmenting: the augmenting models keep only blocks 0..deepest composed layer (as
-    composition.ComposedModel does by default; embeddings, final norm and LM head stay loaded)."""
-    zero = zero or ZeroOptions()
-    hw = hardware or Hardware()
-    if states not in ("recompute", "cached"):
-        raise ValueError("states must be 'recompute' or 'cached'")
-    if zero.stage not in (0, 1, 2, 3):
-        raise ValueError("zero stage must be 0, 1, 2 or 3")
-    warnings: list[str] = []
-    anchor_s = resolve_model(anchor)
-    aug_in = augmenting if isinstance(augmenting, (list, tuple)) else [augmenting]
-    aug_specs = [resolve_model(a) for a in aug_in]
-    anchor_s, groups = costs.normalize_layer_pairs(anchor_s, aug_specs, layer_pairs, every)
-    world = nodes * gpus_per_node
-    b = costs.dtype_bytes(dtype)
-    L = anchor_s.num_layers
-    j0 = min(bb for _, p in groups for _, bb in p)
-    tokens_micro = micro_batch * seq_len
-    tokens_step = tokens_micro * grad_accum * world
-
-    for s in [anchor_s] + [g for g, _ in groups]:
-        if s.learned_positions and seq_len > s.learned_positions:
-            warnings.append(f"{s.name} has {s.learned_positions} learned positions, fewer than seq_len {seq_len}")
-    for s, _ in groups:
-        if s.vocab_size != anchor_s.vocab_size:
-            warnings.append(f"vocabulary sizes differ ({anchor_s.name}: {anchor_s.vocab_size}, {s.name}: "
-                            f"{s.vocab_size}): CALM feeds the same token ids to both models")
-    hpz = zero.hpz_partition_size if zero.stage == 3 else 1
-    if hpz > 1 and (world % hpz or gpus_per_node % hpz):
-        warnings.append(f"hpZ partition size {hpz} should divide gpus_per_node ({gpus_per_node}) so that its "
-                        f"groups stay inside a node")
-    if zero.offload_params and zero.stage != 3:
-        raise ValueError("parameter offload needs ZeRO stage 3")
-
-    # ---------------------------------------------------------------- parameters
-    pc_anchor = costs.param_counts(anchor_s)
-    pc_augs = [costs.param_counts(s) for s, _ in groups]
-    n_train = sum(len(p) * costs.composition_block_params(s.hidden_size, anchor_s.hidden_size) for s, p in groups)
-    aug_loaded = states == "recompute"
-    kept_blocks = [max(a for a, _ in p) + 1 if truncate_augmenting else s.num_layers for s, p in groups]
-    aug_kept = [pc.total - (s.num_layers - k) * pc.per_block for (s, _), pc, k in zip(groups, pc_augs, kept_blocks)]
-    p_aug = sum(aug_kept) if aug_loaded else 0
-    p_frozen = pc_anchor.total + p_aug
-    thr = zero.param_persistence_threshold
-    persist_frozen = _persistent_numel(anchor_s, thr) + (
-        sum(_persistent_numel(s, thr, k) for (s, _), k in zip(groups, kept_blocks)) if aug_loaded else 0)
-    persist_train = sum(len(p) * sum(k for k in _composition_tensors(s.hidden_size, anchor_s.hidden_size)
-                                     if k <= thr) for s, p in groups)
-    assert all(sum(_composition_tensors(s.hidden_size, anchor_s.hidden_size)) ==
-               costs.composition_block_params(s.hidden_size, anchor_s.hidden_size) for s, _ in groups)
-
-    # ---------------------------------------------------------------- memory per rank
-    shard = 1 / world
+def _memory(run: _Run, counts: _Counts) -> tuple[dict, dict, activation_memory.ActivationMemory]:
+    """Bytes per rank on the GPU and per node on the CPU (offload), term by term, and the activations."""
+    zero, b = run.zero, run.elem_bytes
+    n_train = counts.trainable
+    shard = 1 / run.world
     gpu: dict[str, float] = {}
     cpu: dict[str, float] = {}
-    frozen_bytes = p_frozen * b * (shard if zero.stage == 3 else 1)
-    train_bytes = n_train * b * (shard if zero.stage == 3 else 1)
-    (cpu if zero.offload_params else gpu)["frozen_params"] = frozen_bytes
-    (cpu if zero.offload_params else gpu)["trainable_params"] = train_bytes
+    params_home = cpu if zero.offload_params else gpu
+    params_home["frozen_params"] = counts.frozen * b * (shard if zero.stage == 3 else 1)
+    params_home["trainable_params"] = n_train * b * (shard if zero.stage == 3 else 1)
     if zero.stage == 3:
-        gpu["persistent_params"] = (persist_frozen + persist_train) * b
-        if hpz > 1:
-            (cpu if zero.offload_params else gpu)["hpz_secondary"] = (p_frozen + n_train) * b / hpz
-        live = min(zero.max_live_parameters, _largest_module(anchor_s) + zero.prefetch_bucket_size)
-        largest = [_largest_module(anchor_s)] + [max(_composition_tensors(s.hidden_size, anchor_s.hidden_size))
-                                                 for s, _ in groups]
-        if aug_loaded:
-            largest += [_largest_module(s) for s, _ in groups]
-        live = max(live, *largest)
-        gpu["gathered_working_set"] = live * b
+        gpu["persistent_params"] = (counts.persistent_frozen + counts.persistent_trainable) * b
+        if run.hpz > 1:
+            params_home["hpz_secondary"] = (counts.frozen + n_train) * b / run.hpz
+        gpu["gathered_working_set"] = _gathered_working_set(run) * b
     grad_shard = shard if zero.stage >= 2 else 1
     opt_shard = shard if zero.stage >= 1 else 1
     if zero.offload_optimizer:
@@ -245,39 +315,60 @@ def plan(anchor: Any, augmenting: Any, layer_pairs: Any = None, *, nodes: int = 
         gpu["optimizer_step_fp32_grads"] = min(zero.sub_group_size, n_train * opt_shard) * 4
     if zero.stage >= 2:
         gpu["reduce_bucket"] = min(zero.reduce_bucket_size, n_train) * b
-    act_args = (anchor_s, [s for s, _ in groups], [p for _, p in groups])
-    act = activation_memory.activation_memory(*act_args, tokens=tokens_micro, dtype=dtype,
-                                  activation_checkpointing=activation_checkpointing)
+    act = _activations(run, run.activation_checkpointing)
     gpu["activations"] = act.total
-    gpu["reserve"] = hw.reserve_gib * GiB
-    gpu_total = sum(gpu.values())
-    headroom = hw.gpu_mem_gib * GiB - gpu_total
-    if headroom < 0:
-        msg = f"GPU memory: {gpu_total / GiB:.1f} GiB per rank needed, {hw.gpu_mem_gib:.0f} GiB available"
-        if not activation_checkpointing:
-            ckpt = activation_memory.activation_memory(*act_args, tokens=tokens_micro, dtype=dtype, activation_checkpointing=True)
-            msg += f" (activation checkpointing would save {(act.total - ckpt.total) / GiB:.1f} GiB)"
-        warnings.append(msg)
-    cpu_node = {k: v * gpus_per_node for k, v in cpu.items()}
+    gpu["reserve"] = run.hw.reserve_gib * GiB
+    return gpu, {k: v * run.gpus_per_node for k, v in cpu.items()}, act
 
-    # ---------------------------------------------------------------- communication per micro-step, per rank
-    def frozen_fwd_numel() -> float:
-        n = pc_anchor.total - _persistent_numel(anchor_s, thr)
-        if aug_loaded:
-            for (s, p), pc in zip(groups, pc_augs):
-                deep = max(a for a, _ in p) + 1
-                n += pc.embedding + deep * pc.per_block - _persistent_numel(s, thr, deep, with_head=False)
-        return n
 
-    t_anchor = costs.param_tensors(anchor_s)
-    big_block = sum(k for _, k, _ in t_anchor["block"] if k > thr)
-    head = pc_anchor.lm_head if pc_anchor.lm_head else anchor_s.vocab_size * anchor_s.hidden_size
-    frozen_bwd = (L - 1 - j0) * big_block + head      # blocks above j0 + lm_head (or the tied embedding)
-    train_big = n_train - persist_train   # what ZeRO-3 partitions and gathers
+def _gathered_working_set(run: _Run) -> int:
+    """Parameters ZeRO-3 holds gathered at once: the prefetch window, at least the largest single tensor."""
+    zero = run.zero
+    live = min(zero.max_live_parameters, _largest_module(run.anchor) + zero.prefetch_bucket_size)
+    largest = [_largest_module(run.anchor)] + [max(_block_tensor_sizes(s, run.anchor)) for s in run.augs]
+    if run.aug_loaded:
+        largest += [_largest_module(s) for s in run.augs]
+    return max(live, *largest)
+
+
+def _activations(run: _Run, checkpointing: bool) -> activation_memory.ActivationMemory:
+    return activation_memory.activation_memory(run.anchor, run.augs, run.pairs, tokens=run.tokens_micro,
+                                               dtype=run.dtype, activation_checkpointing=checkpointing)
+
+
+def _out_of_memory_warning(run: _Run, gpu_total: float, act: activation_memory.ActivationMemory) -> str:
+    msg = f"GPU memory: {gpu_total / GiB:.1f} GiB per rank needed, {run.hw.gpu_mem_gib:.0f} GiB available"
+    if not run.activation_checkpointing:
+        ckpt = _activations(run, True)
+        msg += f" (activation checkpointing would save {(act.total - ckpt.total) / GiB:.1f} GiB)"
+    return msg
+
+
+# ------------------------------------------------------------------------------------------- communication
+
+def _gather(numel: float, group: int, b: int) -> float:
+    """Bytes one rank receives in a ring all-gather of `numel` elements over `group` ranks."""
+    return numel * b * (group - 1) / group if group > 1 else 0.0
+
+
+def _communication(run: _Run, counts: _Counts) -> tuple[dict, dict]:
+    """Bytes each rank receives (all-gathers) or sends (reduce-scatters) per micro-step and per step, by
+    collective and by link, and their time at the link rates."""
+    zero, b, world, hpz = run.zero, run.elem_bytes, run.world, run.hpz
+    thr = zero.param_persistence_threshold
+    anchor, pc_anchor = run.anchor, counts.anchor
+    big_block = sum(k for _, k, _ in costs.param_tensors(anchor)["block"] if k > thr)
+    head = pc_anchor.lm_head if pc_anchor.lm_head else anchor.vocab_size * anchor.hidden_size
+    frozen_bwd = (anchor.num_layers - 1 - run.j0) * big_block + head   # blocks above j0 + lm_head (or tied embedding)
+    train_big = counts.trainable - counts.persistent_trainable   # what ZeRO-3 partitions and gathers
     if zero.stage == 3:
+        frozen_fwd = pc_anchor.total - _persistent_numel(anchor, thr)
+        if run.aug_loaded:
+            for (s, p), pc in zip(run.groups, counts.augs):
+                frozen_fwd += _gathered_augmenting_numel(s, p, pc, thr)
         g_frozen = hpz if hpz > 1 else world
-        inter_frozen = g_frozen > gpus_per_node
-        fwd_frozen = _gather(frozen_fwd_numel(), g_frozen, b)
+        inter_frozen = g_frozen > run.gpus_per_node
+        fwd_frozen = _gather(frozen_fwd, g_frozen, b)
         bwd_frozen = _gather(frozen_bwd, g_frozen, b)
         # trainable: the secondary partition is rebuilt after every optimizer step, so the first forward of a
         # step gathers over the whole world, later gathers inside the hpZ group
@@ -285,161 +376,180 @@ def plan(anchor: Any, augmenting: Any, layer_pairs: Any = None, *, nodes: int = 
         fwd_train_later = _gather(train_big, g_frozen, b)
         bwd_train = _gather(train_big, g_frozen, b)
     else:
-        g_frozen, inter_frozen = world, nodes > 1
+        inter_frozen = run.nodes > 1
         fwd_frozen = bwd_frozen = fwd_train_first = fwd_train_later = bwd_train = 0.0
     if zero.stage >= 2:
-        grad_comm = n_train * b * (world - 1) / world            # reduce-scatter, every micro-step
+        grad_comm = counts.trainable * b * (world - 1) / world            # reduce-scatter, every micro-step
     else:
-        grad_comm = 2 * n_train * b * (world - 1) / world        # all-reduce (once per step in practice)
-    inter_world = nodes > 1
+        grad_comm = 2 * counts.trainable * b * (world - 1) / world        # all-reduce (once per step in practice)
+    inter_world = run.nodes > 1
 
-    def split(first: bool) -> dict:
-        d = {
-            "allgather_frozen_forward": fwd_frozen,
-            "allgather_frozen_backward": bwd_frozen,
-            "allgather_trainable_forward": fwd_train_first if first else fwd_train_later,
-            "allgather_trainable_backward": bwd_train,
-            "reduce_scatter_gradients": grad_comm,
-        }
-        inter = intra = 0.0
-        for k, v in d.items():
-            if k.endswith("frozen_forward") or k.endswith("frozen_backward"):
-                is_inter = inter_frozen
-            elif k == "allgather_trainable_forward":
-                is_inter = inter_world if (first or hpz == 1) else inter_frozen
-            elif k == "allgather_trainable_backward":
-                is_inter = inter_frozen
-            else:
-                is_inter = inter_world
-            if is_inter:
-                inter += v
-            else:
-                intra += v
-        d["inter_node"] = inter
-        d["intra_node"] = intra
-        d["total"] = inter + intra
-        d["time_s"] = inter / (hw.net_GBps * GB) + intra / (hw.nvlink_GBps * GB)
-        return d
+    def micro_step(first: bool) -> dict:
+        """(collective, bytes, whether it crosses nodes) for the step's first micro-step or a later one."""
+        return _on_links([
+            ("allgather_frozen_forward", fwd_frozen, inter_frozen),
+            ("allgather_frozen_backward", bwd_frozen, inter_frozen),
+            ("allgather_trainable_forward", fwd_train_first if first else fwd_train_later,
+             inter_world if (first or hpz == 1) else inter_frozen),
+            ("allgather_trainable_backward", bwd_train, inter_frozen),
+            ("reduce_scatter_gradients", grad_comm, inter_world),
+        ], run.hw)
 
-    comm_first = split(True)
-    comm_later = split(False)
-    comm_micro = comm_later if grad_accum > 1 else comm_first
-    comm_step = {k: comm_first[k] + (grad_accum - 1) * comm_later[k] for k in comm_first}
+    first, later = micro_step(True), micro_step(False)
+    per_micro_step = later if run.grad_accum > 1 else first
+    per_step = {k: first[k] + (run.grad_accum - 1) * later[k] for k in first}
     if zero.stage == 3:
-        comm_step["allgather_persistent_after_step"] = _gather(persist_train, world, b)
+        per_step["allgather_persistent_after_step"] = _gather(counts.persistent_trainable, world, b)
+    return per_micro_step, per_step
 
-    # ---------------------------------------------------------------- FLOPs and time
-    sc = costs.step_cost(anchor_s, [s for s, _ in groups], [p for _, p in groups], seq_len=seq_len, states=states,
-                         activation_checkpointing=activation_checkpointing, causal=causal)
-    peak = hw.gpu_peak_tflops * 1e12
-    flops_step = sc.total * tokens_step
-    flops_rank = sc.total * tokens_micro * grad_accum
-    if hfu is not None:
-        mfu = hfu * sc.total / sc.total_hardware
-    t_compute = flops_rank / (peak * mfu)
+
+def _on_links(collectives: list[tuple[str, float, bool]], hw: Hardware) -> dict:
+    """Bytes by collective, summed by link (inter-node, NVLink), and the time they take at the link rates."""
+    d = {name: v for name, v, _ in collectives}
+    inter = intra = 0.0
+    for _, v, crosses_nodes in collectives:
+        if crosses_nodes:
+            inter += v
+        else:
+            intra += v
+    d["inter_node"] = inter
+    d["intra_node"] = intra
+    d["total"] = inter + intra
+    d["time_s"] = inter / (hw.net_GBps * GB) + intra / (hw.nvlink_GBps * GB)
+    return d
+
+
+# ------------------------------------------------------------------------------------------- FLOPs and time
+
+def _step_cost(run: _Run, states: str | None = None) -> costs.StepCost:
+    return costs.step_cost(run.anchor, run.augs, run.pairs, seq_len=run.seq_len, states=states or run.states,
+                           activation_checkpointing=run.activation_checkpointing, causal=run.causal)
+
+
+def _model_flops_utilisation(sc: costs.StepCost, mfu: float, hfu: float | None) -> float:
+    """The MFU the step is timed at: `mfu`, or the one `hfu` implies (recomputation counted) when given."""
+    return hfu * sc.total / sc.total_hardware if hfu is not None else mfu
+
+
+def _flops(run: _Run, sc: costs.StepCost) -> dict:
+    tokens_step = run.tokens_step
+    return {
+        "per_token_model": sc.total,
+        "per_token_hardware": sc.total_hardware,
+        "per_step_model": sc.total * tokens_step,
+        "per_step_hardware": sc.total_hardware * tokens_step,
+        "per_rank_per_step_model": sc.total * run.tokens_micro * run.grad_accum,
+        "tokens_per_micro_step_per_rank": run.tokens_micro,
+        "tokens_per_step": tokens_step,
+    }
+
+
+def _time(run: _Run, sc: costs.StepCost, flops: dict, comm_step: dict, *, mfu: float, hfu: float | None,
+          tokens: float | None) -> dict:
+    """Step time: compute at `mfu` of the peak and communication at the link rates, overlapped or in series."""
+    t_compute = flops["per_rank_per_step_model"] / (run.hw.gpu_peak_tflops * 1e12 * mfu)
     t_comm = comm_step["time_s"]
     t_step = max(t_compute, t_comm)
-    tok_s = tokens_step / t_step
-    time = {
+    tok_s = run.tokens_step / t_step
+    return {
         "compute_s": t_compute,
         "comm_s": t_comm,
         "step_s_overlapped": t_step,
         "step_s_serial": t_compute + t_comm,
         "tokens_per_s": tok_s,
-        "tokens_per_s_per_gpu": tok_s / world,
+        "tokens_per_s_per_gpu": tok_s / run.world,
         "mfu_assumed": mfu,
         "hfu_assumed": hfu,
         "hfu_implied": mfu * sc.total_hardware / sc.total,
         "mfu_if_comm_bound": mfu * t_compute / t_step,
         "train_days": (tokens / tok_s / 86400) if tokens else None,
     }
-    if t_comm > t_compute:
-        warnings.append(f"communication-bound: {t_comm:.2f} s of all-gathers / reduce-scatters per step vs "
-                        f"{t_compute:.2f} s of compute at MFU {mfu:.0%}; ZeRO-3 gathers every frozen weight on "
-                        f"every micro-step whatever its size: raise micro_batch, or use hpZ "
-                        f"(--hpz {gpus_per_node}) to keep the gathers on NVLink")
-    flops = {
-        "per_token_model": sc.total,
-        "per_token_hardware": sc.total_hardware,
-        "per_step_model": flops_step,
-        "per_step_hardware": sc.total_hardware * tokens_step,
-        "per_rank_per_step_model": flops_rank,
-        "tokens_per_micro_step_per_rank": tokens_micro,
-        "tokens_per_step": tokens_step,
-    }
 
-    # ---------------------------------------------------------------- cache
-    cache_bpt = costs.cache_bytes_per_token([s for s, _ in groups], [p for _, p in groups], dtype)
-    aug_flops = sum(costs.augmenting_forward_flops(s, seq_len, max(a for a, _ in p), causal) for s, p in groups)
-    econ = None
-    tok_s_cached = tok_s
-    if _cache_economics:
-        # the same run in the other mode: the per-token step-time difference is what recomputing costs
-        other = plan(anchor_s, [s for s, _ in groups], [p for _, p in groups], nodes=nodes,
-                     gpus_per_node=gpus_per_node, seq_len=seq_len, micro_batch=micro_batch, grad_accum=grad_accum,
-                     zero=zero, dtype=dtype, states="cached" if states == "recompute" else "recompute",
-                     activation_checkpointing=activation_checkpointing, tokens=tokens, mfu=mfu, hfu=hfu,
-                     hardware=hw, causal=causal, every=every, truncate_augmenting=truncate_augmenting,
-                     _cache_economics=False)
-        t_other = other.time["step_s_overlapped"]
-        t_rec, t_cac = (t_step, t_other) if states == "recompute" else (t_other, t_step)
-        tok_s_cached = tokens_step / t_cac
-        rate = world * peak * mfu
-        econ = costs.cache_economics(
-            aug_flops, cache_bpt, flops_per_s=rate, write_bytes_per_s=hw.disk_write_GBps * GB * nodes,
-            read_bytes_per_s=hw.disk_read_GBps * GB * nodes, overlap_s_per_token=t_cac / tokens_step,
-            recompute_extra_s_per_token=(t_rec - t_cac) / tokens_step - aug_flops / rate, tokens=tokens)
-    sc_rec = costs.step_cost(anchor_s, [s for s, _ in groups], [p for _, p in groups], seq_len=seq_len,
-                               states="recompute", activation_checkpointing=activation_checkpointing, causal=causal)
+
+def _communication_bound_warning(run: _Run, time: dict) -> str:
+    return (f"communication-bound: {time['comm_s']:.2f} s of all-gathers / reduce-scatters per step vs "
+            f"{time['compute_s']:.2f} s of compute at MFU {time['mfu_assumed']:.0%}; ZeRO-3 gathers every frozen "
+            f"weight on every micro-step whatever its size: raise micro_batch, or use hpZ "
+            f"(--hpz {run.gpus_per_node}) to keep the gathers on NVLink")
+
+
+# ----------------------------------------------------------------------------------------------------- cache
+
+def _step_s_in_other_mode(run: _Run, *, mfu: float, hfu: float | None, tokens: float | None) -> float:
+    """The step time of the same run with the augmenting states in the other mode (recomputed <-> cached):
+    the difference is what recomputing them costs."""
+    other = dataclasses.replace(run, states="cached" if run.states == "recompute" else "recompute")
+    _, comm_step = _communication(other, _count_parameters(other))
+    sc = _step_cost(other)
+    mfu = _model_flops_utilisation(sc, mfu, hfu)
+    return _time(other, sc, _flops(other, sc), comm_step, mfu=mfu, hfu=hfu, tokens=tokens)["step_s_overlapped"]
+
+
+def _cache(run: _Run, counts: _Counts, time: dict, *, tokens: float | None, other_mode_step_s: float) -> dict:
+    """The augmenting-state cache: its size, what caching saves, and after how many epochs it pays back."""
+    zero, hw, b, world, hpz = run.zero, run.hw, run.elem_bytes, run.world, run.hpz
+    cache_bpt = costs.cache_bytes_per_token(run.augs, run.pairs, run.dtype)
+    aug_flops = sum(costs.augmenting_forward_flops(s, run.seq_len, max(a for a, _ in p), run.causal)
+                    for s, p in run.groups)
+    t_step = time["step_s_overlapped"]
+    t_rec, t_cac = (t_step, other_mode_step_s) if run.states == "recompute" else (other_mode_step_s, t_step)
+    tok_s_cached = run.tokens_step / t_cac
+    rate = world * (hw.gpu_peak_tflops * 1e12) * time["mfu_assumed"]
+    econ = costs.cache_economics(
+        aug_flops, cache_bpt, flops_per_s=rate, write_bytes_per_s=hw.disk_write_GBps * GB * run.nodes,
+        read_bytes_per_s=hw.disk_read_GBps * GB * run.nodes, overlap_s_per_token=t_cac / run.tokens_step,
+        recompute_extra_s_per_token=(t_rec - t_cac) / run.tokens_step - aug_flops / rate, tokens=tokens)
     aug_gather_micro = 0.0
     if zero.stage == 3:
-        for (s, p), pc in zip(groups, pc_augs):
-            deep = max(a for a, _ in p) + 1
-            n = pc.embedding + deep * pc.per_block - _persistent_numel(s, thr, deep, with_head=False)
-            aug_gather_micro += _gather(n, hpz if hpz > 1 else world, b)
-    cache = {
+        for (s, p), pc in zip(run.groups, counts.augs):
+            numel = _gathered_augmenting_numel(s, p, pc, zero.param_persistence_threshold)
+            aug_gather_micro += _gather(numel, hpz if hpz > 1 else world, b)
+    shard = 1 / world
+    return {
         "bytes_per_token": cache_bpt,
         "disk_bytes": costs.cache_disk_bytes(cache_bpt, tokens) if tokens else None,
-        "distinct_aug_layers": [sorted({a for a, _ in p}) for _, p in groups],
+        "distinct_aug_layers": [sorted({a for a, _ in p}) for p in run.pairs],
         "aug_forward_flops_per_token": aug_flops,
-        "aug_share_of_step_flops": aug_flops / sc_rec.total,
-        "break_even_epochs": econ.break_even_epochs if econ else None,
-        "cache_pass_s_per_token": econ.cache_pass_s if econ else None,
-        "recompute_s_per_token_epoch": econ.recompute_s_per_epoch if econ else None,
-        "read_s_per_token_epoch": econ.read_s_per_epoch if econ else None,
-        "read_GBps_needed_per_node": cache_bpt * tok_s_cached / nodes / GB,
-        "gpu_bytes_saved_per_rank": sum(aug_kept) * b * (
+        "aug_share_of_step_flops": aug_flops / _step_cost(run, "recompute").total,
+        "break_even_epochs": econ.break_even_epochs,
+        "cache_pass_s_per_token": econ.cache_pass_s,
+        "recompute_s_per_token_epoch": econ.recompute_s_per_epoch,
+        "read_s_per_token_epoch": econ.read_s_per_epoch,
+        "read_GBps_needed_per_node": cache_bpt * tok_s_cached / run.nodes / GB,
+        "gpu_bytes_saved_per_rank": sum(counts.aug_kept) * b * (
             (shard if zero.stage == 3 else 1) + (1 / hpz if hpz > 1 else 0)) * (0 if zero.offload_params else 1),
         "allgather_bytes_saved_per_micro_step": aug_gather_micro,
     }
-    if states == "cached" and cache["read_GBps_needed_per_node"] > hw.disk_read_GBps:
-        warnings.append(f"reading cached states needs {cache['read_GBps_needed_per_node']:.1f} GB/s per node at "
-                        f"this throughput; the file system gives {hw.disk_read_GBps:.1f}")
 
-    models = {"anchor": {"name": anchor_s.name, **asdict(pc_anchor), "spec": asdict(anchor_s)}}
-    models["augmenting"] = [{"name": s.name, **asdict(pc), "spec": asdict(s)} for (s, _), pc in zip(groups, pc_augs)]
-    inputs = {
-        "anchor": anchor_s.name, "augmenting": [s.name for s, _ in groups], "nodes": nodes,
-        "gpus_per_node": gpus_per_node, "world_size": world, "seq_len": seq_len, "micro_batch": micro_batch,
-        "grad_accum": grad_accum, "zero": asdict(zero), "dtype": dtype, "states": states,
-        "activation_checkpointing": activation_checkpointing, "tokens": tokens, "mfu": mfu,
-        "hardware": asdict(hw), "causal_attention_flops": causal, "every": every,
-        "truncate_augmenting": truncate_augmenting,
+
+# --------------------------------------------------------------------------------------------- the record
+
+def _inputs(run: _Run, *, tokens: float | None, mfu: float) -> dict:
+    return {
+        "anchor": run.anchor.name, "augmenting": [s.name for s in run.augs], "nodes": run.nodes,
+        "gpus_per_node": run.gpus_per_node, "world_size": run.world, "seq_len": run.seq_len,
+        "micro_batch": run.micro_batch, "grad_accum": run.grad_accum, "zero": asdict(run.zero), "dtype": run.dtype,
+        "states": run.states, "activation_checkpointing": run.activation_checkpointing, "tokens": tokens,
+        "mfu": mfu, "hardware": asdict(run.hw), "causal_attention_flops": run.causal, "every": run.every,
+        "truncate_augmenting": run.truncate_augmenting,
     }
-    params = {
-        "anchor": pc_anchor.total, "augmenting": [pc.total for pc in pc_augs],
-        "augmenting_loaded": aug_kept if aug_loaded else [0] * len(groups), "frozen_loaded": p_frozen,
-        "trainable": n_train, "pairs": sum(len(p) for _, p in groups), "first_composed_anchor_layer": j0,
-        "per_block": [costs.composition_block_params(s.hidden_size, anchor_s.hidden_size) for s, _ in groups],
+
+
+def _models(run: _Run, counts: _Counts) -> dict:
+    return {
+        "anchor": {"name": run.anchor.name, **asdict(counts.anchor), "spec": asdict(run.anchor)},
+        "augmenting": [{"name": s.name, **asdict(pc), "spec": asdict(s)} for s, pc in zip(run.augs, counts.augs)],
     }
-    return Plan(inputs=inputs, models=models, layer_pairs=[[list(x) for x in p] for _, p in groups], params=params,
-                memory_gpu=gpu, memory_gpu_total=gpu_total, memory_gpu_headroom=headroom,
-                memory_cpu_per_node=cpu_node, activations=act.as_dict(), comm_per_micro_step=comm_micro,
-                comm_per_step=comm_step, flops=flops, step_cost=sc.as_dict(), time=time, cache=cache,
-                warnings=warnings)
 
 
-from calm_dist.planning.report import _human_count, format_plan  # noqa: E402  (the human-readable table)
+def _params(run: _Run, counts: _Counts) -> dict:
+    return {
+        "anchor": counts.anchor.total, "augmenting": [pc.total for pc in counts.augs],
+        "augmenting_loaded": counts.aug_kept if run.aug_loaded else [0] * len(run.groups),
+        "frozen_loaded": counts.frozen, "trainable": counts.trainable, "pairs": sum(len(p) for p in run.pairs),
+        "first_composed_anchor_layer": run.j0,
+        "per_block": [shapes.block_parameter_count(s.hidden_size, run.anchor.hidden_size) for s in run.augs],
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
@@ -483,22 +593,27 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--zero-stage", type=int, default=3, choices=[0, 1, 2, 3])
     ap.add_argument("--zero-offload", choices=["none", "optimizer", "params", "both"], default="none")
     ap.add_argument("--hpz", type=int, default=1, help="ZeRO++ hpZ partition size (1: off; usually GPUs per node)")
-    ap.add_argument("--prefetch-bucket-size", type=_parse_count, default=5e7)
-    ap.add_argument("--reduce-bucket-size", type=_parse_count, default=5e8)
+    ap.add_argument("--prefetch-bucket-size", type=_parse_count, default=ZeroOptions.prefetch_bucket_size)
+    ap.add_argument("--reduce-bucket-size", type=_parse_count, default=ZeroOptions.reduce_bucket_size)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--states", choices=["recompute", "cached"], default="recompute")
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--tokens", type=_parse_count, default=None, help="training tokens, e.g. 2e9 or 2B")
-    ap.add_argument("--gpu-peak-tflops", type=float, default=989.0, help="per GPU (H100 SXM dense bf16: 989)")
+    ap.add_argument("--gpu-peak-tflops", type=float, default=Hardware.gpu_peak_tflops,
+                    help="per GPU (H100 SXM dense bf16: 989)")
     ap.add_argument("--mfu", type=float, default=0.4, help="model-FLOPs utilisation to time the step at")
     ap.add_argument("--hfu", type=float, default=None,
                     help="time the step at this hardware-FLOPs utilisation instead (recomputation counted)")
-    ap.add_argument("--gpu-mem-gib", type=float, default=80.0)
-    ap.add_argument("--net-gbps", type=float, default=50.0, help="inter-node GB/s per GPU (400 Gb/s NIC: 50)")
-    ap.add_argument("--nvlink-gbps", type=float, default=450.0, help="intra-node GB/s per GPU, one direction")
-    ap.add_argument("--disk-write-gbps", type=float, default=2.0, help="cache write GB/s per node")
-    ap.add_argument("--disk-read-gbps", type=float, default=2.0, help="cache read GB/s per node")
-    ap.add_argument("--reserve-gib", type=float, default=4.0, help="per-GPU reserve (CUDA context, NCCL, fragments)")
+    ap.add_argument("--gpu-mem-gib", type=float, default=Hardware.gpu_mem_gib)
+    ap.add_argument("--net-gbps", type=float, default=Hardware.net_GBps,
+                    help="inter-node GB/s per GPU (400 Gb/s NIC: 50)")
+    ap.add_argument("--nvlink-gbps", type=float, default=Hardware.nvlink_GBps,
+                    help="intra-node GB/s per GPU, one direction")
+    ap.add_argument("--disk-write-gbps", type=float, default=Hardware.disk_write_GBps,
+                    help="cache write GB/s per node")
+    ap.add_argument("--disk-read-gbps", type=float, default=Hardware.disk_read_GBps, help="cache read GB/s per node")
+    ap.add_argument("--reserve-gib", type=float, default=Hardware.reserve_gib,
+                    help="per-GPU reserve (CUDA context, NCCL, fragments)")
     ap.add_argument("--no-truncate-augmenting", action="store_true",
                     help="count the augmenting models' blocks above the deepest composed layer as loaded")
     ap.add_argument("--full-attention-flops", action="store_true",
@@ -514,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_models:
         for name in model_sizes.names():
             pc = costs.param_counts(model_sizes.get(name))
-            print(f"{name:14s} {_human_count(pc.total):>8s}  {model_sizes.SOURCES.get(name, '')}")
+            print(f"{name:14s} {human_count(pc.total):>8s}  {model_sizes.SOURCES.get(name, '')}")
         return 0
     if not args.anchor or not args.augmenting:
         ap.error("--anchor and --augmenting are required")

@@ -1,14 +1,53 @@
-"""The human-readable table of a `calm_dist.planning.plan.Plan`."""
+"""What `calm_dist.planning.plan.plan` returns: the `Plan` record, its JSON form and its human-readable table.
+
+The record lives here, beside its table, so that `plan` imports this module and nothing imports back.
+"""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["GiB", "GB", "Plan", "format_plan", "human_count"]
 
 GiB = 1024 ** 3
 GB = 1e9
 
-if TYPE_CHECKING:
-    from calm_dist.planning.plan import Plan
+
+@dataclass
+class Plan:
+    """Everything `plan` computed. Bytes are bytes, FLOPs are FLOPs, times are seconds (see `format_plan`)."""
+
+    inputs: dict
+    models: dict
+    layer_pairs: list
+    params: dict
+    memory_gpu: dict
+    memory_gpu_total: float
+    memory_gpu_headroom: float
+    memory_cpu_per_node: dict
+    activations: dict
+    comm_per_micro_step: dict
+    comm_per_step: dict
+    flops: dict
+    step_cost: dict
+    time: dict
+    cache: dict
+    warnings: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """A JSON-safe dict: infinite floats become "inf" / "-inf", NaN becomes None."""
+        return _jsonable(asdict(self))
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
 
 
 def _gib(x: float) -> str:
@@ -43,7 +82,8 @@ def _flops_h(x: float) -> str:
     return _scaled(x, (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)), "FLOP")
 
 
-def _human_count(n: float) -> str:
+def human_count(n: float) -> str:
+    """1234567 -> '1.23M'."""
     return _scaled(n, (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)), "", sep="")
 
 
@@ -67,13 +107,13 @@ def format_plan(p: Plan) -> str:
     w("")
     pr = p.params
     w("Parameters")
-    w(f"  anchor            {pr['anchor']:>17,}  ({_human_count(pr['anchor'])})")
+    w(f"  anchor            {pr['anchor']:>17,}  ({human_count(pr['anchor'])})")
     for name, n, kept in zip(i["augmenting"], pr["augmenting"], pr["augmenting_loaded"]):
-        w(f"  augmenting        {n:>17,}  ({_human_count(n)}) {name}; loaded {_human_count(kept)}"
+        w(f"  augmenting        {n:>17,}  ({human_count(n)}) {name}; loaded {human_count(kept)}"
           + (" (cached states: not loaded)" if i["states"] == "cached" else " (blocks above the deepest pair dropped)"
              if kept != n else ""))
-    w(f"  trainable blocks  {pr['trainable']:>17,}  ({_human_count(pr['trainable'])}; {pr['pairs']} pairs, "
-      f"{', '.join(f'{_human_count(x)}' for x in pr['per_block'])} per block)")
+    w(f"  trainable blocks  {pr['trainable']:>17,}  ({human_count(pr['trainable'])}; {pr['pairs']} pairs, "
+      f"{', '.join(f'{human_count(x)}' for x in pr['per_block'])} per block)")
     for name, pairs in zip(i["augmenting"], p.layer_pairs):
         w(f"  layer pairs (aug->anchor) {name}: " + ", ".join(f"{a}->{b}" for a, b in pairs))
     w(f"  first composed anchor layer j0 = {pr['first_composed_anchor_layer']}")

@@ -1,4 +1,5 @@
-"""The FLOP / byte model (calm_dist.planning.costs) against real tiny Hugging Face models and torch's FlopCounterMode."""
+"""The FLOP / byte model (calm_dist.planning.costs) against real tiny Hugging Face models and torch's
+FlopCounterMode."""
 
 import math
 
@@ -6,32 +7,13 @@ import pytest
 import torch
 import torch.nn as nn
 import transformers
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from calm_dist.planning import activation_memory
-
-from calm_dist.planning import costs
-
-from calm_dist.planning import model_sizes
+from calm_dist.model.cross_attention import CrossAttentionBlock
+from calm_dist.planning import activation_memory, costs, model_sizes, shapes
+from tests.helpers.flop_counter import counted
 from tests.helpers.reference import RefBlock
 
 torch.set_num_threads(1)
-aten = torch.ops.aten
-
-# FlopCounterMode knows the CUDA SDPA kernels only; count the CPU one the same way (forward: QK^T + PV,
-# backward: 5 bmm-sized products, as for the CUDA flash / efficient kernels).
-CPU_SDPA = {
-    aten._scaled_dot_product_flash_attention_for_cpu:
-        lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v),
-    aten._scaled_dot_product_flash_attention_for_cpu_backward:
-        lambda g, q, k, v, *a, out_shape=None, **kw: sdpa_backward_flop_count(g, q, k, v),
-}
-
-
-def counted(fn):
-    with FlopCounterMode(display=False, custom_mapping=CPU_SDPA) as fc:
-        fn()
-    return fc.get_total_flops()
 
 
 def tiny_configs():
@@ -110,11 +92,17 @@ def test_unsupported_model_type_is_refused():
         costs.model_spec({"model_type": "t5", "d_model": 512})
 
 
-def test_composition_block_params_match_reference_block():
-    block = RefBlock(48, 64, 4)
+def test_block_shapes_match_the_real_block():
+    """shapes.block_tensors is the one list of the block's tensors: the real block, tensor by tensor."""
+    block = CrossAttentionBlock(48, 64, 4)
+    real = [(name, p.numel(), name.endswith("weight") and p.dim() == 2) for name, p in block.named_parameters()]
+    assert shapes.block_tensors(48, 64) == real
     assert costs.composition_block_params(48, 64) == sum(p.numel() for p in block.parameters())
+    assert shapes.block_matmul_parameter_count(48, 64) == sum(p.numel() for p in block.parameters() if p.dim() == 2)
     # the paper's count is D_A*D_B + 3*D_B^2 (+ D_B^2 for W^O); ours adds the proj bias and two LayerNorms
     assert costs.composition_block_params(48, 64) == 48 * 64 + 4 * 64 * 64 + 64 + 4 * 64
+    assert costs.composition_params("llama-70b", ["llama-7b", "llama-1b"], [[(3, 9), (7, 9)], [(1, 2)]]) == (
+        2 * costs.composition_block_params(4096, 8192) + costs.composition_block_params(2048, 8192))
 
 
 # ------------------------------------------------------------------------------------------------ layer pairs
@@ -153,6 +141,9 @@ def test_normalize_layer_pairs_forms():
     assert groups[0][1] == [(31, 79), (31, 39)]
     with pytest.raises(ValueError, match="out of range"):
         costs.normalize_layer_pairs("llama-70b", "llama-7b", [(32, 0)])
+    # the composition's own check (layer_pairs.validate_layer_pairs): what training refuses, the planner refuses
+    with pytest.raises(ValueError, match="duplicate"):
+        costs.normalize_layer_pairs("llama-70b", "llama-7b", [(3, 9), (3, 9)])
     with pytest.raises(ValueError, match="layer-pair"):
         costs.normalize_layer_pairs("llama-70b", ["llama-7b", "llama-1b"], [[(3, 9)]])
 

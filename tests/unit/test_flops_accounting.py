@@ -4,24 +4,17 @@ augmenting states.
 
 Conventions of the comparison: FlopCounterMode counts every query against every key (causal=False) and a
 fused SDPA backward as 2.5x its forward (attn_backward_factor=2.5); it knows only the CUDA SDPA kernels, so
-the CPU flash kernel is mapped to the same formulas here.
+tests/helpers/flop_counter.py maps the CPU flash kernel to the same formulas.
 """
 import pytest
 import torch
 import transformers
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from calm_dist import ComposedModel
 from calm_dist.planning import costs
+from tests.helpers.flop_counter import counted
 
 torch.set_num_threads(1)
-aten = torch.ops.aten
-CPU_SDPA = {
-    aten._scaled_dot_product_flash_attention_for_cpu:
-        lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v),
-    aten._scaled_dot_product_flash_attention_for_cpu_backward:
-        lambda g, q, k, v, *a, out_shape=None, **kw: sdpa_backward_flop_count(g, q, k, v),
-}
 BATCH, SEQ, VOCAB = 2, 24, 96
 SPECIAL = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
@@ -46,10 +39,7 @@ def composed(family, pairs):
 
 
 def counted_step(model, ids, states=None):
-    with FlopCounterMode(display=False, custom_mapping=CPU_SDPA) as fc:
-        out = model(ids, labels=ids, augmenting_states=states)
-        out.loss.backward()
-    return fc.get_total_flops()
+    return counted(lambda: model(ids, labels=ids, augmenting_states=states).loss.backward())
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

@@ -5,9 +5,7 @@ import math
 
 import pytest
 
-from calm_dist.planning import costs
-
-from calm_dist.planning import model_sizes
+from calm_dist.planning import costs, model_sizes
 from calm_dist.planning.plan import Hardware, ZeroOptions, main, plan, resolve_model
 
 GiB = 1024 ** 3
