@@ -2,12 +2,21 @@
 
 Every command that takes a config reads the same recipe format as `calm_dist/train.py`
 (`--config recipe.yaml key=value ...`) and refuses a bad one with one line and exit code 2.
+
+Each command imports what it runs inside its function: `calm-dist --help`, a bad argument and a bad config
+never wait for torch.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
+
+from calm_dist.config import ConfigError, load_config
+from calm_dist.console import quiet_libraries
+from calm_dist.train import main as train_main
+from calm_dist.training.dist_env import DistEnv
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -16,8 +25,6 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args, need_train_data: bool = True, training: bool = False):
-    from calm_dist.config import load_config
-    from calm_dist.training.dist_env import DistEnv
     from calm_dist.training.preflight import preflight
 
     cfg = load_config(args.config, args.overrides)
@@ -36,8 +43,6 @@ def cmd_cache(args) -> int:
         print(json.dumps(estimate(cfg, resolved, flops_per_s=args.flops_per_s, read_bytes_per_s=args.read_bytes_per_s,
                                   write_bytes_per_s=args.write_bytes_per_s), indent=2))
         return 0
-    from calm_dist.training.trainer import quiet_libraries
-
     quiet_libraries()
     for split, path in run_cache_job(cfg, env, resolved, rows_per_shard=args.rows_per_shard).items():
         if env.is_main:
@@ -46,25 +51,24 @@ def cmd_cache(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from calm_dist.train import main as train_main
-
     return train_main((["--config", args.config] if args.config else []) + args.overrides)
 
 
 def cmd_eval(args) -> int:
+    cfg = load_config(args.config, args.overrides)  # a bad config is refused before torch loads
     from calm_dist.task_eval import main as eval_main
 
-    return eval_main(args)
+    return eval_main(args, cfg)
 
 
 def cmd_generate(args) -> int:
+    sampling = sampling_arguments(args)  # bad values are refused before torch loads
     import torch
 
     from calm_dist import ComposedModel
     from calm_dist.data.tokenized import Tokenizer
-    from calm_dist.training.dist_env import DistEnv, local_device
+    from calm_dist.training.dist_env import local_device
 
-    sampling = sampling_arguments(args)  # before anything loads
     device = local_device(DistEnv.from_environ())
     model = ComposedModel.from_composition(args.composition).to(device)
     tokenizer = Tokenizer(args.tokenizer)
@@ -80,8 +84,6 @@ def cmd_generate(args) -> int:
 def sampling_arguments(args) -> dict:
     """Greedy unless --temperature, --top-k or --top-p asks for sampling (a temperature of 1 when only a top-k or
     top-p is given); values out of range are one line, exit 2."""
-    from calm_dist.config import ConfigError
-
     t, k, p = args.temperature, args.top_k, args.top_p
     if t is not None and t < 0:
         raise ConfigError(f"--temperature must be >= 0, got {t}")
@@ -95,17 +97,47 @@ def sampling_arguments(args) -> dict:
     return {"do_sample": do_sample, "temperature": t or 1.0, "top_k": k, "top_p": p}
 
 
-# These own their argument parsing: everything after the verb goes to them untouched.
-DELEGATED = {"compare": "compare MLflow runs (calm_dist/tracking/compare.py)",
-             "plan": "predict memory, communication and cache size for a cluster (calm_dist/planning/plan.py)"}
+def eval_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of `calm-dist eval` (calm_dist.task_eval.main reads them)."""
+    p.add_argument("--config", help="the training recipe (models, tokenizer)")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--composition", action="append", default=[], metavar="[NAME=]DIR",
+                   help="a trained export (composition or LoRA baseline); repeat for several columns "
+                        "(default: composed=<train.output_dir>/final)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=PATH", help="a prompt/completion data set")
+    p.add_argument("--models", default="augmenting,anchor",
+                   help="base-model columns: anchor, augmenting (comma list; empty for none)")
+    p.add_argument("--prefix-only", action="store_true",
+                   help="also evaluate each composition with the augmenting models seeing the prompt only")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--limit", type=int, help="at most this many examples per set")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--mlflow-run-id", help="log eval metrics into this MLflow run (default: a new run)")
+
+
+# These own their argument parsing: everything after the verb goes to their main() untouched.
+DELEGATED = {"compare": ("calm_dist.tracking.compare", "compare MLflow runs (calm_dist/tracking/compare.py)"),
+             "plan": ("calm_dist.planning.plan",
+                      "predict memory, communication and cache size for a cluster (calm_dist/planning/plan.py)")}
+
+
+def input_errors() -> tuple[type[Exception], ...]:
+    """The errors that mean bad input (one line, exit 2, no traceback): ConfigError, and CacheError and
+    CompositionError once their modules are loaded. A module that was never imported raised nothing, and
+    importing one here would load torch."""
+    errors: list[type[Exception]] = [ConfigError]
+    for module, name in (("calm_dist.training.states_cache", "CacheError"),
+                         ("calm_dist.model.composition", "CompositionError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in DELEGATED:
-        import importlib
-
-        return importlib.import_module(f"calm_dist.{argv[0]}").main(argv[1:])
+        return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:])
     parser = argparse.ArgumentParser(prog="calm-dist", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -124,9 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="exact match and loss of anchor, augmenting and composed models")
-    from calm_dist.task_eval import add_arguments
-
-    add_arguments(p)
+    eval_arguments(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="decode from a saved composition")
@@ -140,27 +170,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="the sampling generator's seed")
     p.set_defaults(func=cmd_generate)
 
-    for name, text in DELEGATED.items():
+    for name, (_, text) in DELEGATED.items():
         sub.add_parser(name, help=text)
 
     args = parser.parse_args(argv)
-    from calm_dist.training.trainer import quiet_libraries
-
     quiet_libraries()
-    from calm_dist.training.states_cache import CacheError
-    from calm_dist.model.composition import CompositionError
-    from calm_dist.config import ConfigError
-
     try:
         return args.func(args)
-    except (ConfigError, CacheError, CompositionError) as e:
+    except Exception as e:
+        if not isinstance(e, input_errors()):
+            raise
         print(f"calm-dist: error: {e}", file=sys.stderr)
         return 2
 
 
 def console_main() -> None:
     """The `calm-dist` command and `python -m calm_dist.cli`: main(), then the process ends without interpreter
-    finalization (distributed.exit_process). main() itself returns, for callers in the same process."""
+    finalization (dist_env.exit_process). main() itself returns, for callers in the same process."""
     from calm_dist.training.dist_env import run_then_exit
 
     run_then_exit(main)

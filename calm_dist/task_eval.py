@@ -6,7 +6,6 @@ and the composition, over prompt/completion data sets: the paper's Table 1 shape
 """
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +13,14 @@ from typing import Callable
 
 import torch
 
-from calm_dist.model.composition import position_ids_from_mask
 from calm_dist.config import ConfigError
 from calm_dist.data.tokenized import IGNORE, Tokenizer, completion_ids, load_records, prompt_ids
+from calm_dist.model.baselines import LoRAAnchor
+from calm_dist.model.composition import ComposedModel, position_ids_from_mask, read_composition_config
+from calm_dist.model.io import load_causal_lm
 from calm_dist.model.lm_loss import labelled_tokens, loss_from_logits
+from calm_dist.tracking.tracker import Tracker
+from calm_dist.training.dist_env import DistEnv, local_device
 
 GenerateFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -134,7 +137,10 @@ def format_table(results: dict[str, dict[str, SetResult]], metric: str = "exact_
         cells = []
         for m in models:
             r = results[m].get(s)
-            cells.append("–" if r is None else (f"{100 * r.exact_match:.1f}" if metric == "exact_match" else f"{r.loss:.3f}"))
+            if r is None:
+                cells.append("–")
+            else:
+                cells.append(f"{100 * r.exact_match:.1f}" if metric == "exact_match" else f"{r.loss:.3f}")
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -143,30 +149,8 @@ def to_json(results: dict[str, dict[str, SetResult]]) -> dict:
     return {m: {s: vars(r) for s, r in per.items()} for m, per in results.items()}
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="the training recipe (models, tokenizer)")
-    p.add_argument("overrides", nargs="*")
-    p.add_argument("--composition", action="append", default=[], metavar="[NAME=]DIR",
-                   help="a trained export (composition or LoRA baseline); repeat for several columns "
-                        "(default: composed=<train.output_dir>/final)")
-    p.add_argument("--set", action="append", default=[], metavar="NAME=PATH", help="a prompt/completion data set")
-    p.add_argument("--models", default="augmenting,anchor",
-                   help="base-model columns: anchor, augmenting (comma list; empty for none)")
-    p.add_argument("--prefix-only", action="store_true",
-                   help="also evaluate each composition with the augmenting models seeing the prompt only")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--limit", type=int, help="at most this many examples per set")
-    p.add_argument("--json", help="write the results here")
-    p.add_argument("--mlflow-run-id", help="log eval metrics into this MLflow run (default: a new run)")
-
-
 def load_export(directory, anchor_path: str):
     """A trained export: a CALM composition, or the LoRA baseline (composition.json says which)."""
-    from calm_dist.model.baselines import LoRAAnchor
-    from calm_dist.model.composition import ComposedModel, read_composition_config
-    from calm_dist.model.io import load_causal_lm
-
     config = json.loads((Path(directory) / "composition.json").read_text())
     if config.get("method") == "lora":
         return LoRAAnchor.from_export(directory, load_causal_lm(anchor_path)).eval()
@@ -177,10 +161,6 @@ def load_export(directory, anchor_path: str):
 def run(cfg, sets: dict[str, str], compositions: dict[str, str], base_models: list[str], batch_size: int = 64,
         max_new_tokens: int | None = None, limit: int | None = None,
         prefix_only: bool = False) -> dict[str, dict[str, SetResult]]:
-    from calm_dist.model.baselines import LoRAAnchor
-    from calm_dist.model.io import load_causal_lm
-    from calm_dist.training.dist_env import DistEnv, local_device
-
     tokenizer = Tokenizer(cfg.data.tokenizer)
     eos, pad = tokenizer.eos_id, tokenizer.pad_id
     device = local_device(DistEnv.from_environ())
@@ -221,10 +201,8 @@ def _named(items: list[str], what: str, default_name: str) -> dict[str, str]:
     return named
 
 
-def main(args) -> int:
-    from calm_dist.config import load_config
-
-    cfg = load_config(args.config, args.overrides)
+def main(args, cfg) -> int:
+    """`calm-dist eval`: `args` as calm_dist.cli.eval_arguments defines them, `cfg` the loaded recipe."""
     sets = _named(args.set, "--set", "eval")
     if not sets:
         raise ConfigError("no --set NAME=PATH given")
@@ -237,8 +215,6 @@ def main(args) -> int:
         Path(args.json).write_text(json.dumps(to_json(results), indent=2))
     run_id = args.mlflow_run_id
     if run_id or cfg.tracking.enabled:
-        from calm_dist.tracking.tracker import Tracker
-
         tracker = Tracker(cfg.tracking, is_main_process=True, output_dir=cfg.train.output_dir)
         tracker.start(cfg.to_dict(), run_id=run_id)
         tracker.log_metrics({f"eval/{m}/{s}/{k}": getattr(r, k) for m, per in results.items()

@@ -6,6 +6,8 @@ family to the identity test in tests/unit/test_composition.py.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 from torch import nn
@@ -72,6 +74,17 @@ def frozen_decoder_blocks(models) -> list[nn.Module]:
 def decoder(model: nn.Module) -> nn.Module:
     """The bare decoder (embeddings + blocks + final norm), without the LM head."""
     return model.get_decoder() if hasattr(model, "get_decoder") else model
+
+
+def cache_kwarg(module: nn.Module) -> str:
+    """The name under which `module.forward` takes a KV cache: `cache` in newer transformers 5.x releases,
+    `past_key_values` before."""
+    return _cache_kwarg_of(type(module))
+
+
+@functools.cache
+def _cache_kwarg_of(cls) -> str:  # one signature inspection per class: decoding asks on every step
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def special_token_ids(config) -> dict[str, int | None]:

@@ -10,6 +10,8 @@
 `LoRAAnchor` offers the trainer the same surface as `ComposedModel` (forward, trainable_parameters,
 composition_state_dict / composition_config, generate) and exports in the same directory format, with
 `"method": "lora"` in composition.json.
+
+peft is imported where a LoRA model is built: nothing else needs it, and it is a slow import.
 """
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from calm_dist.model import backbones
 from calm_dist.model.composition import FORMAT_VERSION, WEIGHTS_FILE, ComposedOutput, position_ids_from_mask
@@ -105,8 +109,6 @@ class LoRAAnchor(nn.Module):
 
     @classmethod
     def from_export(cls, directory, anchor: nn.Module) -> "LoRAAnchor":
-        from safetensors.torch import load_file
-
         config = json.loads((Path(directory) / "composition.json").read_text())
         model = cls(anchor, config["lora_rank"], config["lora_targets"])
         missing = set(model.composition_state_dict()) ^ set(load_file(str(Path(directory) / WEIGHTS_FILE)))
@@ -118,8 +120,6 @@ class LoRAAnchor(nn.Module):
 
 def random_augmenting(config, seed: int, dtype=None) -> nn.Module:
     """The same architecture with freshly initialised weights (built outside ZeRO, then saved and loaded)."""
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     backbones.Backbone.from_config(model.config)

@@ -9,22 +9,24 @@ left padding changes nothing).
 from __future__ import annotations
 
 import copy
-
-import functools
 import json
+import shutil
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from transformers.utils import ModelOutput
 
+from calm_dist.files import fsync_file, save_safetensors
 from calm_dist.model import backbones
-from calm_dist.model.io import load_causal_lm
 from calm_dist.model.cross_attention import CrossAttentionBlock, block_parameter_count, cross_attention_mask
+from calm_dist.model.io import load_causal_lm
+from calm_dist.model.layer_pairs import LayerPairs, default_layer_pairs, used_augmenting_layers, validate_layer_pairs
 from calm_dist.model.lm_loss import head_loss, loss_from_logits
-from calm_dist.model.layer_pairs import LayerPairs, default_layer_pairs, validate_layer_pairs
 
 WEIGHTS_FILE = "composition.safetensors"
 CONFIG_FILE = "composition.json"
@@ -160,9 +162,10 @@ class ComposedModel(nn.Module):
             for pairs, bb in zip(self.layer_pairs, aug_bbs)
         )
         sources = sources or {}
+        revisions = sources.get("augmenting_revisions", [None] * len(augmenting))
         self.description = {
             "anchor": _describe(anchor, sources.get("anchor_revision")),
-            "augmenting": [_describe(m, r) for m, r in zip(augmenting, sources.get("augmenting_revisions", [None] * len(augmenting)))],
+            "augmenting": [_describe(m, r) for m, r in zip(augmenting, revisions)],
         }
         for model in [anchor, *models]:
             model.requires_grad_(False)
@@ -198,9 +201,9 @@ class ComposedModel(nn.Module):
         anchor_blocks = backbones.decoder_blocks(self.anchor)
         for j in self._anchor_targets:
             anchor_blocks[j].register_forward_hook(self._anchor_hook(j))
-        for a, (model, pairs) in enumerate(zip(self.augmenting, self.layer_pairs)):
+        for a, (model, layers) in enumerate(zip(self.augmenting, self.augmenting_layers)):
             blocks = backbones.decoder_blocks(model)
-            for i in sorted({i for i, _ in pairs}):
+            for i in layers:
                 blocks[i].register_forward_hook(self._capture_hook(a, i))
 
     def _anchor_hook(self, j: int):
@@ -248,18 +251,20 @@ class ComposedModel(nn.Module):
     @property
     def augmenting_layers(self) -> list[list[int]]:
         """Per augmenting model, the distinct blocks whose outputs the composition reads (what a cache stores)."""
-        return [sorted({i for i, _ in pairs}) for pairs in self.layer_pairs]
+        return used_augmenting_layers(self.layer_pairs)
 
     # ---- forward ------------------------------------------------------------------------------------
     def run_augmenting(self, input_ids, attention_mask, position_ids, caches=None) -> AugmentingStates:
         """Hidden states of the composed augmenting blocks (no LM head, no gradients)."""
         if not len(self.augmenting):
-            raise CompositionError("this composition holds no augmenting weights (cached states): pass augmenting_states")
+            raise CompositionError(
+                "this composition holds no augmenting weights (cached states): pass augmenting_states")
         ctx = _Context(keys_values=[], mask=None)
         with torch.no_grad(), self._composing(ctx):
             for a, model in enumerate(self.augmenting):
                 decoder = backbones.decoder(model)
-                kwargs = {_cache_kwarg(decoder): caches[a], "use_cache": True} if caches is not None else {"use_cache": False}
+                kwargs = ({backbones.cache_kwarg(decoder): caches[a], "use_cache": True} if caches is not None
+                          else {"use_cache": False})
                 decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
         return [{i: ctx.captured[(a, i)] for i in layers} for a, layers in enumerate(self.augmenting_layers)]
 
@@ -309,7 +314,18 @@ class ComposedModel(nn.Module):
         return self.anchor(input_ids=input_ids, attention_mask=mask,
                            position_ids=position_ids_from_mask(mask), use_cache=False).logits
 
+    def run_anchor(self, keys_values: list[list[tuple[torch.Tensor, torch.Tensor]]],
+                   cross_mask: torch.Tensor | None, **inputs):
+        """The anchor's forward on `inputs` (its transformers arguments, a KV cache included), each composed
+        block adding its cross-attention over `keys_values` (from `keys_values()`) under `cross_mask`
+        (None: every key visible). Decoding runs the anchor this way, one step at a time."""
+        with self._composing(_Context(keys_values, cross_mask)):
+            return self.anchor(**inputs)
+
     def generate(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
+        """Decode; the arguments are `calm_dist.model.generation.generate`'s."""
+        # Imported here: generation builds on this module (ComposedModel, position_ids_from_mask), so a
+        # module-level import would make the two import each other.
         from calm_dist.model.generation import generate
 
         return generate(self, input_ids, attention_mask, **kwargs)
@@ -332,8 +348,6 @@ class ComposedModel(nn.Module):
         return write_composition(directory, state_dict or self.composition_state_dict(), self.composition_config())
 
     def load_composition_weights(self, directory) -> None:
-        from safetensors.torch import load_file
-
         config = read_composition_config(directory)
         check_compatible(config, self)
         self.blocks.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE)), strict=True)
@@ -356,18 +370,6 @@ class ComposedModel(nn.Module):
             dtype=dtype, trust_remote_code=trust_remote_code)
         model.load_composition_weights(directory)
         return model
-
-
-def _cache_kwarg(module: nn.Module) -> str:
-    """transformers renamed `past_key_values` to `cache` during 5.x."""
-    return _cache_kwarg_of(type(module))
-
-
-@functools.cache
-def _cache_kwarg_of(cls) -> str:  # inspected once per class: this runs on every decoding step
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def _recorded_source(description: dict, who: str) -> str:
@@ -406,26 +408,19 @@ def check_compatible(saved: dict, model: ComposedModel) -> None:
 
 def write_composition_files(directory, state_dict: dict[str, torch.Tensor], config: dict) -> None:
     """composition.safetensors + composition.json into an existing directory."""
-    from calm_dist.training.checkpoint import save_safetensors
-
     save_safetensors(state_dict, Path(directory) / WEIGHTS_FILE)
     (Path(directory) / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
 def write_composition(directory, state_dict: dict[str, torch.Tensor], config: dict) -> Path:
     """Write weights + config into a temporary sibling, fsync, then rename it into place."""
-    import os
-    import shutil
-    import tempfile
-
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         write_composition_files(tmp, state_dict, config)
         for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+            fsync_file(f)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -17,7 +17,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from calm_dist.model.composition import ComposedModel, _cache_kwarg, _Context, position_ids_from_mask
+from calm_dist.model.backbones import cache_kwarg
+from calm_dist.model.composition import ComposedModel, position_ids_from_mask
 from calm_dist.model.cross_attention import cross_attention_mask
 
 
@@ -43,10 +44,11 @@ def generate(model: ComposedModel, input_ids: torch.Tensor, attention_mask: torc
     """Prompt + new tokens [B, T + max_new_tokens] (finished rows padded with pad_token_id), like transformers."""
     config = model.anchor.config
     eos_token_id = config.eos_token_id if eos_token_id is None else eos_token_id
-    pad_token_id = (config.pad_token_id if config.pad_token_id is not None else eos_token_id) if pad_token_id is None else pad_token_id
+    if pad_token_id is None:
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else eos_token_id
     warpers = _warpers(do_sample, temperature, top_k, top_p)
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-    step = _CachedStepper(model, refresh_augmenting) if use_cache else _RecomputingStepper(model, refresh_augmenting)
+    step = CachedStepper(model, refresh_augmenting) if use_cache else RecomputingStepper(model, refresh_augmenting)
 
     sequences = input_ids
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -67,12 +69,13 @@ def generate(model: ComposedModel, input_ids: torch.Tensor, attention_mask: torc
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         logits = step.next(sequences, mask)
     if sequences.shape[1] < input_ids.shape[1] + max_new_tokens and pad_token_id is not None:
-        fill = sequences.new_full((sequences.shape[0], input_ids.shape[1] + max_new_tokens - sequences.shape[1]), pad_token_id)
+        missing = input_ids.shape[1] + max_new_tokens - sequences.shape[1]
+        fill = sequences.new_full((sequences.shape[0], missing), pad_token_id)
         sequences = torch.cat([sequences, fill], dim=1)
     return sequences
 
 
-class _RecomputingStepper:
+class RecomputingStepper:
     """Every step runs every model over the whole sequence."""
 
     def __init__(self, model: ComposedModel, refresh_augmenting: bool):
@@ -90,13 +93,12 @@ class _RecomputingStepper:
         t = sequences.shape[1]
         cross_mask = cross_attention_mask(torch.arange(t, device=sequences.device), self.prompt_mask,
                                           self.prompt_ids.shape[1])
-        with self.model._composing(_Context(self.model.keys_values(states), cross_mask)):
-            out = self.model.anchor(input_ids=sequences, attention_mask=mask,
-                                    position_ids=position_ids_from_mask(mask), use_cache=False)
+        out = self.model.run_anchor(self.model.keys_values(states), cross_mask, input_ids=sequences,
+                                    attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
         return out.logits[:, -1]
 
 
-class _CachedStepper:
+class CachedStepper:
     """One KV cache per model, plus the composition blocks' keys/values so far; one token per step."""
 
     def __init__(self, model: ComposedModel, refresh_augmenting: bool):
@@ -127,7 +129,7 @@ class _CachedStepper:
         total = mask.shape[1]
         query_positions = torch.arange(total - ids.shape[1], total, device=ids.device)
         cross_mask = cross_attention_mask(query_positions, self.key_mask, self.key_mask.shape[1])
-        with self.model._composing(_Context(self.keys_values, cross_mask)):
-            out = self.model.anchor(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                    use_cache=True, **{_cache_kwarg(self.model.anchor): self.anchor_cache})
+        out = self.model.run_anchor(self.keys_values, cross_mask, input_ids=ids, attention_mask=mask,
+                                    position_ids=positions, use_cache=True,
+                                    **{cache_kwarg(self.model.anchor): self.anchor_cache})
         return out.logits[:, -1]

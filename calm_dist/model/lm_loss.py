@@ -6,8 +6,7 @@ hidden states of the labelled positions only and goes through them a chunk of ro
 head is frozen and the loss is a sum, each chunk's gradient for its hidden states, (softmax - one_hot) @ W, is
 known as soon as its logits are, so it is computed there and saved; backward only scales it. The FLOPs are
 those of head + cross_entropy (minus the unlabelled rows); the B x T x V logits, log-softmax and gradient
-tensors are gone, and so are their copies (the shifted slice, its backward's zero fill). Measured on the
-benchmark's step (8 x 256 tokens, vocab 8192, 1 CPU thread): head + loss 450-600 ms -> 280-340 ms.
+tensors are gone, and so are their copies (the shifted slice, its backward's zero fill).
 """
 from __future__ import annotations
 
@@ -17,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calm_dist.planning.activation_memory import LOSS_CHUNK_LOGITS as CHUNK_LOGITS  # logits per chunk, shared with the memory model
+# logits per chunk, shared with the memory model
+from calm_dist.planning.activation_memory import LOSS_CHUNK_LOGITS as CHUNK_LOGITS
 
 IGNORE = -100
 
@@ -91,7 +91,7 @@ def _gathered(params: list[torch.Tensor]):
     if not missing:
         yield
         return
-    import deepspeed
+    import deepspeed  # here: only a ZeRO-3 partitioned weight needs it, and importing it is slow
 
     with deepspeed.zero.GatheredParameters(missing):
         yield

@@ -23,7 +23,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from calm_dist.tracking.tracker import DEFAULT_EXPERIMENT, resolve_tracking_uri
+from calm_dist.tracking.store import DEFAULT_EXPERIMENT, resolve_tracking_uri
 
 # Reading is not training: allow more time than the Tracker does, but never MLflow's 120 s x 7 tries.
 _HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}

@@ -2,6 +2,9 @@
 
 Nothing here is rank-aware; the Tracker decides who logs. `python -m calm_dist.tracking.tracker import-offline FILE`
 sends what an outage left in `<output_dir>/mlflow_offline/`.
+
+mlflow is imported inside the functions that talk to a store: it is a slow import, and a job with tracking
+off, or a config check, never needs it.
 """
 from __future__ import annotations
 
@@ -20,8 +23,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from calm_dist import SOURCE_TREE
-from calm_dist.config import ConfigError
+from calm_dist import SOURCE_TREE, __version__
+from calm_dist.config import ConfigError, flatten
+from calm_dist.files import replacing
+from calm_dist.tracking.credentials import export_tracking_credentials
 
 log = logging.getLogger(__name__)
 
@@ -39,40 +44,35 @@ _MAX_PARAMS_TAGS_PER_BATCH = 100
 _MAX_METRICS_PER_BATCH = 1000
 _MAX_PARAM_VAL_LENGTH = 6000
 _MAX_TAG_VAL_LENGTH = 8000
-_IMPORT_HINT = "python -m calm_dist.tracking.tracker import-offline {path}"
+IMPORT_HINT = "python -m calm_dist.tracking.tracker import-offline {path}"
 # Validation waits this long at most for the store's answer (probe_tracking_store).
 PROBE_TIMEOUT_S = 5.0
-
-
 
 
 # ----------------------------------------------------------------------------------------------------
 # helpers
 
 
-def flatten_params(params: Any, prefix: str = "") -> dict[str, str]:
+def flatten_params(params: Any) -> dict[str, str]:
     """A nested config (mappings and dataclasses) as flat ``{"a.b.c": "value"}`` MLflow params.
 
-    Lists and tuples become JSON, other leaves ``str(value)``; values longer than MLflow's limit are
-    truncated (the full config belongs in an artifact: ``log_dict(cfg, "config.json")``).
+    The keys are calm_dist.config.flatten's; lists and tuples become JSON, other leaves ``str(value)``; values
+    longer than MLflow's limit are truncated (the full config belongs in an artifact: ``log_dict(cfg,
+    "config.json")``).
     """
-    if dataclasses.is_dataclass(params) and not isinstance(params, type):
-        params = dataclasses.asdict(params)
-    out: dict[str, str] = {}
-    if not isinstance(params, Mapping):
-        if prefix:
-            out[prefix] = _param_str(params)
-            return out
+    params = _as_dicts(params)
+    if not isinstance(params, dict):
         raise TypeError(f"params must be a mapping or a dataclass, got {type(params).__name__}")
-    for key, value in params.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            value = dataclasses.asdict(value)
-        if isinstance(value, Mapping) and value:
-            out.update(flatten_params(value, name))
-        else:
-            out[name] = _param_str(value)
-    return out
+    return {key: _param_str(value) for key, value in flatten(params).items()}
+
+
+def _as_dicts(value: Any) -> Any:
+    """Dataclasses and mappings as plain dicts, all the way down (not into lists): what config.flatten walks."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, Mapping):
+        return {key: _as_dicts(item) for key, item in value.items()}
+    return value
 
 
 def _param_str(value: Any) -> str:
@@ -117,19 +117,6 @@ def parse_tags(text: str | None) -> dict[str, str]:
     return tags
 
 
-def _calm_dist_version() -> str:
-    # The package is normally imported already (we live in it); never import it here (torch).
-    pkg = sys.modules.get("calm_dist")
-    if getattr(pkg, "__version__", None):
-        return str(pkg.__version__)
-    try:
-        from importlib.metadata import version
-
-        return version("calm-dist")
-    except Exception:
-        return "unknown"
-
-
 def _git_commit() -> tuple[str | None, bool | None]:
     """(commit, dirty) from env CALM_DIST_GIT_COMMIT / GIT_COMMIT, else git in this source tree."""
     for var in ("CALM_DIST_GIT_COMMIT", "GIT_COMMIT"):
@@ -153,7 +140,7 @@ def _git_commit() -> tuple[str | None, bool | None]:
 def default_tags() -> dict[str, str]:
     """Where and what ran: SLURM job id, node count, world size, git commit, calm_dist version, host."""
     env = os.environ
-    tags = {"calm_dist_version": _calm_dist_version(), "hostname": socket.gethostname()}
+    tags = {"calm_dist_version": __version__, "hostname": socket.gethostname()}
     if env.get("SLURM_JOB_ID"):
         tags["slurm_job_id"] = env["SLURM_JOB_ID"]
         if env.get("SLURM_ARRAY_JOB_ID"):
@@ -187,8 +174,6 @@ def resolve_tracking_uri(uri: str | None, output_dir: str | Path | None = None) 
     the URI move to MLflow's MLFLOW_TRACKING_USERNAME / _PASSWORD: the URI returned (logged, buffered,
     printed) carries none.
     """
-    from calm_dist.tracking.credentials import export_tracking_credentials
-
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or None
     if uri is not None and "://" in uri:
         uri = export_tracking_credentials(uri)
@@ -201,16 +186,16 @@ def resolve_tracking_uri(uri: str | None, output_dir: str | Path | None = None) 
     return uri
 
 
-def _sqlite_path(uri: str) -> Path | None:
+def sqlite_path(uri: str) -> Path | None:
     if uri.startswith("sqlite:///"):
         return Path(uri[len("sqlite:///"):])
     return None
 
 
-def _default_artifact_location(uri: str, experiment: str) -> str | None:
+def default_artifact_location(uri: str, experiment: str) -> str | None:
     # A sqlite store's default artifact root is ./mlruns relative to the *current directory*; keep
     # artifacts beside the database instead. Servers choose their own (proxied) location.
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is None:
         return None
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment) or "experiment"
@@ -224,10 +209,10 @@ def apply_http_defaults() -> None:
 
 def get_or_create_experiment(client, name: str, artifact_location: str | None = None) -> str:
     """The id of experiment ``name``, created if missing; safe when several processes race."""
-    return _get_or_create_experiment(client, name, artifact_location)[0]
+    return find_or_create_experiment(client, name, artifact_location)[0]
 
 
-def _get_or_create_experiment(client, name, artifact_location=None) -> tuple[str, str]:
+def find_or_create_experiment(client, name: str, artifact_location: str | None = None) -> tuple[str, str]:
     """(experiment id, how) with how in {"existing", "created", "lost_race"}."""
     from mlflow.exceptions import MlflowException
 
@@ -274,7 +259,7 @@ def probe_tracking_store(cfg, output_dir: str | Path) -> None:
         return
     uri = resolve_tracking_uri(cfg.tracking_uri, output_dir)
     experiment = cfg.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
-    local = _sqlite_path(uri) or (Path(uri.removeprefix("file://")) if "://" not in uri or uri.startswith("file:")
+    local = sqlite_path(uri) or (Path(uri.removeprefix("file://")) if "://" not in uri or uri.startswith("file:")
                                   else None)
     if local is not None and not local.exists():
         return
@@ -285,7 +270,7 @@ def probe_tracking_store(cfg, output_dir: str | Path) -> None:
             raise ConfigError(deleted_experiment(experiment, found.experiment_id, uri))
         return
     error = answer.get("error")
-    if error is not None and not _is_transient(error):
+    if error is not None and not is_transient(error):
         raise ConfigError(f"tracking.tracking_uri: the MLflow tracking store {uri} refuses the run: "
                           f"{_first_line(error)}")
     reason = _first_line(error) if error is not None else f"no answer within {PROBE_TIMEOUT_S:g} s"
@@ -322,7 +307,7 @@ def _first_line(exc: BaseException) -> str:
     return errno.group(0).strip() if errno else text[:300]
 
 
-def _is_transient(exc: BaseException) -> bool:
+def is_transient(exc: BaseException) -> bool:
     """True when retrying later may succeed (store unreachable, 5xx, 429, database locked)."""
     from mlflow.exceptions import MlflowException
 
@@ -335,11 +320,11 @@ def _is_transient(exc: BaseException) -> bool:
     return True
 
 
-def _now_ms() -> int:
+def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _to_float(value: Any) -> float:
+def to_float(value: Any) -> float:
     if hasattr(value, "item"):  # torch / numpy scalars
         value = value.item()
     return float(value)
@@ -349,7 +334,7 @@ def _to_float(value: Any) -> float:
 # sending records (shared by the live Tracker and import_offline)
 
 
-class _SendError(Exception):
+class SendError(Exception):
     """Sending the first ``n`` pending records failed with ``exc``."""
 
     def __init__(self, exc: BaseException, n: int):
@@ -358,7 +343,7 @@ class _SendError(Exception):
         self.n = n
 
 
-class _Sender:
+class Sender:
     """Applies records to one MLflow run, in order. Records are plain JSON-able dicts:
 
     create  {experiment, artifact_location, run_name, tags, params, start_time}
@@ -378,7 +363,7 @@ class _Sender:
 
     def drain(self, pending: deque, deadline: float | None = None, coalesce: bool = True) -> int:
         """Send records from the head of ``pending`` until it is empty or ``deadline`` (monotonic)
-        passes; each sent record is removed. Raises _SendError; ``pending`` then starts with the
+        passes; each sent record is removed. Raises SendError; ``pending`` then starts with the
         record(s) that failed, possibly rewritten to reflect partial progress."""
         sent = 0
         while pending:
@@ -397,7 +382,7 @@ class _Sender:
                 try:
                     self._send_metrics(batch)
                 except Exception as e:
-                    raise _SendError(e, len(batch)) from e
+                    raise SendError(e, len(batch)) from e
                 for _ in batch:
                     pending.popleft()
                 sent += len(batch)
@@ -405,7 +390,7 @@ class _Sender:
                 try:
                     self._apply(head)
                 except Exception as e:
-                    raise _SendError(e, 1) from e
+                    raise SendError(e, 1) from e
                 pending.popleft()
                 sent += 1
         return sent
@@ -525,16 +510,12 @@ class _Sender:
 # the offline file
 
 
-def _write_offline_file(path: Path, header: dict, records) -> None:
-    """Atomically replace ``path`` with header + records (one JSON object per line)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
+def write_offline_file(path: Path, header: dict, records) -> None:
+    """Atomically replace ``path`` with header + records (one JSON object per line), synced to disk."""
+    with replacing(path, fsync=True, aside=path.name + ".tmp") as tmp, open(tmp, "w", encoding="utf-8") as fh:
         fh.write(json.dumps(header) + "\n")
         for rec in records:
             fh.write(json.dumps(rec) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def read_offline_file(path: str | Path) -> tuple[dict, list[dict]]:
@@ -575,16 +556,16 @@ def import_offline(path: str | Path, tracking_uri: str | None = None) -> str:
     path = Path(path)
     header, records = read_offline_file(path)
     uri = resolve_tracking_uri(tracking_uri or header.get("tracking_uri"))
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
-    sender = _Sender(MlflowClient(uri), header.get("run_id"), live=False)
+    sender = Sender(MlflowClient(uri), header.get("run_id"), live=False)
     pending = deque(records)
     try:
         sender.drain(pending)
-    except _SendError as e:
+    except SendError as e:
         header = dict(header, run_id=sender.run_id)
-        _write_offline_file(path, header, pending)
+        write_offline_file(path, header, pending)
         raise RuntimeError(f"import of {path} into {uri} stopped with {len(pending)} records left "
                            f"(kept in the file): {e.exc}") from e.exc
     done = path.with_name(path.name + ".imported")

@@ -32,7 +32,8 @@ for a job resumed from a checkpoint written before it did. By hand, a warning pr
 
 Re-sending a metric point is harmless (MLflow ignores an identical (key, step, timestamp, value)).
 HTTP requests get short defaults (``MLFLOW_HTTP_REQUEST_TIMEOUT=5``, ``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0``)
-unless those environment variables are already set.
+unless those environment variables are already set. mlflow itself is imported when a run starts, never at
+import (see calm_dist.tracking.store).
 """
 
 from __future__ import annotations
@@ -51,40 +52,28 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-
 from calm_dist.config import TrackingConfig  # the typed config tree owns the section
-from calm_dist.tracking.store import (  # noqa: F401  (re-exported: the public names of calm_dist.tracking.tracker)
+from calm_dist.files import write_atomic
+from calm_dist.tracking.store import (
     DEFAULT_EXPERIMENT,
+    IMPORT_HINT,
     OFFLINE_DIRNAME,
     OFFLINE_FORMAT_VERSION,
-    HTTP_ENV_DEFAULTS,
-    _IMPORT_HINT,
-    _MAX_METRICS_PER_BATCH,
-    _MAX_PARAMS_TAGS_PER_BATCH,
-    _MAX_PARAM_VAL_LENGTH,
-    _MAX_TAG_VAL_LENGTH,
-    flatten_params,
-    _param_str,
-    _truncate,
-    parse_tags,
-    default_tags,
-    resolve_tracking_uri,
-    _sqlite_path,
-    _default_artifact_location,
+    Sender,
+    SendError,
     apply_http_defaults,
-    get_or_create_experiment,
-    _get_or_create_experiment,
-    _is_transient,
-    _now_ms,
-    _to_float,
-    _SendError,
-    _Sender,
-    _write_offline_file,
-    read_offline_file,
+    default_artifact_location,
+    default_tags,
+    flatten_params,
     import_offline,
-    probe_tracking_store,
-    _calm_dist_version,
-    _git_commit,
+    is_transient,
+    now_ms,
+    parse_tags,
+    read_offline_file,
+    resolve_tracking_uri,
+    sqlite_path,
+    to_float,
+    write_offline_file,
 )
 
 log = logging.getLogger(__name__)
@@ -124,7 +113,7 @@ class Tracker:
         self.tracking_uri: str | None = None
         self.experiment: str | None = None
         self._client = None
-        self._sender: _Sender | None = None
+        self._sender: Sender | None = None
         self._pending: deque = deque()
         self._offline = False
         self._offline_path: Path | None = None
@@ -190,7 +179,7 @@ class Tracker:
 
         flat = flatten_params(params) if params is not None else {}
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        db = _sqlite_path(self.tracking_uri)
+        db = sqlite_path(self.tracking_uri)
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
         earlier = self._adopt_leftover_files()
@@ -198,7 +187,7 @@ class Tracker:
         from mlflow import MlflowClient
 
         self._client = MlflowClient(self.tracking_uri)
-        self._sender = _Sender(self._client, resume_id)
+        self._sender = Sender(self._client, resume_id)
         if earlier:  # sent, or written into this process's offline file: either way their files are done with
             self._adopting = True  # no system metrics before this process's own run record
             self._drain(budget_s=None)
@@ -208,11 +197,11 @@ class Tracker:
                     path.unlink(missing_ok=True)
         create = {
             "experiment": self.experiment,
-            "artifact_location": _default_artifact_location(self.tracking_uri, self.experiment),
+            "artifact_location": default_artifact_location(self.tracking_uri, self.experiment),
             "run_name": cfg.run_name,
             "tags": all_tags,
             "params": flat,
-            "start_time": _now_ms(),
+            "start_time": now_ms(),
         }
         if resume_id or (earlier and resuming):  # without an id: the run the earlier records created
             self.run_id = resume_id or self.run_id
@@ -228,14 +217,14 @@ class Tracker:
         values = {}
         for key, value in metrics.items():
             try:
-                values[str(key)] = _to_float(value)
+                values[str(key)] = to_float(value)
             except (TypeError, ValueError):
                 if f"metric:{key}" not in self._rejected_warned:
                     self._rejected_warned.add(f"metric:{key}")
                     log.warning("Tracker: metric %r has no numeric value (%r); not logged", key, value)
         if not values:
             return
-        self._submit({"type": "metrics", "step": int(step), "timestamp": _now_ms(), "metrics": values})
+        self._submit({"type": "metrics", "step": int(step), "timestamp": now_ms(), "metrics": values})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Upload a file or a directory (its contents, under ``artifact_path``)."""
@@ -270,7 +259,7 @@ class Tracker:
             return
         self._stop_sysmon()
         self._closed = True  # from here on: no probe thread, no system metrics monitor
-        self._submit({"type": "end", "status": status, "end_time": _now_ms()}, final=True)
+        self._submit({"type": "end", "status": status, "end_time": now_ms()}, final=True)
         self._stop_probe_thread()
         if self._pending:
             path = self._offline_path
@@ -280,7 +269,7 @@ class Tracker:
             log.warning(
                 "MLflow: %d records could not be sent to %s; they are kept in %s. A job resumed in %s "
                 "sends them first; or send them with: %s", len(self._pending), self.tracking_uri, path,
-                self.output_dir, _IMPORT_HINT.format(path=path))
+                self.output_dir, IMPORT_HINT.format(path=path))
 
     def __enter__(self) -> "Tracker":
         return self
@@ -322,8 +311,8 @@ class Tracker:
             try:
                 sent += self._sender.drain(self._pending, deadline, coalesce)
                 break
-            except _SendError as e:
-                if _is_transient(e.exc):
+            except SendError as e:
+                if is_transient(e.exc):
                     self._lost_connection(e.exc)
                     return
                 if e.n > 1:  # find the bad record among the coalesced ones
@@ -381,7 +370,7 @@ class Tracker:
         return {"type": "header", "version": OFFLINE_FORMAT_VERSION, "tracking_uri": self.tracking_uri,
                 "experiment": self.experiment, "run_id": self._sender.run_id,
                 "output_dir": str(self.output_dir.resolve()), "pid": os.getpid(),
-                "host": socket.gethostname(), "created": _now_ms()}
+                "host": socket.gethostname(), "created": now_ms()}
 
     def _open_offline(self) -> None:
         d = self.output_dir / OFFLINE_DIRNAME
@@ -394,7 +383,7 @@ class Tracker:
         if self._offline_fh is not None:
             self._offline_fh.close()
             self._offline_fh = None
-        _write_offline_file(self._offline_path, self._offline_header(), self._pending)
+        write_offline_file(self._offline_path, self._offline_header(), self._pending)
         self._offline_fh = open(self._offline_path, "a", encoding="utf-8")
 
     def _append_offline(self, rec: dict) -> None:
@@ -430,7 +419,7 @@ class Tracker:
                 header, records = read_offline_file(path)
             except (OSError, ValueError) as e:
                 log.warning("MLflow: cannot read the offline file %s (%s); send it by hand: %s", path, e,
-                            _IMPORT_HINT.format(path=path))
+                            IMPORT_HINT.format(path=path))
                 continue
             files.append((header.get("created", 0), path.name, path, header, records))
         files.sort()
@@ -449,12 +438,11 @@ class Tracker:
         if self.run_id is None or self.run_id == self._noted:
             return
         path = self.output_dir / RUN_NOTE
-        tmp = path.with_name(path.name + ".tmp")
         self._noted = self.run_id  # tried once per run: a full disk must not stop training
         try:
-            tmp.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": self.tracking_uri,
-                                       "experiment": self.experiment}) + "\n", encoding="utf-8")
-            os.replace(tmp, path)
+            write_atomic(path, json.dumps({"run_id": self.run_id, "tracking_uri": self.tracking_uri,
+                                           "experiment": self.experiment}) + "\n",
+                         fsync=False, aside=path.name + ".tmp")
         except OSError as e:
             log.warning("MLflow: cannot note run %s in %s (%s)", self.run_id, path, e)
 

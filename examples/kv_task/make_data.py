@@ -131,7 +131,8 @@ def build(out: str, settings: T.TaskSettings, force: bool = False, verbose: bool
 
 def settings_from_args(a: argparse.Namespace) -> T.TaskSettings:
     return T.TaskSettings(seed=a.seed, n_keys=a.n_keys, n_values=a.n_values, dc_frac=a.dc_frac,
-                          n_dc_train=a.n_dc_train, dc_arith_frac=a.dc_arith_frac, n_kv_sub_train=a.n_kv_sub_train, n_eval=a.n_eval)
+                          n_dc_train=a.n_dc_train, dc_arith_frac=a.dc_arith_frac, n_kv_sub_train=a.n_kv_sub_train,
+                          n_eval=a.n_eval)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -34,12 +34,12 @@ import subprocess
 import sys
 import time
 
-
 import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from calm_dist.data.tokenized import Tokenizer
 from examples.kv_task import task as T
-from examples.kv_task.evaluate import exact_match, next_token_accuracy, read_jsonl
+from examples.kv_task.scoring import exact_match, next_token_accuracy, read_jsonl
 from examples.kv_task.tokenizer import BOS_ID, EOS_ID, PAD_ID, encode_record, load_tokenizer
 
 FORMAT_VERSION = 2
@@ -51,7 +51,7 @@ def log(*a):
 
 # ------------------------------------------------------------------------------------------- data
 class Task:
-    """A task directory written by make_kv_task.py."""
+    """A task directory written by make_data.py."""
 
     def __init__(self, task_dir: str):
         self.dir = task_dir
@@ -164,7 +164,6 @@ class MixSampler:
 # ------------------------------------------------------------------------------------------ model
 def build_model(vocab_size: int, hidden: int, layers: int, heads: int, ffn: int, tie: bool, seed: int,
                 arch: str = "llama"):
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
     if arch == "gpt2":
         # learned absolute position embeddings: every state carries its position
@@ -341,7 +340,7 @@ def evaluate_base(model, task: Task, n: int = 500) -> dict:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", required=True, help="task dir written by make_kv_task.py")
+    p.add_argument("--task", required=True, help="task dir written by make_data.py")
     p.add_argument("--out", required=True, help="models go to OUT/anchor and OUT/aug")
     p.add_argument("--which", choices=["anchor", "aug", "both"], default="both")
     p.add_argument("--parallel", action="store_true",

@@ -2,7 +2,7 @@
 
 Use from a test module::
 
-    from tests.helpers.mlflow_server import serve   # (or tests.mlflow_server when tests/ is a package)
+    from tests.helpers.mlflow_server import serve
 
     @pytest.fixture(scope="module")
     def mlflow_server(tmp_path_factory):
@@ -22,10 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-try:
-    from tests.required import unavailable
-except ImportError:
-    from tests.helpers.required import unavailable
+from tests.helpers.required import unavailable
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tools" / "local_mlflow.sh"

@@ -69,7 +69,8 @@ def composed_logits(anchor: nn.Module, augmenting: list[nn.Module], layer_pairs:
     block but the last, where transformers applies the final norm first: composed blocks must be shallower."""
     updates: dict[int, list[tuple[RefBlock, torch.Tensor]]] = {}
     for model, pairs, model_blocks in zip(augmenting, layer_pairs, blocks, strict=True):
-        assert max(i for i, _ in pairs) < model.config.num_hidden_layers - 1, "hidden_states[-1] is after the final norm"
+        assert max(i for i, _ in pairs) < model.config.num_hidden_layers - 1, \
+            "hidden_states[-1] is after the final norm"
         states = model(input_ids, output_hidden_states=True).hidden_states
         for (i, j), block in zip(pairs, model_blocks, strict=True):
             updates.setdefault(j, []).append((block, states[i + 1]))

@@ -1,4 +1,5 @@
-"""`calm-dist generate`'s sampling options: any of them asks for sampling; bad values are one line, exit 2."""
+"""`calm-dist`'s command line: generate's sampling options (any of them asks for sampling; bad values are one
+line, exit 2), and what answers without loading torch."""
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -43,3 +44,35 @@ def test_the_command_refuses_before_loading_anything(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["calm-dist: error: --top-k must be >= 1, got 0"]
+
+
+LIGHT_CHECK = """
+import contextlib, io, sys
+from calm_dist import cli
+
+def run(*argv):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            return cli.main(list(argv)), out.getvalue()
+        except SystemExit as e:
+            return e.code, out.getvalue()
+
+assert run("--help")[0] == 0
+assert run("eval", "--help")[0] == 0
+code, text = run("compare", "--help")
+assert code == 0 and "calm-dist compare" in text, text
+code, text = run("plan", "--help")
+assert code == 0 and "calm-dist plan" in text, text
+assert run("train", "--config", "/nonexistent/recipe.yaml")[0] == 2
+assert run("eval", "--config", "/nonexistent/recipe.yaml", "--set", "x=/nonexistent")[0] == 2
+assert run("generate", "x", "--tokenizer", "t", "--prompt", "p", "--top-k", "0")[0] == 2
+assert "torch" not in sys.modules, "the command line imported torch"
+"""
+
+
+def test_help_delegated_commands_and_input_errors_do_not_import_torch():
+    """`calm-dist --help`, `compare` / `plan` (their own parsers) and refused configs or options answer
+    without loading torch."""
+    proc = subprocess.run([sys.executable, "-c", LIGHT_CHECK], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -10,13 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from calm_dist.config import TrackingConfig
 from calm_dist.tracking.compare import build_filter, main as compare_main
-from calm_dist.tracking.tracker import Tracker, TrackingConfig
-
-try:
-    from tests.mlflow_server import serve
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from tests.helpers.mlflow_server import serve
+from calm_dist.tracking.tracker import Tracker
+from tests.helpers.mlflow_server import serve
 
 REPO = Path(__file__).resolve().parents[2]
 # name -> (lr, keys); model and steps are the same for every run

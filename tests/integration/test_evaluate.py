@@ -88,7 +88,8 @@ def test_a_tokenizer_without_eos_cannot_score_exact_match(tmp_path):
 
     tok = word_level_tokenizer(tmp_path / "tokenizer", eos_token=None)
     with pytest.raises(ConfigError, match="end-of-sequence"):
-        evaluate_set(lookup_generator({}, tok.pad_id), lambda ids, mask: None, tok, [{"prompt": "1 =", "completion": "1"}])
+        evaluate_set(lookup_generator({}, tok.pad_id), lambda ids, mask: None, tok,
+                     [{"prompt": "1 =", "completion": "1"}])
 
 
 def test_an_answer_without_eos_is_a_miss_and_the_loss_is_a_token_mean(tiny):

@@ -12,26 +12,19 @@ import time
 
 import pytest
 
-from calm_dist.config import ConfigError
-from calm_dist.tracking.tracker import (
+from calm_dist.config import ConfigError, TrackingConfig
+from calm_dist.tracking.store import (
     OFFLINE_DIRNAME,
-    RUN_NOTE,
-    Tracker,
-    TrackingConfig,
-    _get_or_create_experiment,
     default_tags,
+    find_or_create_experiment,
     flatten_params,
     import_offline,
-    main as tracking_main,
     parse_tags,
     probe_tracking_store,
     read_offline_file,
 )
-
-try:
-    from tests.mlflow_server import clean_mlflow_env, free_port, serve
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from tests.helpers.mlflow_server import clean_mlflow_env, free_port, serve
+from calm_dist.tracking.tracker import RUN_NOTE, Tracker, main as tracking_main
+from tests.helpers.mlflow_server import clean_mlflow_env, free_port, serve
 
 PARAMS = {
     "model": {"anchor": "tiny-llama", "augmenting": ["kv-a"], "pairs": [[1, 1], [3, 3]]},
@@ -80,7 +73,8 @@ def _steps(client, run_id, key):
 
 def _unreachable_warnings(caplog):
     return [r for r in caplog.records
-            if r.name == "calm_dist.tracking.tracker" and r.levelno == logging.WARNING and " is unreachable (" in r.getMessage()]
+            if r.name == "calm_dist.tracking.tracker" and r.levelno == logging.WARNING
+            and " is unreachable (" in r.getMessage()]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -255,7 +249,7 @@ def _race_worker(uri, names, tracker_names, out_dir, barrier, queue):
     result = {"raw": {}, "tracker": {}}
     for name in names:
         barrier.wait(timeout=60)
-        result["raw"][name] = _get_or_create_experiment(client, name)
+        result["raw"][name] = find_or_create_experiment(client, name)
     for name in tracker_names:
         barrier.wait(timeout=60)
         t = Tracker(TrackingConfig(tracking_uri=uri, experiment=name, system_metrics=False),
@@ -357,7 +351,7 @@ def test_import_offline_is_resumable(tmp_path, sqlite_uri):
     tracker.log_artifact(tmp_path / "missing.bin")  # an artifact that is gone by import time
     tracker.log_metrics({"loss": 5.0}, 5)
     tracker.close()
-    path = tracker._offline_path
+    path = tracker.offline_file  # what close() could not send
     with pytest.raises(RuntimeError, match="no longer exists"):
         import_offline(path, tracking_uri=sqlite_uri)
     header, records = read_offline_file(path)

@@ -8,13 +8,9 @@ import json
 import pytest
 from mlflow import MlflowClient
 
-from calm_dist.tracking.tracker import OFFLINE_DIRNAME, read_offline_file
+from calm_dist.tracking.store import OFFLINE_DIRNAME, read_offline_file
 from tests.helpers.launch import REPO, describe, run_ranks
-
-try:
-    from tests.mlflow_server import clean_mlflow_env, LocalServer, serve, start_or_skip
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from tests.helpers.mlflow_server import clean_mlflow_env, LocalServer, serve, start_or_skip
+from tests.helpers.mlflow_server import LocalServer, clean_mlflow_env, serve, start_or_skip
 
 
 @pytest.fixture(autouse=True)

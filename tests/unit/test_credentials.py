@@ -11,7 +11,8 @@ import pytest
 
 from calm_dist.config import load_config
 from calm_dist.tracking.credentials import redact, split_credentials
-from calm_dist.tracking.tracker import Tracker, read_offline_file
+from calm_dist.tracking.store import read_offline_file
+from calm_dist.tracking.tracker import Tracker
 from tests.helpers.launch import REPO
 
 SECRET = "s3cr%2Ft"  # percent-encoded "s3cr/t"
@@ -66,8 +67,8 @@ def test_a_tracker_authenticates_without_showing_the_secret(tmp_path, caplog):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         uri = f"http://alice:{SECRET}@127.0.0.1:{server.server_address[1]}"
-        cfg = load_config(REPO / "recipes" / "tiny.yaml", [f"tracking.tracking_uri={uri}",
-                                                            "tracking.retry_interval_s=60", "tracking.system_metrics=false"])
+        overrides = [f"tracking.tracking_uri={uri}", "tracking.retry_interval_s=60", "tracking.system_metrics=false"]
+        cfg = load_config(REPO / "recipes" / "tiny.yaml", overrides)
         tracker = Tracker(cfg.tracking, is_main_process=True, output_dir=tmp_path / "out")
         tracker.start(cfg.to_dict())
         tracker.log_metrics({"loss": 1.0}, 1)

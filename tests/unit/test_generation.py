@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from calm_dist import ComposedModel
+from calm_dist.model.generation import CachedStepper, RecomputingStepper
 from tests.helpers.tiny import VOCAB, randomize_composition, tiny_model
 
 
@@ -54,12 +55,10 @@ def _step_logits(stepper, x, mask, continuation):
 
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_each_step_refreshes_the_augmenting_models(use_cache):
-    from calm_dist.model.generation import _CachedStepper, _RecomputingStepper
-
     model = build()
     x, mask = left_padded_prompts()
     continuation = torch.randint(3, VOCAB, (3, 5), generator=torch.Generator().manual_seed(9))
-    stepper = _CachedStepper if use_cache else _RecomputingStepper
+    stepper = CachedStepper if use_cache else RecomputingStepper
     refreshed, seq, full_mask = _step_logits(stepper(model, True), x, mask, continuation)
     prefix_only, _, _ = _step_logits(stepper(model, False), x, mask, continuation)
     for t, logits in enumerate(refreshed):  # each step equals the full composed forward over the sequence so far
@@ -76,7 +75,8 @@ def test_at_init_generation_equals_the_anchor():
     model = ComposedModel.from_pretrained(anchor, [tiny_model("gpt2", hidden=32, layers=4)])
     x, mask = left_padded_prompts()
     ours = model.generate(x, attention_mask=mask, max_new_tokens=12, eos_token_id=-1, pad_token_id=0)
-    theirs = reference.generate(x, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    theirs = reference.generate(x, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=-1,
+                                pad_token_id=0)
     assert torch.equal(ours, theirs)
 
 

@@ -1,4 +1,5 @@
-"""The key-value task generator (examples/kv_task/make_data.py) and the tiny-model helpers (examples/kv_task/pretrain.py).
+"""The key-value task generator (examples/kv_task/make_data.py) and the tiny-model helpers
+(examples/kv_task/pretrain.py).
 
 Fast: small settings, no training."""
 from __future__ import annotations
@@ -11,11 +12,11 @@ import torch
 
 from calm_dist.data.tokenized import Tokenizer
 from calm_dist.task_eval import evaluate_set
-from examples.kv_task import make_data as make_kv_task
-from examples.kv_task import pretrain as pretrain_tiny
+from examples.kv_task import make_data
+from examples.kv_task import pretrain
 from examples.kv_task import task as T
 from examples.kv_task import tokenizer as tok
-from examples.kv_task.evaluate import exact_match, read_jsonl
+from examples.kv_task.scoring import exact_match, read_jsonl
 
 SMALL = T.TaskSettings(seed=3, n_keys=200, n_values=10, dc_frac=0.2, n_dc_train=400, dc_arith_frac=0.25,
                        n_kv_sub_train=300, n_eval=60)
@@ -24,7 +25,7 @@ SMALL = T.TaskSettings(seed=3, n_keys=200, n_values=10, dc_frac=0.2, n_dc_train=
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("kv") / "task")
-    man = make_kv_task.build(out, SMALL, verbose=False)
+    man = make_data.build(out, SMALL, verbose=False)
     return out, man
 
 
@@ -40,7 +41,7 @@ def keys_json(out):
 # ---------------------------------------------------------------------------------- determinism / reuse
 def test_same_settings_give_identical_files(built, tmp_path):
     out, man = built
-    man2 = make_kv_task.build(str(tmp_path / "again"), SMALL, verbose=False)
+    man2 = make_data.build(str(tmp_path / "again"), SMALL, verbose=False)
     assert man2["files"] == man["files"]  # sha256 of every file, tokenizer included
     for rel in man["files"]:
         with open(os.path.join(out, rel), "rb") as a, open(os.path.join(tmp_path, "again", rel), "rb") as b:
@@ -55,23 +56,23 @@ def test_other_seed_gives_other_keys():
 
 def test_rebuild_is_skipped_when_current_and_redone_when_settings_change(built, tmp_path):
     out = str(tmp_path / "t")
-    make_kv_task.build(out, SMALL, verbose=False)
+    make_data.build(out, SMALL, verbose=False)
     stamp = os.path.getmtime(os.path.join(out, "data", "dc_train.jsonl"))
-    assert make_kv_task.is_current(out, SMALL)
-    make_kv_task.build(out, SMALL, verbose=False)
+    assert make_data.is_current(out, SMALL)
+    make_data.build(out, SMALL, verbose=False)
     assert os.path.getmtime(os.path.join(out, "data", "dc_train.jsonl")) == stamp
     other = T.TaskSettings(**{**SMALL.to_dict(), "n_eval": 50})
-    assert not make_kv_task.is_current(out, other)
-    make_kv_task.build(out, other, verbose=False)
-    assert make_kv_task.is_current(out, other) and not make_kv_task.is_current(out, SMALL)
+    assert not make_data.is_current(out, other)
+    make_data.build(out, other, verbose=False)
+    assert make_data.is_current(out, other) and not make_data.is_current(out, SMALL)
 
 
 def test_a_tampered_file_makes_the_build_stale(tmp_path):
     out = str(tmp_path / "t")
-    make_kv_task.build(out, SMALL, verbose=False)
+    make_data.build(out, SMALL, verbose=False)
     with open(os.path.join(out, "data", "eval_arith.jsonl"), "a") as f:
         f.write('{"prompt": "1 + 1 =", "completion": "3"}\n')
-    assert not make_kv_task.is_current(out, SMALL)
+    assert not make_data.is_current(out, SMALL)
 
 
 # ------------------------------------------------------------------------------------------- key split
@@ -198,12 +199,12 @@ def test_tokenizer_round_trips(built):
                 assert sp.decode(ids) == text
 
 
-# -------------------------------------------------------------------------------- pretrain_tiny helpers
+# -------------------------------------------------------------------------------- pretrain helpers
 def test_base_models_share_vocab_and_special_ids(built):
     out, man = built
-    task = pretrain_tiny.Task(out)
-    anchor = pretrain_tiny.build_model(task.vocab_size, 16, 1, 4, 32, False, 0, "llama")
-    aug = pretrain_tiny.build_model(task.vocab_size, 16, 1, 2, 32, True, 0, "gpt2")
+    task = pretrain.Task(out)
+    anchor = pretrain.build_model(task.vocab_size, 16, 1, 4, 32, False, 0, "llama")
+    aug = pretrain.build_model(task.vocab_size, 16, 1, 2, 32, True, 0, "gpt2")
     for m in (anchor, aug):
         c = m.config
         assert (c.vocab_size, c.pad_token_id, c.bos_token_id, c.eos_token_id) == (man["vocab_size"], 0, 2, 3)
@@ -211,7 +212,7 @@ def test_base_models_share_vocab_and_special_ids(built):
 
 def test_number_code_is_fixed_and_distinct():
     nums = T.numbers(10)
-    a, b = pretrain_tiny.number_code(nums, 64), pretrain_tiny.number_code(nums, 64)
+    a, b = pretrain.number_code(nums, 64), pretrain.number_code(nums, 64)
     assert torch.equal(a, b) and a.shape == (len(nums), 64)
     assert torch.allclose(a.norm(dim=1), torch.ones(len(nums)))
     sim = a @ a.T
@@ -221,9 +222,9 @@ def test_number_code_is_fixed_and_distinct():
 def test_pairs_sampler_puts_the_loss_on_values_only(built):
     import random
     out, _ = built
-    task = pretrain_tiny.Task(out)
+    task = pretrain.Task(out)
     facts = data(out, "kv_facts")
-    s = pretrain_tiny.PairsSampler(task.sp, facts, random.Random(0), pairs_per_seq=4, sep_prob=0.5)
+    s = pretrain.PairsSampler(task.sp, facts, random.Random(0), pairs_per_seq=4, sep_prob=0.5)
     ids, att, lab = s.batch(8)
     value = {task.token_id(r["prompt"]): task.token_id(r["completion"]) for r in facts}
     for i in range(ids.shape[0]):
