@@ -1,8 +1,11 @@
 """The one typed config tree: dataclasses, loaded from YAML with dotted `key=value` overrides.
 
-Loading checks names and types (an unknown key or a non-numeric number is a `ConfigError`);
-`calm_dist.training.preflight` checks the config against the world (paths, model shapes, world size)
-before anything heavy runs. Every ConfigError ends the program with one line and exit code 2.
+Loading checks names and types first (an unknown key or a non-numeric number is a `ConfigError`); then each
+section's `__post_init__` checks its own fields one by one (ranges, choices). `calm_dist.training.preflight`
+checks what needs more than one field or the world (paths, model shapes, world size) before anything heavy
+runs. Every ConfigError ends the program with one line and exit code 2.
+
+Each field is documented by the string literal right under it.
 """
 from __future__ import annotations
 
@@ -21,8 +24,8 @@ class ConfigError(ValueError):
     """A configuration that cannot work; reported as one line, exit code 2, before any heavy work."""
 
 
-# Single-field range checks, called from each section's __post_init__; None (unset) always passes. The
-# comparisons are written so that NaN fails them too.
+# Single-field checks, called from each section's __post_init__; None (unset) always passes. The comparisons
+# are written so that NaN fails them too (a section built in code skips the loader's finiteness check).
 def at_least(key: str, value, low) -> None:
     if value is not None and not value >= low:
         raise ConfigError(f"{key} must be >= {low}, got {value}")
@@ -40,28 +43,93 @@ def within(key: str, value, low, high, *, high_open: bool = False) -> None:
         raise ConfigError(f"{key} must be in [{low}, {high}{')' if high_open else ']'}, got {value}")
 
 
+def check_choices(section: str, obj) -> None:
+    """Each field of the section `obj` annotated `Literal[...]` (or `Literal[...] | None`) holds one of its
+    choices: the annotation is the one list of them."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        choices = literal_choices(hints[f.name])
+        value = getattr(obj, f.name)
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{section}.{f.name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def literal_choices(annotation) -> tuple | None:
+    """The values a `Literal[...]` annotation allows (None among them for `Literal[...] | None`); None for any
+    other annotation."""
+    if typing.get_origin(annotation) is Literal:
+        return typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        literals = [a for a in args if typing.get_origin(a) is Literal]
+        if literals and all(a is type(None) or typing.get_origin(a) is Literal for a in args):
+            return tuple(c for a in literals for c in typing.get_args(a)) + ((None,) if type(None) in args else ())
+    return None
+
+
 @dataclass
 class ModelConfig:
-    anchor: str = ""                       # path (or hub id) of the anchor causal LM
+    """The frozen models and the composition trained on top of them."""
+
+    anchor: str = ""
+    """The anchor causal LM, the model the composition extends: a local directory of safetensors weights or a
+    hub id. Required: preflight refuses an empty value."""
+
     augmenting: list[str] = field(default_factory=list)
+    """The augmenting causal LMs whose hidden states the anchor attends to (directories or hub ids), at least one.
+    Each must share the anchor's vocabulary."""
+
     anchor_revision: str | None = None
+    """The hub revision (branch, tag or commit) of a hub-id `anchor`; null: the hub's default branch."""
+
     augmenting_revisions: list[str | None] | None = None
-    # per augmenting model, (augmenting_layer, anchor_layer) pairs; null: the paper's rule (calm_dist/model/layer_pairs.py)
+    """One hub revision per augmenting model, in the order of `augmenting` (a null entry: the default branch);
+    null: the default branch for every one."""
+
     layer_pairs: list[list[list[int]]] | None = None
+    """Per augmenting model, its [augmenting_layer, anchor_layer] pairs of 0-based decoder blocks: the output of
+    augmenting block i feeds a cross-attention block added to the output of anchor block j. Null: the paper's
+    rule (calm_dist/model/layer_pairs.py), which reads every `every`-th augmenting block."""
+
     every: int = 4
-    num_heads: int | None = None           # cross-attention heads; null: the anchor's
+    """The stride of the paper's default rule: augmenting blocks every-1, 2*every-1, ... are composed (>= 1).
+    Read only when `layer_pairs` is null; 4 is the paper's choice."""
+
+    num_heads: int | None = None
+    """Heads of each cross-attention block (>= 1); it must divide the anchor's hidden size. Null: the anchor's
+    own number of attention heads."""
+
     trust_remote_code: bool = False
-    # the frozen augmenting models' dtype when their states are recomputed (auto: train.precision); bf16
-    # under fp32 training takes the augmenting forward off the critical path (~0.9% relative error in states)
+    """Let transformers run model code shipped with a checkpoint. Off by default: a downloaded checkpoint runs
+    no code of its own."""
+
     augmenting_dtype: Literal["auto", "fp32", "bf16"] = "auto"
-    # baselines and ablations (calm_dist/model/baselines.py), trained through the same entry point
-    method: Literal["calm", "lora"] = "calm"          # lora: LoRA on the anchor alone, as many parameters
-    lora_rank: int | None = None                      # null: matched to the composition's parameter count
-    lora_targets: list[str] | None = None             # null: PEFT's default modules for the anchor's family
+    """The dtype the frozen augmenting models compute their states in, recomputed or cached alike
+    (calm_dist/training/parallelize.py: augmenting_compute_dtype). auto: train.precision. bf16 under fp32
+    training makes the augmenting forward cheaper at a small relative error in the states."""
+
+    method: Literal["calm", "lora"] = "calm"
+    """What is trained: calm, the cross-attention blocks of the composition; lora, the paper's baseline of LoRA
+    on the anchor alone with as many trainable parameters (calm_dist/model/baselines.py)."""
+
+    lora_rank: int | None = None
+    """The LoRA rank under method=lora (>= 1). Null: the rank whose parameter count matches the composition's,
+    the paper's like-for-like comparison."""
+
+    lora_targets: list[str] | None = None
+    """The anchor's module names LoRA adapts under method=lora. Null: PEFT's default modules for the anchor's
+    model family."""
+
     augmenting_init: Literal["pretrained", "random"] = "pretrained"
-    augmenting_sees: Literal["all", "prompt"] = "all"  # prompt: the prefix-encoder ablation
+    """pretrained: the augmenting models' own weights. random: the same architectures freshly initialised, the
+    ablation that asks whether the composition uses what the augmenting models know."""
+
+    augmenting_sees: Literal["all", "prompt"] = "all"
+    """all: each anchor position attends to the augmenting states of every position up to its own (causal).
+    prompt: of the prompt's positions only (the prefix-encoder ablation)."""
 
     def __post_init__(self):
+        check_choices("model", self)
         at_least("model.every", self.every, 1)
         at_least("model.num_heads", self.num_heads, 1)
         at_least("model.lora_rank", self.lora_rank, 1)
@@ -69,34 +137,85 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = ""                        # JSONL, Parquet, or a `datasets.save_to_disk` directory
+    """The training and evaluation data, the tokenizer, and how records become fixed-length rows."""
+
+    train: str = ""
+    """The training set: a JSONL, JSON or Parquet file, or a directory written by `datasets.save_to_disk`.
+    Required for training."""
+
     eval: str | None = None
+    """The evaluation set, in the same forms as `train`; null: no evaluation."""
+
     format: Literal["prompt_completion", "text"] = "prompt_completion"
+    """prompt_completion: records of a prompt and a completion, the loss on the completion and its closing eos
+    only. text: records of plain text, the loss on every token."""
+
     prompt_field: str = "prompt"
+    """The record field holding the prompt (format=prompt_completion)."""
+
     completion_field: str = "completion"
+    """The record field holding the completion (format=prompt_completion)."""
+
     text_field: str = "text"
-    tokenizer: str = ""                    # a SentencePiece .model file or a transformers tokenizer directory
+    """The record field holding the text (format=text)."""
+
+    tokenizer: str = ""
+    """The one tokenizer of every model: a SentencePiece .model file or a transformers tokenizer directory.
+    Required; it must fit the anchor's vocabulary and special ids."""
+
     seq_len: int = 64
-    packing: bool = False                  # concatenate examples into full rows instead of padding each
+    """Tokens per row (>= 1): every row is padded (or packed) to exactly this length, so every model must have
+    position ids for it."""
+
+    packing: bool = False
+    """Concatenate the tokenized records into full rows of seq_len instead of padding each record to its own
+    row: no padding is computed, and a row may hold the end of one record and the start of the next."""
+
     overlong: Literal["error", "truncate"] = "error"
-    cache_dir: str | None = None           # tokenized data; null: <output_dir>/../data_cache
+    """A record longer than seq_len (without packing): error refuses the data set naming the row; truncate
+    keeps its first seq_len tokens."""
+
+    cache_dir: str | None = None
+    """Where the tokenized data is saved, under a fingerprint of data, tokenizer and these settings. Null:
+    <train.output_dir>/../data_cache, shared by the runs of one parent directory."""
 
     def __post_init__(self):
-        at_least("data.seq_len", self.seq_len, 1)  # the models' position limits are checked in validate.py
+        check_choices("data", self)
+        at_least("data.seq_len", self.seq_len, 1)  # the models' position limits are checked in preflight
 
 
 @dataclass
 class OptimConfig:
+    """AdamW and its learning-rate schedule, over the trainable parameters only."""
+
     lr: float = 1e-3
+    """The peak learning rate of AdamW, reached at the end of warmup (> 0)."""
+
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay (>= 0); 0: none."""
+
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW's [beta1, beta2], each in [0, 1)."""
+
     eps: float = 1e-8
+    """AdamW's epsilon, added to the denominator (> 0)."""
+
     schedule: Literal["cosine", "constant"] = "cosine"
+    """After warmup: cosine decays from lr to min_lr_ratio * lr over the remaining train.steps; constant keeps
+    lr."""
+
     warmup_steps: int = 0
+    """Steps of linear warmup from lr / warmup_steps to lr (>= 0); 0: none. No more than train.steps, or lr is
+    never reached (checked in preflight)."""
+
     min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0                 # 0: off
+    """The floor of the cosine decay as a fraction of lr, in [0, 1]."""
+
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (>= 0); 0: no clipping."""
 
     def __post_init__(self):
+        check_choices("optim", self)
         above("optim.lr", self.lr, 0)
         at_least("optim.weight_decay", self.weight_decay, 0)
         if len(self.betas) != 2:
@@ -105,48 +224,100 @@ class OptimConfig:
             within(f"optim.betas[{i}]", beta, 0, 1, high_open=True)
         above("optim.eps", self.eps, 0)
         at_least("optim.warmup_steps", self.warmup_steps, 0)
-        within("optim.min_lr_ratio", self.min_lr_ratio, 0, 1)  # the floor of the decay, as a fraction of lr
+        within("optim.min_lr_ratio", self.min_lr_ratio, 0, 1)
         at_least("optim.grad_clip", self.grad_clip, 0)
 
 
 @dataclass
 class TrainConfig:
+    """The training loop: length, batches, precision, outputs, checkpoints and resuming."""
+
     steps: int = 100
-    micro_batch_size: int = 8              # per rank
-    global_batch_size: int | None = None   # null: micro_batch_size * world (no accumulation)
+    """Optimizer steps of the whole run (>= 1), counted across resumes."""
+
+    micro_batch_size: int = 8
+    """Rows per rank per forward and backward (>= 1)."""
+
+    global_batch_size: int | None = None
+    """Rows per optimizer step over all ranks (>= 1): a multiple of micro_batch_size x world size, the quotient
+    being the gradient accumulation steps. Null: micro_batch_size x world size, no accumulation."""
+
     precision: Literal["fp32", "bf16"] = "fp32"
+    """fp32: everything in fp32. bf16: the frozen models in bf16 and DeepSpeed's bf16 training. fp32 by default:
+    every device runs it, the CPUs of the tiny recipes included."""
+
     seed: int = 0
+    """Seeds the trainable weights' initial values, the data order and every generator a step draws from, in
+    [0, 2**32): numpy's global generator takes no other seed."""
+
     output_dir: str = "runs/default"
+    """The run's directory: checkpoints, the exported composition (final/), metrics.jsonl and, unless
+    tracking.tracking_uri says otherwise, the MLflow store."""
+
     log_every: int = 10
-    eval_every: int = 0                    # 0: only at the end (when data.eval is set)
-    eval_batches: int = 0                  # 0: the whole eval set
-    checkpoint_every: int = 0              # 0: only at the end
+    """Log the training metrics every this many steps, and at the last (>= 1)."""
+
+    eval_every: int = 0
+    """Evaluate every this many steps (>= 0) when data.eval is set; the run always evaluates at the end. 0: only
+    at the end."""
+
+    eval_batches: int = 0
+    """Micro-batches per rank an evaluation reads (>= 0); 0: the whole eval set."""
+
+    checkpoint_every: int = 0
+    """Checkpoint every this many steps (>= 0); the run always checkpoints at the end and when stopped.
+    0: only then."""
+
     keep_last: int = 2
-    resume: str | None = None              # "auto" (latest in output_dir), a step_N directory, or null
-    # dotted keys a resume may change (e.g. [optim.lr]); any other difference from the checkpoint's config is
-    # refused. Never compared, as they do not change what is computed: train.output_dir, resume,
-    # resume_allow_changes, log_every, eval_every, checkpoint_every, keep_last, stop_after_step, fail_at_step,
-    # peak_tflops_per_rank, augmenting_states, states_cache_dir, compile, activation_checkpointing,
-    # data.cache_dir, distributed.* (ZeRO knobs, timeout, leaf blocks) and tracking.*; train.steps only under a
-    # constant schedule (a cosine decays over it). data.train and data.tokenizer are compared by the tokenized
-    # data's fingerprint (bytes + tokenizer + settings), so moving the files is no change
+    """Checkpoints kept in output_dir (>= 1), the newest; the older ones are deleted once a new one is
+    complete. 2 leaves a previous checkpoint to resume from should the newest be damaged."""
+
+    resume: str | None = None
+    """auto: continue from the newest intact checkpoint in output_dir (a fresh start when there is none); a
+    step_N directory: continue from it; null: start from scratch, refused if output_dir holds checkpoints."""
+
     resume_allow_changes: list[str] = field(default_factory=list)
+    """Dotted keys (e.g. optim.lr) whose value a resume may change; any other difference from the checkpoint's
+    config is refused. Keys that do not change what is computed (where the run writes, how often it logs,
+    evaluates and checkpoints, caches, ZeRO knobs, tracking: calm_dist/training/preflight.py, NEVER_COMPARED)
+    are never compared; train.steps only under a cosine schedule, whose decay it sets. data.train and
+    data.tokenizer are compared by the tokenized data's fingerprint, so moving the files is no change."""
+
     augmenting_states: Literal["recompute", "cached"] = "recompute"
-    states_cache_dir: str | None = None    # null: <output_dir>/augmenting_cache
+    """recompute: the augmenting models run at every step. cached: their states are read from a cache that
+    `calm-dist cache` built beforehand (states_cache_dir), and their weights are never loaded."""
+
+    states_cache_dir: str | None = None
+    """Where `calm-dist cache` writes the augmenting states and augmenting_states=cached reads them. Null:
+    <output_dir>/augmenting_cache."""
+
     states_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """The dtype the cached augmenting states are stored in on disk; bf16 and fp16 halve the cache."""
+
     activation_checkpointing: bool = False
-    # torch.compile each frozen decoder block (calm_dist/training/parallelize.py): fuses HF's elementwise work,
-    # 10-13% off the CPU step here for ~20 s of compilation at start; needs distributed.zero3_leaf_blocks
+    """Recompute the anchor blocks above the first composed one in the backward instead of keeping their
+    activations: less memory for more compute (calm_dist/training/parallelize.py)."""
+
     compile: bool = False
-    peak_tflops_per_rank: float | None = None  # for MFU; null: measured matmul peak on CPU, a table for known GPUs
-    stop_after_step: int | None = None     # checkpoint and exit cleanly after this step, as if preempted
-    fail_at_step: int | None = None        # fault injection for tests: rank 1 raises at this step
+    """torch.compile each frozen decoder block, fusing the elementwise work around its matmuls, at the cost of
+    compiling at start (calm_dist/training/parallelize.py). Needs distributed.zero3_leaf_blocks."""
+
+    peak_tflops_per_rank: float | None = None
+    """The peak TFLOP/s of one rank's device, the denominator of MFU (> 0). Null: a table for known GPUs, else a
+    measured matmul peak (calm_dist/planning/hardware.py)."""
+
+    stop_after_step: int | None = None
+    """Checkpoint and exit cleanly after this step (>= 1, before train.steps), as if preempted."""
+
+    fail_at_step: int | None = None
+    """Fault injection for tests (>= 0, before train.steps): rank 1 (rank 0 alone in a world of 1) raises in
+    the step that follows this many steps."""
 
     def __post_init__(self):
+        check_choices("train", self)
         at_least("train.steps", self.steps, 1)
         at_least("train.micro_batch_size", self.micro_batch_size, 1)
         at_least("train.global_batch_size", self.global_batch_size, 1)
-        # numpy's global generator takes seeds in [0, 2**32); trainer.seed_all seeds it with this
         within("train.seed", self.seed, 0, 2**32, high_open=True)
         at_least("train.log_every", self.log_every, 1)
         at_least("train.eval_every", self.eval_every, 0)
@@ -156,15 +327,26 @@ class TrainConfig:
         above("train.peak_tflops_per_rank", self.peak_tflops_per_rank, 0)
         at_least("train.stop_after_step", self.stop_after_step, 1)
         at_least("train.fail_at_step", self.fail_at_step, 0)
+        for key in self.resume_allow_changes:
+            if key not in dotted_keys():
+                raise ConfigError(f"train.resume_allow_changes: unknown key {key} (keys are dotted, e.g. optim.lr)")
 
 
 @dataclass
 class DistributedConfig:
-    deepspeed_config: str = "ds_configs/zero3.json"   # ZeRO knobs only; the rest is filled in from this tree
+    """DeepSpeed ZeRO-3 and the process group."""
+
+    deepspeed_config: str = "ds_configs/zero3.json"
+    """A DeepSpeed JSON holding ZeRO knobs only (batch sizes, precision, clipping and optimizer come from this
+    tree). A relative path resolves against the working directory, then the repository."""
+
     timeout_s: int = 300
-    # ZeRO-3 gathers each frozen decoder block whole (one hook per block, FSDP-style units) instead of
-    # hooking every Linear and norm inside it; false restores DeepSpeed's per-module hooks.
+    """Seconds a collective may wait for the other ranks, and that the ranks wait on rank 0's silent heartbeat
+    while it prepares data or models alone (> 0)."""
+
     zero3_leaf_blocks: bool = True
+    """ZeRO-3 gathers each frozen decoder block whole (one hook per block, FSDP-style units) instead of hooking
+    every Linear and norm inside it: fewer, larger gathers. false: DeepSpeed's per-module hooks."""
 
     def __post_init__(self):
         above("distributed.timeout_s", self.timeout_s, 0)
@@ -172,14 +354,34 @@ class DistributedConfig:
 
 @dataclass
 class TrackingConfig:
+    """MLflow tracking: where the run's params and metrics go, and how a slow or absent server is handled."""
+
     enabled: bool = True
-    tracking_uri: str | None = None        # null: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db
-    experiment: str | None = None          # null: $MLFLOW_EXPERIMENT_NAME, else "calm_dist"
+    """Log params, metrics and system metrics to MLflow (rank 0 alone); metrics.jsonl is written either way."""
+
+    tracking_uri: str | None = None
+    """The MLflow tracking URI (a server, a sqlite file, a file store). Null: $MLFLOW_TRACKING_URI, else
+    sqlite:///<train.output_dir>/mlflow.db. Credentials in it are redacted wherever the config is written."""
+
+    experiment: str | None = None
+    """The MLflow experiment. Null: $MLFLOW_EXPERIMENT_NAME, else "calm_dist"."""
+
     run_name: str | None = None
-    tags: dict[str, str] = field(default_factory=dict)  # over default_tags() and $MLFLOW_TAGS
-    system_metrics: bool = True            # MLflow's CPU/memory/disk monitor as system/* metrics
-    retry_interval_s: float = 30.0         # server unreachable: probe it this often, in the background
-    flush_budget_s: float = 2.0            # at most this long per logging call spent sending a backlog
+    """The MLflow run's name; null: MLflow picks one."""
+
+    tags: dict[str, str] = field(default_factory=dict)
+    """Run tags, over the default tags (host, git commit, Slurm job, ...) and $MLFLOW_TAGS."""
+
+    system_metrics: bool = True
+    """Log MLflow's CPU, memory and disk monitor as system/* metrics."""
+
+    retry_interval_s: float = 30.0
+    """Seconds between background probes of an unreachable server (> 0); the run goes on and sends its backlog
+    once the server answers."""
+
+    flush_budget_s: float = 2.0
+    """Seconds at most that one logging call spends sending a backlog (>= 0), so a slow server never stalls a
+    step for long."""
 
     def __post_init__(self):
         above("tracking.retry_interval_s", self.retry_interval_s, 0)
@@ -188,24 +390,44 @@ class TrackingConfig:
 
 @dataclass
 class Config:
+    """The whole tree, one section per concern."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The frozen models and the composition."""
+
     data: DataConfig = field(default_factory=DataConfig)
+    """The data sets and the tokenizer."""
+
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW and its schedule."""
+
     train: TrainConfig = field(default_factory=TrainConfig)
+    """The training loop, its outputs and checkpoints."""
+
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """DeepSpeed ZeRO-3 and the process group."""
+
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow tracking."""
 
     def to_dict(self) -> dict:
         """The tree as it leaves the process (params, config.json, a checkpoint's config.yaml): credentials in
         the tracking URI redacted."""
+        # Imported here: config.py is a leaf that tracking/ imports (docs/architecture.md), not the reverse.
         from calm_dist.tracking.credentials import redact
 
-        d = dataclasses.asdict(self)
-        d["tracking"]["tracking_uri"] = redact(d["tracking"]["tracking_uri"])
-        return d
+        tree = dataclasses.asdict(self)
+        tree["tracking"]["tracking_uri"] = redact(tree["tracking"]["tracking_uri"])
+        return tree
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def dotted_keys() -> set[str]:
+    """Every field of the tree as a dotted key (model.anchor, ..., tracking.tags)."""
+    return {f"{section}.{f.name}" for section, cls in typing.get_type_hints(Config).items()
+            for f in dataclasses.fields(cls)}
 
 
 def _check(value: Any, annotation: Any, where: str) -> Any:
@@ -223,9 +445,7 @@ def _check(value: Any, annotation: Any, where: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0])
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+    if origin is Literal:  # the section's __post_init__ checks the choices (check_choices)
         return value
     if origin is list:
         if not isinstance(value, (list, tuple)):

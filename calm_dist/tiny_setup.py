@@ -14,11 +14,16 @@ import json
 import random
 from pathlib import Path
 
+import sentencepiece as spm
+import torch
+import transformers as T
+
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
          "upsilon phi chi psi omega red green blue black white one two three four five six seven eight").split()
 
 
 def make_records(n: int, seed: int) -> list[dict]:
+    """`n` prompt/completion records: a few words, and the same words reversed (the same list for one seed)."""
     rng = random.Random(seed)
     records = []
     for _ in range(n):
@@ -28,8 +33,7 @@ def make_records(n: int, seed: int) -> list[dict]:
 
 
 def train_tokenizer(sentences: list[str], path: Path, vocab_size: int = 128) -> None:
-    import sentencepiece as spm
-
+    """A SentencePiece unigram model with the ids the tiny models expect: pad 0, bos 1, eos 2, unk 3."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
                                    model_type="unigram", pad_id=0, bos_id=1, eos_id=2, unk_id=3,
@@ -39,9 +43,7 @@ def train_tokenizer(sentences: list[str], path: Path, vocab_size: int = 128) -> 
 
 def make_models(out: Path, vocab_size: int, anchor_layers: int = 4, augmenting_layers: int = 4,
                 anchor_width: int = 64, augmenting_width: int = 48, seed: int = 0) -> None:
-    import torch
-    import transformers as T
-
+    """A random Llama anchor and a random GPT-2 augmenting model of another width, saved under `out`."""
     special = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(seed)
     anchor = T.LlamaForCausalLM(T.LlamaConfig(hidden_size=anchor_width, intermediate_size=2 * anchor_width,
@@ -54,6 +56,7 @@ def make_models(out: Path, vocab_size: int, anchor_layers: int = 4, augmenting_l
 
 
 def make_tiny_setup(out: str | Path, n_train: int = 256, n_eval: int = 32, seed: int = 0, **model_kw) -> Path:
+    """Write the data sets, and the tokenizer and models unless `out` holds them already; returns `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     train, evaluation = make_records(n_train, seed), make_records(n_eval, seed + 1)
@@ -63,8 +66,6 @@ def make_tiny_setup(out: str | Path, n_train: int = 256, n_eval: int = 32, seed:
     if not tokenizer.exists():
         # a fixed corpus: the tokenizer (and so row lengths) must not depend on n_train
         train_tokenizer([r["prompt"] + r["completion"] for r in make_records(2000, seed=12345)], tokenizer)
-    import sentencepiece as spm
-
     vocab = spm.SentencePieceProcessor(model_file=str(tokenizer)).get_piece_size()
     if not (out / "anchor" / "config.json").exists():
         make_models(out, vocab, seed=seed, **model_kw)

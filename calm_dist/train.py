@@ -12,7 +12,8 @@ if __package__ in (None, ""):  # run as a script by a launcher: make `calm_dist`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from calm_dist.config import ConfigError, load_config  # noqa: E402
-from calm_dist.training.dist_env import DistEnv  # noqa: E402
+from calm_dist.console import quiet_libraries  # noqa: E402
+from calm_dist.training.dist_env import DistEnv, run_then_exit  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
     args = parser.parse_args(argv)
+    # Modules that import torch, transformers and deepspeed (seconds) load late: preflight once the config
+    # loads, the trainer once preflight accepts it, so a refused argument or config never waits for them.
     try:
         env = DistEnv.from_environ()
         cfg = load_config(args.config, args.overrides)
@@ -30,10 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"calm_dist: config error: {e}", file=sys.stderr)
         return 2
-    from calm_dist.training.states_cache import CacheError
-    from calm_dist.training.checkpoint import CheckpointError
     from calm_dist.model.composition import CompositionError
-    from calm_dist.training.trainer import quiet_libraries, train
+    from calm_dist.training.checkpoint import CheckpointError
+    from calm_dist.training.states_cache import CacheError
+    from calm_dist.training.trainer import train
 
     quiet_libraries()
     try:
@@ -50,6 +53,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from calm_dist.training.dist_env import run_then_exit
-
     run_then_exit(main)

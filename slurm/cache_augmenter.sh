@@ -55,5 +55,6 @@ fi
 say "job $SLURM_JOB_ID: ${SLURM_NTASKS:-1} rank(s) on [$SLURM_JOB_NODELIST], master $MASTER_ADDR:$MASTER_PORT," \
     "config $CONFIG"
 # shellcheck disable=SC2086  # ENTRY is words on purpose ("-m calm_dist.cli")
-srun --kill-on-bad-exit=1 --label --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" "$PYTHON" $ENTRY cache --config "$CONFIG" "$@"
+srun --kill-on-bad-exit=1 --label --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
+    "$PYTHON" $ENTRY cache --config "$CONFIG" "$@"
 say "done"

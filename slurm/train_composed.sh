@@ -107,7 +107,8 @@ on_stop() {
         # deaf to the TERM Slurm sends every process of the step, it ends on a HUP from the launcher; no output
         # fds held (the step ends when its output closes), and its sleep dies with it
         ( trap "" USR1 TERM; trap "kill \$NAP 2>/dev/null; exit 0" HUP
-          while :; do sleep "${SIGNAL_REPEAT_S:-20}" & NAP=$!; wait $NAP; forward USR1; done ) </dev/null >/dev/null 2>&1 &
+          while :; do sleep "${SIGNAL_REPEAT_S:-20}" & NAP=$!; wait $NAP; forward USR1; done
+        ) </dev/null >/dev/null 2>&1 &
         REPEATER=$!
     fi
 }

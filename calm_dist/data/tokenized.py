@@ -4,6 +4,8 @@ Records are prompt/completion pairs (loss on the completion and the closing eos 
 Tokenization runs once; its result is saved with `datasets` under a fingerprint of (data file bytes,
 tokenizer file bytes, settings) and memory-mapped on later runs. Rows are right-padded (or packed) to
 `seq_len`, so the composition's causal mask alone keeps padding out of the real tokens.
+
+sentencepiece, transformers and datasets are imported where they are used: validation imports this module.
 """
 from __future__ import annotations
 
@@ -62,6 +64,7 @@ class Tokenizer:
         return self._sp.decode(ids) if self._sp is not None else self._hf.decode(ids, skip_special_tokens=True)
 
     def fingerprint(self) -> str:
+        """A hash of the tokenizer's file names and bytes: the same files in another directory, the same value."""
         files = [self.path] if self.path.is_file() else sorted(p for p in self.path.iterdir() if p.is_file())
         h = hashlib.sha256()
         for f in files:
@@ -130,6 +133,7 @@ def load_records(path: str | Path):
 
 
 def _file_fingerprint(path: Path) -> str:
+    """A hash of the bytes of a data file, or of every file under a saved dataset's directory."""
     h = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for f in files:
@@ -140,6 +144,8 @@ def _file_fingerprint(path: Path) -> str:
 
 
 def data_fingerprint(cfg: DataConfig, path: str | Path, tokenizer: Tokenizer) -> str:
+    """What the tokenized rows depend on, hashed: the data's bytes, the tokenizer's, and the data settings that
+    change the rows. It names the saved arrays, and a resume compares it instead of the paths."""
     settings = {k: getattr(cfg, k) for k in ("format", "prompt_field", "completion_field", "text_field",
                                              "seq_len", "packing", "overlong")}
     key = json.dumps([_file_fingerprint(Path(path)), tokenizer.fingerprint(), settings], sort_keys=True)
@@ -157,6 +163,7 @@ def completion_ids(tok: Tokenizer, completion: str) -> list[int]:
 
 
 def _tokenize_record(record: dict, index: int, cfg: DataConfig, tok: Tokenizer) -> tuple[list[int], list[int]]:
+    """One record's token ids and labels (IGNORE where no loss), before padding or packing."""
     bos = [tok.bos_id] if tok.bos_id is not None else []
     eos = [tok.eos_id] if tok.eos_id is not None else []
     if cfg.format == "prompt_completion":
@@ -216,6 +223,8 @@ def tokenize(cfg: DataConfig, path: str | Path, tok: Tokenizer) -> dict[str, np.
 
 @dataclass
 class TokenizedData:
+    """A tokenized split as [rows, seq_len] int64 tensors, and the fingerprint it was saved under."""
+
     input_ids: torch.Tensor
     labels: torch.Tensor
     attention_mask: torch.Tensor
@@ -246,13 +255,14 @@ def load_tokenized(cfg: DataConfig, path: str | Path, tok: Tokenizer, cache_dir:
     run_on_rank_zero(f"tokenizing {path}", is_writer, lambda: _write_tokenized(cfg, path, tok, target),
                      done=lambda: (target / "dataset_info.json").exists(),
                      status_file=target.with_name(target.name + ".status"), silence_s=silence_s)
-    # One batch read of every row: `ds[column]` formats row by row (minutes for 10^5 rows).
+    # One batch read of every row: `ds[column]` formats row by row, which is slow for large sets.
     rows = datasets.load_from_disk(str(target)).with_format("numpy")[:]
     cols = {k: torch.from_numpy(np.asarray(rows[k], dtype=np.int64)) for k in ("input_ids", "labels", "attention_mask")}
     return TokenizedData(**cols, fingerprint=fp)
 
 
 def _write_tokenized(cfg: DataConfig, path, tok: Tokenizer, target: Path) -> None:
+    """Tokenize and save under a temporary name, then rename: a reader sees the arrays complete or not at all."""
     import datasets
 
     target.parent.mkdir(parents=True, exist_ok=True)

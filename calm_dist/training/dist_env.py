@@ -8,21 +8,27 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import logging
 import os
 import socket
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from calm_dist.config import ConfigError
 
-if TYPE_CHECKING:  # torch is imported where it is used: validation and the launchers stay light
+# torch and deepspeed are imported inside the functions that use them: validation, the CLI's argument errors and
+# the launchers import this module and must not wait for them.
+if TYPE_CHECKING:
     import torch
 
 
 @dataclass(frozen=True)
 class DistEnv:
+    """This process's rank and local rank, the number of ranks in all and on this node."""
+
     rank: int
     local_rank: int
     world_size: int
@@ -93,8 +99,6 @@ def slurm_master_port(job_id: int) -> int:
 def init_process_group(env: DistEnv, timeout_s: int) -> None:
     """Join the process group through a rendezvous store that listens on MASTER_ADDR only, then let DeepSpeed
     adopt the group. Under torchrun the agent already hosts the store, and the ranks only connect to it."""
-    from datetime import timedelta
-
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -186,10 +190,8 @@ def exit_process(code: int) -> None:
     """End an entry point's process without interpreter finalization, once everything is written and closed.
     destroy_process_group drops only torch's own references: DeepSpeed keeps its groups (and ZeRO its hooks)
     alive to the end, and when finalization then destroys gloo's backend while its worker threads still hold
-    tensors, the process aborts ("terminate called without an active exception", pytorch PR #179291),
-    turning a finished run into a failed job now and then."""
-    import logging
-
+    tensors, the process can abort ("terminate called without an active exception", pytorch PR #179291) and
+    a finished run then ends as a failed job."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -199,7 +201,7 @@ def exit_process(code: int) -> None:
 def run_then_exit(main) -> None:
     """Run an entry point's `main()` and end the process through exit_process whatever happens: an uncaught
     exception is printed by sys.excepthook (torch's names the rank) and exits 1, a SystemExit keeps its code.
-    Letting an exception reach the interpreter would finalize it, and abort a rank now and then (exit_process)."""
+    Letting an exception reach the interpreter would finalize it, which can abort a rank (exit_process)."""
     try:
         code = main() or 0
     except SystemExit as e:  # argparse and sys.exit: the message, if any, as Python itself prints it
@@ -216,8 +218,8 @@ def run_then_exit(main) -> None:
 
 def shut_down_process_group() -> None:
     """Leave the process group cleanly once every rank is done: a barrier, then destroy it. Exiting with it
-    alive let gloo's worker threads outlive the interpreter, which aborted a rank at exit now and then
-    ("terminate called without an active exception", seen in CI; pytorch#179291)."""
+    alive lets gloo's worker threads outlive the interpreter, which can abort a rank at exit
+    ("terminate called without an active exception", pytorch#179291)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -250,11 +252,11 @@ def to_device(tensors, device: torch.device):
 def disable_shared_memory_allreduce() -> None:
     """Keep DeepSpeed from building and starting its CPU shared-memory all-reduce.
 
-    On CPU, DeepSpeed compiles that op at the first run (minutes on 2 cores, behind a file lock that a
-    killed build leaves behind), and every process then creates a 69 MB /dev/shm buffer that nothing
-    unlinks at exit: a few hundred runs filled a 24 GB machine's memory. Only `inference_all_reduce`
-    uses it; ZeRO's collectives go through torch.distributed (gloo / NCCL) either way. The table edited
-    here is the one `deepspeed.comm` consults, and DeepSpeed keeps it for that purpose.
+    On CPU, DeepSpeed compiles that op at the first run (a slow build, behind a file lock that a killed
+    build leaves behind), and every process then creates a /dev/shm buffer that nothing unlinks at exit,
+    so repeated runs fill the machine's memory. Only `inference_all_reduce` uses it; ZeRO's collectives go
+    through torch.distributed (gloo / NCCL) either way. The table edited here is the one `deepspeed.comm`
+    consults, and DeepSpeed keeps it for that purpose.
     """
     import deepspeed.ops
 

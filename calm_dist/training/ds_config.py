@@ -11,18 +11,18 @@ from pathlib import Path
 from calm_dist import SOURCE_TREE
 from calm_dist.config import Config, ConfigError
 
-# ZeRO knobs may live in the DeepSpeed JSON; everything else comes from our config tree.
+# The keys a user's DeepSpeed JSON may set: ZeRO's partitioning, offload and communication knobs, and diagnostics.
+ALLOWED_DS_KEYS = {"zero_optimization", "communication_data_type", "prescale_gradients",
+                   "zero_allow_untested_optimizer", "activation_checkpointing", "comms_logger", "aio", "flops_profiler"}
 
-
-ALLOWED_DS_KEYS = {"zero_optimization", "communication_data_type", "prescale_gradients", "zero_allow_untested_optimizer",
-                   "activation_checkpointing", "comms_logger", "aio", "flops_profiler"}
-
-
+# The keys the config tree owns (build_ds_config writes them): set in the JSON too, they could disagree with it.
 OWNED_DS_KEYS = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
                  "scheduler", "gradient_clipping", "bf16", "fp16"}
 
 
 def gradient_accumulation_steps(cfg: Config, world_size: int) -> int:
+    """Micro-steps per optimizer step: train.global_batch_size / (micro_batch_size x world size), 1 when the
+    global batch is unset; a global batch that does not divide evenly is refused."""
     micro, global_batch = cfg.train.micro_batch_size, cfg.train.global_batch_size
     if global_batch is None:
         return 1
@@ -33,6 +33,8 @@ def gradient_accumulation_steps(cfg: Config, world_size: int) -> int:
 
 
 def read_ds_json(path: str | Path) -> dict:
+    """The user's DeepSpeed JSON (distributed.deepspeed_config), refused when unreadable or when it sets a key
+    outside ALLOWED_DS_KEYS."""
     path = resolve_repo_path(path)
     if not path.is_file():
         raise ConfigError(f"distributed.deepspeed_config: {path} does not exist")
@@ -49,7 +51,8 @@ def read_ds_json(path: str | Path) -> dict:
                           "come from the calm_dist config; keep only ZeRO knobs in the DeepSpeed JSON")
     unknown = sorted(set(ds) - ALLOWED_DS_KEYS)
     if unknown:
-        raise ConfigError(f"{path}: unexpected DeepSpeed keys {', '.join(unknown)} (allowed: {', '.join(sorted(ALLOWED_DS_KEYS))})")
+        raise ConfigError(f"{path}: unexpected DeepSpeed keys {', '.join(unknown)} "
+                          f"(allowed: {', '.join(sorted(ALLOWED_DS_KEYS))})")
     return ds
 
 
@@ -72,11 +75,12 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
         "train_batch_size": cfg.train.micro_batch_size * accumulation * world_size,
         "gradient_clipping": cfg.optim.grad_clip,
         "bf16": {"enabled": cfg.train.precision == "bf16"},
-        "steps_per_print": 10**9,
+        "steps_per_print": 10**9,  # DeepSpeed's own progress lines and timers off: the trainer logs each step
         "wall_clock_breakdown": False,
     })
     return ds
 
 
 def zero_stage(ds_config: dict) -> int:
+    """The ZeRO stage a DeepSpeed config asks for (0 when it names none)."""
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))

@@ -1,8 +1,9 @@
-"""Check a config against the world before anything heavy: files, model shapes, tokenizer, world size.
+"""Check a config against the world before anything heavy: files, model shapes, tokenizer, world size, and
+whatever needs more than one field (each section checks its own fields as it loads: calm_dist/config.py).
 
-Reads only small files (config.json of each model, the tokenizer, the DeepSpeed JSON); loads no
-weights and starts no process group. Every problem is a ConfigError (one line, exit code 2), and
-nothing on disk is touched.
+Reads small files (each model's config.json, the tokenizer, the DeepSpeed JSON) and tokenizes the data into
+data.cache_dir, where a bad row shows; loads no weights and starts no process group. Every problem is a
+ConfigError (one line, exit code 2), and nothing else on disk is touched.
 """
 from __future__ import annotations
 
@@ -10,11 +11,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from calm_dist.training.checkpoint import CheckpointError, DamagedCheckpoint, checkpoints_dir, read_checkpoint_state, resume_candidates
 from calm_dist.config import Config, ConfigError, flatten, load_config
+from calm_dist.data.tokenized import Tokenizer, check_data_path, check_tokenizer_matches, load_tokenized
+from calm_dist.model.backbones import Backbone, UnsupportedArchitecture
+from calm_dist.model.layer_pairs import MappingError, default_layer_pairs, validate_layer_pairs
+from calm_dist.tracking.credentials import redact
+from calm_dist.tracking.store import probe_tracking_store
+from calm_dist.training.checkpoint import (CheckpointError, DamagedCheckpoint, checkpoints_dir, read_checkpoint_state,
+                                           resume_candidates)
 from calm_dist.training.dist_env import DistEnv
 from calm_dist.training.ds_config import build_ds_config, gradient_accumulation_steps, zero_stage
-from calm_dist.model.layer_pairs import MappingError, default_layer_pairs, validate_layer_pairs
 
 
 @dataclass
@@ -33,7 +39,9 @@ class ResolvedRun:
 
 
 def read_model_config(path: str, revision: str | None, trust_remote_code: bool, key: str):
-    from transformers import AutoConfig
+    """The model's config.json (from a directory or the hub), refused unless calm_dist can compose its
+    architecture and, for a directory, it holds safetensors weights."""
+    from transformers import AutoConfig  # lazy: seconds to import, never needed by a config refused earlier
 
     if not path:
         raise ConfigError(f"{key} is not set")
@@ -48,8 +56,6 @@ def read_model_config(path: str, revision: str | None, trust_remote_code: bool, 
     if local.is_dir() and not any(local.glob("*.safetensors")):
         raise ConfigError(f"{key}: {path} holds no safetensors weights (pickled checkpoints are refused; "
                           "convert with save_pretrained(..., safe_serialization=True))")
-    from calm_dist.model.backbones import Backbone, UnsupportedArchitecture
-
     try:
         Backbone.from_config(config)
     except UnsupportedArchitecture as e:
@@ -58,79 +64,86 @@ def read_model_config(path: str, revision: str | None, trust_remote_code: bool, 
 
 
 def preflight(cfg: Config, env: DistEnv, *, need_train_data: bool = True, training: bool = True) -> ResolvedRun:
-    """`training=False` (cache, eval): skip the output directory's checkpoint and resume checks."""
-    from calm_dist.model.composition import CompositionError, check_same_vocabulary
-    from calm_dist.data.tokenized import Tokenizer, check_data_path, check_tokenizer_matches, load_tokenized
+    """Check `cfg` on this rank and return what it resolved. `need_train_data=False` (eval): data.train is not
+    read. `training=False` (cache, eval): skip the output directory's checkpoint and resume checks."""
+    from calm_dist.model.composition import CompositionError, check_same_vocabulary  # lazy: imports transformers
 
-    m, d, t = cfg.model, cfg.data, cfg.train
-    if not m.augmenting:
+    model_cfg, data_cfg, train_cfg = cfg.model, cfg.data, cfg.train
+    if not model_cfg.augmenting:
         raise ConfigError("model.augmenting lists no augmenting model")
-    if m.augmenting_revisions is not None and len(m.augmenting_revisions) != len(m.augmenting):
+    if model_cfg.augmenting_revisions is not None and len(model_cfg.augmenting_revisions) != len(model_cfg.augmenting):
         raise ConfigError("model.augmenting_revisions must name one revision per augmenting model")
-    if m.method == "lora" and (t.augmenting_states == "cached" or t.activation_checkpointing):
+    if model_cfg.method == "lora" and (train_cfg.augmenting_states == "cached" or train_cfg.activation_checkpointing):
         raise ConfigError("model.method=lora trains the anchor alone: it takes neither cached augmenting states "
                           "nor the composition's activation checkpointing")
-    if m.augmenting_init == "random" and t.augmenting_states == "cached":
+    if model_cfg.augmenting_init == "random" and train_cfg.augmenting_states == "cached":
         raise ConfigError("model.augmenting_init=random recomputes its states: use train.augmenting_states=recompute")
-    for key, step in (("train.stop_after_step", t.stop_after_step), ("train.fail_at_step", t.fail_at_step)):
-        if step is not None and step >= t.steps:  # it would never happen: the run ends at train.steps
-            raise ConfigError(f"{key}={step} is not before train.steps={t.steps}")
-    if t.compile and not cfg.distributed.zero3_leaf_blocks:
+    for key, step in (("train.stop_after_step", train_cfg.stop_after_step),
+                      ("train.fail_at_step", train_cfg.fail_at_step)):
+        if step is not None and step >= train_cfg.steps:  # it would never happen: the run ends at train.steps
+            raise ConfigError(f"{key}={step} is not before train.steps={train_cfg.steps}")
+    if cfg.optim.warmup_steps > train_cfg.steps:
+        raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} is more than train.steps={train_cfg.steps}: "
+                          "the learning rate would never reach optim.lr")
+    if train_cfg.compile and not cfg.distributed.zero3_leaf_blocks:
         raise ConfigError("train.compile needs distributed.zero3_leaf_blocks=true: DeepSpeed's per-module ZeRO-3 "
                           "hooks cannot run inside a compiled block")
     if cfg.tracking.enabled:
         check_tracking_uri(cfg.tracking.tracking_uri)
-    for key, path in (("train.output_dir", t.output_dir), ("data.cache_dir", data_cache_dir(cfg)),
-                      ("train.states_cache_dir", t.states_cache_dir)):
+    for key, path in (("train.output_dir", train_cfg.output_dir), ("data.cache_dir", data_cache_dir(cfg)),
+                      ("train.states_cache_dir", train_cfg.states_cache_dir)):
         check_directory_can_exist(key, path)
     if training and env.is_main:  # rank 0 alone logs, so it alone asks the store (a few seconds at most)
-        from calm_dist.tracking.tracker import probe_tracking_store
+        probe_tracking_store(cfg.tracking, train_cfg.output_dir)
 
-        probe_tracking_store(cfg.tracking, t.output_dir)
-
-    anchor = read_model_config(m.anchor, m.anchor_revision, m.trust_remote_code, "model.anchor")
-    revisions = m.augmenting_revisions or [None] * len(m.augmenting)
-    augmenting = [read_model_config(p, r, m.trust_remote_code, f"model.augmenting[{i}]")
-                  for i, (p, r) in enumerate(zip(m.augmenting, revisions))]
+    anchor = read_model_config(model_cfg.anchor, model_cfg.anchor_revision, model_cfg.trust_remote_code,
+                               "model.anchor")
+    revisions = model_cfg.augmenting_revisions or [None] * len(model_cfg.augmenting)
+    augmenting = [read_model_config(path, revision, model_cfg.trust_remote_code, f"model.augmenting[{i}]")
+                  for i, (path, revision) in enumerate(zip(model_cfg.augmenting, revisions))]
     try:
-        for i, a in enumerate(augmenting):
-            check_same_vocabulary(anchor, a, i)
+        for i, augmenting_config in enumerate(augmenting):
+            check_same_vocabulary(anchor, augmenting_config, i)
     except CompositionError as e:
         raise ConfigError(str(e)) from None
 
-    if m.layer_pairs is not None and len(m.layer_pairs) != len(augmenting):
-        raise ConfigError(f"model.layer_pairs has {len(m.layer_pairs)} lists for {len(augmenting)} augmenting models")
+    if model_cfg.layer_pairs is not None and len(model_cfg.layer_pairs) != len(augmenting):
+        raise ConfigError(f"model.layer_pairs has {len(model_cfg.layer_pairs)} lists for {len(augmenting)} "
+                          "augmenting models")
     try:
-        pairs = [validate_layer_pairs(m.layer_pairs[i], a.num_hidden_layers, anchor.num_hidden_layers,
-                                      f"augmenting model {i}") if m.layer_pairs is not None
-                 else default_layer_pairs(a.num_hidden_layers, anchor.num_hidden_layers, m.every)
-                 for i, a in enumerate(augmenting)]
+        pairs = [validate_layer_pairs(model_cfg.layer_pairs[i], augmenting_config.num_hidden_layers,
+                                      anchor.num_hidden_layers, f"augmenting model {i}")
+                 if model_cfg.layer_pairs is not None
+                 else default_layer_pairs(augmenting_config.num_hidden_layers, anchor.num_hidden_layers,
+                                          model_cfg.every)
+                 for i, augmenting_config in enumerate(augmenting)]
     except MappingError as e:
         raise ConfigError(f"model.layer_pairs: {e}") from None
-    heads = m.num_heads or anchor.num_attention_heads
+    heads = model_cfg.num_heads or anchor.num_attention_heads
     if anchor.hidden_size % heads:
         raise ConfigError(f"model.num_heads={heads} does not divide the anchor width {anchor.hidden_size}")
     for key, config in (("model.anchor", anchor), *((f"model.augmenting[{i}]", a) for i, a in enumerate(augmenting))):
-        check_position_limit(key, config, d.seq_len)
+        check_position_limit(key, config, data_cfg.seq_len)
 
-    for key, path in (("data.train", d.train if need_train_data else None), ("data.eval", d.eval)):
+    for key, path in (("data.train", data_cfg.train if need_train_data else None), ("data.eval", data_cfg.eval)):
         if path is not None:
             check_data_path(key, path)
-    if not d.tokenizer or not Path(d.tokenizer).exists():
-        raise ConfigError(f"data.tokenizer: {d.tokenizer or '(not set)'} does not exist")
-    tokenizer = Tokenizer(d.tokenizer)
+    if not data_cfg.tokenizer or not Path(data_cfg.tokenizer).exists():
+        raise ConfigError(f"data.tokenizer: {data_cfg.tokenizer or '(not set)'} does not exist")
+    tokenizer = Tokenizer(data_cfg.tokenizer)
     check_tokenizer_matches(tokenizer, anchor, "anchor")
     # Bad rows (missing fields, over-long sequences, an empty set) are found here, on every rank.
-    fingerprints = {path: load_tokenized(d, path, tokenizer, data_cache_dir(cfg), is_writer=env.is_main,
+    splits = ([data_cfg.train] if need_train_data else []) + ([data_cfg.eval] if data_cfg.eval else [])
+    fingerprints = {path: load_tokenized(data_cfg, path, tokenizer, data_cache_dir(cfg), is_writer=env.is_main,
                                          silence_s=cfg.distributed.timeout_s).fingerprint
-                    for path in ([d.train] if need_train_data else []) + ([d.eval] if d.eval else [])}
+                    for path in splits}
 
     accumulation = gradient_accumulation_steps(cfg, env.world_size)
     ds_config = build_ds_config(cfg, env.world_size)
     if zero_stage(ds_config) != 3:
         raise ConfigError(f"{cfg.distributed.deepspeed_config}: calm_dist trains under ZeRO stage 3 "
                           f"(zero_optimization.stage is {zero_stage(ds_config)})")
-    resume = _check_resume(cfg, env, fingerprints.get(d.train)) if training else []
+    resume = _check_resume(cfg, env, fingerprints.get(data_cfg.train)) if training else []
     return ResolvedRun(anchor, augmenting, pairs, accumulation, ds_config, resume)
 
 
@@ -166,10 +179,8 @@ def check_tracking_uri(configured: str | None) -> None:
         "$MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI"))
     if not uri or "://" not in uri:
         return
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # lazy: mlflow takes seconds to import
     from mlflow.tracking._tracking_service.utils import _tracking_store_registry
-
-    from calm_dist.tracking.credentials import redact
 
     try:
         _tracking_store_registry.get_store_builder(uri)
@@ -181,14 +192,13 @@ def check_tracking_uri(configured: str | None) -> None:
 
 def _check_resume(cfg: Config, env: DistEnv, train_fingerprint: str | None) -> list[tuple[Path, str | None]]:
     """The resume candidates; the newest readable one must fit this world size and config, or it is refused."""
-    t = cfg.train
-    _check_allowed_changes(cfg)
+    train_cfg = cfg.train
     try:
-        directories = resume_candidates(t.resume, t.output_dir)
+        directories = resume_candidates(train_cfg.resume, train_cfg.output_dir)
     except CheckpointError as e:
         raise ConfigError(str(e)) from None
     if not directories:
-        existing = checkpoints_dir(t.output_dir)
+        existing = checkpoints_dir(train_cfg.output_dir)
         if existing.is_dir() and any(p.name.startswith("step_") for p in existing.iterdir()):
             raise ConfigError(f"{existing} already holds checkpoints: pass train.resume=auto to continue, or choose "
                               "another train.output_dir (nothing is overwritten)")
@@ -198,7 +208,7 @@ def _check_resume(cfg: Config, env: DistEnv, train_fingerprint: str | None) -> l
         try:
             state = read_checkpoint_state(directory)
         except DamagedCheckpoint as e:
-            if t.resume != "auto":
+            if train_cfg.resume != "auto":
                 raise
             candidates.append((directory, str(e)))
             continue
@@ -208,7 +218,7 @@ def _check_resume(cfg: Config, env: DistEnv, train_fingerprint: str | None) -> l
         fitting_seen = True
         candidates.append((directory, problem))
     if all(problem for _, problem in candidates):
-        raise DamagedCheckpoint(f"no intact checkpoint to resume under {checkpoints_dir(t.output_dir)}: "
+        raise DamagedCheckpoint(f"no intact checkpoint to resume under {checkpoints_dir(train_cfg.output_dir)}: "
                                 + "; ".join(problem for _, problem in candidates))
     return candidates
 
@@ -264,9 +274,3 @@ def config_changes(saved: Config, cfg: Config, saved_fingerprint: str, fingerpri
             changes[key] = f"{old[key]!r} -> {new[key]!r}, tokenized data {saved_fingerprint} -> {fingerprint}"
     return changes
 
-
-def _check_allowed_changes(cfg: Config) -> None:
-    known = flatten(Config().to_dict())
-    for key in cfg.train.resume_allow_changes:
-        if key not in known:
-            raise ConfigError(f"train.resume_allow_changes: unknown key {key} (keys are dotted, e.g. optim.lr)")

@@ -9,18 +9,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from calm_dist.training.dist_env import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def base_env(**extra) -> dict:
+    """This environment for a rank or a job: DeepSpeed on the CPU, one thread, the repository importable, no
+    injected fault; `extra` on top."""
     env = dict(os.environ)
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}{os.pathsep}{env.get('PYTHONPATH', '')}")

@@ -1,8 +1,9 @@
 """A real Slurm for the tests: tools/local_slurm.sh brings up 2 simulated nodes; helpers submit and poll.
 
-`slurm_cluster` is a session fixture: import it into a test module (`from slurm_cluster import
-slurm_cluster`). When Slurm cannot be brought up, the tests FAIL if the environment variable CI is set
-(the CI machine must run them) and are skipped, with the reason, on a developer machine (required.py).
+`slurm_cluster` is a session fixture: a test module makes it its own by name (test_slurm.py:
+`slurm_cluster = tests.helpers.slurm_cluster.slurm_cluster`). When Slurm cannot be brought up, the tests FAIL
+if the environment variable CI is set (the CI machine must run them) and are skipped, with the reason, on a
+developer machine (required.py).
 
 Jobs are submitted with `sbatch --parsable` and polled with `scontrol show job` against a deadline
 (never `sbatch --wait`); every client call runs under a timeout, since a client hangs once the

@@ -6,9 +6,11 @@ import typing
 
 import pytest
 
-from calm_dist.config import Config, ConfigError, flatten, load_config
+from calm_dist.config import Config, ConfigError, TrainConfig, flatten, literal_choices, load_config
 from calm_dist.training.dist_env import DistEnv
+from calm_dist.training.preflight import preflight
 from tests.helpers.launch import REPO, base_env
+from tests.helpers.tiny import tiny_setup
 
 
 def test_defaults_overrides_and_types(tmp_path):
@@ -65,6 +67,27 @@ def test_every_numeric_field_is_range_checked():
     assert not unchecked, f"accepted -10^9: {unchecked}"
 
 
+def test_every_choice_field_is_checked_however_the_section_is_built():
+    """Each field annotated with Literal choices refuses another value, loaded or built in code, in one line
+    naming the key and the choices."""
+    keys = {f"{section}.{name}": literal_choices(annotation)
+            for section, cls in typing.get_type_hints(Config).items()
+            for name, annotation in typing.get_type_hints(cls).items() if literal_choices(annotation)}
+    assert {"train.precision", "model.method", "data.format", "optim.schedule"} <= set(keys)
+    for key, choices in keys.items():
+        with pytest.raises(ConfigError) as e:
+            load_config(None, [f"{key}=bogus"])
+        assert str(e.value) == f"{key}: expected one of {', '.join(map(repr, choices))}, got 'bogus'"
+    with pytest.raises(ConfigError, match="train.precision: expected one of 'fp32', 'bf16', got 'fp8'"):
+        TrainConfig(precision="fp8")
+
+
+def test_resume_allow_changes_names_known_keys():
+    assert load_config(None, ["train.resume_allow_changes=[optim.lr,tracking.tags]"])
+    with pytest.raises(ConfigError, match=r"train.resume_allow_changes: unknown key optim.lrr \(keys are dotted"):
+        load_config(None, ["train.resume_allow_changes=[optim.lrr]"])
+
+
 @pytest.mark.parametrize("environ,expected", [
     ({}, DistEnv(0, 0, 1, 1)),
     ({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}, DistEnv(1, 1, 4, 2)),
@@ -93,20 +116,21 @@ def test_bad_rank_variables_are_config_errors_naming_them(environ, message):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tests.helpers.tiny import tiny_setup
-
     return tiny_setup(tmp_path_factory.mktemp("tiny"), n_train=32, n_eval=8)
+
+
+def tiny_overrides(tiny, out) -> list[str]:
+    """recipes/tiny.yaml pointed at the module's tiny set-up, writing under `out`."""
+    return [f"model.anchor={tiny / 'anchor'}", f"model.augmenting=[{tiny / 'augmenting'}]",
+            f"data.train={tiny / 'train.jsonl'}", f"data.eval={tiny / 'eval.jsonl'}",
+            f"data.tokenizer={tiny / 'tokenizer.model'}", f"train.output_dir={out}", "tracking.enabled=false"]
 
 
 def run_train(tiny, tmp_path, *extra, world=1):
     out = tmp_path / "out"
-    base = [f"model.anchor={tiny / 'anchor'}", f"model.augmenting=[{tiny / 'augmenting'}]",
-            f"data.train={tiny / 'train.jsonl'}", f"data.eval={tiny / 'eval.jsonl'}",
-            f"data.tokenizer={tiny / 'tokenizer.model'}",
-            f"train.output_dir={out}", "tracking.enabled=false"]
     env = base_env(RANK=0, WORLD_SIZE=world, LOCAL_RANK=0)
     proc = subprocess.run([sys.executable, str(REPO / "calm_dist" / "train.py"), "--config",
-                           str(REPO / "recipes" / "tiny.yaml"), *base, *extra],
+                           str(REPO / "recipes" / "tiny.yaml"), *tiny_overrides(tiny, out), *extra],
                           env=env, capture_output=True, text=True, timeout=120)
     return proc, out
 
@@ -122,6 +146,7 @@ def run_train(tiny, tmp_path, *extra, world=1):
     (["distributed.deepspeed_config=/nonexistent.json"], 1, "/nonexistent.json does not exist"),
     (["train.resume=/nonexistent/step_3"], 1, "not a checkpoint directory"),
     (["train.compile=true", "distributed.zero3_leaf_blocks=false"], 1, "train.compile needs distributed.zero3_leaf"),
+    (["optim.warmup_steps=21"], 1, "optim.warmup_steps=21 is more than train.steps=20: the learning rate would never"),
 ])
 def test_config_errors_exit_2_with_one_line_before_loading_models(tiny, tmp_path, extra, world, message):
     proc, out = run_train(tiny, tmp_path, *extra, world=world)
@@ -129,3 +154,10 @@ def test_config_errors_exit_2_with_one_line_before_loading_models(tiny, tmp_path
     lines = [line for line in proc.stderr.splitlines() if line.startswith("calm_dist:")]
     assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
     assert not out.exists()  # nothing heavy ran, nothing was written
+
+
+def test_a_warmup_as_long_as_the_run_is_accepted(tiny, tmp_path):
+    """The learning rate reaches optim.lr on the last step; one warmup step more is refused (above)."""
+    recipe = REPO / "recipes" / "tiny.yaml"
+    cfg = load_config(recipe, [*tiny_overrides(tiny, tmp_path / "out"), "optim.warmup_steps=20"])
+    assert cfg.train.steps == 20 and preflight(cfg, DistEnv(0, 0, 1, 1)).accumulation == 1

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from calm_dist.config import ConfigError
+from calm_dist.training.dist_env import bound_listener, keep_gloo_on_loopback, loopback_interface
 from tests.helpers.launch import REPO, base_env, describe, free_port, run_ranks
 from tests.helpers.required import unavailable
 
@@ -148,15 +150,16 @@ HOST_ADDRESS = "10.254.0.1"  # a cluster node's address, inside the test's own n
 
 @pytest.fixture
 def network_namespace():
-    """A network namespace of the test's own: loopback up, and HOST_ADDRESS on one end of a veth pair inside it. Ranks that join
-    it see a reachable non-loopback address, and nothing they do reaches a real network."""
+    """A network namespace of the test's own: loopback up, and HOST_ADDRESS on one end of a veth pair inside it.
+    Ranks that join it see a reachable non-loopback address, and nothing they do reaches a real network."""
     ip = shutil.which("ip")
     if os.geteuid() != 0 or ip is None:
         unavailable("a network namespace of the test's own (root, iproute2)", f"uid {os.geteuid()}, ip {ip}")
     name = f"calm_dist_test_{os.getpid()}"
     commands = [["netns", "add", name], ["-n", name, "link", "set", "lo", "up"],
                 ["-n", name, "link", "add", "host0", "type", "veth", "peer", "name", "host1"],
-                ["-n", name, "addr", "add", f"{HOST_ADDRESS}/24", "dev", "host0"], ["-n", name, "link", "set", "host0", "up"]]
+                ["-n", name, "addr", "add", f"{HOST_ADDRESS}/24", "dev", "host0"],
+                ["-n", name, "link", "set", "host0", "up"]]
     try:
         for command in commands:
             r = subprocess.run([ip, *command], capture_output=True, text=True)
@@ -175,8 +178,6 @@ def test_the_store_and_gloo_listen_on_loopback_only(tmp_path, network_namespace)
     """Each rank's host name is a reachable non-loopback address (in the test's own network namespace, a UTS
     namespace per rank), as on a cluster node: torch's store would listen on every interface and gloo on that
     address; with MASTER_ADDR=127.0.0.1 both stay on loopback."""
-    from calm_dist.training.dist_env import loopback_interface
-
     out = tmp_path / "sockets"
     results = run_ranks([str(SOCKETS_WORKER), str(out), HOST_ADDRESS, network_namespace], timeout=240)
     reports = read_reports(out, 2)
@@ -210,9 +211,6 @@ def test_under_torchrun_the_agent_hosts_the_store(tmp_path):
 
 # ---- the rendezvous listener, alone ---------------------------------------------------------------------------
 def test_the_store_refuses_a_port_in_use_with_one_line():
-    from calm_dist.config import ConfigError
-    from calm_dist.training.dist_env import bound_listener
-
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -222,18 +220,14 @@ def test_the_store_refuses_a_port_in_use_with_one_line():
 
 
 def test_a_master_address_of_another_host_leaves_the_store_to_torch(capfd):
-    """A service or NAT address reaches rank 0 without being one of its own: torch's listener on every
-    interface still serves it, as before."""
-    from calm_dist.training.dist_env import bound_listener
-
+    """A service or NAT address reaches rank 0 without being one of its own: torch's own listener on every
+    interface serves it."""
     assert bound_listener("203.0.113.7", free_port()) is None  # TEST-NET-3: nobody's address
     assert "MASTER_ADDR=203.0.113.7 is not an address of this host" in capfd.readouterr().err
 
 
 def test_gloo_moves_to_loopback_only_for_a_loopback_master():
     """Host names as a cluster node's: an address literal resolves without a name service."""
-    from calm_dist.training.dist_env import keep_gloo_on_loopback, loopback_interface
-
     environ = {"MASTER_ADDR": "127.0.0.1"}
     keep_gloo_on_loopback(environ, hostname="203.0.113.7")
     assert environ == {"MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": loopback_interface()} and loopback_interface()

@@ -22,8 +22,17 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from tests.helpers.slurm_cluster import REPO, SlurmCluster, slurm_cluster  # noqa: F401  (the fixture)
+from calm_dist.config import load_config
+from calm_dist.training.dist_env import slurm_master_port
+from tests.helpers import tiny
+from tests.helpers import slurm_cluster as local_cluster
+from tests.helpers.reference_training import eval_loss, reference_training
+from tests.helpers.slurm_cluster import REPO, SlurmCluster
+
+slurm_cluster = local_cluster.slurm_cluster  # the session fixture, found by pytest under this name
 
 TRAIN_SH = REPO / "slurm" / "train_composed.sh"
 CACHE_SH = REPO / "slurm" / "cache_augmenter.sh"
@@ -75,8 +84,6 @@ def test_scripts_refuse_to_run_outside_slurm(script):
 
 @pytest.mark.parametrize("script", [TRAIN_SH, CACHE_SH], ids=lambda p: p.name)
 def test_scripts_derive_the_python_rendezvous_port_below_the_ephemeral_range(script):
-    from calm_dist.training.dist_env import slurm_master_port
-
     line = next(line for line in script.read_text().splitlines() if line.startswith("MASTER_PORT="))
     for job_id in (1, 12345, 31999, 987654321):
         r = subprocess.run(["bash", "-c", f"SLURM_JOB_ID={job_id}; unset MASTER_PORT; {line}; echo $MASTER_PORT"],
@@ -157,9 +164,7 @@ STEPS = 30
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
-    from tests.helpers.tiny import tiny_setup
-
-    return tiny_setup(tmp_path_factory.mktemp("tiny_slurm"), n_train=96, n_eval=16)
+    return tiny.tiny_setup(tmp_path_factory.mktemp("tiny_slurm"), n_train=96, n_eval=16)
 
 
 def tiny_overrides(setup: Path, cache: Path, **extra) -> list[str]:
@@ -184,8 +189,6 @@ def submit_train(cluster: SlurmCluster, setup: Path, tmp: Path, nodes: int, proc
 
 
 def final_weights(run_dir: Path) -> dict:
-    from safetensors.torch import load_file
-
     return load_file(str(run_dir / "final" / "composition.safetensors"))
 
 
@@ -234,8 +237,6 @@ def test_train_composed_one_node_two_procs(slurm_cluster, tiny_setup, tmp_path):
 @pytest.mark.slow
 def test_preempted_job_resumes_to_the_uninterrupted_weights(slurm_cluster, tiny_setup, uninterrupted_2x1, tmp_path):
     """(c) USR1 to the batch shell mid-run -> checkpoint -> requeue -> resume: the same final weights."""
-    import torch
-
     job_id, log, run_dir = submit_train(slurm_cluster, tiny_setup, tmp_path, 2, 1)
     slurm_cluster.wait_for_log(job_id, log, rf"step [3-9]/{STEPS} \|", timeout=JOB_TIMEOUT)
     slurm_cluster.signal_batch(job_id, "USR1")
@@ -331,11 +332,6 @@ def test_four_ranks_on_two_nodes_cache_train_stop_resume_match_the_single_proces
     torchrun included), requeued and resumed: every step's loss, the final weights and the eval loss equal a
     single process's over the same global batches. Ranks 2 and 3 are local ranks 0 and 1 of node2, where a
     local rank used for a global one (sampler slice, shard assignment) would read or write another rank's rows."""
-    import torch
-
-    from calm_dist.config import load_config
-    from tests.helpers.reference_training import eval_loss, reference_training
-
     cache = tmp_path / "states"
     wide = {"data.eval": tiny_setup / "eval.jsonl", "train.steps": WIDE_STEPS, "train.micro_batch_size": 2,
             "train.global_batch_size": WIDE_BATCH, "train.checkpoint_every": 0, "train.augmenting_states": "cached",
@@ -362,7 +358,8 @@ def test_four_ranks_on_two_nodes_cache_train_stop_resume_match_the_single_proces
     assert "SignalException" not in text and "checkpoint written (JobState=RUNNING" in text
     for rank in range(4):  # srun's label is the node; each rank names its local rank and host
         node, local = divmod(rank, 2)
-        assert f"{node}: rank {rank} (local rank {local} on node{node + 1}): SIGTERM: checkpointing" in text, text[-6000:]
+        assert f"{node}: rank {rank} (local rank {local} on node{node + 1}): SIGTERM: checkpointing" in text, \
+            text[-6000:]
     stopped_at = int(re.search(r"resumed from \S+/step_(\d+) at step", text).group(1))
     assert 3 <= stopped_at < WIDE_STEPS
     latest = run_dir / "checkpoints" / f"step_{WIDE_STEPS}"
