@@ -1,7 +1,7 @@
 """One rank of a ZeRO-3 composed model: resident parameter bytes, step time, peak memory (and FLOPs).
 
-Spawned by benchmarks/run.py (P5) and tests/integration/test_plan_vs_measured.py with RANK / WORLD_SIZE /
-MASTER_ADDR / MASTER_PORT set (tests/helpers/launch.py). The frozen models load straight into ZeRO-3 shards as
+Spawned by benchmarks/run.py (P5, through torchrun) and tests/integration/test_plan_vs_measured.py (through
+tests/helpers/launch.py) with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set. The frozen models load straight into ZeRO-3 shards as
 the trainer loads them (HfDeepSpeedConfig alive during from_pretrained, calm_dist.training.parallelize), the
 composition is built on top, and `deepspeed.initialize` partitions everything, the frozen weights included.
 

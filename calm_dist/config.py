@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
+from calm_dist.credentials import redact
+
 
 class ConfigError(ValueError):
     """A configuration that cannot work; reported as one line, exit code 2, before any heavy work."""
@@ -413,9 +415,6 @@ class Config:
     def to_dict(self) -> dict:
         """The tree as it leaves the process (params, config.json, a checkpoint's config.yaml): credentials in
         the tracking URI redacted."""
-        # Imported here: config.py is a leaf that tracking/ imports (docs/architecture.md), not the reverse.
-        from calm_dist.tracking.credentials import redact
-
         tree = dataclasses.asdict(self)
         tree["tracking"]["tracking_uri"] = redact(tree["tracking"]["tracking_uri"])
         return tree

@@ -243,12 +243,12 @@ def load_tokenized(cfg: DataConfig, path: str | Path, tok: Tokenizer, cache_dir:
     """Tokenize once per fingerprint; later runs (and the other ranks) read the saved arrays.
 
     The writer (rank 0) tokenizes under a heartbeat; the others wait for its arrays however long that takes
-    (calm_dist/training/rank_zero.py), and stop when its heartbeat has been silent for `silence_s` or it records an
+    (calm_dist/rank_zero.py), and stop when its heartbeat has been silent for `silence_s` or it records an
     error: a bad row's ConfigError, which they raise too, so every rank stops with the same message.
     """
     import datasets
 
-    from calm_dist.training.rank_zero import run_on_rank_zero
+    from calm_dist.rank_zero import run_on_rank_zero
 
     fp = data_fingerprint(cfg, path, tok)
     target = Path(cache_dir) / f"tokens-{fp}"

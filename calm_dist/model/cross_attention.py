@@ -1,7 +1,7 @@
 """One CALM composition block: f_proj then causal multi-head cross-attention, zero-initialised output.
 
 The block's parameter tensors and their count (D_A*D_B + 4*D_B^2 + 5*D_B per block) are listed once, torch-free,
-in `calm_dist.planning.shapes`, which the planner shares.
+in `calm_dist.model.shapes`, which the planner shares.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calm_dist.planning.shapes import block_parameter_count
+from calm_dist.model.shapes import block_parameter_count
 
 __all__ = ["CrossAttentionBlock", "cross_attention_mask", "block_parameter_count"]
 

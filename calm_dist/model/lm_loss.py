@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 # logits per chunk, shared with the memory model
-from calm_dist.planning.activation_memory import LOSS_CHUNK_LOGITS as CHUNK_LOGITS
+from calm_dist.model.shapes import LOSS_CHUNK_LOGITS as CHUNK_LOGITS
 
 IGNORE = -100
 

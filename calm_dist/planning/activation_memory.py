@@ -9,12 +9,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from calm_dist.model.shapes import LOSS_CHUNK_LOGITS
 from calm_dist.planning.costs import ModelSpec, dtype_bytes, model_spec, normalize_layer_pairs
 
-# Logits per chunk of lm_loss.head_loss: 16 MiB in fp32, so the loss's peak stays small whatever the vocabulary
-# (benchmarks/README.md has the timing that chose it). Defined here, torch-free, so this model and the loss share
-# one number.
-LOSS_CHUNK_LOGITS = 1 << 22
 
 
 def _norm_saved_bytes(spec: ModelSpec, b: int) -> int:

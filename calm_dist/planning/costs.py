@@ -18,7 +18,7 @@ Conventions (docs/plan.md has the derivations):
   output is added (the input of block j + 1). A layer pair is (augmenting_layer, anchor_layer).
 * Composition block per pair: f_proj Linear(D_A -> D_B, bias), LayerNorm(D_B) on the projected augmenting
   states, LayerNorm(D_B) on the anchor query, Q/K/V/O Linear(D_B -> D_B, no bias), W^O zero-initialised,
-  causal multi-head cross-attention with the anchor's head count (its tensors: `calm_dist.planning.shapes`).
+  causal multi-head cross-attention with the anchor's head count (its tensors: `calm_dist.model.shapes`).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 from calm_dist.model.layer_pairs import default_layer_pairs, validate_layer_pairs
-from calm_dist.planning import shapes
-from calm_dist.planning.shapes import block_parameter_count as composition_block_params
+from calm_dist.model import shapes
+from calm_dist.model.shapes import block_parameter_count as composition_block_params
 
 __all__ = [
     "DTYPE_BYTES", "dtype_bytes", "ModelSpec", "model_spec", "ParamCounts", "param_counts", "param_tensors",

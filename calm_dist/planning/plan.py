@@ -20,7 +20,8 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from calm_dist.planning import activation_memory, costs, model_sizes, shapes
+from calm_dist.model import shapes
+from calm_dist.planning import activation_memory, costs, model_sizes
 from calm_dist.planning.hardware import GPU_PEAK_TFLOPS
 from calm_dist.planning.report import GB, GiB, Plan, format_plan, human_count
 

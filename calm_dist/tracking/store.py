@@ -26,7 +26,7 @@ from typing import Any
 from calm_dist import SOURCE_TREE, __version__
 from calm_dist.config import ConfigError, flatten
 from calm_dist.files import replacing
-from calm_dist.tracking.credentials import export_tracking_credentials
+from calm_dist.credentials import export_tracking_credentials
 
 log = logging.getLogger(__name__)
 

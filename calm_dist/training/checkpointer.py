@@ -25,7 +25,7 @@ from calm_dist.training.checkpoint import (CheckpointError, DamagedCheckpoint, f
                                            save_state, set_rng_state, staging_dir, verify_rank_share,
                                            write_index_part)
 from calm_dist.training.dist_env import DistEnv
-from calm_dist.training.faults import Faults
+from calm_dist.faults import Faults
 
 
 def gathered_composition(model, is_main: bool) -> dict[str, torch.Tensor] | None:

@@ -40,7 +40,7 @@ from calm_dist.model.io import load_causal_lm, write_random_augmenting
 from calm_dist.planning.costs import composition_params
 from calm_dist.training.ds_config import zero_stage
 from calm_dist.training.preflight import ResolvedRun
-from calm_dist.training.rank_zero import run_on_rank_zero
+from calm_dist.rank_zero import run_on_rank_zero
 
 
 def augmenting_compute_dtype(cfg: Config) -> str:
@@ -55,7 +55,7 @@ def materialize_random_augmenting(cfg: Config, is_main: bool) -> list[str]:
     """Randomly initialised copies of the augmenting architectures, seeded, saved once per output_dir.
 
     Rank 0 writes them while the other ranks wait, however long a large model takes to write, until rank 0
-    fails or its heartbeat has been silent for distributed.timeout_s (calm_dist/training/rank_zero.py)."""
+    fails or its heartbeat has been silent for distributed.timeout_s (calm_dist/rank_zero.py)."""
     out = []
     for i, path in enumerate(cfg.model.augmenting):
         target = Path(cfg.train.output_dir) / "random_augmenting" / str(i)

@@ -15,7 +15,7 @@ from calm_dist.config import Config, ConfigError, flatten, load_config
 from calm_dist.data.tokenized import Tokenizer, check_data_path, check_tokenizer_matches, load_tokenized
 from calm_dist.model.backbones import Backbone, UnsupportedArchitecture
 from calm_dist.model.layer_pairs import MappingError, default_layer_pairs, validate_layer_pairs
-from calm_dist.tracking.credentials import redact
+from calm_dist.credentials import redact
 from calm_dist.tracking.store import probe_tracking_store
 from calm_dist.training.checkpoint import (CheckpointError, DamagedCheckpoint, checkpoints_dir, read_checkpoint_state,
                                            resume_candidates)

@@ -34,7 +34,7 @@ from calm_dist.training.agreement import any_rank
 from calm_dist.training.checkpointer import Checkpointer
 from calm_dist.training.dist_env import DistEnv, init_process_group, local_device, shut_down_process_group, to_device
 from calm_dist.training.evaluator import Evaluator
-from calm_dist.training.faults import Faults
+from calm_dist.faults import Faults
 from calm_dist.training.locks import lock_for_job
 from calm_dist.training.parallelize import build_distributed_model
 from calm_dist.training.preflight import ResolvedRun, data_cache_dir

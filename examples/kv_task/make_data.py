@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Build the key-value task of CALM at tiny scale: keys, data sets (JSONL) and the shared tokenizer.
 
-    python examples/kv_task/make_data.py --out artifacts/kv_task [--seed 0] [--n-keys 900] [--n-values 30]
+    python -m examples.kv_task.make_data --out artifacts/kv_task [--seed 0] [--n-keys 900] [--n-values 30]
         [--dc-frac 0.2] [--n-dc-train 20000] [--dc-arith-frac 0.25] [--n-kv-sub-train 20000] [--n-eval 500] [--force]
 
 Writes into --out:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Pretrain the two tiny base models of the key-value task (Hugging Face models, save_pretrained).
 
-    python examples/kv_task/pretrain.py --task artifacts/kv_task --out artifacts/models [--which both]
+    python -m examples.kv_task.pretrain --task artifacts/kv_task --out artifacts/models [--which both]
         [--parallel] [--seed 0] [--anchor-steps 1500] [--aug-steps 500] [--batch 128] [--lr 3e-3]
         [--max-minutes 10] [--force]
 

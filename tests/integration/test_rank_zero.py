@@ -1,4 +1,4 @@
-"""Rank-0-only steps (calm_dist/training/rank_zero.py): the other ranks wait as long as rank 0 works, not the collective
+"""Rank-0-only steps (calm_dist/rank_zero.py): the other ranks wait as long as rank 0 works, not the collective
 timeout, and stop with one line when rank 0 fails or dies. Real processes: plain ones for the helper, then a
 2-rank ZeRO-3 training run whose rank-0 steps (tokenizing, writing the random augmenting model) outlast
 distributed.timeout_s."""

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from calm_dist.files import sha256_file
 from calm_dist.train import main
-from calm_dist.training.faults import Faults
+from calm_dist.faults import Faults
 
 from tests.helpers.launch import REPO, Ranks, describe, run_ranks
 from tests.helpers.required import unavailable

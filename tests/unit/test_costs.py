@@ -9,7 +9,8 @@ import torch.nn as nn
 import transformers
 
 from calm_dist.model.cross_attention import CrossAttentionBlock
-from calm_dist.planning import activation_memory, costs, model_sizes, shapes
+from calm_dist.model import shapes
+from calm_dist.planning import activation_memory, costs, model_sizes
 from tests.helpers.flop_counter import counted
 from tests.helpers.reference import RefBlock
 

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from calm_dist.config import load_config
-from calm_dist.tracking.credentials import redact, split_credentials
+from calm_dist.credentials import redact, split_credentials
 from calm_dist.tracking.store import read_offline_file
 from calm_dist.tracking.tracker import Tracker
 from tests.helpers.launch import REPO

@@ -1,4 +1,4 @@
-"""One rank of a rank-0-only step (calm_dist/training/rank_zero.py), for tests/integration/test_rank_zero.py.
+"""One rank of a rank-0-only step (calm_dist/rank_zero.py), for tests/integration/test_rank_zero.py.
 
 argv: <directory> <silence_s> <work_s> <outcome: ok | raise | config_error> [<rank 0's delay before the step, s>]
 Rank 0's work takes work_s, then fails as `outcome` says or writes <directory>/result.txt (aside, then renamed).
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from calm_dist.config import ConfigError
 from calm_dist.training.dist_env import run_then_exit
-from calm_dist.training.rank_zero import run_on_rank_zero
+from calm_dist.rank_zero import run_on_rank_zero
 
 
 def main() -> int:

@@ -8,7 +8,7 @@ Two sources name the faults, and `Faults.at(point, step)` serves both, so the tr
   `raise_*` raises, any other kills.
 - `train.fail_at_step=K` (the config, so a Slurm test can set it on the command line): rank 1 (rank 0 alone in
   a single process) raises at the `raise_in_step` point of step K.
-`CALM_DIST_FAULT=stall_rank_zero:<seconds>` makes every rank-0-only step (calm_dist/training/rank_zero.py) sleep
+`CALM_DIST_FAULT=stall_rank_zero:<seconds>` makes every rank-0-only step (calm_dist/rank_zero.py) sleep
 that long first: a step outlasting `distributed.timeout_s`.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Rank 0 does a step alone; the other ranks wait for its result for as long as rank 0 is alive and working.
 
 Some steps run on global rank 0 only and leave their result where every rank reads it: tokenizing the data,
-writing the random augmenting models, preparing token shards (`calm-dist prepare`). Their length grows with the
+writing the random augmenting models. Their length grows with the
 corpus or the model, so no fixed bound fits them: a barrier gives up after `distributed.timeout_s`, and a job
 whose data takes longer than that to tokenize would fail on every retry. So the other ranks never wait in a
 collective here; they watch a status file that rank 0 keeps fresh while it works (a heartbeat), and give up only
@@ -39,7 +39,7 @@ from typing import Callable
 
 from calm_dist.config import ConfigError
 from calm_dist.files import write_atomic
-from calm_dist.training.faults import maybe_stall
+from calm_dist.faults import maybe_stall
 
 BEAT_S = 5.0  # rank 0's heartbeat period, shortened to a quarter of a smaller silence bound
 FIRST_POLL_S, MAX_POLL_S = 0.1, 2.0

@@ -1,11 +1,11 @@
-"""The shapes of the composition's trainable part: one cross-attention block's parameter tensors, and the
-parameter count of all blocks.
+"""The shapes of the composition's trainable part (one cross-attention block's parameter tensors, the parameter
+count of all blocks) and the loss's logits chunk: the facts of the model the planner reads.
 
 `calm_dist.model.cross_attention.CrossAttentionBlock` builds these tensors; the composition, the cost model and
 `calm-dist plan` count them from here, so a change to the block is a change to this one list
 (tests/unit/test_costs.py compares it with a real block's parameters).
 
-Pure Python (never imports torch): the planner runs without it.
+Pure Python (never imports torch): the planner imports it without torch, as it does layer_pairs.
 """
 from __future__ import annotations
 
@@ -48,3 +48,9 @@ def composition_parameter_count(d_anchor: int, augmenting: Iterable[tuple[int, S
     """Trainable parameters of a composition: one block per layer pair. `augmenting` gives each augmenting
     model's (width, layer pairs)."""
     return sum(len(pairs) * block_parameter_count(d_augmenting, d_anchor) for d_augmenting, pairs in augmenting)
+
+
+# Logits per chunk of lm_loss.head_loss: 16 MiB in fp32, so the loss's peak stays small whatever the vocabulary
+# (benchmarks/README.md has the timing that chose it). Torch-free, so the activation-memory model and the loss
+# share one number.
+LOSS_CHUNK_LOGITS = 1 << 22
