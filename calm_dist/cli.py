@@ -1,4 +1,4 @@
-"""`calm-dist cache | train | eval | generate | compare | plan`.
+"""`calm-dist prepare | cache | train | eval | generate | compare | plan`.
 
 Every command that takes a config reads the same recipe format as `calm_dist/train.py`
 (`--config recipe.yaml key=value ...`) and refuses a bad one with one line and exit code 2.
@@ -12,6 +12,7 @@ import argparse
 import importlib
 import json
 import sys
+from pathlib import Path
 
 from calm_dist.config import ConfigError, load_config
 from calm_dist.console import quiet_libraries
@@ -30,6 +31,34 @@ def _load(args, need_train_data: bool = True, training: bool = False):
     cfg = load_config(args.config, args.overrides)
     env = DistEnv.from_environ()
     return cfg, env, preflight(cfg, env, need_train_data=need_train_data, training=training)
+
+
+def cmd_prepare(args) -> int:
+    """Tokenize data.train and data.eval into token shards once (training and caching reuse them)."""
+    cfg = load_config(args.config, args.overrides)
+    workers = cfg.data.workers if args.workers is None else args.workers
+    if workers < 0:
+        raise ConfigError(f"--workers must be >= 0, got {workers}")
+    from calm_dist.data.prepare import load_rows, read_manifest
+    from calm_dist.data.sources import open_source
+    from calm_dist.data.tokenizer import Tokenizer
+    from calm_dist.training.preflight import data_cache_dir
+
+    splits = {"data.train": cfg.data.train, "data.eval": cfg.data.eval}
+    splits = {key: spec for key, spec in splits.items() if spec}
+    if not splits:
+        raise ConfigError("data.train and data.eval are not set: nothing to prepare")
+    for key, spec in splits.items():
+        open_source(spec, key)  # every input exists and is of one kind, before the first one is tokenized
+    if not cfg.data.tokenizer or not Path(cfg.data.tokenizer).exists():
+        raise ConfigError(f"data.tokenizer: {cfg.data.tokenizer or '(not set)'} does not exist")
+    tokenizer = Tokenizer(cfg.data.tokenizer)
+    for key, spec in splits.items():
+        rows = load_rows(cfg.data, spec, key, tokenizer, data_cache_dir(cfg), workers=workers)
+        m = read_manifest(rows.directory)
+        print(f"{key}: {m['n_docs']:,} records, {m['n_tokens']:,} tokens ({m['dtype']}), {len(rows):,} rows of "
+              f"{cfg.data.seq_len} in {len(m['shards'])} shards -> {rows.directory}", flush=True)
+    return 0
 
 
 def cmd_cache(args) -> int:
@@ -66,7 +95,7 @@ def cmd_generate(args) -> int:
     import torch
 
     from calm_dist import ComposedModel
-    from calm_dist.data.tokenized import Tokenizer
+    from calm_dist.data.tokenizer import Tokenizer
     from calm_dist.training.dist_env import local_device
 
     device = local_device(DistEnv.from_environ())
@@ -140,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:])
     parser = argparse.ArgumentParser(prog="calm-dist", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="tokenize the data once into memory-mapped token shards")
+    _config_args(p)
+    p.add_argument("--workers", type=int, help="tokenizing processes (default data.workers; 0: one per core)")
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("cache", help="cache the augmenting models' states at the composed layers")
     _config_args(p)

@@ -142,8 +142,10 @@ class DataConfig:
     """The training and evaluation data, the tokenizer, and how records become fixed-length rows."""
 
     train: str = ""
-    """The training set: a JSONL, JSON or Parquet file, or a directory written by `datasets.save_to_disk`.
-    Required for training."""
+    """The training set: a .jsonl, .json, .parquet or .arrow file; a directory of such files (one kind) or one
+    written by `datasets.save_to_disk`; a glob (`data/*.jsonl`); or a Hugging Face dataset,
+    `hf:org/name?split=train&config=NAME&revision=REV` (read through `datasets` and its cache; offline works once
+    cached). Required for training."""
 
     eval: str | None = None
     """The evaluation set, in the same forms as `train`; null: no evaluation."""
@@ -178,12 +180,17 @@ class DataConfig:
     keeps its first seq_len tokens."""
 
     cache_dir: str | None = None
-    """Where the tokenized data is saved, under a fingerprint of data, tokenizer and these settings. Null:
-    <train.output_dir>/../data_cache, shared by the runs of one parent directory."""
+    """Where the prepared token shards are saved (`calm-dist prepare`, or rank 0 at the start of a job), under a
+    fingerprint of the data, the tokenizer and these settings. Null: <train.output_dir>/../data_cache, shared by
+    the runs of one parent directory."""
+
+    workers: int = 0
+    """Processes that tokenize when the data is prepared (>= 0); 0: one per core of the machine."""
 
     def __post_init__(self):
         check_choices("data", self)
-        at_least("data.seq_len", self.seq_len, 1)  # the models' position limits are checked in preflight
+        at_least("data.seq_len", self.seq_len, 1)
+        at_least("data.workers", self.workers, 0)  # the models' position limits are checked in preflight
 
 
 @dataclass

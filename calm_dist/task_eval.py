@@ -14,7 +14,9 @@ from typing import Callable
 import torch
 
 from calm_dist.config import ConfigError
-from calm_dist.data.tokenized import IGNORE, Tokenizer, completion_ids, load_records, prompt_ids
+from calm_dist.data.sources import open_source
+from calm_dist.data.tokenizer import Tokenizer, completion_ids, prompt_ids
+from calm_dist.model.lm_loss import IGNORE
 from calm_dist.model.baselines import LoRAAnchor
 from calm_dist.model.composition import ComposedModel, position_ids_from_mask, read_composition_config
 from calm_dist.model.io import load_causal_lm
@@ -182,8 +184,8 @@ def run(cfg, sets: dict[str, str], compositions: dict[str, str], base_models: li
     for name, (gen, logits) in fns.items():
         results[name] = {}
         for set_name, path in sets.items():
-            records = load_records(path)
-            records = records.select(range(min(limit, len(records)))) if limit else records
+            records = [record for part in open_source(path, f"--set {set_name}") for _, record in part.records()]
+            records = records[:limit] if limit else records
             results[name][set_name] = evaluate_set(gen, logits, tokenizer, records, batch_size=batch_size,
                                                    max_new_tokens=max_new_tokens,
                                                    prompt_field=cfg.data.prompt_field,

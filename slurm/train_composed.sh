@@ -149,6 +149,20 @@ on_signal() {
 trap 'on_signal USR1' USR1
 trap 'on_signal TERM' TERM
 
+# --- Phase 1: the token shards, prepared once on one node; every rank then memory-maps them -------------
+# (a no-op when they exist: a requeued job, or a data set prepared beforehand with calm-dist prepare)
+say "preparing the data: calm-dist prepare on one node"
+srun --nodes=1 --ntasks=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}" \
+     "$PYTHON" -m calm_dist.cli prepare --config "$CONFIG" "train.output_dir=$RUN_DIR" "$@" ||
+    die "preparing the data failed (see above)"
+case "$STOP_SIGNAL" in  # a stop that came while preparing (the shards prepared so far stay for the next run)
+    USR1) say "got SIGUSR1 while preparing: requeueing before training starts"
+          timeout 60 scontrol requeue "$SLURM_JOB_ID" || die "scontrol requeue $SLURM_JOB_ID failed"
+          exec sleep 120 ;;
+    TERM) say "got SIGTERM while preparing: the job ends before training starts"; exit 0 ;;
+esac
+
+# --- Phase 2: training ---------------------------------------------------------------------------------
 srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 \
      --cpus-per-task="${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}" \
      ${SLURM_GPUS_PER_NODE:+--gpus-per-node="$SLURM_GPUS_PER_NODE"} \

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from calm_dist.config import Config, ConfigError, flatten, load_config
-from calm_dist.data.tokenized import Tokenizer, check_data_path, check_tokenizer_matches, load_tokenized
+from calm_dist.data.prepare import load_rows
+from calm_dist.data.sources import open_source
+from calm_dist.data.tokenizer import Tokenizer, check_tokenizer_matches
 from calm_dist.model.backbones import Backbone, UnsupportedArchitecture
 from calm_dist.model.layer_pairs import MappingError, default_layer_pairs, validate_layer_pairs
 from calm_dist.credentials import redact
@@ -125,18 +127,21 @@ def preflight(cfg: Config, env: DistEnv, *, need_train_data: bool = True, traini
     for key, config in (("model.anchor", anchor), *((f"model.augmenting[{i}]", a) for i, a in enumerate(augmenting))):
         check_position_limit(key, config, data_cfg.seq_len)
 
-    for key, path in (("data.train", data_cfg.train if need_train_data else None), ("data.eval", data_cfg.eval)):
-        if path is not None:
-            check_data_path(key, path)
+    splits = {key: path for key, path in (("data.train", data_cfg.train if need_train_data else None),
+                                          ("data.eval", data_cfg.eval)) if path is not None}
+    for key, path in splits.items():
+        if not path:
+            raise ConfigError(f"{key} is not set")
+        open_source(path, key)  # the files exist and are of one kind: cheap, on every rank
     if not data_cfg.tokenizer or not Path(data_cfg.tokenizer).exists():
         raise ConfigError(f"data.tokenizer: {data_cfg.tokenizer or '(not set)'} does not exist")
     tokenizer = Tokenizer(data_cfg.tokenizer)
     check_tokenizer_matches(tokenizer, anchor, "anchor")
-    # Bad rows (missing fields, over-long sequences, an empty set) are found here, on every rank.
-    splits = ([data_cfg.train] if need_train_data else []) + ([data_cfg.eval] if data_cfg.eval else [])
-    fingerprints = {path: load_tokenized(data_cfg, path, tokenizer, data_cache_dir(cfg), is_writer=env.is_main,
-                                         silence_s=cfg.distributed.timeout_s).fingerprint
-                    for path in splits}
+    # Rank 0 prepares the token shards when they are missing; a bad row (a missing field, an over-long record, an
+    # empty set) stops every rank with its one line.
+    fingerprints = {path: load_rows(data_cfg, path, key, tokenizer, data_cache_dir(cfg), is_writer=env.is_main,
+                                    silence_s=cfg.distributed.timeout_s, workers=data_cfg.workers).fingerprint
+                    for key, path in splits.items()}
 
     accumulation = gradient_accumulation_steps(cfg, env.world_size)
     ds_config = build_ds_config(cfg, env.world_size)
@@ -251,7 +256,7 @@ NEVER_COMPARED = {
     "train.checkpoint_every", "train.keep_last", "train.stop_after_step", "train.fail_at_step",
     "train.peak_tflops_per_rank", "train.states_cache_dir", "train.augmenting_states", "train.compile",
     "train.activation_checkpointing", "data.cache_dir", "distributed.timeout_s", "distributed.deepspeed_config",
-    "distributed.zero3_leaf_blocks", "data.train", "data.tokenizer"}
+    "distributed.zero3_leaf_blocks", "data.train", "data.tokenizer", "data.workers"}
 NEVER_COMPARED_SECTIONS = ("tracking.",)
 FINGERPRINTED = ("data.format", "data.prompt_field", "data.completion_field", "data.text_field", "data.seq_len",
                  "data.packing", "data.overlong")

@@ -29,7 +29,9 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from calm_dist.config import ConfigError
-from calm_dist.data.tokenized import Tokenizer, load_records, load_tokenized
+from calm_dist.data.prepare import load_rows
+from calm_dist.data.sources import open_source
+from calm_dist.data.tokenizer import Tokenizer
 from calm_dist.files import replacing, save_safetensors, sha256_file, write_atomic
 from calm_dist.model.composition import capture_block_outputs, position_ids_from_mask, truncate_after
 from calm_dist.model.io import load_causal_lm
@@ -354,7 +356,7 @@ def run_cache_job(cfg, env, resolved, rows_per_shard: int = 256, batch_size: int
               for p, r in zip(cfg.model.augmenting, revisions)]
     out = {}
     for split, path in splits(cfg).items():
-        data = load_tokenized(cfg.data, path, tokenizer, data_cache_dir(cfg), is_writer=False)  # written by validate
+        data = load_rows(cfg.data, path, f"data.{split}", tokenizer, data_cache_dir(cfg), is_writer=False)  # preflight's
         comps = expected_components(cfg, resolved.layer_pairs, data.fingerprint)
         out[split] = build_cache(cache_root(cfg) / split, comps, models, used_augmenting_layers(resolved.layer_pairs),
                                  data, rank=env.rank, world=env.world_size, rows_per_shard=rows_per_shard,
@@ -366,7 +368,8 @@ def run_cache_job(cfg, env, resolved, rows_per_shard: int = 256, batch_size: int
 def estimate(cfg, resolved, *, flops_per_s: float, read_bytes_per_s: float, write_bytes_per_s: float) -> dict:
     """Disk size of the cache and the cache-vs-recompute break-even, from the cost model (no model is loaded)."""
     seq_len = cfg.data.seq_len
-    tokens = {split: len(load_records(path)) * seq_len for split, path in splits(cfg).items()}
+    tokens = {split: sum(part.num_rows() for part in open_source(path, f"data.{split}")) * seq_len
+              for split, path in splits(cfg).items()}
     per_token = costs.cache_bytes_per_token(resolved.augmenting_configs, resolved.layer_pairs,
                                             dtype=cfg.train.states_dtype)
     aug_flops = sum(costs.augmenting_forward_flops(c, seq_len, max(i for i, _ in pairs))

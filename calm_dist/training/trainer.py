@@ -24,8 +24,9 @@ import torch.distributed as dist
 
 from calm_dist.config import Config
 from calm_dist.console import progress_line
-from calm_dist.data.tokenized import GlobalBatchSampler, Tokenizer, load_tokenized
-from calm_dist.model.lm_loss import labelled_tokens
+from calm_dist.data.prepare import load_rows
+from calm_dist.data.sampler import GlobalBatchSampler
+from calm_dist.data.tokenizer import Tokenizer
 from calm_dist.planning import costs
 from calm_dist.planning.hardware import peak_flops_per_rank
 from calm_dist.tracking.tracker import Tracker
@@ -101,14 +102,14 @@ class Trainer:
             signal.signal(sig, self._on_stop_signal)
 
     def _load_data(self) -> None:
-        """Every rank reads the arrays preflight tokenized and saved."""
+        """Every rank memory-maps the token shards preflight prepared."""
         cfg = self.cfg
         tokenizer = Tokenizer(cfg.data.tokenizer)
 
-        def tokenized(path: str):
-            return load_tokenized(cfg.data, path, tokenizer, data_cache_dir(cfg), is_writer=False)
-        self.train_data = tokenized(cfg.data.train)
-        self.eval_data = tokenized(cfg.data.eval) if cfg.data.eval else None
+        def rows(key: str, spec: str):
+            return load_rows(cfg.data, spec, key, tokenizer, data_cache_dir(cfg), is_writer=False)
+        self.train_data = rows("data.train", cfg.data.train)
+        self.eval_data = rows("data.eval", cfg.data.eval) if cfg.data.eval else None
         self.sampler = GlobalBatchSampler(len(self.train_data), self.global_batch_size, cfg.train.seed)
 
     @property
@@ -176,7 +177,7 @@ class Trainer:
         """One optimizer step; returns (global token-mean loss, global real tokens)."""
         train_cfg, env, engine = self.cfg.train, self.env, self.model.engine
         global_idx = self.sampler.global_batch_indices(step)
-        n_global = int(labelled_tokens(self.train_data.labels[torch.as_tensor(global_idx)]))
+        n_global = self.train_data.labelled_tokens(global_idx)
         scale = env.world_size * self.resolved.accumulation / max(1, n_global)
         local = torch.zeros(2, device=self.device)  # summed loss, real tokens: read once per step, not per micro-step
         for micro in range(self.resolved.accumulation):

@@ -37,7 +37,7 @@ import time
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from calm_dist.data.tokenized import Tokenizer
+from calm_dist.data.tokenizer import Tokenizer
 from examples.kv_task import task as T
 from examples.kv_task.scoring import exact_match, next_token_accuracy, read_jsonl
 from examples.kv_task.tokenizer import BOS_ID, EOS_ID, PAD_ID, encode_record, load_tokenizer

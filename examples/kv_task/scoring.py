@@ -1,8 +1,8 @@
 """Greedy exact match and next-token accuracy on prompt/completion records, for any model whose
 ``forward(input_ids)`` returns an object with ``.logits`` (a Hugging Face causal LM or a composed model).
 
-The tokenizer is calm_dist's (``calm_dist.data.tokenized.Tokenizer``) and so is the scoring: prompts and references are
-tokenized as training tokenizes them (``calm_dist.data.tokenized.prompt_ids`` / ``completion_ids``) and a row counts
+The tokenizer is calm_dist's (``calm_dist.data.tokenizer.Tokenizer``) and so is the scoring: prompts and references are
+tokenized as training tokenizes them (``calm_dist.data.tokenizer.prompt_ids`` / ``completion_ids``) and a row counts
 by ``calm_dist.task_eval.is_exact_match``, the definition ``calm-dist eval`` uses."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from calm_dist.data.tokenized import Tokenizer, completion_ids, prompt_ids
+from calm_dist.data.tokenizer import Tokenizer, completion_ids, prompt_ids
 from calm_dist.task_eval import is_exact_match
 
 

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from calm_dist import ComposedModel
-from calm_dist.data.tokenized import Tokenizer, load_tokenized
+from calm_dist.data.prepare import load_rows
+from calm_dist.data.tokenizer import Tokenizer
 from calm_dist.model.lm_loss import labelled_tokens, loss_from_logits
 from calm_dist.training.parallelize import lr_lambda  # its values are pinned by hand in test_schedule.py
 
@@ -32,7 +33,7 @@ def reference_training(cfg, global_batch: int, tokenized_cache: Path):
     """`cfg.train.steps` steps of one process over the reference batches: the same AdamW, schedule and
     clipping. Returns (the loss of each step, the composition's final weights)."""
 
-    data = load_tokenized(cfg.data, cfg.data.train, Tokenizer(cfg.data.tokenizer), tokenized_cache)
+    data = load_rows(cfg.data, cfg.data.train, "data.train", Tokenizer(cfg.data.tokenizer), tokenized_cache)
     torch.manual_seed(cfg.train.seed)
     model = ComposedModel.from_pretrained(cfg.model.anchor, cfg.model.augmenting, layer_pairs=cfg.model.layer_pairs)
     params = model.trainable_parameters()
@@ -57,7 +58,7 @@ def eval_loss(composition_dir: Path, cfg, rows, tokenized_cache: Path) -> float:
     """Token-mean next-token loss of an exported composition over the given rows of `cfg.data.eval`: one
     process, one batch, the logits path (the trainer's eval runs ZeRO-3 micro-batches through head_loss)."""
 
-    data = load_tokenized(cfg.data, cfg.data.eval, Tokenizer(cfg.data.tokenizer), tokenized_cache)
+    data = load_rows(cfg.data, cfg.data.eval, "data.eval", Tokenizer(cfg.data.tokenizer), tokenized_cache)
     model = ComposedModel.from_composition(composition_dir).eval()
     batch = data.batch(list(rows))
     with torch.no_grad():

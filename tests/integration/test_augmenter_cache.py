@@ -8,7 +8,8 @@ from transformers import AutoConfig
 from calm_dist import ComposedModel
 from calm_dist.cli import main
 from calm_dist.config import DataConfig, load_config
-from calm_dist.data.tokenized import Tokenizer, load_tokenized
+from calm_dist.data.prepare import load_rows
+from calm_dist.data.tokenizer import Tokenizer
 from calm_dist.files import sha256_file
 from calm_dist.model import backbones
 from calm_dist.model.composition import capture_block_outputs, position_ids_from_mask
@@ -31,7 +32,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     setup = tiny_setup(root, n_train=40, n_eval=8)
     cfg = DataConfig(train=str(setup / "train.jsonl"), tokenizer=str(setup / "tokenizer.model"), seq_len=32)
-    data = load_tokenized(cfg, cfg.train, Tokenizer(cfg.tokenizer), root / "data_cache")
+    data = load_rows(cfg, cfg.train, "data.train", Tokenizer(cfg.tokenizer), root / "data_cache")
     return setup, data
 
 
@@ -108,7 +109,7 @@ def test_a_bf16_saved_augmenting_model_is_cached_in_the_trainers_compute_dtype(t
     bf16_dir = tmp_path / "augmenting_bf16"
     load_causal_lm(str(setup / "augmenting")).to(torch.bfloat16).save_pretrained(bf16_dir)
     cfg, resolved, directories = cache_job(setup, tmp_path, **{"model.augmenting": f"[{bf16_dir}]"})
-    data = load_tokenized(cfg.data, cfg.data.train, Tokenizer(cfg.data.tokenizer), tmp_path / "data_cache")
+    data = load_rows(cfg.data, cfg.data.train, "data.train", Tokenizer(cfg.data.tokenizer), tmp_path / "data_cache")
     cache = StatesCache(directories["train"], expected_components(cfg, resolved.layer_pairs, data.fingerprint))
     assert {k: cache.manifest["components"][k] for k in ("dtype", "compute_dtype")} == \
         {"dtype": "fp32", "compute_dtype": "fp32"}
@@ -229,7 +230,7 @@ def test_a_refusal_on_rank_0_stops_every_rank(tiny, tmp_path):
     overrides = cache_overrides(setup, tmp_path)
     cfg = load_config(REPO / "recipes" / "tiny.yaml", overrides)
     resolved = preflight(cfg, DistEnv(0, 0, 1, 1), training=False)  # also writes the tokenized data the ranks read
-    data = load_tokenized(cfg.data, cfg.data.train, Tokenizer(cfg.data.tokenizer), tmp_path / "data_cache")
+    data = load_rows(cfg.data, cfg.data.train, "data.train", Tokenizer(cfg.data.tokenizer), tmp_path / "data_cache")
     partial = cache_root(cfg) / "train"
     partial.mkdir(parents=True)
     (partial / "building.json").write_text(json.dumps(

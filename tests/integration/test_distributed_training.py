@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from calm_dist.config import load_config
-from calm_dist.data.tokenized import Tokenizer, load_tokenized
+from calm_dist.data.prepare import load_rows
+from calm_dist.data.tokenizer import Tokenizer
 from calm_dist.model.baselines import LoRAAnchor
 from calm_dist.model.composition import read_composition_config
 from calm_dist.model.io import load_causal_lm
@@ -61,7 +62,7 @@ def run_worker(setup, out, world=2, **extra):
 def reference_run(setup: Path, out: Path):
     """Single process, plain PyTorch: the same global batches, AdamW, schedule and clipping."""
     cfg = load_config(RECIPE, overrides(setup, out))
-    data = load_tokenized(cfg.data, cfg.data.train, Tokenizer(cfg.data.tokenizer), out.parent / "ref_cache")
+    data = load_rows(cfg.data, cfg.data.train, "data.train", Tokenizer(cfg.data.tokenizer), out.parent / "ref_cache")
     assert STEPS > 2 * (len(data) // GLOBAL_BATCH)  # the run crosses two epoch boundaries
     return reference_training(cfg, GLOBAL_BATCH, out.parent / "ref_cache")
 

@@ -10,7 +10,9 @@ import torch
 from calm_dist import ComposedModel
 from calm_dist.model.io import load_causal_lm
 from calm_dist.config import DataConfig
-from calm_dist.data.tokenized import IGNORE, Tokenizer, tokenize
+from calm_dist.data.prepare import load_rows
+from calm_dist.data.tokenizer import Tokenizer
+from calm_dist.model.lm_loss import IGNORE
 from calm_dist.task_eval import composed_fns, evaluate_set, format_table, hf_model_fns
 from tests.helpers.tiny import randomize_composition
 
@@ -67,7 +69,9 @@ def test_exact_match_compares_ids_not_decoded_text(tmp_path):
     assert tok.decode(tok.encode("115")) == "1 1 5"
     sums = [(3, 4), (12, 103), (7, 85), (250, 1), (9, 9), (31, 64), (5, 995), (40, 2)]
     rows = [{"prompt": f"{a} + {b} =", "completion": str(a + b)} for a, b in sums]
-    data = tokenize(DataConfig(seq_len=16), write_jsonl(tmp_path / "sums.jsonl", rows), tok)
+    prepared = load_rows(DataConfig(seq_len=16), str(write_jsonl(tmp_path / "sums.jsonl", rows)), "data.train", tok,
+                         tmp_path / "data_cache", workers=1)
+    data = prepared.batch(list(range(len(prepared))))
     answers = {}  # training's rows: the prompt as fed, then the labelled tokens (completion and eos)
     for ids, labels, mask in zip(data["input_ids"].tolist(), data["labels"].tolist(), data["attention_mask"].tolist()):
         prompt = [t for t, lab, m in zip(ids, labels, mask) if m and lab == IGNORE]
@@ -174,7 +178,7 @@ def answered_rows(model, tok: Tokenizer, n: int = 64, max_new_tokens: int = 6) -
     """Prompts of the tiny task that `model` answers: its greedy continuation stops (eos) after at least one
     token, and that answer, tokenized again, is what it generated. The rows carry that answer as completion."""
     from calm_dist.tiny_setup import make_records
-    from calm_dist.data.tokenized import completion_ids, prompt_ids
+    from calm_dist.data.tokenizer import completion_ids, prompt_ids
 
     rows = []
     for r in make_records(n, seed=7):

@@ -8,13 +8,13 @@ import signal
 import time
 from pathlib import Path
 
-import datasets
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from calm_dist.config import load_config
-from calm_dist.data.tokenized import Tokenizer, tokenize
+from calm_dist.data.prepare import load_rows
+from calm_dist.data.tokenizer import Tokenizer
 from calm_dist.model.io import load_causal_lm
 
 from tests.helpers.launch import REPO, Ranks, describe
@@ -106,12 +106,14 @@ def test_rank_zero_steps_of_a_training_run_outlast_the_collective_timeout(tmp_pa
     assert "done: step 2" in results[0].output, describe(results)
 
     cfg = load_config(recipe, overrides)
-    (status,) = (tmp_path / "data_cache").glob("tokens-*.status")
+    (status,) = (tmp_path / "data_cache").glob("prepare-*.status")
     assert json.loads(status.read_text())["state"] == "done"
-    saved = Path(str(status)[:-len(".status")])
-    written = datasets.load_from_disk(str(saved)).with_format("numpy")[:]
-    expected = tokenize(cfg.data, cfg.data.train, Tokenizer(cfg.data.tokenizer))
-    assert all((written[k] == expected[k]).all() for k in expected)
+    tokenizer = Tokenizer(cfg.data.tokenizer)
+    written = load_rows(cfg.data, cfg.data.train, "data.train", tokenizer, tmp_path / "data_cache", is_writer=False)
+    expected = load_rows(cfg.data, cfg.data.train, "data.train", tokenizer, tmp_path / "fresh_cache", workers=1)
+    rows = list(range(len(expected)))
+    assert len(written) == len(expected) and all(torch.equal(written.batch(rows)[k], v)
+                                                 for k, v in expected.batch(rows).items())
 
     assert json.loads((out / "random_augmenting" / "0.status").read_text())["state"] == "done"
     torch.manual_seed(cfg.train.seed + 1)  # the seeded initialisation, built here from the config alone

@@ -88,7 +88,7 @@ def test_no_private_name_is_imported_across_modules():
     ("calm_dist.model.composition", "calm_dist.files", True),
     ("calm_dist.planning.costs", "calm_dist.model.layer_pairs", True),
     ("calm_dist.planning.costs", "calm_dist.model.composition", False),
-    ("calm_dist.data.tokenized", "calm_dist.training.rank_zero", False),
+    ("calm_dist.data.prepare", "calm_dist.training.rank_zero", False),
     ("calm_dist.rank_zero", "calm_dist.training.agreement", False),
     ("calm_dist.tracking.store", "calm_dist.planning.costs", False),
     ("calm_dist.training.trainer", "calm_dist.tracking.tracker", True),

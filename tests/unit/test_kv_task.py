@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from calm_dist.data.tokenized import Tokenizer
+from calm_dist.data.tokenizer import Tokenizer
 from calm_dist.task_eval import evaluate_set
 from examples.kv_task import make_data
 from examples.kv_task import pretrain

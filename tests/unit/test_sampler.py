@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from calm_dist.config import ConfigError
-from calm_dist.data.tokenized import GlobalBatchSampler
+from calm_dist.data.sampler import GlobalBatchSampler
 
 N, BATCH, SEED = 43, 12, 7  # 3 batches an epoch, 7 rows dropped each epoch
 
