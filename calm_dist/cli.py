@@ -44,8 +44,7 @@ def cmd_prepare(args) -> int:
     from calm_dist.data.tokenizer import Tokenizer
     from calm_dist.training.preflight import data_cache_dir
 
-    splits = {"data.train": cfg.data.train, "data.eval": cfg.data.eval}
-    splits = {key: spec for key, spec in splits.items() if spec}
+    splits = {key: spec for key, spec, _ in cfg.data.train_sources() + [("data.eval", cfg.data.eval, 1.0)] if spec}
     if not splits:
         raise ConfigError("data.train and data.eval are not set: nothing to prepare")
     for key, spec in splits.items():

@@ -138,14 +138,30 @@ class ModelConfig:
 
 
 @dataclass
+class DataSource:
+    """One source of a training mixture (data.train as a list)."""
+
+    source: str = ""
+    """The data, in any form data.train takes as a single value (file, directory, glob, hf:org/name)."""
+
+    weight: float = 1.0
+    """Its share of every global batch, relative to the other sources' weights (> 0)."""
+
+    def __post_init__(self):
+        above("data.train[].weight", self.weight, 0)
+
+
+@dataclass
 class DataConfig:
     """The training and evaluation data, the tokenizer, and how records become fixed-length rows."""
 
-    train: str = ""
+    train: str | list[DataSource] = ""
     """The training set: a .jsonl, .json, .parquet or .arrow file; a directory of such files (one kind) or one
     written by `datasets.save_to_disk`; a glob (`data/*.jsonl`); or a Hugging Face dataset,
     `hf:org/name?split=train&config=NAME&revision=REV` (read through `datasets` and its cache; offline works once
-    cached). Required for training."""
+    cached). Required for training. A list of {source, weight} mixes several sources: every global batch holds
+    each source's share of rows by weight (calm_dist/data/mixture.py), e.g. the composition's data plus 25% of
+    the anchor's own data as replay."""
 
     eval: str | None = None
     """The evaluation set, in the same forms as `train`; null: no evaluation."""
@@ -189,8 +205,18 @@ class DataConfig:
 
     def __post_init__(self):
         check_choices("data", self)
-        at_least("data.seq_len", self.seq_len, 1)
-        at_least("data.workers", self.workers, 0)  # the models' position limits are checked in preflight
+        at_least("data.seq_len", self.seq_len, 1)  # the models' position limits are checked in preflight
+        at_least("data.workers", self.workers, 0)
+        if isinstance(self.train, list):
+            self.train = [s if isinstance(s, DataSource) else DataSource(**s) for s in self.train]
+            if not self.train:
+                raise ConfigError("data.train: an empty list of sources")
+
+    def train_sources(self) -> list[tuple[str, str, float]]:
+        """(key for messages, spec, weight) of each training source: one for a single data.train."""
+        if isinstance(self.train, list):
+            return [(f"data.train[{i}]", s.source, s.weight) for i, s in enumerate(self.train)]
+        return [("data.train", self.train, 1.0)]
 
 
 @dataclass
@@ -449,8 +475,10 @@ def _check(value: Any, annotation: Any, where: str) -> Any:
             try:
                 return _check(value, arg, where)
             except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0])
+                errors.append((arg, str(e)))
+        # the error of the member shaped like the value (a list for a list), not "expected a string"
+        shaped = [e for arg, e in errors if (typing.get_origin(arg) is list) == isinstance(value, (list, tuple))]
+        raise ConfigError((shaped or [e for _, e in errors])[0])
     if origin is Literal:  # the section's __post_init__ checks the choices (check_choices)
         return value
     if origin is list:

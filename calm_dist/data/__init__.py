@@ -6,5 +6,6 @@ rows) and the global-batch sampler, a pure function of (seed, step).
     tokenizer.py  one tokenizer for every model; prompt and completion ids as training and evaluation use them
     prepare.py    `calm-dist prepare`, and load_rows: prepare once on rank 0, then every rank reads the shards
     shards.py     the shard format (uint16/uint32 tokens, document offsets, loss starts) and the row reader
-    sampler.py    GlobalBatchSampler
+    mixture.py    several weighted training sources: MixtureSampler (each source's quota of every batch), MixedRows
+    sampler.py    GlobalBatchSampler, and sampler_for (one source or a mixture)
 """

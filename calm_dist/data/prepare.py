@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from calm_dist.config import ConfigError, DataConfig
+from calm_dist.data.mixture import MixedRows
 from calm_dist.data.shards import ShardWriter, TokenRows, completed_shard, token_dtype
 from calm_dist.data.sources import open_source, source_fingerprint
 from calm_dist.data.tokenizer import Tokenizer
@@ -232,3 +233,13 @@ def load_rows(data_cfg: DataConfig, spec: str, key: str, tokenizer: Tokenizer, c
     manifest = read_manifest(directory)
     return TokenRows(directory, manifest["shards"], seq_len=data_cfg.seq_len, packing=data_cfg.packing,
                      pad_id=tokenizer.pad_id, fingerprint=manifest["fingerprint"])
+
+
+def load_training_rows(data_cfg: DataConfig, tokenizer: Tokenizer, cache_dir: str | Path, **prepared):
+    """data.train's rows: one source's TokenRows, or a mixture's MixedRows (each source prepared on its own)."""
+    sources = data_cfg.train_sources()
+    if not isinstance(data_cfg.train, list):
+        (key, spec, _), = sources
+        return load_rows(data_cfg, spec, key, tokenizer, cache_dir, **prepared)
+    parts = [load_rows(data_cfg, spec, key, tokenizer, cache_dir, **prepared) for key, spec, _ in sources]
+    return MixedRows(parts, [weight for *_, weight in sources], [f"{key} ({spec})" for key, spec, _ in sources])

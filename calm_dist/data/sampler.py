@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from calm_dist.config import ConfigError
+from calm_dist.data.mixture import MixedRows, MixtureSampler
 
 
 class GlobalBatchSampler:
@@ -32,3 +33,10 @@ class GlobalBatchSampler:
                             micro_batch_size: int) -> np.ndarray:
         start = (micro_step * world + rank) * micro_batch_size
         return self.global_batch_indices(step)[start:start + micro_batch_size]
+
+
+def sampler_for(rows, global_batch_size: int, seed: int):
+    """GlobalBatchSampler for one source; a mixture's MixtureSampler, with each source's quota of every batch."""
+    if isinstance(rows, MixedRows):
+        return MixtureSampler([len(p) for p in rows.parts], rows.weights, global_batch_size, seed, rows.names)
+    return GlobalBatchSampler(len(rows), global_batch_size, seed)

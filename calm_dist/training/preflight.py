@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from calm_dist.config import Config, ConfigError, flatten, load_config
-from calm_dist.data.prepare import load_rows
+from calm_dist.data.prepare import load_rows, load_training_rows
 from calm_dist.data.sources import open_source
 from calm_dist.data.tokenizer import Tokenizer, check_tokenizer_matches
 from calm_dist.model.backbones import Backbone, UnsupportedArchitecture
@@ -127,28 +127,31 @@ def preflight(cfg: Config, env: DistEnv, *, need_train_data: bool = True, traini
     for key, config in (("model.anchor", anchor), *((f"model.augmenting[{i}]", a) for i, a in enumerate(augmenting))):
         check_position_limit(key, config, data_cfg.seq_len)
 
-    splits = {key: path for key, path in (("data.train", data_cfg.train if need_train_data else None),
-                                          ("data.eval", data_cfg.eval)) if path is not None}
-    for key, path in splits.items():
-        if not path:
+    sources = (data_cfg.train_sources() if need_train_data else []) + (
+        [("data.eval", data_cfg.eval, 1.0)] if data_cfg.eval is not None else [])
+    for key, spec, _ in sources:
+        if not spec:
             raise ConfigError(f"{key} is not set")
-        open_source(path, key)  # the files exist and are of one kind: cheap, on every rank
+        open_source(spec, key)  # the files exist and are of one kind: cheap, on every rank
     if not data_cfg.tokenizer or not Path(data_cfg.tokenizer).exists():
         raise ConfigError(f"data.tokenizer: {data_cfg.tokenizer or '(not set)'} does not exist")
     tokenizer = Tokenizer(data_cfg.tokenizer)
     check_tokenizer_matches(tokenizer, anchor, "anchor")
     # Rank 0 prepares the token shards when they are missing; a bad row (a missing field, an over-long record, an
     # empty set) stops every rank with its one line.
-    fingerprints = {path: load_rows(data_cfg, path, key, tokenizer, data_cache_dir(cfg), is_writer=env.is_main,
-                                    silence_s=cfg.distributed.timeout_s, workers=data_cfg.workers).fingerprint
-                    for key, path in splits.items()}
+    prepared = dict(is_writer=env.is_main, silence_s=cfg.distributed.timeout_s, workers=data_cfg.workers)
+    train_fingerprint = None
+    if need_train_data:
+        train_fingerprint = load_training_rows(data_cfg, tokenizer, data_cache_dir(cfg), **prepared).fingerprint
+    if data_cfg.eval is not None:
+        load_rows(data_cfg, data_cfg.eval, "data.eval", tokenizer, data_cache_dir(cfg), **prepared)
 
     accumulation = gradient_accumulation_steps(cfg, env.world_size)
     ds_config = build_ds_config(cfg, env.world_size)
     if zero_stage(ds_config) != 3:
         raise ConfigError(f"{cfg.distributed.deepspeed_config}: calm_dist trains under ZeRO stage 3 "
                           f"(zero_optimization.stage is {zero_stage(ds_config)})")
-    resume = _check_resume(cfg, env, fingerprints.get(data_cfg.train)) if training else []
+    resume = _check_resume(cfg, env, train_fingerprint) if training else []
     return ResolvedRun(anchor, augmenting, pairs, accumulation, ds_config, resume)
 
 

@@ -29,7 +29,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from calm_dist.config import ConfigError
-from calm_dist.data.prepare import load_rows
+from calm_dist.data.prepare import load_rows, load_training_rows
 from calm_dist.data.sources import open_source
 from calm_dist.data.tokenizer import Tokenizer
 from calm_dist.files import replacing, save_safetensors, sha256_file, write_atomic
@@ -336,8 +336,17 @@ def open_verified_caches(cfg, layer_pairs, train_data, eval_data, env: DistEnv, 
     return caches["train"], caches.get("eval")
 
 
-def splits(cfg) -> dict[str, str]:
-    return {"train": cfg.data.train, **({"eval": cfg.data.eval} if cfg.data.eval else {})}
+def splits(cfg) -> dict[str, list[tuple[str, str]]]:
+    """Each split's sources as (key, spec): data.train's (several for a mixture), data.eval's."""
+    train = [(key, spec) for key, spec, _ in cfg.data.train_sources()]
+    return {"train": train, **({"eval": [("data.eval", cfg.data.eval)]} if cfg.data.eval else {})}
+
+
+def split_rows(cfg, split: str, tokenizer: Tokenizer):
+    """The rows preflight prepared for `split` (a mixture's rows in its global order)."""
+    if split == "train":
+        return load_training_rows(cfg.data, tokenizer, data_cache_dir(cfg), is_writer=False)
+    return load_rows(cfg.data, cfg.data.eval, "data.eval", tokenizer, data_cache_dir(cfg), is_writer=False)
 
 
 def run_cache_job(cfg, env, resolved, rows_per_shard: int = 256, batch_size: int = 16) -> dict[str, Path]:
@@ -355,8 +364,8 @@ def run_cache_job(cfg, env, resolved, rows_per_shard: int = 256, batch_size: int
     models = [load_causal_lm(p, r, dtype, cfg.model.trust_remote_code).eval().to(device)
               for p, r in zip(cfg.model.augmenting, revisions)]
     out = {}
-    for split, path in splits(cfg).items():
-        data = load_rows(cfg.data, path, f"data.{split}", tokenizer, data_cache_dir(cfg), is_writer=False)  # preflight's
+    for split in splits(cfg):
+        data = split_rows(cfg, split, tokenizer)
         comps = expected_components(cfg, resolved.layer_pairs, data.fingerprint)
         out[split] = build_cache(cache_root(cfg) / split, comps, models, used_augmenting_layers(resolved.layer_pairs),
                                  data, rank=env.rank, world=env.world_size, rows_per_shard=rows_per_shard,
@@ -368,8 +377,8 @@ def run_cache_job(cfg, env, resolved, rows_per_shard: int = 256, batch_size: int
 def estimate(cfg, resolved, *, flops_per_s: float, read_bytes_per_s: float, write_bytes_per_s: float) -> dict:
     """Disk size of the cache and the cache-vs-recompute break-even, from the cost model (no model is loaded)."""
     seq_len = cfg.data.seq_len
-    tokens = {split: sum(part.num_rows() for part in open_source(path, f"data.{split}")) * seq_len
-              for split, path in splits(cfg).items()}
+    tokens = {split: sum(part.num_rows() for key, spec in sources for part in open_source(spec, key)) * seq_len
+              for split, sources in splits(cfg).items()}
     per_token = costs.cache_bytes_per_token(resolved.augmenting_configs, resolved.layer_pairs,
                                             dtype=cfg.train.states_dtype)
     aug_flops = sum(costs.augmenting_forward_flops(c, seq_len, max(i for i, _ in pairs))

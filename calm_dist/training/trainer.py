@@ -24,8 +24,9 @@ import torch.distributed as dist
 
 from calm_dist.config import Config
 from calm_dist.console import progress_line
-from calm_dist.data.prepare import load_rows
-from calm_dist.data.sampler import GlobalBatchSampler
+from calm_dist.data.mixture import MixtureSampler
+from calm_dist.data.prepare import load_rows, load_training_rows
+from calm_dist.data.sampler import sampler_for
 from calm_dist.data.tokenizer import Tokenizer
 from calm_dist.planning import costs
 from calm_dist.planning.hardware import peak_flops_per_rank
@@ -106,11 +107,14 @@ class Trainer:
         cfg = self.cfg
         tokenizer = Tokenizer(cfg.data.tokenizer)
 
-        def rows(key: str, spec: str):
-            return load_rows(cfg.data, spec, key, tokenizer, data_cache_dir(cfg), is_writer=False)
-        self.train_data = rows("data.train", cfg.data.train)
-        self.eval_data = rows("data.eval", cfg.data.eval) if cfg.data.eval else None
-        self.sampler = GlobalBatchSampler(len(self.train_data), self.global_batch_size, cfg.train.seed)
+        self.train_data = load_training_rows(cfg.data, tokenizer, data_cache_dir(cfg), is_writer=False)
+        self.eval_data = load_rows(cfg.data, cfg.data.eval, "data.eval", tokenizer, data_cache_dir(cfg),
+                                   is_writer=False) if cfg.data.eval else None
+        self.sampler = sampler_for(self.train_data, self.global_batch_size, cfg.train.seed)
+        if isinstance(self.sampler, MixtureSampler) and self.env.is_main:
+            shares = ", ".join(f"{name}: {q} of {self.global_batch_size} rows" for name, q in
+                               zip(self.train_data.names, self.sampler.quotas))
+            print(f"data.train mixture, every global batch: {shares}", flush=True)
 
     @property
     def global_batch_size(self) -> int:
@@ -149,6 +153,10 @@ class Trainer:
             metrics = {"train/loss": loss, "train/lr": self.model.scheduler.get_last_lr()[0],
                        "train/grad_norm": float(self.model.engine.get_global_grad_norm() or 0.0),
                        "train/tokens_per_s": tokens / elapsed, "train/step_s": elapsed}
+            if isinstance(self.sampler, MixtureSampler):  # each source's share of the step's loss tokens
+                by_source = self.train_data.labelled_tokens_by_source(self.sampler.global_batch_indices(step - 1))
+                metrics.update({f"train/share_source_{k}": n / max(1, sum(by_source))
+                                for k, n in enumerate(by_source)})
             if self.flops_per_token:  # model FLOPs run over every position, padding included
                 tflops = self.flops_per_token * self.global_batch_size * self.cfg.data.seq_len / elapsed / 1e12
                 metrics.update({"train/tflops": tflops, "train/mfu": tflops * 1e12 / self.peak_flops})
