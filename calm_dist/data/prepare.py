@@ -16,6 +16,7 @@ memory-maps them and reads only the rows of its micro-batches.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import multiprocessing
@@ -152,9 +153,19 @@ def prepare(data_cfg: DataConfig, spec: str, key: str, tokenizer: Tokenizer, dir
     """Tokenize `spec` into shards under `directory` with `workers` processes (0: every core), resuming what a
     previous prepare left; returns the manifest (written last)."""
     directory = Path(directory)
-    manifest = read_manifest(directory)
-    if manifest is not None:
-        return manifest
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    # Two jobs sharing a data cache may prepare the same data at once: the second waits for the first, then
+    # finds its manifest (shard files have fixed names, so two writers of one shard would collide).
+    with open(directory.with_name(directory.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        manifest = read_manifest(directory)
+        if manifest is not None:
+            return manifest
+        return _prepare_locked(data_cfg, spec, key, tokenizer, directory, fp, workers)
+
+
+def _prepare_locked(data_cfg: DataConfig, spec: str, key: str, tokenizer: Tokenizer, directory: Path, fp: str,
+                    workers: int) -> dict:
     parts = open_source(spec, key)
     jobs = []
     for p, part in enumerate(parts):
@@ -177,15 +188,14 @@ def prepare(data_cfg: DataConfig, spec: str, key: str, tokenizer: Tokenizer, dir
 
 def _run_in_workers(jobs: list[dict], workers: int) -> None:
     """The jobs in `workers` fresh processes (spawned: the parent may hold threads and a process group, which
-    fork would copy half-alive). The first failure, in shard order, is raised once the running jobs stop."""
+    fork would copy half-alive). On a failure the jobs not yet started are cancelled, the running ones finish,
+    and the failure of the earliest shard among those that failed is raised."""
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(write_shard, job) for job in jobs]
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        failed = [f for f in futures if f.done() and f.exception() is not None]
-        if failed:
-            for f in futures:
-                f.cancel()
-            raise failed[0].exception()
+        wait(futures, return_when=FIRST_EXCEPTION)
+        if any(f.done() and f.exception() is not None for f in futures):
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise next(f.exception() for f in futures if f.done() and not f.cancelled() and f.exception())
 
 
 def _write_manifest(directory: Path, data_cfg: DataConfig, spec: str, key: str, tokenizer: Tokenizer, fp: str,

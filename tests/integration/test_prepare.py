@@ -145,3 +145,23 @@ def test_the_prepare_command_prints_one_line_per_split_and_refuses_bad_input(tin
         refused = prepare(*overrides)
         assert refused.returncode == 2 and refused.stdout == ""
         assert refused.stderr.strip().splitlines() == [f"calm-dist: error: {message}"], refused.stderr
+
+
+@pytest.mark.slow
+def test_a_second_prepare_of_the_same_data_waits_for_the_first(corpus, tmp_path):
+    """Two jobs sharing a data cache: the second prepare blocks on the first's lock, then reads its manifest."""
+    import fcntl
+    import threading
+
+    first = corpus.load(cache="cache", workers=1)
+    manifest = first.directory / prep.MANIFEST
+    manifest.unlink()  # as if the first job were still writing
+    with open(first.directory.with_name(first.directory.name + ".lock"), "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = {}
+        second = threading.Thread(target=lambda: result.setdefault("rows", corpus.load(cache="cache", workers=1)))
+        second.start()
+        second.join(timeout=5)
+        assert second.is_alive() and not manifest.exists()  # waiting, writing nothing
+    second.join(timeout=120)
+    assert not second.is_alive() and manifest.exists() and len(result["rows"]) == len(first)
