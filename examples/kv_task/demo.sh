@@ -54,7 +54,7 @@ launch train.output_dir="$RUN/lora" model.method=lora tracking.run_name=lora
 # composed like any other, from cached states: recomputing them every step would cost a minute more.
 random_aug=$("$PYTHON" -c 'import sys
 from calm_dist.config import load_config
-from calm_dist.model.io import materialize_random_augmenting
+from calm_dist.training.parallelize import materialize_random_augmenting
 print(materialize_random_augmenting(load_config(sys.argv[1], sys.argv[2:]), is_main=True)[0])' \
     "$RECIPE" "${common[@]}" train.output_dir="$RUN/random_augmenting")
 "$PYTHON" -m calm_dist.cli cache --config "$RECIPE" "${common[@]}" model.augmenting="[$random_aug]" \

@@ -97,3 +97,24 @@ def test_no_private_name_is_imported_across_modules():
 def test_the_rule_itself(importer, imported, ok):
     """The checker refuses what the architecture forbids (a checker that allows everything would pass above)."""
     assert allowed(importer, imported) is ok
+
+
+def test_the_python_inside_shell_scripts_imports_names_that_exist():
+    """demo.sh and the Slurm scripts run snippets of Python (`python -c '... from calm_dist.x import y'`) that no
+    other test imports: a module or function moved without them would fail only at the end of `make demo`."""
+    import importlib
+    import importlib.util
+    import re
+
+    repo = PACKAGE.parent
+    missing = []
+    for script in sorted(p for p in repo.rglob("*.sh") if ".venv" not in p.parts):
+        for module, names in re.findall(r"from (calm_dist[\w.]*) import ([\w, ]+)", script.read_text()):
+            imported = importlib.import_module(module)
+            missing += [f"{script.relative_to(repo)}: {module}.{n.strip()}" for n in names.split(",")
+                        if not hasattr(imported, n.strip()) and not (
+                            hasattr(imported, "__path__") and importlib.util.find_spec(f"{module}.{n.strip()}"))]
+        for module in re.findall(r"-m (calm_dist[\w.]*|examples[\w.]*)", script.read_text()):
+            if importlib.util.find_spec(module) is None:
+                missing.append(f"{script.relative_to(repo)}: -m {module}")
+    assert missing == []
