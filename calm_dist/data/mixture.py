@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from calm_dist.config import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def quotas(weights: list[float], global_batch: int) -> list[int]:
@@ -93,6 +96,8 @@ class MixedRows:
         return indices, source
 
     def batch(self, indices) -> dict[str, torch.Tensor]:
+        import torch  # here: prepare's worker processes import this package and never make a tensor
+
         indices, source = self._split(indices)
         if len(indices) == 0:
             return self.parts[0].batch([])

@@ -27,12 +27,15 @@ import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from calm_dist.files import fsync_dir, sha256_file, write_atomic
-from calm_dist.model.lm_loss import IGNORE
+from calm_dist.model.shapes import IGNORE
+
+if TYPE_CHECKING:
+    import torch
 
 TOKEN_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 _INDEX_DTYPE, _LOSS_START_DTYPE = np.dtype("<i8"), np.dtype("<i4")
@@ -326,6 +329,8 @@ class TokenRows:
         """Rows `indices` (any order, repeats allowed): input_ids, labels, attention_mask, int64 [B, seq_len]."""
         ids, labelled, mask = self._rows(indices, with_tokens=True)
         labels = np.where(labelled, ids, IGNORE)
+        import torch  # here: the tokenizing workers import this module and never make a tensor
+
         return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
                 "attention_mask": torch.from_numpy(mask)}
 

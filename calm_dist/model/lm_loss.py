@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 # logits per chunk, shared with the memory model
+from calm_dist.model.shapes import IGNORE  # noqa: F401  (the loss's own name for it)
 from calm_dist.model.shapes import LOSS_CHUNK_LOGITS as CHUNK_LOGITS
 
-IGNORE = -100
 
 
 def next_token_targets(labels: torch.Tensor) -> torch.Tensor:

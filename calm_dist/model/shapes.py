@@ -50,6 +50,10 @@ def composition_parameter_count(d_anchor: int, augmenting: Iterable[tuple[int, S
     return sum(len(pairs) * block_parameter_count(d_augmenting, d_anchor) for d_augmenting, pairs in augmenting)
 
 
+# The label of a position without loss (torch's cross-entropy ignore_index): training rows are built with it
+# by the data package, which never imports torch.
+IGNORE = -100
+
 # Logits per chunk of lm_loss.head_loss: 16 MiB in fp32, so the loss's peak stays small whatever the vocabulary
 # (benchmarks/README.md has the timing that chose it). Torch-free, so the activation-memory model and the loss
 # share one number.

@@ -118,3 +118,14 @@ def test_the_python_inside_shell_scripts_imports_names_that_exist():
             if importlib.util.find_spec(module) is None:
                 missing.append(f"{script.relative_to(repo)}: -m {module}")
     assert missing == []
+
+
+def test_the_tokenizing_workers_import_no_torch():
+    """prepare's worker processes are spawned and import calm_dist.data.prepare: torch would cost each of them
+    seconds of start-up, which a prepare of a few million tokens does not otherwise last."""
+    import subprocess
+    import sys
+
+    probe = "import calm_dist.data.prepare, sys; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"
