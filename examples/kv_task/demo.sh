@@ -16,7 +16,7 @@ DEMO_DIR=${DEMO_DIR:-artifacts/kv_demo}
 PYTHON=${PYTHON:-$(command -v python)}
 RECIPE=examples/kv_task/recipe.yaml
 export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
-export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$PWD/$DEMO_DIR/mlflow.db}
+export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$(realpath -m "$DEMO_DIR")/mlflow.db}  # DEMO_DIR may be absolute
 export MLFLOW_EXPERIMENT_NAME=${MLFLOW_EXPERIMENT_NAME:-kv_demo}
 RUN=$DEMO_DIR/runs/$(date +%Y%m%d-%H%M%S)
 TASK=$DEMO_DIR/task
