@@ -146,8 +146,8 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
 
 # These own their argument parsing: everything after the verb goes to their main() untouched.
 DELEGATED = {"compare": ("calm_dist.tracking.compare", "compare MLflow runs (calm_dist/tracking/compare.py)"),
-             "plan": ("calm_dist.planning.plan",
-                      "predict memory, communication and cache size for a cluster (calm_dist/planning/plan.py)")}
+             "plan": ("calm_dist.planning.plan_cli",
+                      "predict memory, communication and cache size for a cluster (calm_dist/planning/plan_cli.py)")}
 
 
 def input_errors() -> tuple[type[Exception], ...]:

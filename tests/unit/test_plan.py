@@ -6,7 +6,8 @@ import math
 import pytest
 
 from calm_dist.planning import costs, model_sizes
-from calm_dist.planning.plan import Hardware, ZeroOptions, main, plan, resolve_model
+from calm_dist.planning.plan import Hardware, ZeroOptions, plan, resolve_model
+from calm_dist.planning.plan_cli import main
 
 GiB = 1024 ** 3
 KW = dict(seq_len=2048, micro_batch=1, dtype="bf16")
@@ -213,7 +214,7 @@ def test_plan_runs_without_importing_torch():
     import subprocess
     import sys
 
-    code = ("import sys; from calm_dist.planning.plan import main; "
+    code = ("import sys; from calm_dist.planning.plan_cli import main; "
             "main(['--anchor', 'llama-70b', '--augmenting', 'llama-7b', '--json']); "
             "sys.stderr.write(str('torch' in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
