@@ -14,8 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from calm_dist.config import ConfigError
-from calm_dist.data import sources
-from calm_dist.data.sources import RecordError, open_source, source_fingerprint
+from calm_dist.data import parts
+from calm_dist.data.parts import RecordError
+from calm_dist.data.sources import open_source, source_fingerprint
 
 KEY = "data.train"
 N = 13
@@ -175,7 +176,7 @@ def test_hub_part_reads_a_dataset_in_ranges(tmp_path, monkeypatch):
     """The hub path past load_dataset (tests/integration/test_hf_sources.py loads real caches offline)."""
     import datasets
 
-    monkeypatch.setattr(sources, "_load_hub", lambda *a: datasets.Dataset.from_list(RECORDS))
+    monkeypatch.setattr(parts, "_load_hub", lambda *a: datasets.Dataset.from_list(RECORDS))
     part = shrink(only_part("hf:org/name?split=test&config=en"))
     assert part.name == "hf:org/name (config en, split test)"
     assert part.num_rows() == N
@@ -411,7 +412,7 @@ def test_damaged_saved_dataset(tmp_path):
 @pytest.mark.parametrize("spec", ["hf:", "hf:org/name?split=train&split=test", "hf:org/name?splt=train",
                                   "hf:org/name?split=", "hf:org/name?split"])
 def test_malformed_hub_names(spec, monkeypatch):
-    monkeypatch.setattr(sources, "_load_hub", lambda *a: pytest.fail("loaded a malformed name"))
+    monkeypatch.setattr(parts, "_load_hub", lambda *a: pytest.fail("loaded a malformed name"))
     with pytest.raises(ConfigError) as e:
         open_source(spec, KEY)
     assert one_line(e).startswith(f"{KEY}: {spec}: ")
@@ -441,15 +442,15 @@ def test_memoised_fingerprint_costs_no_read(tmp_path, monkeypatch):
     write_saved(tmp_path / "saved", RECORDS)
     memo = tmp_path / "memo"
     first = {spec: source_fingerprint(spec, KEY, memo) for spec in (str(tmp_path / "*.jsonl"), str(tmp_path / "saved"))}
-    assert json.loads((memo / sources.MEMO_FILE).read_text())
+    assert json.loads((memo / parts.MEMO_FILE).read_text())
     opened, hashed = [], []
-    real_open, real_hash = builtins.open, sources.sha256_file
+    real_open, real_hash = builtins.open, parts.sha256_file
     monkeypatch.setattr(builtins, "open", lambda file, *a, **k: opened.append(str(file)) or real_open(file, *a, **k))
-    monkeypatch.setattr(sources, "sha256_file", lambda path: hashed.append(path) or real_hash(path))
+    monkeypatch.setattr(parts, "sha256_file", lambda path: hashed.append(path) or real_hash(path))
     for spec, fp in first.items():
         assert source_fingerprint(spec, KEY, memo) == fp
         assert source_fingerprint(spec, KEY, memo, hashing=False) == fp
-    assert hashed == [] and [f for f in opened if not f.endswith(sources.MEMO_FILE)] == []
+    assert hashed == [] and [f for f in opened if not f.endswith(parts.MEMO_FILE)] == []
     # a changed file (same size, new mtime) is hashed again, and only it
     path = tmp_path / "1.jsonl"
     path.write_text(path.read_text().replace("p1", "q1"))
@@ -466,7 +467,7 @@ def test_memo_without_a_directory_or_with_a_damaged_file(tmp_path):
     expected = source_fingerprint(str(tmp_path / "a.jsonl"), KEY)
     assert source_fingerprint(str(tmp_path / "a.jsonl"), KEY, hashing=False) is None  # nothing memoised
     (tmp_path / "memo").mkdir()
-    (tmp_path / "memo" / sources.MEMO_FILE).write_text("{half")
+    (tmp_path / "memo" / parts.MEMO_FILE).write_text("{half")
     assert source_fingerprint(str(tmp_path / "a.jsonl"), KEY, tmp_path / "memo") == expected
     assert source_fingerprint(str(tmp_path / "a.jsonl"), KEY, tmp_path / "memo", hashing=False) == expected
 
