@@ -103,10 +103,9 @@ class Trainer:
             signal.signal(sig, self._on_stop_signal)
 
     def _load_data(self) -> None:
-        """Every rank memory-maps the token shards preflight prepared."""
+        """Every rank opens the token shards preflight prepared; rows are read a micro-batch at a time."""
         cfg = self.cfg
         tokenizer = Tokenizer(cfg.data.tokenizer)
-
         self.train_data = load_training_rows(cfg.data, tokenizer, data_cache_dir(cfg), is_writer=False)
         self.eval_data = load_rows(cfg.data, cfg.data.eval, "data.eval", tokenizer, data_cache_dir(cfg),
                                    is_writer=False) if cfg.data.eval else None
