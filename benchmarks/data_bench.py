@@ -33,12 +33,9 @@ benchmarks/README.md ("The data path at scale") has the results and what they me
 from __future__ import annotations
 
 import argparse
-import datetime
-import functools
 import hashlib
 import json
 import os
-import platform
 import re
 import resource
 import shutil
@@ -50,16 +47,15 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+from data_corpus import (DOC_TOKENS, FILE_TOKENS, FILES_10X, FILES_1X, VOCAB, build_corpus,  # noqa: E402
+                         build_tokenizer, disk_needed)
+from data_report import analyse, markdown  # noqa: E402
+from machine import machine_info as base_machine_info  # noqa: E402
+
+from calm_dist.training.dist_env import free_port  # noqa: E402
 REPO = HERE.parent
 
-FILE_TOKENS = 2_500_000   # tokens per corpus file at scale 1
-FILES_1X, FILES_10X = 8, 80
-DOC_TOKENS = (200, 2000)  # document length in tokens (bos and eos included), uniform
-VOCAB = 16_384
-LEXICON_WORDS = 40_000
 SEQ_LEN, STEPS, MICRO_BATCH = 64, 20, 8
-TARGETS = {"D1": ("<=", 1.1), "D2": (">=", 1.0), "D2w": (">=", 1.7), "D3": ("<=", 1.2), "D4": ("<=", 2.1)}
-CORPUS_VERSION = 1        # bump when the generator changes: the cached corpus is rebuilt
 
 
 def log(msg: str) -> None:
@@ -80,137 +76,6 @@ def child_env(**extra) -> dict:
         else:
             env[k] = v
     return env
-
-
-# ============================================================================================== the corpus
-
-@functools.lru_cache(maxsize=2)
-def lexicon(seed: int):
-    """LEXICON_WORDS distinct pseudo-words of 1-4 syllables and their Zipf-Mandelbrot probabilities."""
-    import numpy as np
-
-    rng = np.random.default_rng([seed, 0])
-    onsets = ["", "b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z", "th", "sh",
-              "ch", "st", "tr", "br", "pl", "gr"]
-    syllables = [o + v + c for o in onsets for v in ("a", "e", "i", "o", "u", "ai", "ou")
-                 for c in ("", "", "n", "r", "s", "l", "t")]
-    words, seen = [], set()
-    while len(words) < LEXICON_WORDS:
-        n = int(rng.choice([1, 2, 3, 4], p=[0.25, 0.4, 0.25, 0.1]))
-        w = "".join(syllables[i] for i in rng.integers(0, len(syllables), n))
-        if w and w not in seen:
-            seen.add(w)
-            words.append(w)
-    p = 1.0 / (np.arange(LEXICON_WORDS) + 2.7) ** 1.05
-    return words, p / p.sum()
-
-
-def documents(words, probs, rng, n_words_each):
-    """One text per entry of n_words_each: words drawn by probs, sentences of ~12 words ending in '.'"""
-    import numpy as np
-
-    plain = np.array(words, dtype=object)
-    dotted = np.array([w + "." for w in words], dtype=object)
-    cdf = np.cumsum(probs)
-    cdf[-1] = 1.0
-    total = int(sum(n_words_each))
-    idx = np.searchsorted(cdf, rng.random(total), side="right")
-    ends = rng.random(total) < 1 / 12
-    tokens = np.where(ends, dotted[idx], plain[idx])
-    out, pos = [], 0
-    for n in n_words_each:
-        out.append(" ".join(tokens[pos:pos + n].tolist()))
-        pos += n
-    return out
-
-
-def build_tokenizer(work: Path, seed: int) -> tuple[Path, float, float]:
-    """Train the BPE tokenizer on a sample of the corpus' language; returns (dir, tokens/word, bytes/token)."""
-    tok_dir = work / "tokenizer"
-    meta = work / "tokenizer.json"
-    want = {"version": CORPUS_VERSION, "seed": seed, "vocab": VOCAB}
-    if meta.exists() and json.loads(meta.read_text()).get("settings") == want and (tok_dir / "tokenizer.json").exists():
-        m = json.loads(meta.read_text())
-        return tok_dir, m["tokens_per_word"], m["bytes_per_token"]
-    import numpy as np
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    words, probs = lexicon(seed)
-    rng = np.random.default_rng([seed, 1])
-    sample = documents(words, probs, rng, [1000] * 4000)  # 4M words: every frequent word seen many times
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(sample, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
-    if tok_dir.exists():
-        shutil.rmtree(tok_dir)
-    fast.save_pretrained(str(tok_dir))
-    probe = documents(words, probs, np.random.default_rng([seed, 2]), [1000] * 300)
-    n_tokens = sum(len(e.ids) for e in tok.encode_batch(probe))
-    tpw, bpt = n_tokens / 300_000, sum(len(t.encode()) for t in probe) / n_tokens
-    meta.write_text(json.dumps({"settings": want, "tokens_per_word": tpw, "bytes_per_token": bpt,
-                                "vocab_size": tok.get_vocab_size()}, indent=1))
-    return tok_dir, tpw, bpt
-
-
-def write_corpus_file(path: Path, index: int, seed: int, scale: float, tpw: float) -> dict:
-    """File `index` of the corpus: documents of DOC_TOKENS tokens (as planned from tokens/word) until the file
-    holds FILE_TOKENS x scale planned tokens. A pure function of (seed, index, scale, tpw)."""
-    import numpy as np
-
-    words, probs = lexicon(seed)
-    rng = np.random.default_rng([seed, 10, index])
-    budget = int(FILE_TOKENS * scale)
-    planned = []
-    while budget > 0:
-        t = int(rng.integers(DOC_TOKENS[0], DOC_TOKENS[1] + 1))
-        planned.append(max(1, round((t - 2) / tpw)))  # bos + eos are two of the document's tokens
-        budget -= t
-    tmp = path.with_name(path.name + ".partial")
-    size = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for s in range(0, len(planned), 500):
-            chunk = "".join(json.dumps({"text": t}) + "\n" for t in documents(words, probs, rng, planned[s:s + 500]))
-            f.write(chunk)
-            size += len(chunk)
-    os.replace(tmp, path)
-    return {"docs": len(planned), "bytes": path.stat().st_size}
-
-
-def build_corpus(work: Path, seed: int, scale: float, tpw: float, need_10x: bool) -> dict:
-    """work/files/part-XXXXX.jsonl, and corpus_1x/ and corpus_10x/ of hard links to them."""
-    files = work / "files"
-    meta_path = work / "corpus.json"
-    settings = {"version": CORPUS_VERSION, "seed": seed, "scale": scale, "tokens_per_word": round(tpw, 6)}
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    if meta.get("settings") != settings:
-        shutil.rmtree(files, ignore_errors=True)
-        for d in ("corpus_1x", "corpus_10x"):
-            shutil.rmtree(work / d, ignore_errors=True)
-        meta = {"settings": settings, "files": {}}
-    files.mkdir(parents=True, exist_ok=True)
-    n = FILES_10X if need_10x else FILES_1X
-    t0 = time.perf_counter()
-    for i in range(n):
-        name = f"part-{i:05d}.jsonl"
-        if name not in meta["files"] or not (files / name).exists():
-            meta["files"][name] = write_corpus_file(files / name, i, seed, scale, tpw)
-            meta_path.write_text(json.dumps(meta, indent=1))
-            if i % 8 == 7:
-                log(f"  corpus: {i + 1}/{n} files ({time.perf_counter() - t0:.0f} s)")
-    for label, count in (("corpus_1x", FILES_1X), ("corpus_10x", FILES_10X if need_10x else 0)):
-        d = work / label
-        d.mkdir(exist_ok=True)
-        for i in range(count):
-            link = d / f"part-{i:05d}.jsonl"
-            if not link.exists():
-                os.link(files / link.name, link)
-    return meta
 
 
 # ========================================================================================== measurements
@@ -516,14 +381,6 @@ def train_once(work: Path, recipe: Path, corpus: str, port: int) -> dict:
             "max_rss_file_bytes": [r["file"] for r in ranks]}
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure_d1_d3(work: Path, recipe: Path, repeats: int) -> dict:
     """A warm-up run on 1x, then `repeats` rounds of (10x, 1x), the order alternating."""
     log("  D1/D3: warm-up run on the 1x corpus")
@@ -538,119 +395,9 @@ def measure_d1_d3(work: Path, recipe: Path, repeats: int) -> dict:
     return {"warmup": warm, "runs": runs}
 
 
-def med(xs):
-    return statistics.median(xs)
-
-
-# ================================================================================================ report
-
-def analyse(r: dict) -> list[dict]:
-    rows = []
-
-    def add(rid, what, value, note):
-        sense, target = TARGETS[rid]
-        met = value <= target if sense == "<=" else value >= target
-        rows.append({"id": rid if rid != "D2w" else "D2b", "what": what, "value": value,
-                     "target": f"{sense} {target}", "met": met, "note": note})
-
-    t = r.get("train")
-    if t and t["runs"]["1x"] and t["runs"]["10x"]:
-        runs = t["runs"]
-        mib = lambda b: f"{b / 2**20:,.0f}"  # noqa: E731
-        peak = {c: [med([run["peak_rss_bytes"][k] for run in runs[c]]) for k in range(2)] for c in runs}
-        span = {c: [(min(run["peak_rss_bytes"][k] for run in runs[c]), max(run["peak_rss_bytes"][k] for run in runs[c]))
-                    for k in range(2)] for c in runs}
-        anon = {c: [med([run["max_rss_anon_bytes"][k] for run in runs[c]]) for k in range(2)] for c in runs}
-        file_ = {c: [med([run["max_rss_file_bytes"][k] for run in runs[c]]) for k in range(2)] for c in runs}
-        per_rank = [peak["10x"][k] / peak["1x"][k] for k in range(2)]
-        add("D1", "per-rank peak RSS, 10x corpus / 1x corpus (2 ranks, ZeRO-3, 20 steps)", max(per_rank),
-            f"VmHWM medians of {len(runs['1x'])} runs: rank 0 {mib(peak['1x'][0])} -> {mib(peak['10x'][0])} MiB, "
-            f"rank 1 {mib(peak['1x'][1])} -> {mib(peak['10x'][1])} MiB (the larger rank ratio is the value; runs "
-            f"spread {mib(min(x[0] for x in span['1x'] + span['10x']))}-"
-            f"{mib(max(x[1] for x in span['1x'] + span['10x']))} MiB); rank 0 anonymous {mib(anon['1x'][0])} -> "
-            f"{mib(anon['10x'][0])}, file-backed {mib(file_['1x'][0])} -> {mib(file_['10x'][0])} MiB")
-        s1 = {c: med([run["launch_to_step1_s"] for run in runs[c]]) for c in runs}
-        others = med([run["others_cores"] for c in runs for run in runs[c]])
-        add("D3", "launch -> first step line, 10x corpus / 1x corpus", s1["10x"] / s1["1x"],
-            f"medians {s1['1x']:.1f} s (1x) vs {s1['10x']:.1f} s (10x); per run 1x "
-            f"{[round(x['launch_to_step1_s'], 1) for x in runs['1x']]}, 10x "
-            f"{[round(x['launch_to_step1_s'], 1) for x in runs['10x']]}; other jobs took {others:.2f} cores "
-            f"(median)" + startup_note(r.get("startup")))
-    d2 = r.get("d2")
-    if d2:
-        tps, runs = d2["tokens_per_s"], d2["runs"]
-        cpu = {v: med([e["cpu_s"] for e in runs[v]]) for v in runs}
-        wall = {v: med(d2["wall_s"][v]) for v in runs}
-        others = {v: med([e["others_cores"] for e in runs[v]]) for v in runs}
-        add("D2", "`calm-dist prepare --workers 2` tokens/s / datasets load_dataset + map(batched, num_proc=2)",
-            tps["prepare_w2"] / tps["datasets_np2"],
-            f"{tps['prepare_w2']:,.0f} vs {tps['datasets_np2']:,.0f} tokens/s ({d2['n_tokens']:,} tokens; wall "
-            f"{wall['prepare_w2']:.1f} vs {wall['datasets_np2']:.1f} s, CPU {cpu['prepare_w2']:.1f} vs "
-            f"{cpu['datasets_np2']:.1f} s); datasets' map alone {med([e['map_s'] for e in runs['datasets_np2']]):.1f}"
-            f" s, load_dataset {med([e['load_dataset_s'] for e in runs['datasets_np2']]):.1f} s; same token count: "
-            f"{d2['same_tokens_as_datasets']}; other jobs took {others['prepare_w2']:.2f} / "
-            f"{others['datasets_np2']:.2f} cores")
-        note = (f"{tps['prepare_w1']:,.0f} tokens/s with 1 worker (wall {wall['prepare_w1']:.1f} s, CPU "
-                f"{cpu['prepare_w1']:.1f} s; 2 workers: CPU {cpu['prepare_w2']:.1f} s); other jobs took "
-                f"{others['prepare_w2']:.2f} / {others['prepare_w1']:.2f} cores; same shard bytes for any worker "
-                f"count: {d2['prepare_bytes_identical_across_workers']}")
-        if "prepare_w1_rayon" in tps:
-            note += (f"; 1 worker with the tokenizer's thread pool on (TOKENIZERS_PARALLELISM unset): "
-                     f"{tps['prepare_w1_rayon']:,.0f} tokens/s, CPU {cpu['prepare_w1_rayon']:.1f} s")
-        add("D2w", "`calm-dist prepare` tokens/s, 2 workers / 1 worker", tps["prepare_w2"] / tps["prepare_w1"], note)
-    p = r.get("prepared", {})
-    if "10x" in p or "1x" in p:
-        c = "10x" if "10x" in p else "1x"
-        s = p[c]["stats"]
-        add("D4", f"bytes on disk per token of the prepared shards ({c} corpus)", s["bytes_per_token"],
-            f"{s['bytes']:,} bytes for {s['n_tokens']:,} tokens in {s['n_shards']} shards ({s['dtype']}); token "
-            f"files alone {s['token_bytes_per_token']:.3f}; allocated blocks {s['bytes_allocated_per_token']:.3f}")
-    return rows
-
-
-def startup_note(st) -> str:
-    """D3's data part (child_startup), in words."""
-    if not st:
-        return ""
-    ms = {c: 1000 * med(st["times"][c]["wall"]) for c in st["times"]}
-    return (f"; the data part of a rank's start-up (open_source, load_rows of the prepared shards, the sampler's "
-            f"permutation, one micro-batch) {ms['1x']:.0f} ms (1x) vs {ms['10x']:.0f} ms (10x), medians of "
-            f"{len(st['times']['1x']['wall'])}; the sampler's permutation holds "
-            f"{st['sampler_permutation_bytes']['10x'] / 2**20:.1f} MiB at 10x")
-
-
-def fmt(x):
-    if isinstance(x, bool):
-        return "yes" if x else "**no**"
-    if isinstance(x, float):
-        return f"{x:.3g}"
-    return str(x)
-
-
-def markdown(r: dict, rows: list[dict]) -> str:
-    m = r["machine"]
-    head = (f"Machine: {m.get('cpu_model')} ({m.get('cpus')} CPUs), {m.get('mem_gib')} GiB, load average at start "
-            f"{' '.join(m.get('loadavg_at_start', []))}; {m['date_utc']}; scale {r['scale']} "
-            f"(1x {r['corpus_tokens']['1x']:,} tokens, 10x {r['corpus_tokens'].get('10x', 0):,}); "
-            f"{r['repeats']} repeats; command `{r['command']}`\n\n")
-    lines = ["| id | measurement | value | target | met | notes |", "|---|---|---:|---|---|---|"]
-    for row in rows:
-        lines.append(f"| {row['id']} | {row['what']} | {fmt(row['value'])} | {row['target']} | {fmt(row['met'])} | "
-                     f"{row['note']} |")
-    return head + "\n".join(lines) + "\n"
-
-
 def machine_info() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(),
-            "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-        info["cpu_model"] = fields.get("Model name", "").strip()
-        info["cpus"] = fields.get("CPU(s)", "").strip()
-    except OSError:
-        pass
-    info["loadavg_at_start"] = open("/proc/loadavg").read().split()[:3]
+    """benchmarks/machine.py's record, with this machine's memory and the data libraries' versions."""
+    info = base_machine_info()
     info["mem_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     import datasets
     import tokenizers
@@ -674,17 +421,6 @@ def code_info() -> dict:
                            text=True)
     return {"git_head": head.stdout.strip(), "calm_dist_uncommitted_changes": bool(dirty.stdout.strip()),
             "data_path_sha256": h.hexdigest()[:16], "data_path_files": [str(f.relative_to(REPO)) for f in files]}
-
-
-def disk_needed(scale: float, bpt_text: float, need_10x: bool) -> int:
-    """Bytes this run writes at most: the corpus files (1x files are shared by 10x), both prepared corpora, and
-    the largest D2 variant alive at once (datasets' Arrow copy of the text and its token lists), + 20%."""
-    t1 = 20e6 * scale
-    t10 = 10 * t1 if need_10x else t1
-    text = t10 * (bpt_text + 0.3)          # JSONL framing
-    shards = (t10 + t1) * 2.1
-    datasets_cache = t1 * (bpt_text + 4 + 2.1)
-    return int(1.2 * (text + shards + datasets_cache) + (256 << 20))
 
 
 def main() -> int:

@@ -23,10 +23,8 @@ venv's site-packages on its path (torch is never reinstalled; a constraint pins 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -35,7 +33,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-import common  # noqa: E402  (pins threads before torch; benchmarks/ is on sys.path as the script's folder)
+import common  # noqa: E402
+from machine import machine_info as base_machine_info  # noqa: E402  (pins threads before torch; benchmarks/ is on sys.path as the script's folder)
 
 REPO = common.REPO
 PEER_VENV = HERE / ".venv-peer"
@@ -266,6 +265,16 @@ def ensure_peer_venv(log) -> str:
     return str(py)
 
 
+def machine_info() -> dict:
+    """benchmarks/machine.py's record, with the versions of the libraries these benchmarks time."""
+    import deepspeed
+    import torch
+    import transformers
+
+    return {**base_machine_info(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+            "transformers": transformers.__version__, "threads_per_process": 1}
+
+
 def run_zero3(size: common.Size, log) -> dict:
     """P5: the composed model under ZeRO-3 with world 1 and world 2, each rank started by torchrun on loopback."""
     from calm_dist.training.dist_env import free_port
@@ -291,32 +300,6 @@ def run_zero3(size: common.Size, log) -> dict:
         return out
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def machine_info() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(),
-            "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-        info["cpu_model"] = fields.get("Model name", "").strip()
-        info["cpus"] = fields.get("CPU(s)", "").strip()
-        info["cores_per_socket"] = fields.get("Core(s) per socket", "").strip()
-        flags = fields.get("Flags", "")
-        info["isa"] = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags.split())
-    except OSError:
-        pass
-    try:
-        info["loadavg_at_start"] = open("/proc/loadavg").read().split()[:3]
-    except OSError:
-        pass
-    import deepspeed
-    import torch
-    import transformers
-
-    info.update(torch=torch.__version__, deepspeed=deepspeed.__version__, transformers=transformers.__version__,
-                threads_per_process=1)
-    return info
 
 
 def cost_model(size: common.Size) -> dict:
