@@ -31,11 +31,12 @@ from calm_dist.config import ConfigError, DataConfig
 from calm_dist.data.mixture import MixedRows
 from calm_dist.data.shards import ShardWriter, TokenRows, completed_shard, token_dtype
 from calm_dist.data.sources import open_source, source_fingerprint
-from calm_dist.data.tokenizer import Tokenizer
+from calm_dist.data.tokenizer import BackendTokenizer, Tokenizer
 from calm_dist.files import write_atomic
 from calm_dist.rank_zero import run_on_rank_zero
 
 MANIFEST = "manifest.json"
+BACKEND_FILE = "tokenizer.backend.json"  # the fast tokenizer the workers load (_worker_backend)
 FORMAT_VERSION = 1
 ROWS_PER_SHARD = 2048  # records per shard: enough shards for the workers to share a corpus of a few thousand rows
 ENCODE_BATCH = 256     # records per call into the tokenizer library
@@ -113,8 +114,26 @@ def tokenize_records(batch: list[tuple[str, dict]], data_cfg: DataConfig, tok: T
 
 
 @lru_cache(maxsize=4)
-def _tokenizer(path: str) -> Tokenizer:
-    return Tokenizer(path)
+def _tokenizer(path: str, backend: tuple | None):
+    """A worker's tokenizer: the fast backend alone when the parent checked it (`backend`: file, bos, eos), else
+    the full Tokenizer."""
+    return BackendTokenizer(*backend) if backend is not None else Tokenizer(path)
+
+
+def _worker_backend(tokenizer: Tokenizer, parts, data_cfg: DataConfig, directory: Path) -> tuple | None:
+    """(file, bos, eos) of the backend the workers load, written into `directory`, when it tokenizes the first
+    records of the data exactly as `tokenizer` does; else None (the workers load the full tokenizer). A bad row
+    among the first records raises here, as the worker of its shard would."""
+    backend = tokenizer.backend_json()
+    if backend is None or not parts:
+        return None
+    path = directory / BACKEND_FILE
+    write_atomic(path, backend)
+    fast = BackendTokenizer(path, tokenizer.bos_id, tokenizer.eos_id)
+    sample = [(f"{parts[0].key}: {parts[0].name} row {row}", record)
+              for row, record in parts[0].records(0, min(ENCODE_BATCH, parts[0].num_rows()))]
+    same = tokenize_records(sample, data_cfg, fast) == tokenize_records(sample, data_cfg, tokenizer)
+    return (str(path), tokenizer.bos_id, tokenizer.eos_id) if same else None
 
 
 @lru_cache(maxsize=4)
@@ -126,7 +145,7 @@ def write_shard(job: dict) -> dict:
     """One worker's job: the records [start, stop) of one part, tokenized into shard `index`. Runs in a worker
     process (everything it needs is in `job`, reopened there), or inline for a single job."""
     data_cfg = DataConfig(**job["data"])
-    tok = _tokenizer(job["tokenizer"])
+    tok = _tokenizer(job["tokenizer"], job["backend"])
     part = _parts(job["spec"], job["key"])[job["part"]]
     batch: list[tuple[str, dict]] = []
     with ShardWriter(Path(job["directory"]), job["index"], np.dtype(job["dtype"])) as writer:  # a bad row: no files
@@ -167,14 +186,16 @@ def prepare(data_cfg: DataConfig, spec: str, key: str, tokenizer: Tokenizer, dir
 def _prepare_locked(data_cfg: DataConfig, spec: str, key: str, tokenizer: Tokenizer, directory: Path, fp: str,
                     workers: int) -> dict:
     parts = open_source(spec, key)
+    directory.mkdir(parents=True, exist_ok=True)
+    backend = _worker_backend(tokenizer, parts, data_cfg, directory)
     jobs = []
     for p, part in enumerate(parts):
         n = part.num_rows()
         for start in range(0, n, ROWS_PER_SHARD):
             jobs.append({"spec": spec, "key": key, "part": p, "start": start, "stop": min(n, start + ROWS_PER_SHARD),
                          "index": len(jobs), "directory": str(directory), "tokenizer": str(tokenizer.path),
+                         "backend": backend,
                          "dtype": token_dtype(tokenizer.vocab_size).str, "data": dataclasses.asdict(data_cfg)})
-    directory.mkdir(parents=True, exist_ok=True)
     todo = [job for job in jobs if completed_shard(directory, job["index"]) is None]
     workers = min(workers or available_cores(), len(todo))
     if workers <= 1:

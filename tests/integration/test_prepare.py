@@ -165,3 +165,70 @@ def test_a_second_prepare_of_the_same_data_waits_for_the_first(corpus, tmp_path)
         assert second.is_alive() and not manifest.exists()  # waiting, writing nothing
     second.join(timeout=120)
     assert not second.is_alive() and manifest.exists() and len(result["rows"]) == len(first)
+
+
+def bpe_tokenizer(directory, texts, vocab_size=300):
+    """A transformers fast tokenizer over a byte-level BPE trained here, with a special token the data uses."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = RawTokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                            additional_special_tokens=["<sep>"]).save_pretrained(directory)
+    return Tokenizer(directory)
+
+
+@pytest.fixture
+def fast_corpus(tmp_path, monkeypatch):
+    """The corpus of `corpus` with "<sep>" and non-ASCII text in it, and a BPE fast tokenizer trained on part of it."""
+    monkeypatch.setattr(prep, "ROWS_PER_SHARD", 40)
+    records = write_corpus(tmp_path / "corpus")
+    for i, r in enumerate(records):
+        r["prompt"] = r["prompt"].replace(":", " <sep>" if i % 3 else " ü 日本:")
+    for i in range(3):
+        (tmp_path / "corpus" / f"part-{i}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in records[90 * i: 90 * (i + 1)]))
+    tok = bpe_tokenizer(tmp_path / "bpe", [r["prompt"] + r["completion"] for r in records[:100]])
+    return SimpleNamespace(records=records, tok=tok, directory=tmp_path / "corpus", cache=tmp_path / "cache")
+
+
+@pytest.mark.slow
+def test_workers_tokenize_with_the_fast_backend_alone_and_match_transformers(fast_corpus):
+    """The spawned workers load only `tokenizers` (importing transformers costs each ~2.5 s); their rows equal
+    those of the transformers tokenizer the parent holds, "<sep>" and non-ASCII text included."""
+    tok = fast_corpus.tok
+    assert tok.encode("a <sep> b").count(tok._hf.convert_tokens_to_ids("<sep>")) == 1
+    rows = load_rows(DataConfig(seq_len=SEQ, overlong="truncate"), str(fast_corpus.directory), "data.train", tok,
+                     fast_corpus.cache, workers=2)
+    assert (rows.directory / prep.BACKEND_FILE).exists()
+    order = np.arange(len(fast_corpus.records))
+    expected = reference_rows(fast_corpus.records, tok, SEQ)
+    got = rows.batch(order)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    # a worker's tokenizer is the backend alone, and loading it imports no transformers
+    probe = (f"import sys; from calm_dist.data import prepare as p; t = p._tokenizer('', ({str(rows.directory / prep.BACKEND_FILE)!r}, "
+             f"{tok.bos_id}, {tok.eos_id})); print(type(t).__name__, t.encode_batch(['a <sep> ü']), "
+             "'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split(maxsplit=1)[0] == "BackendTokenizer" and out.stdout.strip().endswith("False"), out.stderr
+    assert out.stdout.split(maxsplit=1)[1].rsplit(maxsplit=1)[0] == str(tok.encode_batch(["a <sep> ü"]))
+
+
+@pytest.mark.slow
+def test_a_backend_that_tokenizes_differently_is_not_given_to_the_workers(fast_corpus, tmp_path, monkeypatch):
+    """When the fast backend disagrees with transformers on the first records, the workers load the full
+    tokenizer: the rows are transformers' still."""
+    other = bpe_tokenizer(tmp_path / "other", ["zzz yyy xxx www"] * 20, vocab_size=270)
+    other_json = other.backend_json()
+    monkeypatch.setattr(Tokenizer, "backend_json", lambda self: other_json)
+    rows = load_rows(DataConfig(seq_len=SEQ, overlong="truncate"), str(fast_corpus.directory), "data.train",
+                     fast_corpus.tok, fast_corpus.cache, workers=2)
+    order = np.arange(len(fast_corpus.records))
+    expected = reference_rows(fast_corpus.records, fast_corpus.tok, SEQ)
+    got = rows.batch(order)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
