@@ -189,7 +189,9 @@ class DataConfig:
 
     packing: bool = False
     """Concatenate the tokenized records into full rows of seq_len instead of padding each record to its own
-    row: no padding is computed, and a row may hold the end of one record and the start of the next."""
+    row: no padding is computed. The documents of a row stay apart (their own positions, and attention within
+    the document only, in every model and the cross-attention); a record longer than a row continues in the
+    next, the rows overlapping by one token so that each of its tokens is predicted once (seq_len >= 2)."""
 
     overlong: Literal["error", "truncate"] = "error"
     """A record longer than seq_len (without packing): error refuses the data set naming the row; truncate
@@ -207,6 +209,8 @@ class DataConfig:
         check_choices("data", self)
         at_least("data.seq_len", self.seq_len, 1)  # the models' position limits are checked in preflight
         at_least("data.workers", self.workers, 0)
+        if self.packing:
+            at_least("data.seq_len (with data.packing)", self.seq_len, 2)
         if isinstance(self.train, list):
             self.train = [s if isinstance(s, DataSource) else DataSource(**s) for s in self.train]
             if not self.train:

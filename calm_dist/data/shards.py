@@ -14,13 +14,20 @@ into place before it writes the sidecar: a shard with a sidecar whose sizes matc
 complete, which is what a resumed prepare skips.
 
 `TokenRows` memory-maps the offsets, reads the tokens of the rows it is asked for with pread and builds only
-those rows, so a rank's resident memory does not depend on the corpus size. Its rows are those the in-memory
-path built: unpacked, document i truncated to seq_len and right-padded with pad_id; packed, the documents back
-to back cut into rows of seq_len (a row may span documents and shards, the remainder is dropped); labels are the
-ids from each document's loss_start on, IGNORE before it and on padding; attention_mask is 1 on real tokens.
+those rows, so a rank's resident memory does not depend on the corpus size. Its rows:
+  - unpacked: document i truncated to seq_len and right-padded with pad_id;
+  - packed: the documents back to back, cut into rows of seq_len that overlap by one token (row r starts at
+    r * (seq_len - 1)): the last token of a row is the first of the next, where it is context only, so every
+    token of a document split across rows is predicted once (a row's first token never is: nothing precedes
+    it). A row may span documents and shards; the remainder is dropped. `position_ids` restart at 0 at each
+    document's first token and at the row's first: the models keep the documents apart by them
+    (calm_dist.model.composition.backbone_inputs).
+Labels are the ids from each document's loss_start on, IGNORE before it and on padding, and IGNORE on a
+document's first token (in a packed row it follows another document); attention_mask is 1 on real tokens.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -40,6 +47,7 @@ if TYPE_CHECKING:
 TOKEN_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 _INDEX_DTYPE, _LOSS_START_DTYPE = np.dtype("<i8"), np.dtype("<i4")
 _FLUSH_DOCS = 1 << 16  # documents whose offsets are buffered before they are written
+PACKED_LAYOUT = "overlap-1/doc-positions"  # packed rows: one token of overlap, positions per document
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -252,13 +260,20 @@ class TokenRows:
         if seq_len < 1:
             raise ValueError(f"seq_len must be positive, got {seq_len}")
         self.directory, self.shards = Path(directory), list(shards)
-        self.seq_len, self.packing, self.pad_id, self.fingerprint = seq_len, packing, pad_id, fingerprint
+        self.seq_len, self.packing, self.pad_id = seq_len, packing, pad_id
+        # what the rows are: the shards' fingerprint, and for packed rows how they are cut from the stream
+        # (PACKED_LAYOUT), which the shards do not record; a states cache or checkpoint names this value
+        self.fingerprint = (hashlib.sha256(f"{fingerprint}:{PACKED_LAYOUT}".encode()).hexdigest()[:16] if packing
+                            else fingerprint)
         # cumulative counts: global document / stream position -> shard by searchsorted
         self._doc_starts = np.cumsum([0] + [s["n_docs"] for s in self.shards], dtype=np.int64)
         self._token_starts = np.cumsum([0] + [s["n_tokens"] for s in self.shards], dtype=np.int64)
         self._open: OrderedDict[int, _OpenShard] = OrderedDict()
         self._max_open = max(1, max_open)
-        self._len = int(self._token_starts[-1]) // seq_len if packing else int(self._doc_starts[-1])
+        if packing and seq_len < 2:
+            raise ValueError(f"packed rows overlap by one token: seq_len must be at least 2, got {seq_len}")
+        n_tokens = int(self._token_starts[-1])
+        self._len = (max(0, n_tokens - 1) // (seq_len - 1) if packing else int(self._doc_starts[-1]))
 
     def __len__(self) -> int:
         return self._len
@@ -277,8 +292,9 @@ class TokenRows:
         while self._open:
             self._open.popitem()[1].close()
 
-    def _rows(self, indices, with_tokens: bool) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
-        """(input_ids int64 or None, labelled bool, attention_mask int64), each [len(indices), seq_len]."""
+    def _rows(self, indices, with_tokens: bool):
+        """(input_ids int64 or None, labelled bool, attention_mask int64, position_ids int64 or None: packed rows
+        only), each [len(indices), seq_len]."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= self._len):
             bad = int(idx.min() if idx.min() < 0 else idx.max())
@@ -288,9 +304,10 @@ class TokenRows:
         labelled = np.zeros((idx.size, L), dtype=bool)
         if self.packing:
             mask = np.ones((idx.size, L), dtype=np.int64)
+            positions = np.empty((idx.size, L), dtype=np.int64)
             for r, row in enumerate(idx.tolist()):
-                self._packed_row(row, ids[r] if with_tokens else None, labelled[r])
-            return ids, labelled, mask
+                self._packed_row(row, ids[r] if with_tokens else None, labelled[r], positions[r])
+            return ids, labelled, mask, positions
         mask = np.zeros((idx.size, L), dtype=np.int64)
         shard_of = np.searchsorted(self._doc_starts, idx, side="right") - 1
         for r, (row, k) in enumerate(zip(idx.tolist(), shard_of.tolist())):
@@ -301,38 +318,50 @@ class TokenRows:
             if with_tokens:
                 ids[r, :n] = shard.tokens(start, start + n)
             mask[r, :n] = 1
-            labelled[r, int(shard.loss_start[doc]):n] = True
-        return ids, labelled, mask
+            labelled[r, max(1, int(shard.loss_start[doc])):n] = True
+        return ids, labelled, mask, None
 
-    def _packed_row(self, row: int, ids: np.ndarray | None, labelled: np.ndarray) -> None:
-        """Fill row `row` of the stream of all documents: positions [row*L, (row+1)*L), across shards."""
+    def _packed_row(self, row: int, ids: np.ndarray | None, labelled: np.ndarray, positions: np.ndarray) -> None:
+        """Fill row `row` of the stream of all documents: stream positions [row*(L-1), row*(L-1) + L), across
+        shards; `positions` gets each token's position in its document, counted from the row's start."""
         L = self.seq_len
-        pos, end = row * L, (row + 1) * L
+        first_pos = pos = row * (L - 1)
+        end = pos + L
+        in_doc = np.empty(L, dtype=np.int64)
         while pos < end:
             k = int(np.searchsorted(self._token_starts, pos, side="right")) - 1  # skips shards without tokens
             shard = self._shard(k)
             base = int(self._token_starts[k])
             u, v = pos - base, min(end, int(self._token_starts[k + 1])) - base  # local range in shard k
-            out = slice(pos - row * L, pos - row * L + (v - u))
+            out = slice(pos - first_pos, pos - first_pos + (v - u))
             if ids is not None:
                 ids[out] = shard.tokens(u, v)
             # the documents covering [u, v): their starts and loss starts (a few entries of the index)
             first = int(np.searchsorted(shard.index, np.int64(u), side="right")) - 1
             last = int(np.searchsorted(shard.index, np.int64(v - 1), side="right")) - 1
             starts = np.asarray(shard.index[first:last + 1])
-            positions = np.arange(u, v, dtype=np.int64)
-            doc = np.searchsorted(starts, positions, side="right") - 1
-            labelled[out] = positions - starts[doc] >= np.asarray(shard.loss_start[first:last + 1])[doc]
+            stream = np.arange(u, v, dtype=np.int64)
+            doc = np.searchsorted(starts, stream, side="right") - 1
+            in_doc[out] = stream - starts[doc]
+            labelled[out] = (in_doc[out] >= np.asarray(shard.loss_start[first:last + 1])[doc]) & (in_doc[out] > 0)
             pos += v - u
+        # positions restart at each document's first token and at the row's first
+        column = np.arange(L, dtype=np.int64)
+        restart = np.maximum.accumulate(np.where((in_doc == 0) | (column == 0), column, 0))
+        positions[:] = column - restart
 
     def batch(self, indices) -> dict[str, torch.Tensor]:
-        """Rows `indices` (any order, repeats allowed): input_ids, labels, attention_mask, int64 [B, seq_len]."""
-        ids, labelled, mask = self._rows(indices, with_tokens=True)
+        """Rows `indices` (any order, repeats allowed): input_ids, labels, attention_mask, and for packed rows
+        position_ids, int64 [B, seq_len]."""
+        ids, labelled, mask, positions = self._rows(indices, with_tokens=True)
         labels = np.where(labelled, ids, IGNORE)
         import torch  # here: the tokenizing workers import this module and never make a tensor
 
-        return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
-                "attention_mask": torch.from_numpy(mask)}
+        out = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
+               "attention_mask": torch.from_numpy(mask)}
+        if positions is not None:
+            out["position_ids"] = torch.from_numpy(positions)
+        return out
 
     def labelled_tokens(self, indices) -> int:
         """`lm_loss.labelled_tokens` of those rows' labels (positions 1.. with a label: each has a next-token

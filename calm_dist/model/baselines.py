@@ -24,7 +24,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from calm_dist.model import backbones
-from calm_dist.model.composition import FORMAT_VERSION, WEIGHTS_FILE, ComposedOutput, position_ids_from_mask
+from calm_dist.model.composition import FORMAT_VERSION, WEIGHTS_FILE, ComposedOutput, backbone_inputs
 from calm_dist.model.lm_loss import loss_from_logits
 
 
@@ -76,10 +76,11 @@ class LoRAAnchor(nn.Module):
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def forward(self, input_ids, attention_mask=None, labels=None, augmenting_states=None, augmenting_key_mask=None,
-                loss_reduction="mean", return_logits=None):
+                loss_reduction="mean", return_logits=None, position_ids=None):
         # the logits path: LoRA may adapt the head, which lm_loss.head_loss does not differentiate
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+        model_mask, positions = backbone_inputs(mask, position_ids)  # packed rows: documents kept apart
+        logits = self.model(input_ids=input_ids, attention_mask=model_mask, position_ids=positions,
                             use_cache=False).logits
         return ComposedOutput(logits=logits,
                               loss=loss_from_logits(logits, labels, loss_reduction) if labels is not None else None)
@@ -126,6 +127,11 @@ def random_augmenting(config, seed: int, dtype=None) -> nn.Module:
     return model
 
 
-def prompt_key_mask(labels: torch.Tensor) -> torch.Tensor:
-    """1 on the positions before the first labelled token (the prompt), 0 from the completion on."""
-    return ((labels != -100).long().cumsum(dim=1) == 0).long()
+def prompt_key_mask(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """1 on the positions before the first labelled token (the prompt), 0 from the completion on; in packed rows
+    (`position_ids` restarting at each document) the same within each document."""
+    labelled = (labels != -100).long()
+    seen = labelled.cumsum(dim=1)  # labelled tokens up to each position
+    if position_ids is not None:  # less those of the earlier documents (seen is non-decreasing: cummax carries it)
+        seen = seen - torch.where(position_ids == 0, seen - labelled, 0).cummax(dim=1).values
+    return (seen == 0).long()

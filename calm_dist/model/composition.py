@@ -65,6 +65,25 @@ def position_ids_from_mask(attention_mask: torch.Tensor, past_length: int = 0,
     return positions[:, past_length:] if past_mask is not None else positions
 
 
+def backbone_inputs(attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None):
+    """(attention_mask, position_ids) as the transformers decoders take them.
+
+    Padded rows (`position_ids` None): the mask, and positions counting real tokens. Packed rows (`position_ids`
+    restarting at 0 at each document, no padding): no mask and those positions, from which transformers builds a
+    block-diagonal causal mask (masking_utils.find_packed_sequence_indices; varlen kernels under flash
+    attention), so a document sees nothing of the others, in every family calm_dist supports."""
+    if position_ids is None:
+        return attention_mask, position_ids_from_mask(attention_mask)
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError("packed rows (position_ids given) must carry no padding")
+    return None, position_ids
+
+
+def documents_of(position_ids: torch.Tensor) -> torch.Tensor:
+    """Each token's document index within its packed row: a new document wherever the position restarts at 0."""
+    return (position_ids == 0).cumsum(-1)
+
+
 def _config_of(model_or_config):
     return model_or_config.config if isinstance(model_or_config, nn.Module) else model_or_config
 
@@ -275,8 +294,11 @@ class ComposedModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, augmenting_states: AugmentingStates | None = None,
                 augmenting_key_mask: torch.Tensor | None = None, loss_reduction: str = "mean",
-                return_logits: bool | None = None) -> ComposedOutput:
+                return_logits: bool | None = None, position_ids: torch.Tensor | None = None) -> ComposedOutput:
         """Composed logits, or the loss (labels aligned with input_ids, -100 ignored).
+
+        `position_ids` marks packed rows (positions restarting at each document, as TokenRows gives them): every
+        model and the cross-attention then keep the documents apart (backbone_inputs).
 
         With labels the logits are not built unless `return_logits=True`: the loss goes from the anchor's final
         hidden states through its frozen head in chunks (lm_loss.head_loss). `loss_reduction="sum"` gives the
@@ -286,17 +308,18 @@ class ComposedModel(nn.Module):
         """
         return_logits = labels is None or bool(return_logits)
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        position_ids = position_ids_from_mask(mask)
+        model_mask, positions = backbone_inputs(mask, position_ids)
         if augmenting_states is None:
-            augmenting_states = self.run_augmenting(input_ids, mask, position_ids)
+            augmenting_states = self.run_augmenting(input_ids, model_mask, positions)
         t = input_ids.shape[1]
         # Right padding needs no mask: causality already hides later (pad) keys from every real query.
         left_padded = bool((mask[:, 1:] > mask[:, :-1]).any())
         key_mask = mask if augmenting_key_mask is None else mask * augmenting_key_mask
+        documents = documents_of(position_ids) if position_ids is not None else None
         cross_mask = None
-        if left_padded or augmenting_key_mask is not None:
-            cross_mask = cross_attention_mask(torch.arange(t, device=input_ids.device), key_mask, t)
-        inputs = dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+        if left_padded or augmenting_key_mask is not None or documents is not None:
+            cross_mask = cross_attention_mask(torch.arange(t, device=input_ids.device), key_mask, t, documents)
+        inputs = dict(input_ids=input_ids, attention_mask=model_mask, position_ids=positions, use_cache=False)
         with self._composing(_Context(self.keys_values(augmenting_states), cross_mask)):
             if return_logits:
                 logits = self.anchor(**inputs).logits
@@ -308,11 +331,13 @@ class ComposedModel(nn.Module):
             return ComposedOutput(logits=logits, loss=loss_from_logits(logits, labels, loss_reduction))
         return ComposedOutput(loss=head_loss(hidden, self.anchor.get_output_embeddings(), labels, loss_reduction))
 
-    def anchor_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The anchor alone (hooks idle), with the same position handling as the composed forward."""
+    def anchor_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The anchor alone (hooks idle), with the same position and document handling as the composed forward."""
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        return self.anchor(input_ids=input_ids, attention_mask=mask,
-                           position_ids=position_ids_from_mask(mask), use_cache=False).logits
+        model_mask, positions = backbone_inputs(mask, position_ids)
+        return self.anchor(input_ids=input_ids, attention_mask=model_mask, position_ids=positions,
+                           use_cache=False).logits
 
     def run_anchor(self, keys_values: list[list[tuple[torch.Tensor, torch.Tensor]]],
                    cross_mask: torch.Tensor | None, **inputs):

@@ -15,16 +15,21 @@ __all__ = ["CrossAttentionBlock", "cross_attention_mask", "block_parameter_count
 
 
 def cross_attention_mask(query_positions: torch.Tensor, key_mask: torch.Tensor | None,
-                         num_keys: int) -> torch.Tensor:
-    """Boolean [B or 1, 1, Tq, Tk] mask: query at absolute position t sees keys s <= t that are not padding.
+                         num_keys: int, documents: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean [B or 1, 1, Tq, Tk] mask: query at absolute position t sees keys s <= t that are not padding and,
+    for packed rows, belong to its document (`documents` [B, T]: each token's document index; queries and keys
+    are then the same T positions).
 
     Callers pass None instead of a mask when plain causal attention over aligned positions suffices (SDPA's
     fast path).
     """
     causal = torch.arange(num_keys, device=query_positions.device)[None, :] <= query_positions[:, None]  # [Tq, Tk]
-    if key_mask is None:
-        return causal[None, None]
-    return causal[None, None] & key_mask.bool()[:, None, None, :]
+    mask = causal[None, None]
+    if key_mask is not None:
+        mask = mask & key_mask.bool()[:, None, None, :]
+    if documents is not None:
+        mask = mask & (documents[:, None, :, None] == documents[:, None, None, :])
+    return mask
 
 
 class CrossAttentionBlock(nn.Module):

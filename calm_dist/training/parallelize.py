@@ -144,9 +144,10 @@ class DistributedModel:
     def summed_loss(self, batch: dict, states) -> torch.Tensor:
         """One forward of the engine: the micro-batch's summed next-token loss (the composition computes it
         without materialising the logits)."""
-        key_mask = prompt_key_mask(batch["labels"]) if self.prompt_keys_only else None
+        key_mask = prompt_key_mask(batch["labels"], batch.get("position_ids")) if self.prompt_keys_only else None
         return self.engine(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                           augmenting_states=states, augmenting_key_mask=key_mask, loss_reduction="sum").loss
+                           augmenting_states=states, augmenting_key_mask=key_mask, loss_reduction="sum",
+                           position_ids=batch.get("position_ids")).loss  # packed rows only
 
 
 def frozen_models(model: torch.nn.Module) -> list[torch.nn.Module]:

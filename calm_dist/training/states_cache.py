@@ -33,7 +33,7 @@ from calm_dist.data.prepare import load_rows, load_training_rows
 from calm_dist.data.sources import open_source
 from calm_dist.data.tokenizer import Tokenizer
 from calm_dist.files import replacing, save_safetensors, sha256_file, write_atomic
-from calm_dist.model.composition import capture_block_outputs, position_ids_from_mask, truncate_after
+from calm_dist.model.composition import backbone_inputs, capture_block_outputs, truncate_after
 from calm_dist.model.io import load_causal_lm
 from calm_dist.model.layer_pairs import used_augmenting_layers
 from calm_dist.planning import costs
@@ -185,7 +185,8 @@ def _compute_states(models, layers, devices, data, rows: range, batch_size: int,
         batch = data.batch(list(range(start, min(rows.stop, start + batch_size))))
         for a, (model, ls, device) in enumerate(zip(models, layers, devices)):
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            states = capture_block_outputs(model, ls, ids, mask, position_ids_from_mask(mask))
+            positions = batch["position_ids"].to(device) if "position_ids" in batch else None  # packed rows
+            states = capture_block_outputs(model, ls, ids, *backbone_inputs(mask, positions))
             for i in ls:
                 parts.setdefault(f"a{a}.l{i}", []).append(states[i].to("cpu", dtype))
     return {k: torch.cat(v).contiguous() for k, v in parts.items()}

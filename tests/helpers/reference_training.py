@@ -43,7 +43,7 @@ def reference_training(cfg, global_batch: int, tokenized_cache: Path):
     losses = []
     for rows in reference_batches(len(data), global_batch, cfg.train.seed, cfg.train.steps):
         batch = data.batch(rows)
-        out = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+        out = model(batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch.get("position_ids"))
         loss = loss_from_logits(out.logits, batch["labels"], "sum") / labelled_tokens(batch["labels"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)

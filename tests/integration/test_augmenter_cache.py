@@ -59,7 +59,8 @@ def interrupt_on_call(n):
 def loss_and_grads(model, batch, states=None):
     model.zero_grad()
     loss = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                 augmenting_states=states, loss_reduction="sum").loss / labelled_tokens(batch["labels"])
+                 augmenting_states=states, loss_reduction="sum",
+                 position_ids=batch.get("position_ids")).loss / labelled_tokens(batch["labels"])
     loss.backward()
     return loss.item(), [p.grad.clone() for p in model.trainable_parameters()]
 
@@ -92,6 +93,21 @@ def test_cached_and_recomputed_training_agree(tiny, tmp_path, dtype, loss_rel, g
     model = randomized_composition(setup / "anchor", [setup / "augmenting"])
     rows = [3, 17, 20, 39, 0, 31]  # across three shards (the last one ragged), unordered
     assert_same_training(model, data.batch(rows), cache.read(rows), loss_rel, grad_rel)
+
+
+def test_cached_and_recomputed_training_agree_on_packed_rows(tiny, tmp_path):
+    """Packed rows (several documents each): the cache holds the states computed with the documents apart, as
+    training recomputes them."""
+    setup, _ = tiny
+    cfg = DataConfig(train=str(setup / "train.jsonl"), tokenizer=str(setup / "tokenizer.model"), seq_len=32,
+                     packing=True)
+    data = load_rows(cfg, cfg.train, "data.train", Tokenizer(cfg.tokenizer), tmp_path / "data_cache")
+    rows = [3, 12, 0, len(data) - 1, 7]
+    batch = data.batch(rows)
+    assert ((batch["position_ids"] == 0).sum(-1) >= 2).all()  # two or more documents in every row
+    cache = StatesCache(build(setup, data, tmp_path / "c"), comps(setup, data))
+    model = randomized_composition(setup / "anchor", [setup / "augmenting"])
+    assert_same_training(model, batch, cache.read(rows), 1e-6, 1e-6)
 
 
 def cache_job(setup, out, **overrides):

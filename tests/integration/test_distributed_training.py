@@ -111,6 +111,22 @@ def test_two_rank_zero3_matches_single_process_reference(setup_dir, zero3, refer
     assert report["shm_buffers"] == []
 
 
+def test_two_rank_zero3_matches_single_process_reference_with_packing(setup_dir, tmp_path):
+    """data.packing: rows of several documents, kept apart by their position ids in the anchor, the augmenting
+    model and the cross-attention, on both sides of the comparison."""
+    out = tmp_path / "packed"
+    packed = {"data.packing": "true"}
+    report = run_worker(setup_dir, out, **packed)
+    cfg = load_config(RECIPE, overrides(setup_dir, out, **packed))
+    rows = load_rows(cfg.data, cfg.data.train, "data.train", Tokenizer(cfg.data.tokenizer), tmp_path / "ref_cache")
+    assert ((rows.batch(range(len(rows)))["position_ids"] == 0).sum(-1) >= 2).all()  # every row packs documents
+    ref_losses, ref_weights = reference_training(cfg, GLOBAL_BATCH, tmp_path / "ref_cache")
+    assert report["losses"] == pytest.approx(ref_losses, abs=1e-5)
+    trained = load_file(str(out / "final" / "composition.safetensors"))
+    for k in trained:
+        torch.testing.assert_close(trained[k], ref_weights[k], atol=1e-4, rtol=0)
+
+
 def test_logged_tflops_and_mfu_are_the_cost_model_over_the_step_time(setup_dir, zero3):
     """What the trainer logs: model FLOPs of every position of the global batch (costs.step_cost) over the
     step's wall time, and that over the peak of all ranks."""

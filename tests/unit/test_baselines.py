@@ -31,6 +31,13 @@ def test_prompt_key_mask_marks_the_prompt_of_each_row():
     assert prompt_key_mask(labels).tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0]]
 
 
+def test_prompt_key_mask_marks_the_prompt_of_each_document_of_a_packed_row():
+    I = IGNORE  # noqa: E741
+    labels = torch.tensor([[I, 5, 6, I, I, 7, I, I, I, 8]])   # documents at 0, 3, 6 (one without labels) and 8
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 0, 1, 0, 1]])
+    assert prompt_key_mask(labels, positions).tolist() == [[1, 0, 0, 1, 1, 0, 1, 1, 1, 0]]
+
+
 def perturbed(states, where: torch.Tensor, seed: int):
     """The augmenting states with noise added at the positions `where` [B, T] marks."""
     g = torch.Generator().manual_seed(seed)

@@ -17,21 +17,30 @@ PAD = 3
 
 
 def reference_rows(docs, seq_len: int, packing: bool, pad_id: int = PAD) -> dict[str, np.ndarray]:
-    """The old in-memory tokenize(), from its tokenized documents on: (ids, loss_start) pairs -> int64 rows."""
+    """The rows, derived plainly from the (ids, loss_start) documents. A document's first token is never a target
+    (nothing of its own precedes it). Packed: the documents back to back, row r = tokens [r*(L-1), r*(L-1)+L) of
+    that stream, and each token's position is its place in its document, less the place of the row's first token
+    when that one is of the same document."""
     ids_rows, label_rows = [], []
     for ids, loss_start in docs:
         ids = [int(t) for t in ids]
-        labels = [IGNORE] * loss_start + ids[loss_start:]
+        labels = [IGNORE] * max(1, loss_start) + ids[max(1, loss_start):]
         if not packing:
             ids, labels = ids[:seq_len], labels[:seq_len]
         ids_rows.append(ids)
-        label_rows.append(labels)
+        label_rows.append(labels[:len(ids)])
     if packing:
         flat_ids = np.array([t for r in ids_rows for t in r], dtype=np.int64)
         flat_labels = np.array([t for r in label_rows for t in r], dtype=np.int64)
-        n = len(flat_ids) // seq_len
-        input_ids, labels = flat_ids[:n * seq_len].reshape(n, seq_len), flat_labels[:n * seq_len].reshape(n, seq_len)
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": np.ones_like(input_ids)}
+        doc = np.array([d for d, r in enumerate(ids_rows) for _ in r], dtype=np.int64)
+        in_doc = np.array([i for r in ids_rows for i in range(len(r))], dtype=np.int64)
+        starts = [r * (seq_len - 1) for r in range(max(0, len(flat_ids) - 1) // (seq_len - 1))]
+        take = np.array([np.arange(s, s + seq_len) for s in starts], dtype=np.int64).reshape(-1, seq_len)
+        positions = np.array([in_doc[t] - np.where(doc[t] == doc[t[0]], in_doc[t[0]], 0) for t in take],
+                             dtype=np.int64).reshape(-1, seq_len)
+        input_ids, labels = flat_ids[take], flat_labels[take]
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": np.ones_like(input_ids),
+                "position_ids": positions}
     input_ids = np.full((len(ids_rows), seq_len), pad_id, dtype=np.int64)
     labels = np.full((len(ids_rows), seq_len), IGNORE, dtype=np.int64)
     mask = np.zeros((len(ids_rows), seq_len), dtype=np.int64)
@@ -82,7 +91,8 @@ def test_rows_equal_the_in_memory_rows(tmp_path, vocab, packing):
     sidecars = write_shards(tmp_path, docs, per_shard, token_dtype(vocab), fsync=False)
     ref = reference_rows(docs, seq_len, packing)
     rows = TokenRows(tmp_path, sidecars, seq_len=seq_len, packing=packing, pad_id=PAD, fingerprint="fp")
-    assert len(rows) == len(ref["input_ids"]) and rows.fingerprint == "fp"
+    assert len(rows) == len(ref["input_ids"]) and set(rows.batch([0])) == set(ref)
+    assert (rows.fingerprint == "fp") != packing  # packed rows are named by how they are cut as well
     if vocab > 1 << 16:  # ids above uint16 survive the round trip
         assert ref["input_ids"].max() > 1 << 16
     for indices in (rng.permutation(len(rows)), rng.integers(0, len(rows), 50), [5, 5, 5], [len(rows) - 1],
@@ -101,20 +111,36 @@ def test_rows_equal_the_in_memory_rows(tmp_path, vocab, packing):
 
 
 def test_packed_rows_span_shard_boundaries(tmp_path):
-    """Shards shorter than a row: one packed row draws on three shards; labels follow each document."""
+    """Shards shorter than a row: one packed row draws on three shards; rows overlap by one token; labels and
+    positions follow each document."""
     seq_len = 10
     docs = [([1, 2, 3, 4, 5, 6], 2), ([7, 8, 9], 0), ([10, 11], 1), ([12, 13, 14, 15, 16, 17, 18], 7),
             ([19, 20, 21, 22], 0), ([23] * 9, 4)]
     sidecars = write_shards(tmp_path, docs, [1, 1, 1, 1, 2], token_dtype(100), fsync=False)
     rows = TokenRows(tmp_path, sidecars, seq_len=seq_len, packing=True, pad_id=PAD, fingerprint="fp")
-    assert len(rows) == 3  # 31 tokens, the last one dropped
+    assert len(rows) == 3  # 31 tokens: rows start at 0, 9 and 18; the last three tokens are dropped
     batch = rows.batch([0, 1, 2])
     assert batch["input_ids"][0].tolist() == list(range(1, 11))  # shards 0, 1 and 2
-    assert batch["labels"][0].tolist() == [IGNORE, IGNORE, 3, 4, 5, 6, 7, 8, 9, IGNORE]
-    assert batch["labels"][1].tolist() == [11] + [IGNORE] * 7 + [19, 20]
-    assert batch["input_ids"][2].tolist() == [21, 22] + [23] * 8
-    assert batch["labels"][2].tolist() == [21, 22] + [IGNORE] * 4 + [23] * 4
+    assert batch["labels"][0].tolist() == [IGNORE, IGNORE, 3, 4, 5, 6, IGNORE, 8, 9, IGNORE]
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2, 0]
+    assert batch["input_ids"][1].tolist() == list(range(10, 20))  # 10 again: the context of 11
+    assert batch["labels"][1].tolist() == [IGNORE, 11] + [IGNORE] * 8
+    assert batch["position_ids"][1].tolist() == [0, 1, 0, 1, 2, 3, 4, 5, 6, 0]
+    assert batch["input_ids"][2].tolist() == [19, 20, 21, 22] + [23] * 6
+    assert batch["labels"][2].tolist() == [IGNORE, 20, 21, 22] + [IGNORE] * 4 + [23] * 2
+    assert batch["position_ids"][2].tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 4, 5]
     assert torch.equal(batch["attention_mask"], torch.ones(3, seq_len, dtype=torch.int64))
+
+
+def test_a_document_split_across_packed_rows_is_a_target_on_every_token(tmp_path):
+    """A text document of 40 tokens in rows of 8: each token after its first is the target of exactly one row
+    position past the row's first (the loss sees it once), whatever the row boundaries."""
+    docs = [(list(range(10, 50)), 0), (list(range(60, 63)), 0)]
+    sidecars = write_shards(tmp_path, docs, [2], token_dtype(100), fsync=False)
+    rows = TokenRows(tmp_path, sidecars, seq_len=8, packing=True, pad_id=PAD, fingerprint="fp")
+    batch = rows.batch(range(len(rows)))
+    targets = batch["labels"][:, 1:][batch["labels"][:, 1:] != IGNORE].tolist()
+    assert len(rows) == 6 and targets == list(range(11, 50)) + [61, 62]
 
 
 def test_shard_files_and_sidecar(tmp_path):
@@ -270,13 +296,13 @@ def test_a_shard_that_disagrees_with_its_sidecar_is_refused(tmp_path):
         rows = TokenRows(tmp_path, sidecars, seq_len=2, packing=packing, pad_id=PAD, fingerprint="fp")
         assert rows.batch([0])["input_ids"].tolist() == [[1, 2]]  # shard 0 is fine
         with pytest.raises(ValueError, match="tokens.bin"):
-            rows.batch([1 if not packing else 2])  # [5, 6]: in the file, but the shard is damaged
+            rows.batch([1 if not packing else 4])  # [5, 6]: in the file, but the shard is damaged
 
 
 @pytest.mark.parametrize("packing", [False, True], ids=["unpacked", "packed"])
 def test_any_labelled(tmp_path, packing):
     """Labels only past seq_len (unpacked: truncated away) or only in the dropped tail (packed): none left."""
-    docs = [([1, 2, 3, 4], 4)] * 5 + [([5, 6, 7, 8, 9], 4 if packing else 2)]
+    docs = [([1, 2, 3, 4], 4)] * 5 + [([5, 6, 7, 8, 9, 10], 5) if packing else ([5, 6, 7, 8, 9], 2)]
     sidecars = write_shards(tmp_path, docs, [3, 3], token_dtype(100), fsync=False)
     rows = TokenRows(tmp_path, sidecars, seq_len=2 if not packing else 4, packing=packing, pad_id=PAD, fingerprint="")
     ref = reference_rows(docs, rows.seq_len, packing)
