@@ -21,7 +21,7 @@ from calm_dist.training.dist_env import DistEnv
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="a YAML recipe (see recipes/)")
+    parser.add_argument("--config", help="a YAML recipe: a path, or a shipped recipe's name (tiny)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
 
 

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from calm_dist.credentials import redact
+from calm_dist.shipped import find_shipped, missing_hint
 
 
 class ConfigError(ValueError):
@@ -375,9 +376,12 @@ class TrainConfig:
 class DistributedConfig:
     """DeepSpeed ZeRO-3 and the process group."""
 
-    deepspeed_config: str = "ds_configs/zero3.json"
-    """A DeepSpeed JSON holding ZeRO knobs only (batch sizes, precision, clipping and optimizer come from this
-    tree). A relative path resolves against the working directory, then the repository."""
+    deepspeed_config: str = "zero3"
+    """The DeepSpeed JSON: a path, or the name of a shipped one (zero3, zero3_offload, zero3_hpz,
+    zero3_small_models; `ds_configs/zero3.json` works from any directory too). Its ZeRO knobs are used; batch
+    sizes, accumulation, precision and clipping come from this tree, and the JSON may leave them out, set them
+    to "auto" or repeat this tree's values (calm_dist/training/ds_config.py); the optimizer and schedule are
+    optim.*."""
 
     timeout_s: int = 300
     """Seconds a collective may wait for the other ranks, and that the ranks wait on rank 0's silent heartbeat
@@ -548,12 +552,13 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Read a YAML recipe (or start from defaults) and apply `a.b=value` overrides."""
+    """Read a YAML recipe (a path, or the name of a shipped one: `tiny`) or start from defaults, and apply
+    `a.b=value` overrides."""
     data: dict = {}
     if path is not None:
-        path = Path(path)
+        path = find_shipped(path, "recipes")
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+            raise ConfigError(f"config file {path} does not exist{missing_hint('recipes')}")
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except UnicodeDecodeError as e:

@@ -1,6 +1,7 @@
 """Entry point: `deepspeed --num_gpus N calm_dist/train.py --config recipe.yaml [key=value ...]`.
 
-Also runs under torchrun, one `srun` task per rank, or as a single process.
+Also runs under torchrun, `accelerate launch --multi_gpu` (torchrun underneath; the README has the command),
+one `srun` task per rank, or as a single process.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from calm_dist.training.dist_env import DistEnv, run_then_exit  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Train a CALM composition under DeepSpeed ZeRO-3.")
-    parser.add_argument("--config", help="a YAML recipe (see recipes/)")
+    parser.add_argument("--config", help="a YAML recipe: a path, or a shipped recipe's name (tiny)")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
     args = parser.parse_args(argv)

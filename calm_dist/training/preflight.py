@@ -147,7 +147,7 @@ def preflight(cfg: Config, env: DistEnv, *, need_train_data: bool = True, traini
         load_rows(data_cfg, data_cfg.eval, "data.eval", tokenizer, data_cache_dir(cfg), **prepared)
 
     accumulation = gradient_accumulation_steps(cfg, env.world_size)
-    ds_config = build_ds_config(cfg, env.world_size)
+    ds_config = build_ds_config(cfg, env.world_size, [anchor, *augmenting])
     if zero_stage(ds_config) != 3:
         raise ConfigError(f"{cfg.distributed.deepspeed_config}: calm_dist trains under ZeRO stage 3 "
                           f"(zero_optimization.stage is {zero_stage(ds_config)})")
