@@ -152,18 +152,27 @@ def main() -> None:
     def ours_uncached(n=size.new_tokens):
         return ours.generate(prompt, max_new_tokens=n, eos_token_id=-1, use_cache=False)
 
+    # P4 in bf16: the same weights with the frozen models in bf16 (the blocks stay fp32: cross-attention casts
+    # at its boundary), as a user decodes in production; the peer stays fp32, as its users run it
+    ours_bf16_decode = common.build_composed(size).eval()
+    ours_bf16_decode.anchor.to(torch.bfloat16)
+    ours_bf16_decode.augmenting.to(torch.bfloat16)
+
+    def ours_bf16(n=size.new_tokens):
+        return ours_bf16_decode.generate(prompt, max_new_tokens=n, eos_token_id=-1, use_cache=True)
+
     def peer_generate(n=size.new_tokens):
         # CALM-pytorch decodes by nucleus sampling over a full recompute of the anchor each step (no KV
         # cache) and encodes the prompt once with the augmenting model; the arithmetic is that of greedy.
         empty_peer_leak()
         return peer.generate(prompt, seq_len=size.prompt + n)
 
-    for fn in (ours_cached, ours_uncached, peer_generate):  # warm-up: short generations
+    for fn in (ours_cached, ours_bf16, ours_uncached, peer_generate):  # warm-up: short generations
         fn(8)
-    dec = {k: {"cpu": [], "wall": []} for k in ("ours_cached", "ours_uncached", "peer")}
+    dec = {k: {"cpu": [], "wall": []} for k in ("ours_cached", "ours_bf16", "ours_uncached", "peer")}
     outputs = {}
     for r in range(max(size.repeats, size.decode_repeats)):
-        order = [("ours_cached", ours_cached)]
+        order = [("ours_cached", ours_cached), ("ours_bf16", ours_bf16)]
         if r < size.decode_repeats:
             order += [("ours_uncached", ours_uncached), ("peer", peer_generate)]
         if r % 2:
@@ -180,6 +189,11 @@ def main() -> None:
                                title=f"P4 profile, greedy decoding of {n_prof} tokens, batch 1")
     p4 = {k: {**common.summary(v), "tokens_per_s": size.new_tokens / common.median(v["cpu"])} for k, v in dec.items()}
     p4["ours_cached_equals_uncached"] = same
+    new_fp32, new_bf16 = outputs["ours_cached"][0, size.prompt:], outputs["ours_bf16"][0, size.prompt:]
+    differ = (new_fp32 != new_bf16).nonzero()
+    p4["bf16_tokens"] = {"equal_to_fp32": bool(torch.equal(new_fp32, new_bf16)),
+                         "first_difference": int(differ[0]) if len(differ) else None,
+                         "equal_fraction": float((new_fp32 == new_bf16).float().mean())}
     common.write_json(args.json, {"info": info, "p3": p3, "p4": p4, "profile_p3": prof3, "profile_p4": prof4,
                                   "peak_rss_bytes": common.peak_rss_bytes()})
 

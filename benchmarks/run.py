@@ -385,6 +385,15 @@ def analyse(size: common.Size, r: dict) -> list[dict]:
             tok_s=d["ours_cached"]["tokens_per_s"],
             note=f"ours {d['ours_cached']['tokens_per_s']:.1f} tok/s, peer {d['peer']['tokens_per_s']:.1f} tok/s; "
                  + paired(d["peer"], d["ours_cached"]))
+        if "ours_bf16" in d:
+            bf = d["ours_bf16"]["tokens_per_s"]
+            tokens_note = d.get("bf16_tokens", {})
+            add("P4h", "P4 with our frozen models in bf16 (blocks fp32), the peer fp32 as its users run it",
+                bf / d["peer"]["tokens_per_s"], 10.0, ">=", unit="x", tok_s=bf,
+                note=f"ours bf16 {bf:.1f} tok/s ({bf / d['ours_cached']['tokens_per_s']:.2f}x our fp32); new tokens "
+                     f"equal to fp32: {tokens_note.get('equal_to_fp32')} (first difference at "
+                     f"{tokens_note.get('first_difference')}, {100 * tokens_note.get('equal_fraction', 0):.0f}% "
+                     "equal); " + paired(d["peer"], d["ours_bf16"]))
         add("P4b", "greedy decode tok/s ours cached / ours uncached", d["ours_cached"]["tokens_per_s"] /
             d["ours_uncached"]["tokens_per_s"], None, ">=", tok_s=d["ours_uncached"]["tokens_per_s"],
             note=f"uncached {d['ours_uncached']['tokens_per_s']:.1f} tok/s; same tokens: "

@@ -1,0 +1,157 @@
+#!/usr/bin/env python
+"""Decoding against the memory roofline, in bf16, and batched (issue #22); ratios measured side by side in one run.
+
+    python benchmarks/decode_bench.py [--size full] [--json benchmarks/results/decode.json] [--repeats 5]
+
+One process, one thread (as a rank runs). In the same run:
+  - the single-core read bandwidth: a STREAM-like kernel (torch's sum over a 512 MiB fp32 array, so every byte
+    is read once from memory), median of 7; a copy kernel beside it for reference;
+  - greedy KV-cached decoding of `new_tokens` tokens after a `prompt`-token prompt, batch 1 and batch 16, with
+    the frozen models in fp32 and in bf16 (the composition blocks in fp32 or in bf16), variants interleaved
+    round-robin, the order reversed every round; CPU-time medians.
+
+The bytes a batch-1 step reads: every weight except the input embedding tables (a step reads one row of each),
+the LM head included, plus the KV caches at the mean context length (each model's K and V of every layer, and
+each composition block's projected keys and values). Goals:
+  P4r    fp32 batch-1 tokens/s / (read bandwidth / bytes per token)               >= 0.8
+  P4b16  batch-16 tokens/s / batch-1 tokens/s (same dtype)                          >= 8
+The bf16 rows report their own roofline and whether their tokens equal fp32's (the first difference, if any).
+A torch.profiler table of one fp32 batch-1 generation shows where the time beyond the roofline goes.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import common  # noqa: E402  (pins one thread per process before torch loads)
+from machine import machine_info  # noqa: E402
+
+
+def read_bandwidth(mib: int = 512, repeats: int = 7) -> dict:
+    """Bytes per second of a sum over `mib` MiB (read once), and of a copy (read + write), medians."""
+    import torch
+
+    a = torch.ones(mib * 2**20 // 4)
+    b = torch.empty_like(a)
+    a.sum(), b.copy_(a)  # touch every page first
+
+    def timed(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+    read = a.numel() * 4 / timed(a.sum)
+    copy = 2 * a.numel() * 4 / timed(lambda: b.copy_(a))
+    return {"read_bytes_per_s": read, "copy_bytes_per_s": copy, "array_mib": mib}
+
+
+def bytes_per_token(model, context: float, batch: int = 1) -> dict:
+    """What one decoding step of one row reads: weights (less the input embeddings) and KV caches at `context`."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    embeddings = sum(m.get_input_embeddings().weight.numel() * m.get_input_embeddings().weight.element_size()
+                     for m in [model.anchor, *model.augmenting])
+    kv = 0.0
+    for m in [model.anchor, *model.augmenting]:
+        c = m.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        itemsize = next(m.parameters()).element_size()
+        kv += c.num_hidden_layers * 2 * kv_heads * head_dim * context * itemsize
+    d_anchor = model.anchor.config.hidden_size
+    blocks = sum(len(pairs) for pairs in model.layer_pairs)
+    kv += blocks * 2 * d_anchor * context * next(model.blocks.parameters()).element_size()
+    return {"weights": weights - embeddings, "kv_cache_per_row": kv, "per_step": weights - embeddings + batch * kv}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="full", choices=sorted(common.SIZES))
+    ap.add_argument("--json", default=str(HERE / "results" / "decode.json"))
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=16)
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(1)
+    size = common.SIZES[args.size]
+    n, prompt_len = size.new_tokens, size.prompt
+    prompts = torch.randint(3, size.vocab, (args.batch, prompt_len), generator=torch.Generator().manual_seed(11))
+    models = {"fp32": common.build_composed(size).eval()}
+    for name, blocks_bf16 in (("bf16", False), ("bf16_blocks_bf16", True)):
+        m = common.build_composed(size).eval()  # the same seed: the same weights
+        m.anchor.to(torch.bfloat16)
+        m.augmenting.to(torch.bfloat16)
+        if blocks_bf16:
+            m.blocks.to(torch.bfloat16)
+        models[name] = m
+
+    def decode(model, rows):
+        return lambda: model.generate(prompts[:rows], max_new_tokens=n, eos_token_id=-1, use_cache=True)
+
+    fns = {f"{name}_b1": decode(m, 1) for name, m in models.items()}
+    fns.update({f"{name}_b{args.batch}": decode(models[name], args.batch) for name in ("fp32", "bf16")})
+    for m in models.values():  # warm-up: a short generation each
+        m.generate(prompts[:2], max_new_tokens=8, eos_token_id=-1)
+    bandwidth_before = read_bandwidth()
+    times = common.interleaved(fns, args.repeats, warmup=0)
+    bandwidth_after = read_bandwidth()
+    bandwidth = statistics.median([bandwidth_before["read_bytes_per_s"], bandwidth_after["read_bytes_per_s"]])
+
+    tok_s = {k: (args.batch if k.endswith(f"_b{args.batch}") else 1) * n / common.median(t["cpu"])
+             for k, t in times.items()}
+    context = prompt_len + (n - 1) / 2  # mean context length over the generated tokens
+    read = {name: bytes_per_token(m, context) for name, m in models.items()}
+    roofline = {name: bandwidth / r["per_step"] for name, r in read.items()}
+    outputs = {name: m.generate(prompts[:1], max_new_tokens=n, eos_token_id=-1)[0, prompt_len:]
+               for name, m in models.items()}
+    agreement = {}
+    for name in ("bf16", "bf16_blocks_bf16"):
+        differ = (outputs[name] != outputs["fp32"]).nonzero()
+        agreement[name] = {"equal_to_fp32": not len(differ), "first_difference": int(differ[0]) if len(differ) else None,
+                           "equal_fraction": float((outputs[name] == outputs["fp32"]).float().mean())}
+    batched = models["fp32"].generate(prompts, max_new_tokens=n, eos_token_id=-1)[:, prompt_len:]
+    alone = torch.stack([models["fp32"].generate(prompts[i:i + 1], max_new_tokens=n, eos_token_id=-1)[0, prompt_len:]
+                         for i in range(min(4, args.batch))])
+    profile = common.profile_ops({"fp32_b1": fns["fp32_b1"], "bf16_b1": fns["bf16_b1"]}, HERE / "results", calls=1,
+                                 filename=f"profile_p4r{'' if size.name == 'full' else '_' + size.name}.md",
+                                 title=f"P4r profile, greedy decoding of {n} tokens, batch 1")
+    b = args.batch
+    result = {
+        "command": "python benchmarks/decode_bench.py " + " ".join(sys.argv[1:]), "machine": machine_info(),
+        "torch": torch.__version__, "size": size.as_dict(), "new_tokens": n, "prompt": prompt_len, "batch": b,
+        "bandwidth": {"before": bandwidth_before, "after": bandwidth_after, "read_bytes_per_s": bandwidth},
+        "bytes_per_token": read, "roofline_tokens_per_s": roofline,
+        "times": {k: common.summary(t) for k, t in times.items()}, "tokens_per_s": tok_s,
+        "ratios": {
+            "P4r": tok_s["fp32_b1"] / roofline["fp32"],
+            "P4r_bf16": tok_s["bf16_b1"] / roofline["bf16"],
+            "P4r_bf16_blocks_bf16": tok_s["bf16_blocks_bf16_b1"] / roofline["bf16_blocks_bf16"],
+            f"P4b{b}_fp32": tok_s[f"fp32_b{b}"] / tok_s["fp32_b1"],
+            f"P4b{b}_bf16": tok_s[f"bf16_b{b}"] / tok_s["bf16_b1"],
+            "bf16_over_fp32_b1": tok_s["bf16_b1"] / tok_s["fp32_b1"],
+        },
+        "bf16_tokens": agreement,
+        "batched_rows_equal_alone": bool(torch.equal(batched[:len(alone)], alone)),
+        "profile": profile,
+    }
+    common.write_json(args.json, result)
+    print(f"read bandwidth {bandwidth / 1e9:.2f} GB/s; fp32 reads {read['fp32']['per_step'] / 1e6:.1f} MB per token "
+          f"(roofline {roofline['fp32']:.1f} tok/s)")
+    print("tokens/s: " + ", ".join(f"{k} {v:.1f}" for k, v in tok_s.items()))
+    print("ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in result["ratios"].items()))
+    print(f"bf16 tokens vs fp32: {agreement}; batched rows equal alone: {result['batched_rows_equal_alone']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
