@@ -12,7 +12,6 @@ import argparse
 import importlib
 import json
 import sys
-from pathlib import Path
 
 from calm_dist.config import ConfigError, load_config
 from calm_dist.console import quiet_libraries
@@ -41,7 +40,7 @@ def cmd_prepare(args) -> int:
         raise ConfigError(f"--workers must be >= 0, got {workers}")
     from calm_dist.data.prepare import load_rows, read_manifest
     from calm_dist.data.sources import open_source
-    from calm_dist.data.tokenizer import Tokenizer
+    from calm_dist.data.tokenizer import anchor_tokenizer
     from calm_dist.training.preflight import data_cache_dir
 
     splits = {key: spec for key, spec, _ in cfg.data.train_sources() + [("data.eval", cfg.data.eval, 1.0)] if spec}
@@ -49,9 +48,7 @@ def cmd_prepare(args) -> int:
         raise ConfigError("data.train and data.eval are not set: nothing to prepare")
     for key, spec in splits.items():
         open_source(spec, key)  # every input exists and is of one kind, before the first one is tokenized
-    if not cfg.data.tokenizer or not Path(cfg.data.tokenizer).exists():
-        raise ConfigError(f"data.tokenizer: {cfg.data.tokenizer or '(not set)'} does not exist")
-    tokenizer = Tokenizer(cfg.data.tokenizer)
+    tokenizer = anchor_tokenizer(cfg)  # data.tokenizer, else the anchor's own
     for key, spec in splits.items():
         rows = load_rows(cfg.data, spec, key, tokenizer, data_cache_dir(cfg), workers=workers)
         m = read_manifest(rows.directory)
@@ -94,18 +91,25 @@ def cmd_generate(args) -> int:
     import torch
 
     from calm_dist import ComposedModel
-    from calm_dist.data.tokenizer import Tokenizer
+    from calm_dist.data.tokenizer import Tokenizer, saved_tokenizer
+    from calm_dist.task_eval import answer_text, stop_ids
     from calm_dist.training.dist_env import local_device
 
     device = local_device(DistEnv.from_environ())
     model = ComposedModel.from_composition(args.composition).to(device)
-    tokenizer = Tokenizer(args.tokenizer)
+    if args.tokenizer:
+        tokenizer = Tokenizer(args.tokenizer, "--tokenizer")
+    else:  # the one saved with the anchor the composition names
+        anchor = model.description["anchor"]
+        tokenizer = saved_tokenizer(anchor["name_or_path"], anchor["revision"], "the composition's anchor")
+        if tokenizer is None:
+            raise ConfigError(f"the anchor {anchor['name_or_path']} was saved without a tokenizer: pass --tokenizer")
     ids = [tokenizer.bos_id] * (tokenizer.bos_id is not None) + tokenizer.encode(args.prompt)
     generator = torch.Generator(device).manual_seed(args.seed) if sampling["do_sample"] else None
+    stops = stop_ids(tokenizer, model.anchor.config)  # Llama-3 style configs list several eos ids
     out = model.generate(torch.tensor([ids], device=device), max_new_tokens=args.max_new_tokens, **sampling,
-                         generator=generator, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
-    new = [t for t in out[0, len(ids):].tolist() if t != tokenizer.pad_id]
-    print(tokenizer.decode(new))
+                         generator=generator, eos_token_id=stops or None, pad_token_id=tokenizer.pad_id)
+    print(answer_text(tokenizer, out[0, len(ids):].tolist(), stops))
     return 0
 
 
@@ -194,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("generate", help="decode from a saved composition")
     p.add_argument("composition", help="a directory written by save_composition (e.g. <output_dir>/final)")
-    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--tokenizer", help="default: the tokenizer saved with the composition's anchor")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, help="sample at this temperature (default: greedy; 0: greedy)")

@@ -80,10 +80,12 @@ class ModelConfig:
 
     augmenting: list[str] = field(default_factory=list)
     """The augmenting causal LMs whose hidden states the anchor attends to (directories or hub ids), at least one.
-    Each must share the anchor's vocabulary."""
+    Each must share the anchor's tokenizer vocabulary; their embedding tables may differ in size (padding)."""
 
     anchor_revision: str | None = None
-    """The hub revision (branch, tag or commit) of a hub-id `anchor`; null: the hub's default branch."""
+    """The hub revision (branch, tag or commit) of a hub-id `anchor`; null: the hub's default branch. A hub id is
+    fetched once into the Hugging Face cache (rank 0; HF_HUB_OFFLINE=1 reads the cache alone) and a snapshot
+    complete there is used as it is (calm_dist/model/hub.py): pin a commit to be sure which one runs."""
 
     augmenting_revisions: list[str | None] | None = None
     """One hub revision per augmenting model, in the order of `augmenting` (a null entry: the default branch);
@@ -181,8 +183,16 @@ class DataConfig:
     """The record field holding the text (format=text)."""
 
     tokenizer: str = ""
-    """The one tokenizer of every model: a SentencePiece .model file or a transformers tokenizer directory.
-    Required; it must fit the anchor's vocabulary and special ids."""
+    """The tokenizer the data is tokenized with, whose ids every model reads: a SentencePiece .model file, a
+    transformers tokenizer directory or a hub id (org/name, its default branch). Empty: the tokenizer saved with
+    the anchor (its directory or hub repository, at model.anchor_revision). Set it for models saved without one:
+    it then serves every model that has none. It must fit each model's embedding table and special ids, and have
+    the vocabulary of every tokenizer saved with a model (checked in preflight)."""
+
+    augmenting_tokenizers: list[str | None] | None = None
+    """One tokenizer per augmenting model, in the order of model.augmenting (the same forms as `tokenizer`); a null
+    entry, or null: the one saved with that model, else the data's. Each must have the data tokenizer's vocabulary
+    (same tokens at the same ids, same bos and eos): CALM feeds the same ids to every model."""
 
     seq_len: int = 64
     """Tokens per row (>= 1): every row is padded (or packed) to exactly this length, so every model must have

@@ -15,10 +15,11 @@ import torch
 
 from calm_dist.config import ConfigError
 from calm_dist.data.sources import open_source
-from calm_dist.data.tokenizer import Tokenizer, completion_ids, prompt_ids
+from calm_dist.data.tokenizer import Tokenizer, anchor_tokenizer, completion_ids, prompt_ids
 from calm_dist.model.lm_loss import IGNORE
 from calm_dist.model.baselines import LoRAAnchor
 from calm_dist.model.composition import ComposedModel, position_ids_from_mask, read_composition_config
+from calm_dist.model.generation import eos_ids
 from calm_dist.model.io import load_causal_lm
 from calm_dist.model.lm_loss import labelled_tokens, loss_from_logits
 from calm_dist.tracking.tracker import Tracker
@@ -54,19 +55,28 @@ def is_exact_match(generated: list[int], reference: list[int]) -> bool:
     return list(generated[:len(reference)]) == list(reference)
 
 
-def answer_text(tokenizer: Tokenizer, generated: list[int]) -> str:
-    """The generated continuation up to its eos, decoded: what the examples show, never what is scored."""
-    if tokenizer.eos_id in generated:
-        generated = generated[:generated.index(tokenizer.eos_id)]
+def answer_text(tokenizer: Tokenizer, generated: list[int], stops: list[int] | None = None) -> str:
+    """The generated continuation up to its first stop id (default: the tokenizer's eos), decoded: what the
+    examples show, never what is scored."""
+    stops = stops or eos_ids(tokenizer.eos_id)
+    ends = [i for i, t in enumerate(generated) if t in stops]
+    generated = generated[:ends[0]] if ends else generated
     return tokenizer.decode([t for t in generated if t != tokenizer.pad_id])
+
+
+def stop_ids(tokenizer: Tokenizer, model_config) -> list[int]:
+    """Where decoding stops: the tokenizer's eos, which training labels, and each eos the model's config names
+    (Llama-3 lists several: its chat turns end at another one than the text)."""
+    return eos_ids(tokenizer.eos_id, getattr(model_config, "eos_token_id", None))
 
 
 @torch.no_grad()
 def evaluate_set(generate: GenerateFn, logits_fn: LogitsFn, tokenizer: Tokenizer, records, *, batch_size: int = 64,
                  max_new_tokens: int | None = None, prompt_field: str = "prompt",
-                 completion_field: str = "completion", keep_examples: int = 5) -> SetResult:
+                 completion_field: str = "completion", keep_examples: int = 5,
+                 stops: list[int] | None = None) -> SetResult:
     """Greedy exact match (`is_exact_match`) and the token-mean loss of the completions, both tokenized as
-    training tokenizes them."""
+    training tokenizes them. `stops`: the ids where `generate` ends a row (answer_text cuts the examples there)."""
     if tokenizer.eos_id is None:
         raise ConfigError(f"exact match needs an end-of-sequence token, and data.tokenizer {tokenizer.path} has none")
     correct, loss_sum, loss_tokens, examples = 0, 0.0, 0, []
@@ -82,7 +92,7 @@ def evaluate_set(generate: GenerateFn, logits_fn: LogitsFn, tokenizer: Tokenizer
             correct += hit
             if len(examples) < keep_examples:
                 examples.append({"prompt": record[prompt_field], "expected": record[completion_field],
-                                 "got": answer_text(tokenizer, row), "correct": hit})
+                                 "got": answer_text(tokenizer, row, stops), "correct": hit})
         summed, n = _summed_completion_loss(logits_fn, prompts, references, tokenizer.pad_id)
         loss_sum, loss_tokens = loss_sum + summed, loss_tokens + n
     return SetResult(correct / max(1, len(records)), loss_sum / max(1, loss_tokens), len(records), examples)
@@ -151,11 +161,11 @@ def to_json(results: dict[str, dict[str, SetResult]]) -> dict:
     return {m: {s: vars(r) for s, r in per.items()} for m, per in results.items()}
 
 
-def load_export(directory, anchor_path: str):
+def load_export(directory, anchor_path: str, anchor_revision: str | None = None):
     """A trained export: a CALM composition, or the LoRA baseline (composition.json says which)."""
     config = json.loads((Path(directory) / "composition.json").read_text())
     if config.get("method") == "lora":
-        return LoRAAnchor.from_export(directory, load_causal_lm(anchor_path)).eval()
+        return LoRAAnchor.from_export(directory, load_causal_lm(anchor_path, anchor_revision)).eval()
     read_composition_config(directory)
     return ComposedModel.from_composition(directory, anchor=anchor_path).eval()
 
@@ -163,23 +173,31 @@ def load_export(directory, anchor_path: str):
 def run(cfg, sets: dict[str, str], compositions: dict[str, str], base_models: list[str], batch_size: int = 64,
         max_new_tokens: int | None = None, limit: int | None = None,
         prefix_only: bool = False) -> dict[str, dict[str, SetResult]]:
-    tokenizer = Tokenizer(cfg.data.tokenizer)
-    eos, pad = tokenizer.eos_id, tokenizer.pad_id
+    tokenizer = anchor_tokenizer(cfg)
+    pad = tokenizer.pad_id
     device = local_device(DistEnv.from_environ())
     fns: dict[str, tuple[GenerateFn, LogitsFn]] = {}
+    stops: dict[str, list[int]] = {}  # per column: each model stops at its own config's eos ids too
     if "augmenting" in base_models:
-        for i, path in enumerate(cfg.model.augmenting):
+        revisions = cfg.model.augmenting_revisions or [None] * len(cfg.model.augmenting)
+        for i, (path, revision) in enumerate(zip(cfg.model.augmenting, revisions)):
             name = "augmenting" if len(cfg.model.augmenting) == 1 else f"augmenting{i}"
-            model = load_causal_lm(path).eval().to(device)
-            fns[name] = on_device(hf_model_fns(model, eos, pad), model)
+            model = load_causal_lm(path, revision).eval().to(device)
+            stops[name] = stop_ids(tokenizer, model.config)
+            fns[name] = on_device(hf_model_fns(model, stops[name], pad), model)
     if "anchor" in base_models:
-        model = load_causal_lm(cfg.model.anchor).eval().to(device)
-        fns["anchor"] = on_device(hf_model_fns(model, eos, pad), model)
+        model = load_causal_lm(cfg.model.anchor, cfg.model.anchor_revision).eval().to(device)
+        stops["anchor"] = stop_ids(tokenizer, model.config)
+        fns["anchor"] = on_device(hf_model_fns(model, stops["anchor"], pad), model)
     for name, directory in compositions.items():
-        model = load_export(directory, cfg.model.anchor).to(device)
-        fns[name] = on_device(composed_fns(model, eos, pad), model)  # LoRAAnchor offers the same generate / forward
+        model = load_export(directory, cfg.model.anchor, cfg.model.anchor_revision).to(device)
+        stops[name] = stop_ids(tokenizer, model.model.config if isinstance(model, LoRAAnchor) else model.anchor.config)
+        # LoRAAnchor offers the same generate / forward
+        fns[name] = on_device(composed_fns(model, stops[name], pad), model)
         if prefix_only and not isinstance(model, LoRAAnchor):
-            fns[f"{name}_prefix_only"] = on_device(composed_fns(model, eos, pad, refresh_augmenting=False), model)
+            stops[f"{name}_prefix_only"] = stops[name]
+            fns[f"{name}_prefix_only"] = on_device(composed_fns(model, stops[name], pad, refresh_augmenting=False),
+                                                   model)
     results: dict[str, dict[str, SetResult]] = {}
     for name, (gen, logits) in fns.items():
         results[name] = {}
@@ -189,7 +207,8 @@ def run(cfg, sets: dict[str, str], compositions: dict[str, str], base_models: li
             results[name][set_name] = evaluate_set(gen, logits, tokenizer, records, batch_size=batch_size,
                                                    max_new_tokens=max_new_tokens,
                                                    prompt_field=cfg.data.prompt_field,
-                                                   completion_field=cfg.data.completion_field)
+                                                   completion_field=cfg.data.completion_field,
+                                                   stops=stops[name])
     return results
 
 

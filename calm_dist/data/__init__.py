@@ -4,7 +4,7 @@ rows) and the global-batch sampler, a pure function of (seed, step).
 
     sources.py    the inputs: a spec (file, directory, glob, hf:name) -> its parts; content fingerprints
     parts.py      one file, saved dataset or hub split, streamed record by record; the memo of file hashes
-    tokenizer.py  one tokenizer for every model; prompt and completion ids as training and evaluation use them
+    tokenizer.py  each model's tokenizer (one vocabulary for all); prompt and completion ids as training uses them
     prepare.py    `calm-dist prepare`, and load_rows: prepare once on rank 0, then every rank reads the shards
     shards.py     the shard format (uint16/uint32 tokens, document offsets, loss starts) and the row reader
     mixture.py    several weighted training sources: MixtureSampler (each source's quota of every batch), MixedRows

@@ -85,7 +85,3 @@ def cache_kwarg(module: nn.Module) -> str:
 @functools.cache
 def _cache_kwarg_of(cls) -> str:  # one signature inspection per class: decoding asks on every step
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
-
-
-def special_token_ids(config) -> dict[str, int | None]:
-    return {name: getattr(config, f"{name}_token_id", None) for name in ("bos", "eos", "pad")}

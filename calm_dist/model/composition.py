@@ -102,19 +102,6 @@ def _describe(model_or_config, revision: str | None) -> dict:
     }
 
 
-def check_same_vocabulary(anchor_config, augmenting_config, index: int) -> None:
-    problems = []
-    if anchor_config.vocab_size != augmenting_config.vocab_size:
-        problems.append(f"vocab_size {anchor_config.vocab_size} != {augmenting_config.vocab_size}")
-    a, b = backbones.special_token_ids(anchor_config), backbones.special_token_ids(augmenting_config)
-    problems += [f"{name}_token_id {a[name]} != {b[name]}" for name in a if a[name] != b[name]]
-    if problems:
-        raise CompositionError(
-            f"augmenting model {index} does not share the anchor's vocabulary ({'; '.join(problems)}). "
-            "CALM feeds the same token ids to every model; use models with one tokenizer."
-        )
-
-
 def truncate_after(model: nn.Module, last_block: int) -> None:
     """Drop the blocks above `last_block`: the composition never reads them."""
     blocks = backbones.decoder_blocks(model)
@@ -166,8 +153,10 @@ class ComposedModel(nn.Module):
         self.augmenting_configs = [_config_of(m) for m in augmenting]
         anchor_bb = backbones.Backbone.from_config(anchor.config)
         aug_bbs = [backbones.Backbone.from_config(c) for c in self.augmenting_configs]
-        for i, c in enumerate(self.augmenting_configs):
-            check_same_vocabulary(anchor.config, c, i)
+        # No vocabulary check here: configs cannot decide it (equal vocab_size is no proof of one tokenizer, and
+        # one tokenizer may come with padded tables of other sizes). The tokenizers decide, in preflight
+        # (calm_dist/data/tokenizer.py: check_same_vocabulary); the caller of this class answers for the ids. What
+        # the configs do decide, that no decoded id passes the smallest table, generation.py keeps.
 
         if layer_pairs is None:
             layer_pairs = [default_layer_pairs(bb.num_layers, anchor_bb.num_layers, every) for bb in aug_bbs]

@@ -35,17 +35,33 @@ def _warpers(do_sample: bool, temperature: float, top_k: int | None, top_p: floa
     return warpers
 
 
+def eos_ids(*values) -> list[int]:
+    """The end-of-sequence ids among `values`, each an id, a list of ids (Llama-3's configs list several) or None:
+    each id once, in order of appearance."""
+    out: list[int] = []
+    for value in values:
+        for i in (value if isinstance(value, (list, tuple)) else [value]):
+            if i is not None and int(i) not in out:
+                out.append(int(i))
+    return out
+
+
 @torch.no_grad()
 def generate(model: ComposedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
              max_new_tokens: int = 32, use_cache: bool = True, do_sample: bool = False, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
+             top_k: int | None = None, top_p: float | None = None, eos_token_id: int | list[int] | None = None,
              pad_token_id: int | None = None, refresh_augmenting: bool = True,
              generator: torch.Generator | None = None) -> torch.Tensor:
-    """Prompt + new tokens [B, T + max_new_tokens] (finished rows padded with pad_token_id), like transformers."""
+    """Prompt + new tokens [B, T + max_new_tokens] (finished rows padded with pad_token_id), like transformers.
+    `eos_token_id` may list several ids (a row ends at any of them); None: the anchor config's."""
     config = model.anchor.config
-    eos_token_id = config.eos_token_id if eos_token_id is None else eos_token_id
+    eos = eos_ids(config.eos_token_id if eos_token_id is None else eos_token_id)
     if pad_token_id is None:
-        pad_token_id = config.pad_token_id if config.pad_token_id is not None else eos_token_id
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else None)
+    stops = torch.tensor(eos, device=input_ids.device) if eos else None
+    # Every decoded id goes back into every model: none may name a row past the smallest embedding table (a padded
+    # anchor head has rows the augmenting models lack, as Qwen2.5-7B's 152,064 against 0.5B's 151,936)
+    rows = min(c.vocab_size for c in [config, *model.augmenting_configs])
     warpers = _warpers(do_sample, temperature, top_k, top_p)
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     step = CachedStepper(model, refresh_augmenting) if use_cache else RecomputingStepper(model, refresh_augmenting)
@@ -54,7 +70,9 @@ def generate(model: ComposedModel, input_ids: torch.Tensor, attention_mask: torc
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     logits = step.prefill(input_ids, mask)
     for _ in range(max_new_tokens):
-        scores = warpers(sequences, logits.float())
+        logits = logits.float()
+        logits[:, rows:] = float("-inf")
+        scores = warpers(sequences, logits)
         if do_sample:
             next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
         else:
@@ -62,8 +80,8 @@ def generate(model: ComposedModel, input_ids: torch.Tensor, attention_mask: torc
         if pad_token_id is not None:
             next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_token_id))
         sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
-        if eos_token_id is not None:
-            unfinished &= next_tokens != eos_token_id
+        if stops is not None:
+            unfinished &= ~torch.isin(next_tokens, stops)
         if not unfinished.any() or sequences.shape[1] == input_ids.shape[1] + max_new_tokens:
             break
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)

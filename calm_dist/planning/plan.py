@@ -216,7 +216,8 @@ def _input_warnings(run: _Run) -> list[str]:
     for s in run.augs:
         if s.vocab_size != run.anchor.vocab_size:
             warnings.append(f"vocabulary sizes differ ({run.anchor.name}: {run.anchor.vocab_size}, {s.name}: "
-                            f"{s.vocab_size}): CALM feeds the same token ids to both models")
+                            f"{s.vocab_size}): CALM feeds the same token ids to both models, so they need one "
+                            "tokenizer (one padded to other table sizes is fine; preflight asks the tokenizers)")
     hpz = run.hpz
     if hpz > 1 and (run.world % hpz or run.gpus_per_node % hpz):
         warnings.append(f"hpZ partition size {hpz} should divide gpus_per_node ({run.gpus_per_node}) so that its "

@@ -57,10 +57,11 @@ def materialize_random_augmenting(cfg: Config, is_main: bool) -> list[str]:
     Rank 0 writes them while the other ranks wait, however long a large model takes to write, until rank 0
     fails or its heartbeat has been silent for distributed.timeout_s (calm_dist/rank_zero.py)."""
     out = []
-    for i, path in enumerate(cfg.model.augmenting):
+    revisions = cfg.model.augmenting_revisions or [None] * len(cfg.model.augmenting)
+    for i, (path, revision) in enumerate(zip(cfg.model.augmenting, revisions)):
         target = Path(cfg.train.output_dir) / "random_augmenting" / str(i)
         run_on_rank_zero(f"writing the random augmenting model {target}", is_main,
-                         partial(write_random_augmenting, path, cfg.train.seed + 1 + i, target),
+                         partial(write_random_augmenting, path, cfg.train.seed + 1 + i, target, revision),
                          done=(target / "config.json").exists, status_file=target.with_name(f"{i}.status"),
                          silence_s=cfg.distributed.timeout_s)
         out.append(str(target))

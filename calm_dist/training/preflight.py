@@ -1,9 +1,10 @@
 """Check a config against the world before anything heavy: files, model shapes, tokenizer, world size, and
 whatever needs more than one field (each section checks its own fields as it loads: calm_dist/config.py).
 
-Reads small files (each model's config.json, the tokenizer, the DeepSpeed JSON) and tokenizes the data into
-data.cache_dir, where a bad row shows; loads no weights and starts no process group. Every problem is a
-ConfigError (one line, exit code 2), and nothing else on disk is touched.
+Fetches the hub ids the HF cache lacks (rank 0), reads small files (each model's config.json, each model's
+tokenizer, the DeepSpeed JSON) and tokenizes the data into data.cache_dir, where a bad row shows; loads no weights
+and starts no process group. Every problem is a ConfigError (one line, exit code 2), and nothing else on disk is
+touched.
 """
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from pathlib import Path
 from calm_dist.config import Config, ConfigError, flatten, load_config
 from calm_dist.data.prepare import load_rows, load_training_rows
 from calm_dist.data.sources import open_source
-from calm_dist.data.tokenizer import Tokenizer, check_tokenizer_matches
+from calm_dist.data.tokenizer import Tokenizer, check_same_vocabulary, check_tokenizer_matches, model_tokenizers
 from calm_dist.model.backbones import Backbone, UnsupportedArchitecture
+from calm_dist.model.hub import fetch_on_rank_zero, local_path
 from calm_dist.model.layer_pairs import MappingError, default_layer_pairs, validate_layer_pairs
 from calm_dist.credentials import redact
 from calm_dist.tracking.store import probe_tracking_store
@@ -41,23 +43,15 @@ class ResolvedRun:
 
 
 def read_model_config(path: str, revision: str | None, trust_remote_code: bool, key: str):
-    """The model's config.json (from a directory or the hub), refused unless calm_dist can compose its
-    architecture and, for a directory, it holds safetensors weights."""
+    """The model's config.json (from a directory or a hub id's snapshot in the HF cache), refused unless calm_dist
+    can compose its architecture and the model holds safetensors weights."""
     from transformers import AutoConfig  # lazy: seconds to import, never needed by a config refused earlier
 
-    if not path:
-        raise ConfigError(f"{key} is not set")
-    local = Path(path).expanduser()
-    if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
-        raise ConfigError(f"{key}: {path} does not exist")
+    directory = local_path(path, revision, key)
     try:
-        config = AutoConfig.from_pretrained(str(local) if local.exists() else path, revision=revision,
-                                            trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{key}: cannot read a model config from {path}: {str(e).splitlines()[0]}") from None
-    if local.is_dir() and not any(local.glob("*.safetensors")):
-        raise ConfigError(f"{key}: {path} holds no safetensors weights (pickled checkpoints are refused; "
-                          "convert with save_pretrained(..., safe_serialization=True))")
     try:
         Backbone.from_config(config)
     except UnsupportedArchitecture as e:
@@ -68,8 +62,6 @@ def read_model_config(path: str, revision: str | None, trust_remote_code: bool, 
 def preflight(cfg: Config, env: DistEnv, *, need_train_data: bool = True, training: bool = True) -> ResolvedRun:
     """Check `cfg` on this rank and return what it resolved. `need_train_data=False` (eval): data.train is not
     read. `training=False` (cache, eval): skip the output directory's checkpoint and resume checks."""
-    from calm_dist.model.composition import CompositionError, check_same_vocabulary  # lazy: imports transformers
-
     model_cfg, data_cfg, train_cfg = cfg.model, cfg.data, cfg.train
     if not model_cfg.augmenting:
         raise ConfigError("model.augmenting lists no augmenting model")
@@ -98,16 +90,14 @@ def preflight(cfg: Config, env: DistEnv, *, need_train_data: bool = True, traini
     if training and env.is_main:  # rank 0 alone logs, so it alone asks the store (a few seconds at most)
         probe_tracking_store(cfg.tracking, train_cfg.output_dir)
 
+    if data_cfg.augmenting_tokenizers is not None and len(data_cfg.augmenting_tokenizers) != len(model_cfg.augmenting):
+        raise ConfigError("data.augmenting_tokenizers must name one tokenizer (or null) per augmenting model")
+    fetch_from_hub(cfg, env)
     anchor = read_model_config(model_cfg.anchor, model_cfg.anchor_revision, model_cfg.trust_remote_code,
                                "model.anchor")
     revisions = model_cfg.augmenting_revisions or [None] * len(model_cfg.augmenting)
     augmenting = [read_model_config(path, revision, model_cfg.trust_remote_code, f"model.augmenting[{i}]")
                   for i, (path, revision) in enumerate(zip(model_cfg.augmenting, revisions))]
-    try:
-        for i, augmenting_config in enumerate(augmenting):
-            check_same_vocabulary(anchor, augmenting_config, i)
-    except CompositionError as e:
-        raise ConfigError(str(e)) from None
 
     if model_cfg.layer_pairs is not None and len(model_cfg.layer_pairs) != len(augmenting):
         raise ConfigError(f"model.layer_pairs has {len(model_cfg.layer_pairs)} lists for {len(augmenting)} "
@@ -133,10 +123,7 @@ def preflight(cfg: Config, env: DistEnv, *, need_train_data: bool = True, traini
         if not spec:
             raise ConfigError(f"{key} is not set")
         open_source(spec, key)  # the files exist and are of one kind: cheap, on every rank
-    if not data_cfg.tokenizer or not Path(data_cfg.tokenizer).exists():
-        raise ConfigError(f"data.tokenizer: {data_cfg.tokenizer or '(not set)'} does not exist")
-    tokenizer = Tokenizer(data_cfg.tokenizer)
-    check_tokenizer_matches(tokenizer, anchor, "anchor")
+    tokenizer = check_tokenizers(cfg, anchor, augmenting)
     # Rank 0 prepares the token shards when they are missing; a bad row (a missing field, an over-long record, an
     # empty set) stops every rank with its one line.
     prepared = dict(is_writer=env.is_main, silence_s=cfg.distributed.timeout_s, workers=data_cfg.workers)
@@ -153,6 +140,40 @@ def preflight(cfg: Config, env: DistEnv, *, need_train_data: bool = True, traini
                           f"(zero_optimization.stage is {zero_stage(ds_config)})")
     resume = _check_resume(cfg, env, train_fingerprint) if training else []
     return ResolvedRun(anchor, augmenting, pairs, accumulation, ds_config, resume)
+
+
+def fetch_from_hub(cfg: Config, env: DistEnv) -> None:
+    """Every hub id of the run (models, tokenizers) into the Hugging Face cache, once: rank 0 fetches what the
+    cache lacks while the other ranks wait on its heartbeat, outside the collective timeout (model/hub.py).
+    Then every rank reads the snapshots as local directories."""
+    model_cfg, data_cfg = cfg.model, cfg.data
+    revisions = model_cfg.augmenting_revisions or [None] * len(model_cfg.augmenting)
+    wanted = [("model.anchor", model_cfg.anchor, model_cfg.anchor_revision, True),
+              *((f"model.augmenting[{i}]", name, revision, True)
+                for i, (name, revision) in enumerate(zip(model_cfg.augmenting, revisions))),
+              ("data.tokenizer", data_cfg.tokenizer, None, False),
+              *((f"data.augmenting_tokenizers[{i}]", name, None, False)
+                for i, name in enumerate(data_cfg.augmenting_tokenizers or []) if name)]
+    for key, name, revision, weights in wanted:
+        fetch_on_rank_zero(name, revision, key, weights=weights, is_rank_zero=env.is_main,
+                           silence_s=cfg.distributed.timeout_s, status_dir=data_cache_dir(cfg) / "hub")
+
+
+def check_tokenizers(cfg: Config, anchor_config, augmenting_configs: list) -> Tokenizer:
+    """Each model's tokenizer (data/tokenizer.py: model_tokenizers) fits its embedding table and special ids, and
+    has the vocabulary of the data's tokenizer, whose ids every model reads. The vocabulary is the tokenizers' to
+    decide, not the configs': equal vocab_size does not make one tokenizer (Llama-2 and Mistral-v0.1 both have
+    32,000 tokens), nor do padded tables make two (Qwen2.5-0.5B has 151,936 rows, Qwen2.5-7B 152,064). Returns the
+    data's tokenizer."""
+    tokenizers = model_tokenizers(cfg)
+    check_tokenizer_matches(tokenizers.anchor, anchor_config, "anchor")
+    if tokenizers.anchor_saved is not None:
+        check_same_vocabulary(tokenizers.anchor, tokenizers.anchor_saved)
+    for i, (tokenizer, config) in enumerate(zip(tokenizers.augmenting, augmenting_configs)):
+        check_tokenizer_matches(tokenizer, config, f"augmenting model {i}")
+        if tokenizer is not tokenizers.anchor:
+            check_same_vocabulary(tokenizers.anchor, tokenizer)
+    return tokenizers.anchor
 
 
 def data_cache_dir(cfg: Config) -> Path:

@@ -31,9 +31,10 @@ from tqdm import tqdm
 from calm_dist.config import ConfigError
 from calm_dist.data.prepare import load_rows, load_training_rows
 from calm_dist.data.sources import open_source
-from calm_dist.data.tokenizer import Tokenizer
+from calm_dist.data.tokenizer import Tokenizer, anchor_tokenizer
 from calm_dist.files import replacing, save_safetensors, sha256_file, write_atomic
 from calm_dist.model.composition import backbone_inputs, capture_block_outputs, truncate_after
+from calm_dist.model.hub import local_path
 from calm_dist.model.io import load_causal_lm
 from calm_dist.model.layer_pairs import used_augmenting_layers
 from calm_dist.planning import costs
@@ -56,7 +57,8 @@ class CacheError(RuntimeError):
 
 
 def weights_fingerprint(model_dir: str | Path) -> str:
-    """sha256 over the config and every weight file of a saved model directory."""
+    """sha256 over the config and every weight file of a saved model directory (a hub snapshot's files are links
+    into the HF cache's blobs: their bytes are hashed)."""
     model_dir = Path(model_dir)
     files = sorted(p for p in model_dir.iterdir()
                    if p.name == "config.json" or p.suffix in (".safetensors", ".bin", ".pt"))
@@ -314,11 +316,12 @@ def cache_root(cfg) -> Path:
 
 
 def expected_components(cfg, layer_pairs, data_fingerprint: str) -> dict:
-    for path in cfg.model.augmenting:
-        if not Path(path).is_dir():
-            raise CacheError(f"cached states need local augmenting model directories; {path} is not one")
+    """The components of the configured run's cache; a hub id's weights are fingerprinted in its snapshot of the HF
+    cache (preflight fetched it), like a local directory's."""
     revisions = cfg.model.augmenting_revisions or [None] * len(cfg.model.augmenting)
-    return components(cfg.model.augmenting, revisions, used_augmenting_layers(layer_pairs), data_fingerprint,
+    directories = [local_path(name, revision, f"model.augmenting[{i}]")
+                   for i, (name, revision) in enumerate(zip(cfg.model.augmenting, revisions))]
+    return components(directories, revisions, used_augmenting_layers(layer_pairs), data_fingerprint,
                       cfg.data.seq_len, cfg.train.states_dtype, augmenting_compute_dtype(cfg))
 
 
@@ -357,7 +360,7 @@ def run_cache_job(cfg, env, resolved, rows_per_shard: int = 256, batch_size: int
     if distributed:
         init_process_group(env, cfg.distributed.timeout_s)
     barrier = dist.barrier if distributed else (lambda: None)
-    tokenizer = Tokenizer(cfg.data.tokenizer)
+    tokenizer = anchor_tokenizer(cfg)
     revisions = cfg.model.augmenting_revisions or [None] * len(cfg.model.augmenting)
     device = local_device(env)  # each rank its own GPU, where there is one
     lock_for_job(cache_root(cfg), "train.states_cache_dir", env.is_main, device)  # before anything is written there

@@ -27,7 +27,7 @@ from calm_dist.console import progress_line
 from calm_dist.data.mixture import MixtureSampler
 from calm_dist.data.prepare import load_rows, load_training_rows
 from calm_dist.data.sampler import sampler_for
-from calm_dist.data.tokenizer import Tokenizer
+from calm_dist.data.tokenizer import anchor_tokenizer
 from calm_dist.planning import costs
 from calm_dist.planning.hardware import peak_flops_per_rank
 from calm_dist.tracking.tracker import Tracker
@@ -105,7 +105,7 @@ class Trainer:
     def _load_data(self) -> None:
         """Every rank opens the token shards preflight prepared; rows are read a micro-batch at a time."""
         cfg = self.cfg
-        tokenizer = Tokenizer(cfg.data.tokenizer)
+        tokenizer = anchor_tokenizer(cfg)  # as preflight resolved it: data.tokenizer, else the anchor's
         self.train_data = load_training_rows(cfg.data, tokenizer, data_cache_dir(cfg), is_writer=False)
         self.eval_data = load_rows(cfg.data, cfg.data.eval, "data.eval", tokenizer, data_cache_dir(cfg),
                                    is_writer=False) if cfg.data.eval else None

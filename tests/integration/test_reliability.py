@@ -21,6 +21,7 @@ from calm_dist.files import sha256_file
 from calm_dist.train import main
 from calm_dist.faults import Faults
 
+from tests.helpers.hub_cache import word_tokenizer
 from tests.helpers.launch import REPO, Ranks, describe, run_ranks
 from tests.helpers.required import unavailable
 from tests.helpers.tiny import tiny_setup
@@ -266,10 +267,11 @@ def _bad_inputs(tiny: Path, tmp: Path) -> list[tuple[str, list[str], dict, str]]
                                    minloglevel=2, hard_vocab_limit=False,
                                    user_defined_symbols=[f"w{i}" for i in range(150)])
     big_vocab.write_bytes(buf.getvalue())
-    other_vocab = tmp / "other_vocab_aug"
+    other_vocab = tmp / "other_vocab_aug"  # saved with its own tokenizer, of other tokens than data.tokenizer's
     if not other_vocab.exists():
         T.GPT2LMHeadModel(T.GPT2Config(n_embd=32, n_layer=4, n_head=4, vocab_size=99, bos_token_id=1,
                                        eos_token_id=2, pad_token_id=0)).save_pretrained(other_vocab)
+        word_tokenizer(other_vocab)
     existing = tmp / "existing_run"
     (existing / "checkpoints" / "step_2").mkdir(parents=True, exist_ok=True)
     (existing / "checkpoints" / "step_2" / "trainer_state.json").write_text('{"step": 2, "world_size": 1}')
@@ -293,7 +295,8 @@ def _original_bad_inputs(missing, empty, ds_owned, ds_stage2, bad_yaml, pickled,
         ("over-long row", ["data.seq_len=8"], {}, "more than data.seq_len=8"),
         ("empty data set", [f"data.train={empty}"], {}, f"data.train: {empty} is empty: it holds no records"),
         ("tokenizer mismatch", [f"data.tokenizer={big_vocab}"], {}, "data.tokenizer does not match the anchor"),
-        ("vocabulary mismatch", [f"model.augmenting=[{other_vocab}]"], {}, "does not share the anchor's vocabulary"),
+        ("vocabulary mismatch", [f"model.augmenting=[{other_vocab}]"], {},
+         "model.augmenting[0]'s tokenizer (" + str(other_vocab) + ") is another tokenizer than data.tokenizer"),
         ("missing resume path", ["train.resume=/nonexistent/step_9"], {}, "not a checkpoint directory"),
         ("DeepSpeed JSON owns a batch key", [f"distributed.deepspeed_config={ds_owned}"], {},
          "sets train_batch_size"),

@@ -106,6 +106,42 @@ def test_eos_stops_and_pads_like_transformers():
             assert row[step] == eos and all(t == 0 for t in row[step + 1:])
 
 
+def test_a_list_of_eos_ids_stops_each_row_at_any_of_them_like_transformers():
+    """Llama-3's configs give eos_token_id as a list: a row ends at whichever of them comes first, passed
+    explicitly or read from the anchor's config, exactly as transformers' generate ends it."""
+    anchor = tiny_model("llama", seed=1, hidden=48, layers=6)
+    reference = tiny_model("llama", seed=1, hidden=48, layers=6)
+    model = ComposedModel.from_pretrained(anchor, [tiny_model("gpt2", hidden=32, layers=4)])
+    x, mask = left_padded_prompts(pads=(0, 4, 2, 0, 5, 1, 3, 0))
+    kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    free = reference.generate(x, eos_token_id=-1, **kw)[:, 9:]
+    first, second = free[0, 2].item(), free[1, 1].item()  # two tokens some rows reach at different steps
+    eos = [VOCAB - 1 if VOCAB - 1 not in (first, second) else VOCAB - 2, first, second]
+    theirs = reference.generate(x, eos_token_id=eos, **kw)
+    assert not torch.equal(theirs, reference.generate(x, eos_token_id=eos[0], **kw))  # the list's later ids act
+    assert torch.equal(model.generate(x, attention_mask=mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=0),
+                       theirs)
+    model.anchor.config.eos_token_id = eos  # read from the config, as a Llama-3 checkpoint gives it
+    assert torch.equal(model.generate(x, attention_mask=mask, max_new_tokens=10, pad_token_id=0), theirs)
+
+
+def test_decoding_never_emits_an_id_past_the_smallest_embedding_table():
+    """An anchor head padded past an augmenting model's table (Qwen2.5-7B: 152,064 rows, 0.5B: 151,936) would
+    otherwise decode ids the augmenting model has no row for, and feed them back to it: here its padded rows
+    score highest."""
+    anchor = tiny_model("llama", seed=1, hidden=48, layers=6, vocab=VOCAB + 32)
+    with torch.no_grad():
+        anchor.get_output_embeddings().weight[VOCAB:] = 10.0
+    model = ComposedModel.from_pretrained(anchor, [tiny_model("gpt2", hidden=32, layers=4)])
+    randomize_composition(model)
+    x, mask = left_padded_prompts()
+    assert int(model(x, attention_mask=mask).logits[:, -1].argmax(-1).min()) >= VOCAB  # unmasked: a padded row
+    for kw in (dict(use_cache=True), dict(use_cache=False), dict(do_sample=True, top_p=0.9)):
+        out = model.generate(x, attention_mask=mask, max_new_tokens=6, eos_token_id=-1, pad_token_id=0,
+                             generator=torch.Generator().manual_seed(0), **kw)
+        assert int(out.max()) < VOCAB, kw
+
+
 def test_sampling_is_seeded_and_respects_top_k():
     model = build()
     x, mask = left_padded_prompts()
