@@ -8,7 +8,7 @@ from transformers import AutoConfig
 from calm_dist import ComposedModel
 from calm_dist.cli import main
 from calm_dist.config import DataConfig, load_config
-from calm_dist.data.prepare import load_rows
+from calm_dist.data.prepare import load_rows, load_training_rows
 from calm_dist.data.tokenizer import Tokenizer
 from calm_dist.files import sha256_file
 from calm_dist.model import backbones
@@ -108,6 +108,22 @@ def test_cached_and_recomputed_training_agree_on_packed_rows(tiny, tmp_path):
     cache = StatesCache(build(setup, data, tmp_path / "c"), comps(setup, data))
     model = randomized_composition(setup / "anchor", [setup / "augmenting"])
     assert_same_training(model, batch, cache.read(rows), 1e-6, 1e-6)
+
+
+def test_a_cache_of_a_mixture_serves_each_sources_rows(tiny, tmp_path):
+    """data.train as weighted sources: the cache is built over the mixture's global rows (the first source's,
+    then the second's), and the states it serves for rows of either source equal recomputing them."""
+    setup, _ = tiny
+    (tmp_path / "eval.jsonl").write_text((setup / "eval.jsonl").read_text())  # a second source, other records
+    cfg = DataConfig(train=[{"source": str(setup / "train.jsonl"), "weight": 3.0},
+                            {"source": str(tmp_path / "eval.jsonl"), "weight": 1.0}],
+                     tokenizer=str(setup / "tokenizer.model"), seq_len=32)
+    data = load_training_rows(cfg, Tokenizer(cfg.tokenizer), tmp_path / "data_cache")
+    assert len(data) == 48 and data.parts[1].fingerprint != data.parts[0].fingerprint
+    cache = StatesCache(build(setup, data, tmp_path / "c"), comps(setup, data))
+    rows = [47, 3, 40, 17, 44]  # the second source's rows (40..47) and the first's, in one read
+    model = randomized_composition(setup / "anchor", [setup / "augmenting"])
+    assert_same_training(model, data.batch(rows), cache.read(rows), 1e-6, 1e-6)
 
 
 def cache_job(setup, out, **overrides):
