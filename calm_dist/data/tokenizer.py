@@ -55,6 +55,20 @@ class Tokenizer:
             return self._sp.encode(text)
         return self._hf.encode(text, add_special_tokens=False)
 
+    def encode_with_spans(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """encode(text), and each token's character span (start, end) in `text`: what models of different tokenizers
+        are aligned by (calm_dist/model/token_alignment.py). Refused for a slow transformers tokenizer, which
+        reports no offsets."""
+        if self._sp is not None:
+            pieces = self._sp.encode(text, return_type="proto").pieces
+            starts, ends = _characters_of_bytes(text)  # SentencePiece's offsets count UTF-8 bytes
+            return [p.id for p in pieces], [(starts[p.begin], ends[p.end]) for p in pieces]
+        if not getattr(self._hf, "is_fast", False):
+            raise ConfigError(f"{self.key}: {self.path} is a slow tokenizer, which gives no character offsets; models "
+                              "of different tokenizers are aligned by them: use a fast one (tokenizer.json)")
+        out = self._hf(text, add_special_tokens=False, return_offsets_mapping=True)
+        return out["input_ids"], [tuple(span) for span in out["offset_mapping"]]
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """encode() of each text, in one call into the library (its C++ / Rust loop, not Python's)."""
         if self._sp is not None:
@@ -113,6 +127,17 @@ class BackendTokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._encode(texts, add_special_tokens=False)]
+
+
+def _characters_of_bytes(text: str) -> tuple[list[int], list[int]]:
+    """For each UTF-8 byte offset of `text` (its length included), the character offset at or before it (a span's
+    start) and at or after it (a span's end): a piece of a character's bytes covers the whole character."""
+    starts, ends = [], []
+    for i, char in enumerate(text):
+        width = len(char.encode())
+        starts += [i] * width
+        ends += [i] + [i + 1] * (width - 1)
+    return starts + [len(text)], ends + [len(text)]
 
 
 @contextlib.contextmanager

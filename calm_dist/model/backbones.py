@@ -10,6 +10,7 @@ import functools
 import inspect
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 # model_type -> attribute of the decoder (model.get_decoder()) holding the nn.ModuleList of blocks.
@@ -74,6 +75,21 @@ def frozen_decoder_blocks(models) -> list[nn.Module]:
 def decoder(model: nn.Module) -> nn.Module:
     """The bare decoder (embeddings + blocks + final norm), without the LM head."""
     return model.get_decoder() if hasattr(model, "get_decoder") else model
+
+
+def custom_attention_mask(model: nn.Module, allowed: torch.Tensor) -> torch.Tensor:
+    """A boolean [B, 1, Tq, Tk] mask (True: attend) in the form `model`'s attention takes a ready 4D mask (transformers
+    passes a 4D mask through untouched): SDPA takes the booleans, eager attention adds a float mask."""
+    implementation = model.config._attn_implementation
+    if implementation == "sdpa":
+        return allowed
+    if implementation == "eager":
+        dtype = next(model.parameters()).dtype
+        blocked = torch.finfo(dtype).min
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, blocked)
+    raise UnsupportedArchitecture(f"{model.config.model_type} with attention {implementation!r} takes no custom "
+                                  "attention mask, which models of different tokenizers need: load it with "
+                                  "attn_implementation='sdpa' or 'eager'")
 
 
 def cache_kwarg(module: nn.Module) -> str:

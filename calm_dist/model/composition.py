@@ -4,7 +4,8 @@ The anchor runs unchanged; a forward hook on each composed anchor block adds the
 update to that block's output. The augmenting models run as bare decoders (no LM head), truncated
 after their deepest composed block, and hooks on their blocks capture the states the composition reads.
 Both read the same token ids at the same positions (position ids come from the attention mask, so
-left padding changes nothing).
+left padding changes nothing), or, given `augmenting_inputs`, each model its own tokens of the same text,
+aligned by character spans (token_alignment.py).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from calm_dist.model.cross_attention import CrossAttentionBlock, block_parameter
 from calm_dist.model.io import load_causal_lm
 from calm_dist.model.layer_pairs import LayerPairs, default_layer_pairs, used_augmenting_layers, validate_layer_pairs
 from calm_dist.model.lm_loss import head_loss, loss_from_logits
+from calm_dist.model.token_alignment import AugmentingInputs
 
 WEIGHTS_FILE = "composition.safetensors"
 CONFIG_FILE = "composition.json"
@@ -53,7 +55,7 @@ class _Context:
     """What the anchor hooks need during one anchor forward."""
 
     keys_values: list[list[tuple[torch.Tensor, torch.Tensor]]]  # [augmenting model][pair] -> (K, V)
-    mask: torch.Tensor | None  # cross_attention_mask result
+    mask: torch.Tensor | list[torch.Tensor] | None  # cross_attention_mask result, or one per augmenting model
     captured: dict = field(default_factory=dict)
 
 
@@ -82,6 +84,19 @@ def backbone_inputs(attention_mask: torch.Tensor, position_ids: torch.Tensor | N
 def documents_of(position_ids: torch.Tensor) -> torch.Tensor:
     """Each token's document index within its packed row: a new document wherever the position restarts at 0."""
     return (position_ids == 0).cumsum(-1)
+
+
+def same_tokenizer_mask(mask: torch.Tensor, augmenting_key_mask: torch.Tensor | None,
+                        position_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """The cross-attention mask when every model reads the same tokens (None: plain causal, SDPA's fast path)."""
+    t = mask.shape[1]
+    # Right padding needs no mask: causality already hides later (pad) keys from every real query.
+    left_padded = bool((mask[:, 1:] > mask[:, :-1]).any())
+    key_mask = mask if augmenting_key_mask is None else mask * augmenting_key_mask
+    documents = documents_of(position_ids) if position_ids is not None else None
+    if left_padded or augmenting_key_mask is not None or documents is not None:
+        return cross_attention_mask(torch.arange(t, device=mask.device), key_mask, t, documents)
+    return None
 
 
 def _config_of(model_or_config):
@@ -222,7 +237,8 @@ class ComposedModel(nn.Module):
             hidden = output[0] if isinstance(output, tuple) else output
             for a, p in self._anchor_targets[j]:
                 keys, values = ctx.keys_values[a][p]
-                hidden = hidden + self.blocks[a][p](hidden, keys, values, ctx.mask)
+                mask = ctx.mask[a] if isinstance(ctx.mask, list) else ctx.mask
+                hidden = hidden + self.blocks[a][p](hidden, keys, values, mask)
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
         return hook
 
@@ -263,18 +279,34 @@ class ComposedModel(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------------
     def run_augmenting(self, input_ids, attention_mask, position_ids, caches=None) -> AugmentingStates:
-        """Hidden states of the composed augmenting blocks (no LM head, no gradients)."""
+        """Hidden states of the composed augmenting blocks (no LM head, no gradients), every model reading the
+        same tokens."""
+        return self.run_augmenting_each([(input_ids, attention_mask, position_ids)] * len(self.augmenting), caches)
+
+    def run_augmenting_each(self, inputs: list[tuple | None], caches=None) -> AugmentingStates:
+        """run_augmenting, each model reading its own (input_ids, attention_mask, position_ids); a [B, 1, S, S]
+        boolean attention mask (True: attend) replaces the model's causal one. A model given None is not run (its
+        states: {})."""
         if not len(self.augmenting):
             raise CompositionError(
                 "this composition holds no augmenting weights (cached states): pass augmenting_states")
+        if len(inputs) != len(self.augmenting):
+            raise CompositionError(f"inputs for {len(inputs)} augmenting models, the composition has "
+                                   f"{len(self.augmenting)}")
         ctx = _Context(keys_values=[], mask=None)
         with torch.no_grad(), self._composing(ctx):
-            for a, model in enumerate(self.augmenting):
+            for a, (model, given) in enumerate(zip(self.augmenting, inputs)):
+                if given is None:
+                    continue
+                input_ids, attention_mask, position_ids = given
+                if attention_mask is not None and attention_mask.dim() == 4:
+                    attention_mask = backbones.custom_attention_mask(model, attention_mask)
                 decoder = backbones.decoder(model)
                 kwargs = ({backbones.cache_kwarg(decoder): caches[a], "use_cache": True} if caches is not None
                           else {"use_cache": False})
                 decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
-        return [{i: ctx.captured[(a, i)] for i in layers} for a, layers in enumerate(self.augmenting_layers)]
+        return [{i: ctx.captured[(a, i)] for i in layers} if given is not None else {}
+                for a, (layers, given) in enumerate(zip(self.augmenting_layers, inputs))]
 
     def keys_values(self, states: AugmentingStates) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
         return [[self.blocks[a][p].keys_values(states[a][i]) for p, (i, _) in enumerate(pairs)]
@@ -283,7 +315,8 @@ class ComposedModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, augmenting_states: AugmentingStates | None = None,
                 augmenting_key_mask: torch.Tensor | None = None, loss_reduction: str = "mean",
-                return_logits: bool | None = None, position_ids: torch.Tensor | None = None) -> ComposedOutput:
+                return_logits: bool | None = None, position_ids: torch.Tensor | None = None,
+                augmenting_inputs: list[AugmentingInputs] | None = None) -> ComposedOutput:
         """Composed logits, or the loss (labels aligned with input_ids, -100 ignored).
 
         `position_ids` marks packed rows (positions restarting at each document, as TokenRows gives them): every
@@ -294,20 +327,23 @@ class ComposedModel(nn.Module):
         summed loss (the trainer scales by the global token count). `augmenting_states` (e.g. from the disk
         cache) skips the augmenting models; `augmenting_key_mask` narrows which augmenting positions the
         blocks may read (the prefix-encoder ablation: the prompt only).
+
+        `augmenting_inputs` (one per augmenting model, from token_alignment.align): each augmenting model reads its
+        own tokens of the same text, and each anchor token reads the augmenting tokens of the text up to its end.
         """
         return_logits = labels is None or bool(return_logits)
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         model_mask, positions = backbone_inputs(mask, position_ids)
-        if augmenting_states is None:
-            augmenting_states = self.run_augmenting(input_ids, model_mask, positions)
-        t = input_ids.shape[1]
-        # Right padding needs no mask: causality already hides later (pad) keys from every real query.
-        left_padded = bool((mask[:, 1:] > mask[:, :-1]).any())
-        key_mask = mask if augmenting_key_mask is None else mask * augmenting_key_mask
-        documents = documents_of(position_ids) if position_ids is not None else None
-        cross_mask = None
-        if left_padded or augmenting_key_mask is not None or documents is not None:
-            cross_mask = cross_attention_mask(torch.arange(t, device=input_ids.device), key_mask, t, documents)
+        if augmenting_inputs is not None:
+            if augmenting_key_mask is not None or position_ids is not None:
+                raise ValueError("augmenting_inputs take neither augmenting_key_mask nor packed rows (position_ids)")
+            if augmenting_states is None:
+                augmenting_states = self.run_augmenting_each([a.model_inputs() for a in augmenting_inputs])
+            cross_mask = [a.cross_attention_mask(mask) for a in augmenting_inputs]
+        else:
+            if augmenting_states is None:
+                augmenting_states = self.run_augmenting(input_ids, model_mask, positions)
+            cross_mask = same_tokenizer_mask(mask, augmenting_key_mask, position_ids)
         inputs = dict(input_ids=input_ids, attention_mask=model_mask, position_ids=positions, use_cache=False)
         with self._composing(_Context(self.keys_values(augmenting_states), cross_mask)):
             if return_logits:

@@ -15,16 +15,21 @@ __all__ = ["CrossAttentionBlock", "cross_attention_mask", "block_parameter_count
 
 
 def cross_attention_mask(query_positions: torch.Tensor, key_mask: torch.Tensor | None,
-                         num_keys: int, documents: torch.Tensor | None = None) -> torch.Tensor:
+                         num_keys: int, documents: torch.Tensor | None = None,
+                         key_positions: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean [B or 1, 1, Tq, Tk] mask: query at absolute position t sees keys s <= t that are not padding and,
     for packed rows, belong to its document (`documents` [B, T]: each token's document index; queries and keys
     are then the same T positions).
 
+    `key_positions` [B, Tk] places each row's keys on the queries' scale when key s is not at position s (another
+    tokenizer's tokens, calm_dist/model/token_alignment.py); `query_positions` may then be per row, [B, Tq].
+
     Callers pass None instead of a mask when plain causal attention over aligned positions suffices (SDPA's
     fast path).
     """
-    causal = torch.arange(num_keys, device=query_positions.device)[None, :] <= query_positions[:, None]  # [Tq, Tk]
-    mask = causal[None, None]
+    keys = torch.arange(num_keys, device=query_positions.device) if key_positions is None else key_positions
+    causal = keys[..., None, :] <= query_positions[..., :, None]  # [Tq, Tk], or [B, Tq, Tk] with per-row positions
+    mask = causal.view(-1, 1, *causal.shape[-2:])
     if key_mask is not None:
         mask = mask & key_mask.bool()[:, None, None, :]
     if documents is not None:
@@ -65,8 +70,9 @@ class CrossAttentionBlock(nn.Module):
         if mask is None:
             out = F.scaled_dot_product_attention(queries, keys, values, is_causal=True)
         else:
-            # A query with no visible key (a left-padding position) would give NaN: let it see everything,
-            # then zero its update. Its anchor state is itself padding and never seen by real tokens.
+            # A query with no visible key (a left-padding position; across tokenizers, an anchor token that ends
+            # before any augmenting token does) would give NaN: let it see everything, then zero its update, so
+            # that its state is exactly the anchor's own.
             visible = mask.any(dim=-1, keepdim=True)
             out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask | ~visible)
             out = out * visible.to(out.dtype)

@@ -37,6 +37,16 @@ def randomize_composition(model, seed: int = 0, scale: float = 0.2) -> None:
             p.copy_(1.0 + noise if "norm.weight" in name else noise)
 
 
+def sharpened(model, factor=8.0):
+    """A random model whose weight matrices are scaled up: its next-token choices are decided by wide margins and
+    vary with the context (at the default init every tiny model repeats one token, which tests nothing)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(factor)
+    return model
+
+
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox"]
 
 

@@ -4,20 +4,10 @@ import pytest
 import torch
 
 from calm_dist import ComposedModel
-from tests.helpers.tiny import VOCAB, randomize_composition, tiny_model
+from tests.helpers.tiny import VOCAB, randomize_composition, sharpened, tiny_model
 
 PAIRS = [("llama", ("gpt2", "qwen2")), ("gpt2", ("llama",)), ("qwen2", ("gpt_neox",)), ("gpt_neox", ("mistral",))]
 LENGTHS = [9, 3, 6, 1, 8, 5]  # ragged prompts: the batch left-pads all but the first to 9
-
-
-def sharpened(model, factor=8.0):
-    """A random model whose weight matrices are scaled up: its next-token choices are decided by wide margins and
-    vary with the context (at the default init every tiny model repeats one token, which tests nothing)."""
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(factor)
-    return model
 
 
 def build(anchor, augmenting):
