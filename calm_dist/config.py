@@ -10,6 +10,7 @@ Each field is documented by the string literal right under it.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import types
 import typing
@@ -108,6 +109,11 @@ class ModelConfig:
     """Let transformers run model code shipped with a checkpoint. Off by default: a downloaded checkpoint runs
     no code of its own."""
 
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"] = "sdpa"
+    """The attention kernel of the frozen models, passed to transformers' from_pretrained whatever their
+    config.json says: sdpa (PyTorch's fused kernels, every device), eager (the reference), flash_attention_2/3
+    (NVIDIA GPUs with the flash-attn package; checked up front), flex_attention."""
+
     augmenting_dtype: Literal["auto", "fp32", "bf16"] = "auto"
     """The dtype the frozen augmenting models compute their states in, recomputed or cached alike
     (calm_dist/training/parallelize.py: augmenting_compute_dtype). auto: train.precision. bf16 under fp32
@@ -135,6 +141,10 @@ class ModelConfig:
 
     def __post_init__(self):
         check_choices("model", self)
+        flash = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+        if self.attn_implementation in flash and importlib.util.find_spec(flash[self.attn_implementation]) is None:
+            raise ConfigError(f"model.attn_implementation={self.attn_implementation} needs the "
+                              f"{flash[self.attn_implementation]} package (NVIDIA GPUs); sdpa runs everywhere")
         at_least("model.every", self.every, 1)
         at_least("model.num_heads", self.num_heads, 1)
         at_least("model.lora_rank", self.lora_rank, 1)
@@ -348,9 +358,16 @@ class TrainConfig:
     """Recompute the anchor blocks above the first composed one in the backward instead of keeping their
     activations: less memory for more compute (calm_dist/training/parallelize.py)."""
 
-    compile: bool = False
-    """torch.compile each frozen decoder block, fusing the elementwise work around its matmuls, at the cost of
-    compiling at start (calm_dist/training/parallelize.py). Needs distributed.zero3_leaf_blocks."""
+    compile: bool | Literal["auto"] = "auto"
+    """torch.compile each frozen decoder block, fusing the elementwise work around its matmuls (~10% off a CPU
+    step), at the cost of compiling at start (~20 s per process; calm_dist/training/parallelize.py). true needs
+    distributed.zero3_leaf_blocks. auto: on when the run is long enough to earn the compilation back
+    (calm_dist/training/compile_policy.py: train.steps x the expected step time) and a compiler is there."""
+
+    loss_kernel: Literal["chunked", "liger"] = "chunked"
+    """The loss through the anchor's frozen head without the B x T x V logits: chunked, PyTorch chunks of rows
+    (calm_dist/model/lm_loss.py, every device); liger, Liger Kernel's fused linear-cross-entropy (Triton, NVIDIA
+    GPUs; `pip install calm-dist[fused-loss]`). The same losses (tests/unit/test_fused_loss.py)."""
 
     peak_tflops_per_rank: float | None = None
     """The peak TFLOP/s of one rank's device, the denominator of MFU (> 0). Null: a table for known GPUs, else a
@@ -365,6 +382,11 @@ class TrainConfig:
 
     def __post_init__(self):
         check_choices("train", self)
+        if self.loss_kernel == "liger" and importlib.util.find_spec("liger_kernel") is None:
+            raise ConfigError("train.loss_kernel=liger needs the liger-kernel package (pip install "
+                              "'calm-dist[fused-loss]', NVIDIA GPUs); chunked runs everywhere")
+        if self.compile not in (True, False, "auto"):
+            raise ConfigError(f"train.compile: expected true, false or 'auto', got {self.compile!r}")
         at_least("train.steps", self.steps, 1)
         at_least("train.micro_batch_size", self.micro_batch_size, 1)
         at_least("train.global_batch_size", self.global_batch_size, 1)

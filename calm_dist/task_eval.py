@@ -182,11 +182,12 @@ def run(cfg, sets: dict[str, str], compositions: dict[str, str], base_models: li
         revisions = cfg.model.augmenting_revisions or [None] * len(cfg.model.augmenting)
         for i, (path, revision) in enumerate(zip(cfg.model.augmenting, revisions)):
             name = "augmenting" if len(cfg.model.augmenting) == 1 else f"augmenting{i}"
-            model = load_causal_lm(path, revision).eval().to(device)
+            model = load_causal_lm(path, revision, attn_implementation=cfg.model.attn_implementation).eval().to(device)
             stops[name] = stop_ids(tokenizer, model.config)
             fns[name] = on_device(hf_model_fns(model, stops[name], pad), model)
     if "anchor" in base_models:
-        model = load_causal_lm(cfg.model.anchor, cfg.model.anchor_revision).eval().to(device)
+        model = load_causal_lm(cfg.model.anchor, cfg.model.anchor_revision,
+                               attn_implementation=cfg.model.attn_implementation).eval().to(device)
         stops["anchor"] = stop_ids(tokenizer, model.config)
         fns["anchor"] = on_device(hf_model_fns(model, stops["anchor"], pad), model)
     for name, directory in compositions.items():

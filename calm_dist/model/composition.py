@@ -156,8 +156,9 @@ class ComposedModel(nn.Module):
 
     def __init__(self, anchor: nn.Module, augmenting: list, layer_pairs: list[LayerPairs] | None = None,
                  every: int = 4, num_heads: int | None = None, truncate_augmenting: bool = True,
-                 sources: dict | None = None):
+                 sources: dict | None = None, loss_kernel: str = "chunked"):
         super().__init__()
+        self.loss_kernel = loss_kernel  # lm_loss.head_loss's kernel: chunked, or liger (train.loss_kernel)
         if not augmenting:
             raise CompositionError("at least one augmenting model is required")
         models = [m for m in augmenting if isinstance(m, nn.Module)]
@@ -354,7 +355,8 @@ class ComposedModel(nn.Module):
             return ComposedOutput(logits=logits)
         if return_logits:
             return ComposedOutput(logits=logits, loss=loss_from_logits(logits, labels, loss_reduction))
-        return ComposedOutput(loss=head_loss(hidden, self.anchor.get_output_embeddings(), labels, loss_reduction))
+        return ComposedOutput(loss=head_loss(hidden, self.anchor.get_output_embeddings(), labels, loss_reduction,
+                                             self.loss_kernel))
 
     def anchor_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       position_ids: torch.Tensor | None = None) -> torch.Tensor:

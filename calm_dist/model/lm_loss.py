@@ -38,22 +38,44 @@ def loss_from_logits(logits: torch.Tensor, labels: torch.Tensor, reduction: str 
                            ignore_index=IGNORE, reduction=reduction)
 
 
-def head_loss(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+KERNELS = ("chunked", "liger")
+
+
+def head_loss(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, reduction: str = "mean",
+              kernel: str = "chunked") -> torch.Tensor:
     """loss_from_logits(head(hidden), labels), without the logits: hidden [B, T, D] are the final (normed)
-    states; the head's weight must be frozen (its gradient is never computed)."""
+    states; the head's weight must be frozen (its gradient is never computed). `kernel`: chunked, this module's
+    PyTorch chunks; liger, Liger Kernel's fused linear-cross-entropy (Triton, NVIDIA GPUs; train.loss_kernel)."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, not {kernel!r}")
     if head.weight.requires_grad:
         raise ValueError("head_loss computes no gradient for the LM head: use loss_from_logits for a trainable head")
     targets = next_token_targets(labels).flatten()
     rows = targets != IGNORE
     selected, targets = hidden.flatten(0, 1)[rows], targets[rows]
     with _gathered([head.weight] + ([head.bias] if head.bias is not None else [])):
-        total = _HeadCrossEntropy.apply(selected, head.weight, head.bias, targets,
-                                        max(1, CHUNK_LOGITS // head.weight.shape[0]),
-                                        torch.is_grad_enabled() and selected.requires_grad)
+        if kernel == "liger":
+            total = liger_summed_loss(selected, head.weight, head.bias, targets)
+        else:
+            total = _HeadCrossEntropy.apply(selected, head.weight, head.bias, targets,
+                                            max(1, CHUNK_LOGITS // head.weight.shape[0]),
+                                            torch.is_grad_enabled() and selected.requires_grad)
     # a micro-batch without labelled tokens: sum 0, mean NaN (as F.cross_entropy gives)
     return total if reduction == "sum" else total / targets.numel()
+
+
+def liger_summed_loss(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor) -> torch.Tensor:
+    """The summed cross-entropy of F.linear(hidden, weight, bias) by Liger Kernel's fused linear-cross-entropy:
+    chunks of logits in Triton kernels, their gradient computed in the forward as ours are, in fp32 whatever the
+    inputs' dtype. The `fused-loss` extra installs it; it runs on NVIDIA GPUs only."""
+    if hidden.device.type != "cuda":
+        raise ValueError(f"train.loss_kernel=liger runs on CUDA tensors (Triton); these are on {hidden.device.type}")
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # an optional extra, imported on use
+
+    loss = LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight, hidden, targets, bias)
+    return (loss[0] if isinstance(loss, tuple) else loss).float()
 
 
 class _HeadCrossEntropy(torch.autograd.Function):

@@ -77,8 +77,9 @@ def activation_memory(anchor: Any, augmenting: Any, layer_pairs: Any = None, *, 
     aug_states = sum(len({a for a, _ in p}) * s.hidden_size * b for s, p in groups)
     # lm_loss.head_loss never holds B x T x V: per labelled token the hidden row it selects and the gradient it
     # keeps for backward (D_B * bytes each) + its row index (8), and once one chunk of logits (model dtype, fp32,
-    # the softmax cast back)
-    loss = (2 * anchor.hidden_size * b + 8) * tokens + min(tokens * anchor.vocab_size, LOSS_CHUNK_LOGITS) * (2 * b + 4)
+    # the softmax cast back; in fp32 the casts are no-ops and the softmax is computed in place: one copy)
+    chunk_bytes = 2 * b + 4 if b < 4 else 4
+    loss = (2 * anchor.hidden_size * b + 8) * tokens + min(tokens * anchor.vocab_size, LOSS_CHUNK_LOGITS) * chunk_bytes
     blocks_saved = n_pairs * per_pair
     if activation_checkpointing:
         anchor_saved = (L - 1 - j0) * anchor.hidden_size * b

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from calm_dist.model import shapes
-from calm_dist.planning import activation_memory, costs, model_sizes
-from calm_dist.planning.hardware import GPU_PEAK_TFLOPS
+from calm_dist.planning import activation_memory, costs, cpu_time, model_sizes
+from calm_dist.planning.hardware import Hardware
 from calm_dist.planning.report import GB, GiB, Plan, format_plan
 
 __all__ = ["ZeroOptions", "Hardware", "Plan", "plan", "resolve_model", "format_plan"]
@@ -39,19 +39,6 @@ class ZeroOptions:
     param_persistence_threshold: int = 100_000  # stage3_param_persistence_threshold: smaller tensors stay whole
     reduce_bucket_size: int = 500_000_000       # reduce_bucket_size (elements)
     sub_group_size: int = 1_000_000_000         # stage-3 optimizer step granularity (elements)
-
-
-@dataclass(frozen=True)
-class Hardware:
-    """Per-GPU figures; defaults are an H100 SXM node (8 GPUs on NVLink, one 400 Gb/s NIC per GPU)."""
-
-    gpu_peak_tflops: float = GPU_PEAK_TFLOPS["H100"][0]   # dense bf16 tensor-core peak
-    gpu_mem_gib: float = 80.0
-    net_GBps: float = 50.0           # inter-node bandwidth per GPU (400 Gb/s InfiniBand NDR)
-    nvlink_GBps: float = 450.0       # intra-node bandwidth per GPU, one direction (NVLink 4: 900 GB/s both ways)
-    disk_write_GBps: float = 2.0     # per node, to the cache's file system
-    disk_read_GBps: float = 2.0      # per node
-    reserve_gib: float = 4.0         # CUDA context, NCCL buffers, allocator fragmentation (a rule of thumb)
 
 
 def resolve_model(arg: Any) -> costs.ModelSpec:
@@ -112,7 +99,7 @@ def plan(anchor: Any, augmenting: Any, layer_pairs: Any = None, *, nodes: int = 
     counts = _count_parameters(run)
     gpu, cpu_per_node, act = _memory(run, counts)
     gpu_total = sum(gpu.values())
-    headroom = hw.gpu_mem_gib * GiB - gpu_total
+    headroom = hw.rank_mem_bytes(gpus_per_node) - gpu_total
     if headroom < 0:
         warnings.append(_out_of_memory_warning(run, gpu_total, act))
     comm_micro, comm_step = _communication(run, counts)
@@ -337,7 +324,8 @@ def _activations(run: _Run, checkpointing: bool) -> activation_memory.Activation
 
 
 def _out_of_memory_warning(run: _Run, gpu_total: float, act: activation_memory.ActivationMemory) -> str:
-    msg = f"GPU memory: {gpu_total / GiB:.1f} GiB per rank needed, {run.hw.gpu_mem_gib:.0f} GiB available"
+    msg = (f"{'GPU' if run.hw.kind == 'gpu' else 'CPU'} memory: {gpu_total / GiB:.1f} GiB per rank needed, "
+           f"{run.hw.rank_mem_bytes(run.gpus_per_node) / GiB:.1f} GiB available")
     if not run.activation_checkpointing:
         ckpt = _activations(run, True)
         msg += f" (activation checkpointing would save {(act.total - ckpt.total) / GiB:.1f} GiB)"
@@ -375,9 +363,11 @@ def _communication(run: _Run, counts: _Counts) -> tuple[dict, dict]:
         fwd_train_first = _gather(train_big, world, b)
         fwd_train_later = _gather(train_big, g_frozen, b)
         bwd_train = _gather(train_big, g_frozen, b)
+        # what every gather materialises whole, a world of one included (DeepSpeed allocates and fills it)
+        materialised = (frozen_fwd + frozen_bwd + 2 * train_big) * b
     else:
         inter_frozen = run.nodes > 1
-        fwd_frozen = bwd_frozen = fwd_train_first = fwd_train_later = bwd_train = 0.0
+        fwd_frozen = bwd_frozen = fwd_train_first = fwd_train_later = bwd_train = materialised = 0.0
     if zero.stage >= 2:
         grad_comm = counts.trainable * b * (world - 1) / world            # reduce-scatter, every micro-step
     else:
@@ -396,6 +386,7 @@ def _communication(run: _Run, counts: _Counts) -> tuple[dict, dict]:
         ], run.hw)
 
     first, later = micro_step(True), micro_step(False)
+    first["gathered_bytes"] = later["gathered_bytes"] = materialised
     per_micro_step = later if run.grad_accum > 1 else first
     per_step = {k: first[k] + (run.grad_accum - 1) * later[k] for k in first}
     if zero.stage == 3:
@@ -446,15 +437,29 @@ def _flops(run: _Run, sc: costs.StepCost) -> dict:
 
 def _time(run: _Run, sc: costs.StepCost, flops: dict, comm_step: dict, *, mfu: float, hfu: float | None,
           tokens: float | None) -> dict:
-    """Step time: compute at `mfu` of the peak and communication at the link rates, overlapped or in series."""
-    t_compute = flops["per_rank_per_step_model"] / (run.hw.gpu_peak_tflops * 1e12 * mfu)
+    """Step time: on a GPU compute at `mfu` of the peak and communication at the link rates, overlapped; on a CPU
+    (hardware kind "cpu") compute from the measured rates and fixed costs of `cpu_time`, and communication in
+    series, the MFU then following from the time."""
     t_comm = comm_step["time_s"]
-    t_step = max(t_compute, t_comm)
+    terms = None
+    if run.hw.kind == "cpu":
+        work = cpu_time.micro_step_work(run.anchor, run.groups, seq_len=run.seq_len, micro_batch=run.micro_batch,
+                                        states=run.states, activation_checkpointing=run.activation_checkpointing,
+                                        elem_bytes=run.elem_bytes, causal=run.causal)
+        shard = run.world if run.zero.stage >= 1 else 1
+        terms = cpu_time.step_seconds(work, run.hw, grad_accum=run.grad_accum,
+                                      trainable_per_rank=sc.n_blocks_params / shard, comm_s=t_comm,
+                                      gathered_bytes=comm_step["gathered_bytes"] / run.grad_accum)
+        t_compute = terms["compute_s"]
+        mfu = flops["per_rank_per_step_model"] / t_compute / (run.hw.gpu_peak_tflops * 1e12)
+    else:
+        t_compute = flops["per_rank_per_step_model"] / (run.hw.gpu_peak_tflops * 1e12 * mfu)
+    t_step = max(t_compute, t_comm) if run.hw.overlap_comm else t_compute + t_comm
     tok_s = run.tokens_step / t_step
     return {
         "compute_s": t_compute,
         "comm_s": t_comm,
-        "step_s_overlapped": t_step,
+        "step_s_overlapped": t_step,   # the step time: overlapped on GPUs, compute + communication on a CPU
         "step_s_serial": t_compute + t_comm,
         "tokens_per_s": tok_s,
         "tokens_per_s_per_gpu": tok_s / run.world,
@@ -462,7 +467,9 @@ def _time(run: _Run, sc: costs.StepCost, flops: dict, comm_step: dict, *, mfu: f
         "hfu_assumed": hfu,
         "hfu_implied": mfu * sc.total_hardware / sc.total,
         "mfu_if_comm_bound": mfu * t_compute / t_step,
+        "overlapped": run.hw.overlap_comm,
         "train_days": (tokens / tok_s / 86400) if tokens else None,
+        "cpu_terms": terms,
     }
 
 

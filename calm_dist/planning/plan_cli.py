@@ -9,7 +9,9 @@ import json
 import sys
 
 from calm_dist.planning import costs, model_sizes
-from calm_dist.planning.plan import Hardware, ZeroOptions, plan
+from calm_dist.planning.hardware import PROFILES, hardware
+from calm_dist.planning.plan import ZeroOptions, plan
+from calm_dist.planning.recommend import format_recommendation, recommend
 from calm_dist.planning.report import format_plan, human_count
 
 
@@ -58,21 +60,27 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--states", choices=["recompute", "cached"], default="recompute")
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--tokens", type=_parse_count, default=None, help="training tokens, e.g. 2e9 or 2B")
-    ap.add_argument("--gpu-peak-tflops", type=float, default=Hardware.gpu_peak_tflops,
-                    help="per GPU (H100 SXM dense bf16: 989)")
-    ap.add_argument("--mfu", type=float, default=0.4, help="model-FLOPs utilisation to time the step at")
+    ap.add_argument("--hardware", default="h100",
+                    help=f"a named profile ({', '.join(PROFILES)}, or cpu: this project's CPU as measured by "
+                         "benchmarks/cpu_profile.py) or a profile JSON it wrote; the flags below override single "
+                         "figures")
+    ap.add_argument("--gpu-peak-tflops", type=float, default=None, help="per GPU (H100 SXM dense bf16: 989)")
+    ap.add_argument("--mfu", type=float, default=0.4, help="model-FLOPs utilisation to time the step at (GPUs)")
     ap.add_argument("--hfu", type=float, default=None,
                     help="time the step at this hardware-FLOPs utilisation instead (recomputation counted)")
-    ap.add_argument("--gpu-mem-gib", type=float, default=Hardware.gpu_mem_gib)
-    ap.add_argument("--net-gbps", type=float, default=Hardware.net_GBps,
-                    help="inter-node GB/s per GPU (400 Gb/s NIC: 50)")
-    ap.add_argument("--nvlink-gbps", type=float, default=Hardware.nvlink_GBps,
-                    help="intra-node GB/s per GPU, one direction")
-    ap.add_argument("--disk-write-gbps", type=float, default=Hardware.disk_write_GBps,
-                    help="cache write GB/s per node")
-    ap.add_argument("--disk-read-gbps", type=float, default=Hardware.disk_read_GBps, help="cache read GB/s per node")
-    ap.add_argument("--reserve-gib", type=float, default=Hardware.reserve_gib,
-                    help="per-GPU reserve (CUDA context, NCCL, fragments)")
+    ap.add_argument("--gpu-mem-gib", type=float, default=None, help="memory per rank (H100: 80; a CPU: the node's)")
+    ap.add_argument("--net-gbps", type=float, default=None, help="inter-node GB/s per GPU (400 Gb/s NIC: 50)")
+    ap.add_argument("--nvlink-gbps", type=float, default=None, help="intra-node GB/s per GPU, one direction (450)")
+    ap.add_argument("--disk-write-gbps", type=float, default=None, help="cache write GB/s per node (2)")
+    ap.add_argument("--disk-read-gbps", type=float, default=None, help="cache read GB/s per node (2)")
+    ap.add_argument("--reserve-gib", type=float, default=None,
+                    help="per-rank reserve (GPU: CUDA context, NCCL, fragments: 4)")
+    ap.add_argument("--recommend", action="store_true",
+                    help="score the ways to run this job (frozen weights sharded / hpZ / replicated, activation "
+                         "checkpointing, cached or recomputed states, micro-batch) and recommend the fastest that "
+                         "fits; the rows per rank per step are --micro-batch x --grad-accum")
+    ap.add_argument("--epochs", type=float, default=1.0,
+                    help="--recommend: passes over the data in --tokens (a states cache is written once)")
     ap.add_argument("--no-truncate-augmenting", action="store_true",
                     help="count the augmenting models' blocks above the deepest composed layer as loaded")
     ap.add_argument("--full-attention-flops", action="store_true",
@@ -98,18 +106,28 @@ def main(argv: list[str] | None = None) -> int:
                        offload_params=args.zero_offload in ("params", "both"), hpz_partition_size=args.hpz,
                        prefetch_bucket_size=int(args.prefetch_bucket_size),
                        reduce_bucket_size=int(args.reduce_bucket_size))
-    hw = Hardware(gpu_peak_tflops=args.gpu_peak_tflops, gpu_mem_gib=args.gpu_mem_gib, net_GBps=args.net_gbps,
-                  nvlink_GBps=args.nvlink_gbps, disk_write_GBps=args.disk_write_gbps,
-                  disk_read_GBps=args.disk_read_gbps, reserve_gib=args.reserve_gib)
+    common = dict(nodes=args.nodes, gpus_per_node=args.gpus_per_node, seq_len=args.seq_len, zero=zero,
+                  dtype=args.dtype, tokens=args.tokens, mfu=args.mfu, hfu=args.hfu,
+                  causal=not args.full_attention_flops, every=args.every,
+                  truncate_augmenting=not args.no_truncate_augmenting)
     try:
-        p = plan(args.anchor, args.augmenting, args.pairs, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                 seq_len=args.seq_len, micro_batch=args.micro_batch, grad_accum=args.grad_accum, zero=zero,
-                 dtype=args.dtype, states=args.states, activation_checkpointing=args.activation_checkpointing,
-                 tokens=args.tokens, mfu=args.mfu, hfu=args.hfu, hardware=hw, causal=not args.full_attention_flops,
-                 every=args.every, truncate_augmenting=not args.no_truncate_augmenting)
+        common["hardware"] = hardware(
+            args.hardware, gpu_peak_tflops=args.gpu_peak_tflops, gpu_mem_gib=args.gpu_mem_gib,
+            net_GBps=args.net_gbps, nvlink_GBps=args.nvlink_gbps, disk_write_GBps=args.disk_write_gbps,
+            disk_read_GBps=args.disk_read_gbps, reserve_gib=args.reserve_gib)
+        if args.recommend:
+            rec = recommend(args.anchor, args.augmenting, args.pairs, rows_per_rank=args.micro_batch * args.grad_accum,
+                            epochs=args.epochs, **common)
+        else:
+            p = plan(args.anchor, args.augmenting, args.pairs, micro_batch=args.micro_batch,
+                     grad_accum=args.grad_accum, states=args.states,
+                     activation_checkpointing=args.activation_checkpointing, **common)
     except (ValueError, FileNotFoundError) as e:
         print(f"calm-dist plan: error: {e}", file=sys.stderr)
         return 2
+    if args.recommend:
+        print(json.dumps(rec.to_dict(), indent=2) if args.json else format_recommendation(rec, limit=16))
+        return 0 if rec.best is not None else 1
     if args.json:
         print(json.dumps(p.to_dict(), indent=2))
     else:

@@ -118,11 +118,11 @@ def format_plan(p: Plan) -> str:
         w(f"  layer pairs (aug->anchor) {name}: " + ", ".join(f"{a}->{b}" for a, b in pairs))
     w(f"  first composed anchor layer j0 = {pr['first_composed_anchor_layer']}")
     w("")
-    w("GPU memory per rank")
+    w(f"{'GPU' if i['hardware'].get('kind', 'gpu') == 'gpu' else 'CPU'} memory per rank")
     for k, v in p.memory_gpu.items():
         w(f"  {k:28s}{_gib(v)}")
     w(f"  {'total':28s}{_gib(p.memory_gpu_total)}   (headroom {p.memory_gpu_headroom / GiB:.2f} GiB of "
-      f"{i['hardware']['gpu_mem_gib']:.0f})")
+      f"{p.memory_gpu_total / GiB + p.memory_gpu_headroom / GiB:.0f})")
     a = p.activations
     w("  activations: " + ", ".join(f"{k} {v / GiB:.2f}" for k, v in a.items() if k != "total") + " GiB")
     if p.memory_cpu_per_node:
@@ -147,10 +147,19 @@ def format_plan(p: Plan) -> str:
     w(f"  {'per step (model)':28s}{_flops_h(p.flops['per_step_model']):>18s}")
     t = p.time
     w("")
-    w(f"Time per step at MFU {t['mfu_assumed']:.0%} (HFU {t['hfu_implied']:.0%}) of "
-      f"{i['hardware']['gpu_peak_tflops']:.0f} TFLOP/s per GPU")
-    w(f"  compute {_secs(t['compute_s'])}, communication {_secs(t['comm_s'])} -> step "
-      f"{_secs(t['step_s_overlapped'])} overlapped ({_secs(t['step_s_serial'])} serial)")
+    if t.get("cpu_terms"):
+        c = t["cpu_terms"]
+        w(f"Time per step on {i['hardware']['name']} (measured rates and fixed costs, one thread per rank; "
+          f"implied MFU {t['mfu_assumed']:.0%} of {i['hardware']['gpu_peak_tflops'] * 1e3:.0f} GFLOP/s)")
+        w("  " + ", ".join(f"{k[:-2]} {_secs(c[k])}" for k in ("matmul_s", "attention_s", "elementwise_s", "loss_s",
+                                                               "gather_s", "fixed_s", "optimizer_s"))
+          + f" -> compute {_secs(t['compute_s'])}, + communication {_secs(t['comm_s'])} -> step "
+            f"{_secs(t['step_s_overlapped'])}")
+    else:
+        w(f"Time per step at MFU {t['mfu_assumed']:.0%} (HFU {t['hfu_implied']:.0%}) of "
+          f"{i['hardware']['gpu_peak_tflops']:.0f} TFLOP/s per GPU")
+        w(f"  compute {_secs(t['compute_s'])}, communication {_secs(t['comm_s'])} -> step "
+          f"{_secs(t['step_s_overlapped'])} overlapped ({_secs(t['step_s_serial'])} serial)")
     w(f"  {t['tokens_per_s']:,.0f} tokens/s ({t['tokens_per_s_per_gpu']:,.0f} per GPU)"
       + (f"; {i['tokens']:.3g} tokens in {_duration(t['train_days'] * 86400)}" if t["train_days"] else "")
       + ("" if t["comm_s"] <= t["compute_s"] else f"; comm-bound: MFU would drop to {t['mfu_if_comm_bound']:.0%}"))

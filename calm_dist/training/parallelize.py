@@ -38,6 +38,7 @@ from calm_dist.model.baselines import LoRAAnchor, default_lora_targets, matched_
 from calm_dist.model.composition import ComposedModel
 from calm_dist.model.io import load_causal_lm, write_random_augmenting
 from calm_dist.planning.costs import composition_params
+from calm_dist.training import compile_policy
 from calm_dist.training.ds_config import zero_stage
 from calm_dist.training.preflight import ResolvedRun
 from calm_dist.rank_zero import run_on_rank_zero
@@ -84,9 +85,11 @@ def load_frozen_models(cfg: Config, ds_config: dict, dtype, load_anchor: bool = 
         paths = materialize_random_augmenting(cfg, is_main)
         revisions = [None] * len(paths)
     keep_alive = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
-    anchor = load_causal_lm(m.anchor, m.anchor_revision, dtype, m.trust_remote_code) if load_anchor else None
+    anchor = load_causal_lm(m.anchor, m.anchor_revision, dtype, m.trust_remote_code,
+                            m.attn_implementation) if load_anchor else None
     aug_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[augmenting_compute_dtype(cfg)]
-    augmenting = [load_causal_lm(p, r, aug_dtype, m.trust_remote_code) for p, r in zip(paths, revisions)] \
+    augmenting = [load_causal_lm(p, r, aug_dtype, m.trust_remote_code, m.attn_implementation)
+                  for p, r in zip(paths, revisions)] \
         if load_augmenting else []
     return anchor, augmenting, keep_alive
 
@@ -176,7 +179,8 @@ def build_module(cfg: Config, resolved: ResolvedRun, dtype: torch.dtype, is_main
     else:
         module = ComposedModel(anchor, augmenting, layer_pairs=resolved.layer_pairs, num_heads=m.num_heads,
                                sources={"anchor_revision": m.anchor_revision,
-                                        "augmenting_revisions": m.augmenting_revisions or [None] * len(augmenting)})
+                                        "augmenting_revisions": m.augmenting_revisions or [None] * len(augmenting)},
+                               loss_kernel=cfg.train.loss_kernel)
         module.blocks.to(dtype)
     n = sum(p.numel() for p in module.trainable_parameters())
     say(is_main, f"{m.method}: {n:,} trainable parameters" + (f" (composition budget {budget:,})" if budget else ""))
@@ -206,7 +210,10 @@ def build_distributed_model(cfg: Config, resolved: ResolvedRun, is_main: bool) -
 
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     module, hf_ds_config = build_module(cfg, resolved, dtype, is_main)
-    if cfg.train.compile:  # before checkpointing wraps the blocks, so the recompute runs the compiled graph
+    compile_on, why = compile_policy.decide(cfg, resolved, "cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.train.compile == "auto":
+        say(is_main, why)
+    if compile_on:  # before checkpointing wraps the blocks, so the recompute runs the compiled graph
         n = compile_frozen_blocks(frozen_models(module))
         say(is_main, f"compiling {n} frozen decoder blocks (torch.compile, on their first call)")
     if cfg.train.activation_checkpointing:

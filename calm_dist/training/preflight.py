@@ -79,7 +79,7 @@ def preflight(cfg: Config, env: DistEnv, *, need_train_data: bool = True, traini
     if cfg.optim.warmup_steps > train_cfg.steps:
         raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} is more than train.steps={train_cfg.steps}: "
                           "the learning rate would never reach optim.lr")
-    if train_cfg.compile and not cfg.distributed.zero3_leaf_blocks:
+    if train_cfg.compile is True and not cfg.distributed.zero3_leaf_blocks:  # auto then stays off
         raise ConfigError("train.compile needs distributed.zero3_leaf_blocks=true: DeepSpeed's per-module ZeRO-3 "
                           "hooks cannot run inside a compiled block")
     if cfg.tracking.enabled:

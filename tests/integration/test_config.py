@@ -1,4 +1,5 @@
 """The config tree: YAML + overrides, types, and the up-front refusals (one line, exit code 2)."""
+import importlib.util
 import subprocess
 import sys
 import types
@@ -147,6 +148,14 @@ def run_train(tiny, tmp_path, *extra, world=1):
     (["train.resume=/nonexistent/step_3"], 1, "not a checkpoint directory"),
     (["train.compile=true", "distributed.zero3_leaf_blocks=false"], 1, "train.compile needs distributed.zero3_leaf"),
     (["optim.warmup_steps=21"], 1, "optim.warmup_steps=21 is more than train.steps=20: the learning rate would never"),
+    (["train.compile=sometimes"], 1, "train.compile: expected true, false or 'auto'"),
+    (["model.attn_implementation=fastest"], 1, "model.attn_implementation: expected one of 'sdpa'"),
+    pytest.param(["model.attn_implementation=flash_attention_2"], 1, "needs the flash_attn package",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None,
+                                          reason="flash-attn is installed here")),
+    pytest.param(["train.loss_kernel=liger"], 1, "train.loss_kernel=liger needs the liger-kernel package",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is not None,
+                                          reason="liger-kernel is installed here")),
 ])
 def test_config_errors_exit_2_with_one_line_before_loading_models(tiny, tmp_path, extra, world, message):
     proc, out = run_train(tiny, tmp_path, *extra, world=world)

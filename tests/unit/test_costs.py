@@ -307,6 +307,9 @@ def test_activation_memory_shapes():
     double = activation_memory.activation_memory("llama-70b", "llama-7b", tokens=8192, dtype="bf16")
     assert double.total - double.loss == pytest.approx(2 * (full.total - full.loss))
     assert double.loss - full.loss == (2 * 8192 * 2 + 8) * 4096
+    # in fp32 the chunk of logits is one tensor (lm_loss casts nothing and takes the softmax in place)
+    fp32 = activation_memory.activation_memory("llama-70b", "llama-7b", tokens=4096, dtype="fp32")
+    assert fp32.loss == (2 * 8192 * 4 + 8) * 4096 + (1 << 22) * 4
 
 
 def test_dtype_bytes():

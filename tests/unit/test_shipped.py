@@ -55,4 +55,5 @@ def test_pyproject_ships_every_package_and_both_folders():
     assert set(setuptools["packages"]) == set(find_packages(REPO, include=["calm_dist*"])) | {
         "calm_dist.ds_configs", "calm_dist.recipes"}
     assert setuptools["package-dir"] == {"calm_dist.ds_configs": "ds_configs", "calm_dist.recipes": "recipes"}
-    assert setuptools["package-data"] == {"calm_dist.ds_configs": ["*.json"], "calm_dist.recipes": ["*.yaml"]}
+    assert setuptools["package-data"] == {"calm_dist.ds_configs": ["*.json"], "calm_dist.recipes": ["*.yaml"],
+                                          "calm_dist.planning": ["cpu_profile.json"]}  # `plan --hardware cpu`
