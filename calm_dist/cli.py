@@ -1,4 +1,4 @@
-"""`calm-dist prepare | cache | train | eval | generate | compare | plan`.
+"""`calm-dist prepare | cache | train | eval | generate | compare | plan | lm-eval`.
 
 Every command that takes a config reads the same recipe format as `calm_dist/train.py`
 (`--config recipe.yaml key=value ...`) and refuses a bad one with one line and exit code 2.
@@ -145,11 +145,14 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--limit", type=int, help="at most this many examples per set")
     p.add_argument("--json", help="write the results here")
-    p.add_argument("--mlflow-run-id", help="log eval metrics into this MLflow run (default: a new run)")
+    p.add_argument("--mlflow-run-id", help="the parent of the child runs the base models' results go to (default: "
+                                           "the first export's training run; each export's results go to its own)")
 
 
 # These own their argument parsing: everything after the verb goes to their main() untouched.
 DELEGATED = {"compare": ("calm_dist.tracking.compare", "compare MLflow runs (calm_dist/tracking/compare.py)"),
+             "lm-eval": ("calm_dist.harness_cli",
+                         "lm-evaluation-harness with --model calm registered (calm_dist/harness.py)"),
              "plan": ("calm_dist.planning.plan_cli",
                       "predict memory, communication and cache size for a cluster (calm_dist/planning/plan_cli.py)")}
 

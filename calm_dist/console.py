@@ -33,12 +33,27 @@ def say(is_main: bool, text: str) -> None:
         print(text, flush=True)
 
 
-def progress_line(step: int, steps: int, metrics: dict[str, float]) -> str:
-    """The console line of a logged step: a training step's loss, lr, gradient norm and throughput, or the
-    eval metrics."""
+def duration(seconds: float) -> str:
+    """2h05m, 3m12s, 41s: a time span as a person reads it in a log line."""
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def progress_line(step: int, steps: int, metrics: dict[str, float], eta_s: float | None = None) -> str:
+    """The console line of a logged step: a training step's loss, lr, gradient norm, throughput, peak memory
+    (the most any rank used: host, and accelerator when there is one) and the time left (`eta_s`), or the eval
+    metrics."""
     m = metrics
     if "train/loss" in m:
         mfu = f" | MFU {100 * m['train/mfu']:.1f}%" if "train/mfu" in m else ""
+        memory = ""
+        if "mem/peak_host_gib" in m:
+            accelerator = (f", accelerator {m['mem/peak_accelerator_gib']:.2f}" if "mem/peak_accelerator_gib" in m
+                           else "")
+            memory = f" | peak mem GiB: host {m['mem/peak_host_gib']:.2f}{accelerator}"
+        eta = f" | ETA {duration(eta_s)}" if eta_s is not None else ""
         return (f"step {step}/{steps} | loss {m['train/loss']:.4f} | lr {m['train/lr']:.2e} | "
-                f"grad {m['train/grad_norm']:.3f} | {m['train/tokens_per_s']:,.0f} tok/s{mfu}")
+                f"grad {m['train/grad_norm']:.3f} | {m['train/tokens_per_s']:,.0f} tok/s{mfu}{memory}{eta}")
     return f"step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in m.items())

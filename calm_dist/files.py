@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import socket
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 def _as_bytes(data: bytes | str) -> bytes:
@@ -80,6 +82,32 @@ def write_atomic(path: str | Path, data: bytes | str, *, fsync: bool = True, asi
     with replacing(path, fsync=fsync, aside=aside) as tmp:
         tmp.write_bytes(data)
     return hashlib.sha256(data).hexdigest()
+
+
+def replace_directory(directory: str | Path, fill: Callable[[Path], None]) -> Path:
+    """`fill` writes the directory's files into a temporary sibling; they are synced, then the sibling is renamed
+    into place (a previous `directory` moved aside first, then removed): a reader sees the old directory or the
+    complete new one, and a `fill` that raises leaves `directory` as it was."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        fill(tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                fsync_file(f)
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            directory.rename(old)
+            tmp.rename(directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
 
 
 def save_safetensors(tensors: dict, path: str | Path) -> None:

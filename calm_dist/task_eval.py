@@ -16,13 +16,13 @@ import torch
 from calm_dist.config import ConfigError
 from calm_dist.data.sources import open_source
 from calm_dist.data.tokenizer import Tokenizer, anchor_tokenizer, completion_ids, prompt_ids
+from calm_dist.eval_tracking import log_results
 from calm_dist.model.lm_loss import IGNORE
 from calm_dist.model.baselines import LoRAAnchor
 from calm_dist.model.composition import ComposedModel, position_ids_from_mask, read_composition_config
 from calm_dist.model.generation import eos_ids
 from calm_dist.model.io import load_causal_lm
 from calm_dist.model.lm_loss import labelled_tokens, loss_from_logits
-from calm_dist.tracking.tracker import Tracker
 from calm_dist.training.dist_env import DistEnv, local_device
 
 GenerateFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -235,13 +235,7 @@ def main(args, cfg) -> int:
     print("exact match (%)\n" + format_table(results) + "\n\ncompletion loss\n" + format_table(results, "loss"))
     if args.json:
         Path(args.json).write_text(json.dumps(to_json(results), indent=2))
-    run_id = args.mlflow_run_id
-    if run_id or cfg.tracking.enabled:
-        tracker = Tracker(cfg.tracking, is_main_process=True, output_dir=cfg.train.output_dir)
-        tracker.start(cfg.to_dict(), run_id=run_id)
-        tracker.log_metrics({f"eval/{m}/{s}/{k}": getattr(r, k) for m, per in results.items()
-                             for s, r in per.items() for k in ("exact_match", "loss")}, step=cfg.train.steps)
-        tracker.log_dict(to_json(results), "eval_results.json")
-        tracker.close()
+    if args.mlflow_run_id or cfg.tracking.enabled:  # into each export's training run, the rest into child runs
+        log_results(cfg, to_json(results), compositions, args.mlflow_run_id)
     return 0
 

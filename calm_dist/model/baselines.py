@@ -8,8 +8,9 @@
   (`ComposedModel.forward(augmenting_key_mask=...)`, `generate(refresh_augmenting=False)`).
 
 `LoRAAnchor` offers the trainer the same surface as `ComposedModel` (forward, trainable_parameters,
-composition_state_dict / composition_config, generate) and exports in the same directory format, with
-`"method": "lora"` in composition.json.
+composition_state_dict / composition_config, generate, save_composition). Its export is PEFT's adapter format
+(`save_pretrained`: adapter_config.json + adapter_model.safetensors, loadable with `PeftModel.from_pretrained`),
+with composition.json (`"method": "lora"`) and the model card beside it.
 
 peft is imported where a LoRA model is built: nothing else needs it, and it is a slow import.
 """
@@ -23,9 +24,11 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from calm_dist.files import replace_directory
 from calm_dist.model import backbones
-from calm_dist.model.composition import FORMAT_VERSION, WEIGHTS_FILE, ComposedOutput, backbone_inputs
+from calm_dist.model.composition import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, ComposedOutput, backbone_inputs
 from calm_dist.model.lm_loss import loss_from_logits
+from calm_dist.model.model_card import CARD_FILE, model_card
 
 
 def default_lora_targets(anchor_config) -> list[str]:
@@ -54,18 +57,27 @@ def matched_lora_rank(anchor: nn.Module, targets: list[str], budget: int) -> int
 
 
 class LoRAAnchor(nn.Module):
-    def __init__(self, anchor: nn.Module, rank: int, targets: list[str], alpha: float | None = None):
-        super().__init__()
-        from peft import LoraConfig, get_peft_model
+    """LoRA on `anchor`: B = 0 at the start (the anchor itself), or the adapter PEFT saved in `adapter_dir`."""
 
-        self.rank, self.targets = rank, targets
+    def __init__(self, anchor: nn.Module, rank: int, targets: list[str], alpha: float | None = None,
+                 adapter_dir: str | Path | None = None, revision: str | None = None):
+        super().__init__()
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        self.rank, self.targets, self.alpha = rank, targets, alpha or 2 * rank
         anchor.requires_grad_(False)
-        config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, target_modules=targets, lora_dropout=0.0,
-                            bias="none", init_lora_weights=True)  # B = 0: equals the anchor at step 0
-        self.model = get_peft_model(anchor, config)
+        if adapter_dir is None:  # revision: the anchor's, which PEFT records for PeftModel.from_pretrained's users
+            config = LoraConfig(r=rank, lora_alpha=self.alpha, target_modules=targets, lora_dropout=0.0,
+                                bias="none", init_lora_weights=True, revision=revision)  # B = 0: the anchor at step 0
+            self.model = get_peft_model(anchor, config)
+        else:  # PEFT reads the adapter (safetensors) and refuses one whose modules the anchor lacks
+            self.model = PeftModel.from_pretrained(anchor, str(adapter_dir), is_trainable=False)
         self.model.eval()
+        revision = revision or getattr(self.model.peft_config["default"], "revision", None)
         self.description = {"anchor": {"name_or_path": getattr(anchor.config, "_name_or_path", None),
-                                       "model_type": anchor.config.model_type}}
+                                       "revision": revision, "model_type": anchor.config.model_type,
+                                       "num_layers": anchor.config.num_hidden_layers,
+                                       "hidden_size": anchor.config.hidden_size}}
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -106,16 +118,36 @@ class LoRAAnchor(nn.Module):
 
     def composition_config(self) -> dict:
         return {"format_version": FORMAT_VERSION, "method": "lora", "anchor": self.description["anchor"],
-                "lora_rank": self.rank, "lora_targets": self.targets}
+                "lora_rank": self.rank, "lora_alpha": self.alpha, "lora_targets": self.targets}
+
+    def save_composition(self, directory, state_dict: dict[str, torch.Tensor] | None = None,
+                         training: dict | None = None) -> Path:
+        """PEFT's adapter files (`save_pretrained`), composition.json and the model card, published as one
+        directory. `state_dict`: the LoRA weights gathered from ZeRO-3 shards (default: this model's own)."""
+        config = self.composition_config() | ({"training": training} if training else {})
+
+        def fill(tmp: Path) -> None:
+            # save_embedding_layers=False: no embedding trains, and "auto" would ask the Hub about the base model
+            self.model.save_pretrained(str(tmp), state_dict=state_dict or self.composition_state_dict(),
+                                       safe_serialization=True, save_embedding_layers=False)
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+            (tmp / CARD_FILE).write_text(model_card(config))  # over the generic card PEFT writes
+        return replace_directory(directory, fill)
 
     @classmethod
     def from_export(cls, directory, anchor: nn.Module) -> "LoRAAnchor":
-        config = json.loads((Path(directory) / "composition.json").read_text())
-        model = cls(anchor, config["lora_rank"], config["lora_targets"])
-        missing = set(model.composition_state_dict()) ^ set(load_file(str(Path(directory) / WEIGHTS_FILE)))
-        if missing:
-            raise ValueError(f"{directory}: LoRA weights do not fit this anchor ({sorted(missing)[:3]} ...)")
-        model.model.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE)), strict=False)
+        """The export `save_composition` wrote, on `anchor` (the model it was trained on). An export of an earlier
+        calm_dist (the LoRA weights as composition.safetensors, no PEFT files) still loads."""
+        directory = Path(directory)
+        config = json.loads((directory / CONFIG_FILE).read_text())
+        rank, targets, alpha = config["lora_rank"], config["lora_targets"], config.get("lora_alpha")
+        if (directory / "adapter_config.json").is_file() or not (directory / WEIGHTS_FILE).is_file():
+            return cls(anchor, rank, targets, alpha, adapter_dir=directory)
+        model = cls(anchor, rank, targets, alpha)
+        weights = load_file(str(directory / WEIGHTS_FILE))
+        if set(weights) != set(model.composition_state_dict()):
+            raise ValueError(f"{directory}: LoRA weights do not fit this anchor ({sorted(weights)[:3]} ...)")
+        model.model.load_state_dict(weights, strict=False)
         return model
 
 

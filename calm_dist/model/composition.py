@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +20,13 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers.utils import ModelOutput
 
-from calm_dist.files import fsync_file, save_safetensors
+from calm_dist.files import replace_directory, save_safetensors
 from calm_dist.model import backbones
 from calm_dist.model.cross_attention import CrossAttentionBlock, block_parameter_count, cross_attention_mask
 from calm_dist.model.io import load_causal_lm
 from calm_dist.model.layer_pairs import LayerPairs, default_layer_pairs, used_augmenting_layers, validate_layer_pairs
 from calm_dist.model.lm_loss import head_loss, loss_from_logits
+from calm_dist.model.model_card import CARD_FILE, model_card
 from calm_dist.model.token_alignment import AugmentingInputs
 
 WEIGHTS_FILE = "composition.safetensors"
@@ -395,9 +394,13 @@ class ComposedModel(nn.Module):
     def composition_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().contiguous() for k, v in self.blocks.state_dict().items()}
 
-    def save_composition(self, directory, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        """Composition weights only (safetensors) + composition.json, written atomically."""
-        return write_composition(directory, state_dict or self.composition_state_dict(), self.composition_config())
+    def save_composition(self, directory, state_dict: dict[str, torch.Tensor] | None = None,
+                         training: dict | None = None) -> Path:
+        """Composition weights only (safetensors), composition.json and its model card (README.md), written
+        atomically. `training`: how it was trained (data fingerprint, steps, final metrics, MLflow run), recorded
+        in composition.json under "training" and shown in the card."""
+        config = self.composition_config() | ({"training": training} if training else {})
+        return write_composition(directory, state_dict or self.composition_state_dict(), config)
 
     def load_composition_weights(self, directory) -> None:
         config = read_composition_config(directory)
@@ -465,23 +468,8 @@ def write_composition_files(directory, state_dict: dict[str, torch.Tensor], conf
 
 
 def write_composition(directory, state_dict: dict[str, torch.Tensor], config: dict) -> Path:
-    """Write weights + config into a temporary sibling, fsync, then rename it into place."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    """Weights, config and model card, published as one directory (files.replace_directory)."""
+    def fill(tmp: Path) -> None:
         write_composition_files(tmp, state_dict, config)
-        for f in tmp.iterdir():
-            fsync_file(f)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+        (tmp / CARD_FILE).write_text(model_card(config))
+    return replace_directory(directory, fill)

@@ -1,14 +1,21 @@
-"""Compare MLflow runs: the params that differ, final metrics, ratios to a baseline, curves.
+"""Compare MLflow runs: final metrics, ratios to a baseline, loss curves, and the params that differ.
 
     calm-dist compare [RUN_ID ...] [--experiment NAME] [--tag K=V] [--filter "MLflow filter"]
-                      [--baseline RUN] [--metrics a,b] [--plot-metrics a,b] [--out-dir DIR]
+                      [--baseline RUN] [--metrics a,b] [--plot-metrics a,b] [--params] [--out-dir DIR]
 
 Runs are picked by explicit ids, or searched in the experiment(s) (default: env
-MLFLOW_EXPERIMENT_NAME, else "calm_dist") with tags and an MLflow filter string ANDed together.
-It prints one row per run: the params whose values differ across the chosen runs, the final value of
-each metric and, with ``--baseline``, ``<metric>/base`` ratio columns (value / the baseline's value).
-It writes the same table to ``<out-dir>/<name>.csv`` (full ids, full precision) and the metric
-histories (loss and eval curves by default) overlaid per metric to ``<out-dir>/<name>.png``.
+MLFLOW_EXPERIMENT_NAME, else "calm_dist") with tags and an MLflow filter string ANDed together; a search keeps
+the training runs (those with train/loss) and the evaluation runs `calm-dist eval` makes for the base models
+(`--all-runs`: every run found).
+
+By default it shows what a comparison of CALM, LoRA and ablations needs: the final train/loss, every eval/*
+metric and the exact match of every task set (the scores `calm-dist eval` logs into each training run) and, with
+``--baseline``,
+``<metric>/base`` ratio columns (value / the baseline's value), in a table that fits the terminal (one row per
+run, or one column per run, in blocks, when rows would be wider); and the train/loss and eval/loss curves of
+the runs overlaid in one PNG. ``--metrics`` / ``--plot-metrics`` choose others, ``--params`` adds the params
+whose values differ (``--all-params`` every param). It writes ``<out-dir>/<name>.csv`` (every metric but system/*,
+or those of ``--metrics``; the differing params; full ids, full precision) and ``<out-dir>/<name>.png``.
 
 MLflow has no compare command; this uses ``MlflowClient.search_runs`` and ``get_metric_history``.
 """
@@ -19,15 +26,18 @@ import argparse
 import csv
 import math
 import os
+import shutil
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from calm_dist.tracking.eval_runs import ROLE_TAG
 from calm_dist.tracking.store import DEFAULT_EXPERIMENT, resolve_tracking_uri
 
 # Reading is not training: allow more time than the Tracker does, but never MLflow's 120 s x 7 tries.
 _HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
 _MAX_PLOTS = 12
+CURVES = ["train/loss", "eval/loss"]  # what the default PNG overlays
 
 
 class CompareError(Exception):
@@ -113,7 +123,9 @@ def resolve_baseline(client, runs: list, ref: str):
 
 
 def differing_params(runs: list, all_params: bool = False) -> tuple[list[str], int]:
-    """(param keys whose values differ across ``runs``, sorted; how many keys are identical)."""
+    """(param keys whose values differ across ``runs``, sorted; how many keys are identical). Runs without params
+    (calm-dist eval's runs for the base models) take no part: every key would differ."""
+    runs = [r for r in runs if r.data.params] or runs
     keys = sorted({k for r in runs for k in r.data.params})
     differ = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
     if all_params:
@@ -121,10 +133,21 @@ def differing_params(runs: list, all_params: bool = False) -> tuple[list[str], i
     return differ, len(keys) - len(differ)
 
 
-def metric_keys(runs: list, wanted: list[str] | None = None) -> list[str]:
+def is_compared(run) -> bool:
+    """A run the default comparison keeps: a training run, or one calm-dist eval made for a base model."""
+    return "train/loss" in run.data.metrics or run.data.tags.get(ROLE_TAG) == "eval"
+
+
+def metric_keys(runs: list, wanted: list[str] | None = None, everything: bool = False) -> list[str]:
+    """`wanted`; else with `everything` every metric but system/*; else the headline results: train/loss, every
+    eval/* metric, the task scores' exact match (task/*/exact_match*, their losses left to the CSV), or, where
+    the runs have none of those, every metric but system/*."""
     if wanted:
         return wanted
-    return sorted({k for r in runs for k in r.data.metrics if not k.startswith("system/")})
+    keys = sorted({k for r in runs for k in r.data.metrics if not k.startswith("system/")})
+    results = ([k for k in keys if k == "train/loss"] + [k for k in keys if k.startswith("eval/")]
+               + [k for k in keys if k.startswith("task/") and "/exact_match" in k])
+    return keys if everything else results or keys
 
 
 def run_labels(runs: list) -> list[str]:
@@ -182,8 +205,15 @@ def format_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(out)
 
 
+def _width(table: str) -> int:
+    return max(map(len, table.splitlines()))
+
+
 def render(rows: list[dict], labels: list[str], params: list[str], metrics: list[str],
-           baseline_id: str | None, transpose: bool = False) -> str:
+           baseline_id: str | None, transpose: bool | None = False, width: int | None = None) -> str:
+    """One row per run; transposed (one column per run), or with `transpose=None` whichever fits `width`
+    (default: the terminal's): one row per run when it fits, else one column per run, the runs in blocks that
+    each fit."""
     cols = [("run", None)] + [(k, f"params.{k}") for k in params] + [(k, f"metrics.{k}") for k in metrics]
     if baseline_id is not None:
         cols += [(f"{k}/base", f"ratio.{k}") for k in metrics]
@@ -192,12 +222,24 @@ def render(rows: list[dict], labels: list[str], params: list[str], metrics: list
         name = label + (" (base)" if row["run_id"] == baseline_id else "")
         table.append([name] + [row[c] for _, c in cols[1:]])
     headers = [h for h, _ in cols]
-    if not transpose:
-        return format_table(headers, table)
-    # one column per run
-    t_headers = [""] + [r[0] for r in table]
-    t_rows = [[headers[i]] + [r[i] for r in table] for i in range(1, len(headers))]
-    return format_table(t_headers, t_rows)
+    width = width or shutil.get_terminal_size().columns
+    by_row = format_table(headers, table)
+    if transpose is False or (transpose is None and _width(by_row) <= width):
+        return by_row
+
+    def by_column(runs: list[list]) -> str:
+        return format_table([""] + [r[0] for r in runs], [[headers[i]] + [r[i] for r in runs]
+                                                         for i in range(1, len(headers))])
+    if transpose:
+        return by_column(table)
+    blocks, start = [], 0
+    while start < len(table):  # as many runs per block as fit (at least one)
+        end = start + 1
+        while end < len(table) and _width(by_column(table[start:end + 1])) <= width:
+            end += 1
+        blocks.append(by_column(table[start:end]))
+        start = end
+    return "\n\n".join(blocks)
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -215,10 +257,11 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 # the curves
 
 
-def default_plot_metrics(keys: list[str]) -> list[str]:
+def default_plot_metrics(runs: list) -> list[str]:
+    """train/loss and eval/loss, those the runs logged (else their loss metrics, else every metric)."""
+    keys = sorted({k for r in runs for k in r.data.metrics if not k.startswith("system/")})
     losses = [k for k in keys if "loss" in k.lower()]
-    evals = [k for k in keys if "eval" in k.lower() and k not in losses]
-    return (losses + evals or keys)[:_MAX_PLOTS]
+    return [k for k in CURVES if k in keys] or (losses or keys)[:_MAX_PLOTS]
 
 
 def metric_curve(client, run_id: str, key: str) -> tuple[list[int], list[float]]:
@@ -288,12 +331,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only runs with this tag value (repeatable)")
     p.add_argument("-f", "--filter", help="MLflow search filter string, ANDed with --tag")
     p.add_argument("--max-runs", type=int, default=50, help="at most this many searched runs (default 50)")
+    p.add_argument("--all-runs", action="store_true",
+                   help="keep every run found (default: training runs and calm-dist eval's base-model runs)")
     p.add_argument("-b", "--baseline", metavar="RUN",
                    help="run id, id prefix or run name: adds <metric>/base ratio columns")
-    p.add_argument("-m", "--metrics", help="comma-separated metrics for the table (default: all but system/*)")
-    p.add_argument("--plot-metrics", help="comma-separated metrics to plot (default: loss and eval metrics)")
-    p.add_argument("--all-params", action="store_true", help="show every param, not only those that differ")
-    p.add_argument("--transpose", action="store_true", help="print one column per run")
+    p.add_argument("-m", "--metrics", help="comma-separated metrics for the table and CSV (default: train/loss, "
+                                           "eval/*, task/*/exact_match*; the CSV: all but system/*)")
+    p.add_argument("--plot-metrics", help="comma-separated metrics to plot (default: train/loss, eval/loss)")
+    p.add_argument("--params", action="store_true", help="show the params whose values differ")
+    p.add_argument("--all-params", action="store_true", help="show every param")
+    layout = p.add_mutually_exclusive_group()
+    layout.add_argument("--transpose", action="store_true", help="print one column per run")
+    layout.add_argument("--wide", action="store_true", help="print one row per run, however wide")
     p.add_argument("-o", "--out-dir", default="runs/compare", help="where the CSV and PNG go (default runs/compare)")
     p.add_argument("--name", default="compare", help="file stem: <out-dir>/<name>.csv and .png")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
@@ -331,20 +380,26 @@ def main(argv: list[str] | None = None) -> int:
     except (CompareError, MlflowException) as e:
         print(f"calm-dist compare: {e}", file=sys.stderr)
         return 2
+    if not (args.all_runs or args.run_ids):
+        runs = [r for r in runs if is_compared(r) or r is baseline]
     if not runs:
         print("calm-dist compare: no runs matched", file=sys.stderr)
         return 1
 
     params, n_same = differing_params(runs, args.all_params)
+    shown = params if args.params or args.all_params else []
     metrics = metric_keys(runs, _split(args.metrics))
-    rows = comparison_rows(runs, params, metrics, baseline)
+    rows = comparison_rows(runs, params, metric_keys(runs, _split(args.metrics), everything=True), baseline)  # CSV
     labels = run_labels(runs)
     exps = sorted({r.info.experiment_id for r in runs})
     what = "params" if args.all_params else "params that differ"
+    hidden = "" if shown or not params else ", --params shows them"
     print(f"{len(runs)} runs (experiment id {', '.join(exps)}; {uri}); {what}: {len(params)}"
-          + ("" if args.all_params else f" ({n_same} identical, not shown)")
+          + ("" if args.all_params else f" ({n_same} identical, not shown{hidden})")
           + (f"; baseline: {labels[runs.index(baseline)]}" if baseline is not None else ""))
-    print(render(rows, labels, params, metrics, baseline.info.run_id if baseline else None, args.transpose))
+    layout = True if args.transpose else False if args.wide else None
+    print(render(comparison_rows(runs, shown, metrics, baseline), labels, shown, metrics,
+                 baseline.info.run_id if baseline else None, layout))
 
     out = Path(args.out_dir)
     csv_path = out / f"{args.name}.csv"
@@ -352,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {csv_path}")
     if not args.no_plot:
         png = out / f"{args.name}.png"
-        keys = _split(args.plot_metrics) or default_plot_metrics(metrics)
+        keys = _split(args.plot_metrics) or default_plot_metrics(runs)
         n = plot_curves(client, runs, labels, keys, png)
         print(f"wrote {png} ({n} curves: {', '.join(keys) or 'none'})")
     return 0

@@ -54,6 +54,7 @@ from typing import Any
 
 from calm_dist.config import TrackingConfig  # the typed config tree owns the section
 from calm_dist.files import write_atomic
+from calm_dist.tracking.hf_env import PARENT_TAG, nested_parent
 from calm_dist.tracking.store import (
     DEFAULT_EXPERIMENT,
     IMPORT_HINT,
@@ -104,9 +105,12 @@ class Tracker:
     the training loop's thread. Every method is a no-op unless ``is_main_process`` and
     ``cfg.enabled``."""
 
-    def __init__(self, cfg: TrackingConfig | None, *, is_main_process: bool, output_dir: str | Path):
+    def __init__(self, cfg: TrackingConfig | None, *, is_main_process: bool, output_dir: str | Path,
+                 node_id: str | None = None):
         # Any object with TrackingConfig's fields will do; missing ones take TrackingConfig's defaults.
+        # node_id: this node's name in the system metrics (system/<node_id>/...), as every node of a job logs them
         self.cfg = _complete_config(cfg)
+        self.node_id = node_id
         self.active = bool(self.cfg.enabled and is_main_process)
         self.output_dir = Path(output_dir)
         self.run_id: str | None = None
@@ -160,7 +164,9 @@ class Tracker:
         cfg = self.cfg
         self.tracking_uri = resolve_tracking_uri(cfg.tracking_uri, self.output_dir)
         self.experiment = cfg.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
-        resume_id = run_id or os.environ.get("MLFLOW_RUN_ID") or (self._noted_run_id() if resuming else None)
+        parent = nested_parent()  # MLFLOW_NESTED_RUN: MLFLOW_RUN_ID names the parent, not a run to resume
+        resume_id = (run_id or (None if parent else os.environ.get("MLFLOW_RUN_ID"))
+                     or (self._noted_run_id() if resuming else None))
 
         all_tags = default_tags()
         try:
@@ -169,6 +175,8 @@ class Tracker:
             log.warning("ignoring env MLFLOW_TAGS: %s", e)
         all_tags.update({str(k): str(v) for k, v in (cfg.tags or {}).items()})
         all_tags.update({str(k): str(v) for k, v in (tags or {}).items()})
+        if parent and not resume_id:
+            all_tags[PARENT_TAG] = parent
         try:
             from mlflow.tracking.context.registry import resolve_tags
 
@@ -495,7 +503,8 @@ class Tracker:
         try:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-            mon = SystemMetricsMonitor(self.run_id, tracking_uri=self.tracking_uri, resume_logging=resume)
+            mon = SystemMetricsMonitor(self.run_id, tracking_uri=self.tracking_uri, resume_logging=resume,
+                                       node_id=self.node_id)
             mon.start()
             self._sysmon = mon
         except Exception as e:  # psutil missing, ...

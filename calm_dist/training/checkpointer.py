@@ -18,7 +18,7 @@ import torch.distributed as dist
 from calm_dist.config import OptimConfig
 from calm_dist.console import say
 from calm_dist.files import write_file
-from calm_dist.model.composition import CONFIG_FILE, WEIGHTS_FILE, write_composition, write_composition_files
+from calm_dist.model.composition import CONFIG_FILE, WEIGHTS_FILE, write_composition_files
 from calm_dist.training.agreement import run_everywhere
 from calm_dist.training.checkpoint import (CheckpointError, DamagedCheckpoint, file_hashes, latest_checkpoint,
                                            load_state, new_staging_dir, publish, read_trainer_state, rng_state,
@@ -135,12 +135,14 @@ class Checkpointer:
         write_index_part(staged, env.rank, hashes)
 
     # ---- export ----
-    def export(self, model, tracker) -> Path:
-        """The final composition in the core's save_composition format: <output_dir>/final (collective)."""
+    def export(self, model, tracker, training: dict) -> Path:
+        """The final composition in the core's save_composition format (a LoRA baseline: PEFT's adapter format),
+        with its model card: <output_dir>/final (collective). `training`: what composition.json records of the
+        run (data fingerprint, steps, final metrics, MLflow run)."""
         weights = gathered_composition(model, self.env.is_main)
         final = self.output_dir / "final"
         if self.env.is_main:
-            write_composition(final, weights, model.composition_config())
+            model.save_composition(final, weights, training=training)
             tracker.log_artifact(final, artifact_path="composition")
         dist.barrier()
         return final

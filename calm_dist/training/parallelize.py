@@ -175,7 +175,8 @@ def build_module(cfg: Config, resolved: ResolvedRun, dtype: torch.dtype, is_main
     if m.method == "lora":  # as many trainable parameters as the composition it is compared with
         targets = m.lora_targets or default_lora_targets(anchor.config)
         budget = composition_params(resolved.anchor_config, resolved.augmenting_configs, resolved.layer_pairs)
-        module = LoRAAnchor(anchor, m.lora_rank or matched_lora_rank(anchor, targets, budget), targets)
+        module = LoRAAnchor(anchor, m.lora_rank or matched_lora_rank(anchor, targets, budget), targets,
+                            revision=m.anchor_revision)
     else:
         module = ComposedModel(anchor, augmenting, layer_pairs=resolved.layer_pairs, num_heads=m.num_heads,
                                sources={"anchor_revision": m.anchor_revision,

@@ -30,6 +30,7 @@ from calm_dist.data.sampler import sampler_for
 from calm_dist.data.tokenizer import anchor_tokenizer
 from calm_dist.planning import costs
 from calm_dist.planning.hardware import peak_flops_per_rank
+from calm_dist.tracking.hf_env import log_checkpoints
 from calm_dist.tracking.tracker import Tracker
 from calm_dist.training import checkpoint as ckpt
 from calm_dist.training.agreement import any_rank
@@ -38,6 +39,8 @@ from calm_dist.training.dist_env import DistEnv, init_process_group, local_devic
 from calm_dist.training.evaluator import Evaluator
 from calm_dist.faults import Faults
 from calm_dist.training.locks import lock_for_job
+from calm_dist.training.memory import peak_memory
+from calm_dist.training.nodes import node_id, start_node_metrics
 from calm_dist.training.parallelize import build_distributed_model
 from calm_dist.training.preflight import ResolvedRun, data_cache_dir
 from calm_dist.training.states_cache import open_verified_caches
@@ -99,6 +102,10 @@ class Trainer:
             state = self.checkpointer.restore(resume_from, self.model.optimizer, self.model.scheduler, cfg.optim)
             self.start_step, self.run_id = state["step"], state.get("mlflow_run_id")
         self.tracker = self._tracker()
+        # every node's system metrics into this run (collective: rank 0 shares the run id)
+        self.node_metrics = start_node_metrics(env, self.tracker.run_id, cfg.tracking, self.output_dir, self.device,
+                                               resuming=self.start_step > 0)
+        self.final_metrics: dict[str, float] = {}  # rank 0: the last logged value of each metric
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_stop_signal)
 
@@ -120,7 +127,8 @@ class Trainer:
         return self.cfg.train.micro_batch_size * self.resolved.accumulation * self.env.world_size
 
     def _tracker(self) -> Tracker:
-        tracker = Tracker(self.cfg.tracking, is_main_process=self.env.is_main, output_dir=self.output_dir)
+        tracker = Tracker(self.cfg.tracking, is_main_process=self.env.is_main, output_dir=self.output_dir,
+                          node_id=node_id(self.env))
         tags = {"zero_stage": "3", "world_size": str(self.env.world_size),
                 "augmenting_states": self.cfg.train.augmenting_states}
         rng = ckpt.rng_state()  # MLflow names a new run with python's random: tracking must not shift the run's draws
@@ -141,7 +149,7 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         train_cfg, losses, step = self.cfg.train, [], self.start_step
-        stopped = False
+        stopped, loop_started = False, time.perf_counter()
         while step < train_cfg.steps:
             started = time.perf_counter()
             self.faults.at("raise_in_step", step)
@@ -160,7 +168,9 @@ class Trainer:
                 tflops = self.flops_per_token * self.global_batch_size * self.cfg.data.seq_len / elapsed / 1e12
                 metrics.update({"train/tflops": tflops, "train/mfu": tflops * 1e12 / self.peak_flops})
             if step % train_cfg.log_every == 0 or step == train_cfg.steps:
-                self._log(step, metrics)
+                metrics.update(peak_memory(self.device))  # collective: every rank logs at the same steps
+                per_step = (time.perf_counter() - loop_started) / (step - self.start_step)  # evals, checkpoints too
+                self._log(step, metrics, eta_s=per_step * (train_cfg.steps - step))
             last = step == train_cfg.steps
             if self.evaluator is not None and train_cfg.eval_every and step % train_cfg.eval_every == 0 and not last:
                 self._log(step, self.evaluator.evaluate())
@@ -176,8 +186,9 @@ class Trainer:
             if self.evaluator is not None:
                 self._log(step, self.evaluator.evaluate())
             self.save_checkpoint(step)
-            final_dir = self.checkpointer.export(self.model.module, self.tracker)
+            final_dir = self.checkpointer.export(self.model.module, self.tracker, self._training_record(step))
         self.tracker.close("KILLED" if stopped else "FINISHED")
+        self.stop_node_metrics()
         return TrainResult(step, losses, final_dir, stopped, self.run_id)
 
     def train_step(self, step: int) -> tuple[float, int]:
@@ -210,20 +221,36 @@ class Trainer:
         self.train_states.prefetch(upcoming)
         return states
 
-    def _log(self, step: int, metrics: dict) -> None:
+    def _log(self, step: int, metrics: dict, eta_s: float | None = None) -> None:
         """Rank 0: one progress line, <output_dir>/metrics.jsonl, and MLflow."""
         if not self.env.is_main:
             return
         with open(self.output_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         self.tracker.log_metrics(metrics, step=step)
-        print(progress_line(step, self.cfg.train.steps, metrics), flush=True)
+        self.final_metrics.update(metrics)
+        print(progress_line(step, self.cfg.train.steps, metrics, eta_s), flush=True)
+
+    def _training_record(self, step: int) -> dict:
+        """What the export's composition.json and model card record of this run (rank 0's values)."""
+        final = {k: v for k, v in self.final_metrics.items() if k == "train/loss" or k.startswith("eval/")}
+        tracker = self.tracker
+        return {"steps": step, "data_fingerprint": self.train_data.fingerprint, "final_metrics": final,
+                "mlflow": {"run_id": tracker.run_id, "experiment": tracker.experiment,
+                           "tracking_uri": tracker.tracking_uri}}
+
+    def stop_node_metrics(self) -> None:
+        if self.node_metrics is not None:
+            self.node_metrics.stop()
+            self.node_metrics = None
 
     def save_checkpoint(self, step: int) -> None:
         model = self.model
         state = {"scheduler": model.scheduler.state_dict(), "mlflow_run_id": self.tracker.run_id,
                  "global_batch_size": self.global_batch_size, "data_fingerprint": self.train_data.fingerprint}
         self.checkpointer.save(step, model.module, model.optimizer, state, self.cfg.to_yaml())
+        if log_checkpoints():  # HF_MLFLOW_LOG_ARTIFACTS, as transformers' MLflowCallback.on_save (rank 0 only)
+            self.tracker.log_artifact(ckpt.step_dir(self.output_dir, step), artifact_path=f"checkpoints/step_{step}")
 
 
 def train(cfg: Config, env: DistEnv, resolved: ResolvedRun) -> TrainResult:
@@ -233,6 +260,7 @@ def train(cfg: Config, env: DistEnv, resolved: ResolvedRun) -> TrainResult:
         result = trainer.run()
     except BaseException:
         trainer.tracker.close("FAILED")  # a crashed run must not stay RUNNING in MLflow
+        trainer.stop_node_metrics()
         raise
     shut_down_process_group()
     return result

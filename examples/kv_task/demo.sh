@@ -8,7 +8,9 @@
 #   5. the baselines through the same entry point: LoRA on the anchor with as many parameters, and the
 #      composition with a randomly initialised augmenting model
 #   6. evaluation (greedy exact match) of every model on every set, the Table-1-shaped comparison
-# Everything is logged to MLflow ($MLFLOW_TRACKING_URI, default sqlite:///<demo dir>/mlflow.db).
+#   7. the comparison of the training runs (calm-dist compare): loss curves in comparison.png beside results.md
+# Everything is logged to MLflow ($MLFLOW_TRACKING_URI, default sqlite:///<demo dir>/mlflow.db); each export's
+# scores go into the run that trained it, the base models' into child runs named for them.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -19,16 +21,18 @@ export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$(realpath -m "$DEMO_DIR")/mlflow.db}  # DEMO_DIR may be absolute
 export MLFLOW_EXPERIMENT_NAME=${MLFLOW_EXPERIMENT_NAME:-kv_demo}
 RUN=$DEMO_DIR/runs/$(date +%Y%m%d-%H%M%S)
+# every run of this demo carries the tag demo_run=<its directory>, so step 7 compares these runs and no earlier ones
+export MLFLOW_TAGS="demo_run=$(basename "$RUN")"
 TASK=$DEMO_DIR/task
 MODELS=$DEMO_DIR/models
 mkdir -p "$RUN"
 started=$SECONDS
 say() { printf '\n[demo %4ds] %s\n' "$((SECONDS - started))" "$*"; }
 
-say "1/6 key-value task and tokenizer -> $TASK"
+say "1/7 key-value task and tokenizer -> $TASK"
 "$PYTHON" -m examples.kv_task.make_data --out "$TASK"
 
-say "2/6 tiny anchor and augmenting models -> $MODELS"
+say "2/7 tiny anchor and augmenting models -> $MODELS"
 "$PYTHON" -m examples.kv_task.pretrain --task "$TASK" --out "$MODELS" --which both --parallel
 
 common=(model.anchor="$MODELS/anchor" model.augmenting="[$MODELS/aug]" data.tokenizer="$TASK/tokenizer.model"
@@ -40,15 +44,15 @@ launch() {  # the deepspeed launcher, 2 ranks on this machine's CPU
         calm_dist/train.py --config "$RECIPE" "${common[@]}" "$@"
 }
 
-say "3/6 cache the augmenting states of every training and eval row"
+say "3/7 cache the augmenting states of every training and eval row"
 "$PYTHON" -m calm_dist.cli cache --config "$RECIPE" "${common[@]}" train.output_dir="$RUN/composition" \
     train.states_cache_dir="$RUN/states_cache"
 
-say "4/6 train the composition (2 ranks, ZeRO-3, cached states)"
+say "4/7 train the composition (2 ranks, ZeRO-3, cached states)"
 launch train.output_dir="$RUN/composition" train.augmenting_states=cached \
     train.states_cache_dir="$RUN/states_cache" tracking.run_name=composition
 
-say "5/6 baselines: LoRA on the anchor (same parameter count), composition with a random augmenting model"
+say "5/7 baselines: LoRA on the anchor (same parameter count), composition with a random augmenting model"
 launch train.output_dir="$RUN/lora" model.method=lora tracking.run_name=lora
 # The random augmenting model is written once (seeded, as model.augmenting_init=random would) and then
 # composed like any other, from cached states: recomputing them every step would cost a minute more.
@@ -62,7 +66,7 @@ print(materialize_random_augmenting(load_config(sys.argv[1], sys.argv[2:]), is_m
 launch model.augmenting="[$random_aug]" train.output_dir="$RUN/random_augmenting" train.augmenting_states=cached \
     train.states_cache_dir="$RUN/random_states_cache" tracking.run_name=random_augmenting
 
-say "6/6 evaluate every model on every set"
+say "6/7 evaluate every model on every set"
 "$PYTHON" -m calm_dist.cli eval --config "$RECIPE" "${common[@]}" train.output_dir="$RUN/composition" \
     --composition composition="$RUN/composition/final" --composition lora="$RUN/lora/final" \
     --composition random_augmenting="$RUN/random_augmenting/final" --prefix-only \
@@ -71,4 +75,8 @@ say "6/6 evaluate every model on every set"
     --set numeric_arithmetic="$TASK/data/eval_arith.jsonl" \
     --json "$RUN/results.json" | tee "$RUN/results.md"
 
-say "done in $((SECONDS - started)) s: $RUN/results.md, MLflow at $MLFLOW_TRACKING_URI"
+say "7/7 compare the training runs: final metrics, and their loss curves in $RUN/comparison.png"
+"$PYTHON" -m calm_dist.cli compare --experiment "$MLFLOW_EXPERIMENT_NAME" --tag "demo_run=$(basename "$RUN")" \
+    --out-dir "$RUN" --name comparison
+
+say "done in $((SECONDS - started)) s: $RUN/results.md, $RUN/comparison.png, MLflow at $MLFLOW_TRACKING_URI"

@@ -41,8 +41,9 @@ class Ranks:
         port = free_port()
         self.procs, self.logs = [], []
         for rank in range(world):
-            e = base_env(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=world, LOCAL_WORLD_SIZE=world, LOCAL_SIZE=world,
-                         MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **(env or {}), **((rank_env or {}).get(rank, {})))
+            layout = dict(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=world, LOCAL_WORLD_SIZE=world, LOCAL_SIZE=world,
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+            e = base_env(**{**layout, **(env or {}), **(rank_env or {}).get(rank, {})})  # rank_env may change the layout
             log = tempfile.TemporaryFile("w+")
             self.logs.append(log)
             self.procs.append(subprocess.Popen([sys.executable, *args], cwd=cwd, env=e, stdout=log,

@@ -12,7 +12,6 @@ from calm_dist.config import load_config
 from calm_dist.data.prepare import load_rows
 from calm_dist.data.tokenizer import Tokenizer
 from calm_dist.model.baselines import LoRAAnchor
-from calm_dist.model.composition import read_composition_config
 from calm_dist.model.io import load_causal_lm
 from calm_dist.planning import costs
 
@@ -235,16 +234,20 @@ def test_baselines_train_through_the_same_zero3_entry_point(setup_dir, tmp_path,
     report = run_worker(setup_dir, out, **baseline)
     assert len(report["losses"]) == STEPS and report["losses"][-1] < report["losses"][0]
     assert report["partition"]["all_partitioned"]
-    saved = read_composition_config(out / "final")
-    if baseline.get("model.method") == "lora":
-        assert saved["method"] == "lora"
-        weights = load_file(str(out / "final" / "composition.safetensors"))
+    saved = json.loads((out / "final" / "composition.json").read_text())
+    if baseline.get("model.method") == "lora":  # PEFT's adapter format, gathered from the ZeRO-3 shards
+        from peft import PeftModel
+
+        assert saved["method"] == "lora" and saved["training"]["steps"] == STEPS
+        weights = load_file(str(out / "final" / "adapter_model.safetensors"))
         assert weights and all(w.abs().max() > 0 for w in weights.values())
         anchor = str(setup_dir / "anchor")
         reloaded = LoRAAnchor.from_export(out / "final", load_causal_lm(anchor))
+        by_peft = PeftModel.from_pretrained(load_causal_lm(anchor), str(out / "final"))
         reference = merged_lora_anchor(load_causal_lm(anchor), weights)
         x = torch.randint(3, reference.config.vocab_size, (3, 20), generator=torch.Generator().manual_seed(0))
         torch.testing.assert_close(reloaded(x).logits, reference(input_ids=x).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(by_peft(input_ids=x).logits, reference(input_ids=x).logits, atol=1e-5, rtol=0)
     elif "model.augmenting_init" in baseline:  # the export names the random model it was trained with
         random_dir = out / "random_augmenting" / "0"
         assert str(random_dir) in json.dumps(saved["augmenting"]) and (random_dir / "config.json").exists()

@@ -195,14 +195,12 @@ def answered_rows(model, tok: Tokenizer, n: int = 64, max_new_tokens: int = 6) -
 def test_eval_and_generate_commands_on_trained_exports(tiny, tmp_path):
     """`calm-dist eval` and `calm-dist generate` end to end on a composition with random blocks and a LoRA export
     with random B: every number equals the same evaluation in this process, and differs from the anchor's."""
-    from calm_dist.model.composition import write_composition
-
     tok = Tokenizer(tiny / "tokenizer.model")
     composed = ComposedModel.from_pretrained(tiny / "anchor", [tiny / "augmenting"]).eval()
     randomize_composition(composed, scale=0.02)
     composed.save_composition(tmp_path / "comp")
     lora = random_lora(load_causal_lm(str(tiny / "anchor")))
-    write_composition(tmp_path / "lora", lora.composition_state_dict(), lora.composition_config())
+    lora.save_composition(tmp_path / "lora")  # PEFT's adapter format
     answered = answered_rows(composed, tok)
     assert answered, "the composition stops with eos on none of the prompts: nothing to score it on"
     eval_set = write_jsonl(tmp_path / "eval.jsonl", answered[:4] + records(tiny))

@@ -196,7 +196,8 @@ def test_save_load_roundtrip_gives_identical_logits(tmp_path):
     model = ComposedModel.from_pretrained(anchor, [aug])
     randomize_composition(model)
     model.save_composition(tmp_path / "comp")
-    assert sorted(p.name for p in (tmp_path / "comp").iterdir()) == ["composition.json", "composition.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "comp").iterdir()) == ["README.md", "composition.json",
+                                                                     "composition.safetensors"]
     loaded = ComposedModel.from_composition(tmp_path / "comp")
     x = ids()
     torch.testing.assert_close(loaded(x).logits, model(x).logits, atol=0, rtol=0)
