@@ -7,7 +7,8 @@ import typing
 
 import pytest
 
-from calm_dist.config import Config, ConfigError, TrainConfig, flatten, literal_choices, load_config
+from calm_dist.config import Config, ConfigError, TrainConfig, flatten, load_config
+from calm_dist.config_checks import literal_choices
 from calm_dist.training.dist_env import DistEnv
 from calm_dist.training.preflight import preflight
 from tests.helpers.launch import REPO, base_env
