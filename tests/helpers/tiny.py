@@ -70,3 +70,16 @@ def tiny_setup(directory, **kw):
     from calm_dist.tiny_setup import make_tiny_setup
 
     return make_tiny_setup(directory, **kw)
+
+
+def random_lora(anchor, rank: int = 2, seed: int = 0):
+    """The LoRA baseline on `anchor` with random B (trained-like: B = 0 would be the anchor itself)."""
+    from calm_dist.model.baselines import LoRAAnchor
+
+    lora = LoRAAnchor(anchor, rank=rank, targets=["q_proj", "v_proj"]).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in lora.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+    return lora

@@ -14,7 +14,7 @@ from calm_dist.data.prepare import load_rows
 from calm_dist.data.tokenizer import Tokenizer
 from calm_dist.model.lm_loss import IGNORE
 from calm_dist.task_eval import composed_fns, evaluate_set, format_table, hf_model_fns
-from tests.helpers.tiny import randomize_composition
+from tests.helpers.tiny import random_lora, randomize_composition
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -141,19 +141,6 @@ def test_composition_at_init_scores_like_its_anchor(tiny):
     assert [e["got"] for e in c.examples] == [e["got"] for e in a.examples]
     table = format_table({"anchor": {"eval": a}, "composed": {"eval": c}})
     assert table.splitlines()[0] == "| data set | anchor | composed |"
-
-
-def random_lora(anchor, seed: int = 0):
-    """LoRA with random B (trained-like: B = 0 would be the anchor itself)."""
-    from calm_dist.model.baselines import LoRAAnchor
-
-    lora = LoRAAnchor(anchor, rank=2, targets=["q_proj", "v_proj"]).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in lora.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-    return lora
 
 
 def test_lora_baseline_is_evaluated_through_the_composition_interface(tiny):

@@ -10,6 +10,7 @@ from calm_dist import ComposedModel
 from calm_dist.files import replace_directory
 from calm_dist.model.baselines import LoRAAnchor
 from tests.helpers.reference import merged_lora_anchor
+from tests.helpers import tiny
 from tests.helpers.tiny import VOCAB, ids, randomize_composition, tiny_model
 
 TRAINING = {"steps": 7, "data_fingerprint": "0123abcd", "final_metrics": {"train/loss": 1.25, "eval/loss": 1.5},
@@ -17,13 +18,7 @@ TRAINING = {"steps": 7, "data_fingerprint": "0123abcd", "final_metrics": {"train
 
 
 def random_lora(seed: int = 0) -> LoRAAnchor:
-    lora = LoRAAnchor(tiny_model("llama", seed=1, hidden=48, layers=4), rank=3, targets=["q_proj", "v_proj"])
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in lora.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-    return lora
+    return tiny.random_lora(tiny_model("llama", seed=1, hidden=48, layers=4), rank=3, seed=seed)
 
 
 def test_the_lora_export_is_a_peft_adapter_that_peft_loads(tmp_path):

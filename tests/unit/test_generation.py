@@ -85,15 +85,21 @@ def stop_steps(new_tokens: torch.Tensor, eos: int) -> list[int | None]:
     return [row.index(eos) if eos in row else None for row in new_tokens.tolist()]
 
 
-def test_eos_stops_and_pads_like_transformers():
-    """At init the composition is its anchor: with an eos that rows reach at different steps (one never), every
-    row equals transformers' own generate, padding after the eos included."""
+def eos_setup():
+    """A composition at init (its anchor), the anchor's twin under transformers, eight left-padded prompts, the
+    reference's generate arguments, and the 10 tokens it decodes with no eos."""
     anchor = tiny_model("llama", seed=1, hidden=48, layers=6)
     reference = tiny_model("llama", seed=1, hidden=48, layers=6)
     model = ComposedModel.from_pretrained(anchor, [tiny_model("gpt2", hidden=32, layers=4)])
     x, mask = left_padded_prompts(pads=(0, 4, 2, 0, 5, 1, 3, 0))
     kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
-    free = reference.generate(x, eos_token_id=-1, **kw)[:, 9:]
+    return model, reference, x, mask, kw, reference.generate(x, eos_token_id=-1, **kw)[:, 9:]
+
+
+def test_eos_stops_and_pads_like_transformers():
+    """At init the composition is its anchor: with an eos that rows reach at different steps (one never), every
+    row equals transformers' own generate, padding after the eos included."""
+    model, reference, x, mask, kw, free = eos_setup()
     # the token whose first appearances are spread over the most steps, some row never reaching it
     eos = max(free.unique().tolist(), key=lambda t: (None in stop_steps(free, t), len(set(stop_steps(free, t)))))
     steps = stop_steps(free, eos)
@@ -109,12 +115,7 @@ def test_eos_stops_and_pads_like_transformers():
 def test_a_list_of_eos_ids_stops_each_row_at_any_of_them_like_transformers():
     """Llama-3's configs give eos_token_id as a list: a row ends at whichever of them comes first, passed
     explicitly or read from the anchor's config, exactly as transformers' generate ends it."""
-    anchor = tiny_model("llama", seed=1, hidden=48, layers=6)
-    reference = tiny_model("llama", seed=1, hidden=48, layers=6)
-    model = ComposedModel.from_pretrained(anchor, [tiny_model("gpt2", hidden=32, layers=4)])
-    x, mask = left_padded_prompts(pads=(0, 4, 2, 0, 5, 1, 3, 0))
-    kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
-    free = reference.generate(x, eos_token_id=-1, **kw)[:, 9:]
+    model, reference, x, mask, kw, free = eos_setup()
     first, second = free[0, 2].item(), free[1, 1].item()  # two tokens some rows reach at different steps
     eos = [VOCAB - 1 if VOCAB - 1 not in (first, second) else VOCAB - 2, first, second]
     theirs = reference.generate(x, eos_token_id=eos, **kw)
