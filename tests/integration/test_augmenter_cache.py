@@ -122,8 +122,13 @@ def test_a_cache_of_a_mixture_serves_each_sources_rows(tiny, tmp_path):
     assert len(data) == 48 and data.parts[1].fingerprint != data.parts[0].fingerprint
     cache = StatesCache(build(setup, data, tmp_path / "c"), comps(setup, data))
     rows = [47, 3, 40, 17, 44]  # the second source's rows (40..47) and the first's, in one read
+    batch = data.batch(rows)
+    # the mixture's rows are each source's own rows, read from that source directly
+    by_source = [data.parts[1].batch([7]), data.parts[0].batch([3]), data.parts[1].batch([0]),
+                 data.parts[0].batch([17]), data.parts[1].batch([4])]
+    assert all(torch.equal(batch[k][i], by_source[i][k][0]) for k in batch for i in range(len(rows)))
     model = randomized_composition(setup / "anchor", [setup / "augmenting"])
-    assert_same_training(model, data.batch(rows), cache.read(rows), 1e-6, 1e-6)
+    assert_same_training(model, batch, cache.read(rows), 1e-6, 1e-6)
 
 
 def cache_job(setup, out, **overrides):
