@@ -38,6 +38,7 @@ def cmd_prepare(args) -> int:
     workers = cfg.data.workers if args.workers is None else args.workers
     if workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {workers}")
+    from calm_dist.data.aligned_rows import reading_tokenizers
     from calm_dist.data.prepare import load_rows, read_manifest
     from calm_dist.data.sources import open_source
     from calm_dist.data.tokenizer import anchor_tokenizer
@@ -49,8 +50,9 @@ def cmd_prepare(args) -> int:
     for key, spec in splits.items():
         open_source(spec, key)  # every input exists and is of one kind, before the first one is tokenized
     tokenizer = anchor_tokenizer(cfg)  # data.tokenizer, else the anchor's own
+    augmenting = reading_tokenizers(cfg)  # with different tokenizers the rows fit each one's length
     for key, spec in splits.items():
-        rows = load_rows(cfg.data, spec, key, tokenizer, data_cache_dir(cfg), workers=workers)
+        rows = load_rows(cfg.data, spec, key, tokenizer, data_cache_dir(cfg), workers=workers, augmenting=augmenting)
         m = read_manifest(rows.directory)
         print(f"{key}: {m['n_docs']:,} records, {m['n_tokens']:,} tokens ({m['dtype']}), {len(rows):,} rows of "
               f"{cfg.data.seq_len} in {len(m['shards'])} shards -> {rows.directory}", flush=True)
@@ -79,8 +81,14 @@ def cmd_train(args) -> int:
     return train_main((["--config", args.config] if args.config else []) + args.overrides)
 
 
+ACROSS_TOKENIZERS = ("decodes with one tokenizer; a composition of different tokenizers decodes with "
+                     "calm_dist.model.cross_tokenizer_generation.generate_across_tokenizers (docs/cross_tokenizer.md)")
+
+
 def cmd_eval(args) -> int:
     cfg = load_config(args.config, args.overrides)  # a bad config is refused before torch loads
+    if cfg.data.different_tokenizers:
+        raise ConfigError(f"calm-dist eval {ACROSS_TOKENIZERS}")
     from calm_dist.task_eval import main as eval_main
 
     return eval_main(args, cfg)
@@ -95,6 +103,10 @@ def cmd_generate(args) -> int:
     from calm_dist.task_eval import answer_text, stop_ids
     from calm_dist.training.dist_env import local_device
 
+    from calm_dist.model.composition import read_composition_config
+
+    if read_composition_config(args.composition).get("training", {}).get("different_tokenizers"):
+        raise ConfigError(f"calm-dist generate {ACROSS_TOKENIZERS}")
     device = local_device(DistEnv.from_environ())
     model = ComposedModel.from_composition(args.composition).to(device)
     if args.tokenizer:

@@ -34,7 +34,8 @@ class ModelConfig:
 
     augmenting: list[str] = field(default_factory=list)
     """The augmenting causal LMs whose hidden states the anchor attends to (directories or hub ids), at least one.
-    Each must share the anchor's tokenizer vocabulary; their embedding tables may differ in size (padding)."""
+    Each must share the anchor's tokenizer vocabulary (their embedding tables may differ in size: padding), unless
+    data.different_tokenizers lets each read the text through its own."""
 
     anchor_revision: str | None = None
     """The hub revision (branch, tag or commit) of a hub-id `anchor`; null: the hub's default branch. A hub id is
@@ -155,7 +156,20 @@ class DataConfig:
     augmenting_tokenizers: list[str | None] | None = None
     """One tokenizer per augmenting model, in the order of model.augmenting (the same forms as `tokenizer`); a null
     entry, or null: the one saved with that model, else the data's. Each must have the data tokenizer's vocabulary
-    (same tokens at the same ids, same bos and eos): CALM feeds the same ids to every model."""
+    (same tokens at the same ids, same bos and eos): CALM feeds the same ids to every model, unless
+    `different_tokenizers` is on."""
+
+    different_tokenizers: bool = False
+    """Compose models whose tokenizers differ from the anchor's (docs/cross_tokenizer.md): each augmenting model
+    reads the record's text through its own tokenizer, aligned to the anchor's tokens by character spans. Every
+    tokenizer must report character offsets (a fast transformers tokenizer or SentencePiece), and rows are not
+    packed. Off: every augmenting tokenizer must have the anchor's vocabulary (preflight refuses others)."""
+
+    augmenting_seq_len: int | None = None
+    """With different_tokenizers: the most tokens an augmenting model reads for one anchor token (>= 1): the
+    reading of the text up to that token's end, bos included, whose positions must fit the augmenting model. A
+    record over it follows `overlong` (error refuses it naming the row; truncate drops the anchor's last tokens
+    until it fits). Null: seq_len. The tails make an augmenting row longer than this (docs/cross_tokenizer.md)."""
 
     seq_len: int = 64
     """Tokens per row (>= 1): every row is padded (or packed) to exactly this length, so every model must have
@@ -183,12 +197,24 @@ class DataConfig:
         check_choices("data", self)
         at_least("data.seq_len", self.seq_len, 1)  # the models' position limits are checked in preflight
         at_least("data.workers", self.workers, 0)
+        at_least("data.augmenting_seq_len", self.augmenting_seq_len, 1)
         if self.packing:
             at_least("data.seq_len (with data.packing)", self.seq_len, 2)
+            if self.different_tokenizers:
+                raise ConfigError("data.packing with data.different_tokenizers is not supported: rows of different "
+                                  "tokenizers are aligned one record each (set data.packing=false)")
+        if self.augmenting_seq_len is not None and not self.different_tokenizers:
+            raise ConfigError("data.augmenting_seq_len is read only with data.different_tokenizers=true (otherwise "
+                              "every model reads the rows of data.seq_len)")
         if isinstance(self.train, list):
             self.train = [s if isinstance(s, DataSource) else DataSource(**s) for s in self.train]
             if not self.train:
                 raise ConfigError("data.train: an empty list of sources")
+
+    @property
+    def augmenting_len(self) -> int:
+        """The augmenting models' row length: augmenting_seq_len, else seq_len."""
+        return self.augmenting_seq_len or self.seq_len
 
     def train_sources(self) -> list[tuple[str, str, float]]:
         """(key for messages, spec, weight) of each training source: one for a single data.train."""

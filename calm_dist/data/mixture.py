@@ -111,6 +111,16 @@ class MixedRows:
                 out[name][torch.from_numpy(where)] = t
         return out
 
+    def texts(self, indices) -> list:
+        """TokenRows.texts of each row, from its source."""
+        indices, source = self._split(indices)
+        out: list = [None] * len(indices)
+        for k in np.unique(source):
+            where = np.nonzero(source == k)[0]
+            for i, value in zip(where.tolist(), self.parts[k].texts(indices[where] - self.offsets[k])):
+                out[i] = value
+        return out
+
     def labelled_tokens_by_source(self, indices) -> list[int]:
         indices, source = self._split(indices)
         return [self.parts[k].labelled_tokens(indices[source == k] - self.offsets[k]) if (source == k).any() else 0

@@ -31,6 +31,8 @@ from calm_dist.config import ConfigError, DataConfig
 from calm_dist.data.mixture import MixedRows
 from calm_dist.data.shards import ShardWriter, TokenRows, completed_shard, token_dtype
 from calm_dist.data.sources import open_source, source_fingerprint
+from calm_dist.data.text_records import record_field, tokenize_with_spans
+from calm_dist.data.texts import TextWriter, completed_texts
 from calm_dist.data.tokenizer import BackendTokenizer, Tokenizer
 from calm_dist.files import write_atomic
 from calm_dist.rank_zero import run_on_rank_zero
@@ -44,18 +46,26 @@ SETTINGS = ("format", "prompt_field", "completion_field", "text_field", "seq_len
 
 
 def settings_of(data_cfg: DataConfig) -> dict:
-    """The data settings that change the prepared tokens or the rows read from them."""
-    return {k: getattr(data_cfg, k) for k in SETTINGS}
+    """The data settings that change the prepared tokens or the rows read from them (the different-tokenizer
+    ones only when on: the same-tokenizer data keeps its fingerprint)."""
+    settings = {k: getattr(data_cfg, k) for k in SETTINGS}
+    if data_cfg.different_tokenizers:
+        settings.update(different_tokenizers=True, augmenting_seq_len=data_cfg.augmenting_len)
+    return settings
 
 
 def fingerprint(data_cfg: DataConfig, spec: str, key: str, tokenizer: Tokenizer, memo_dir: Path,
-                hashing: bool = True) -> str | None:
+                hashing: bool = True, augmenting: list[Tokenizer] = ()) -> str | None:
     """What the prepared tokens depend on, hashed; None when `hashing` is off and a source file's hash is not
-    memoised yet (rank 0 has not fingerprinted it)."""
+    memoised yet (rank 0 has not fingerprinted it). `augmenting`: the augmenting models' tokenizers when they read
+    the text themselves (data.different_tokenizers), whose lengths fit the rows."""
     source = source_fingerprint(spec, key, memo_dir=memo_dir, hashing=hashing)
     if source is None:
         return None
-    text = json.dumps([source, tokenizer.fingerprint(), settings_of(data_cfg)], sort_keys=True)
+    prints = [source, tokenizer.fingerprint(), settings_of(data_cfg)]
+    if augmenting:
+        prints.append([t.fingerprint() for t in augmenting])
+    text = json.dumps(prints, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -77,16 +87,6 @@ def read_manifest(directory: Path) -> dict | None:
 
 
 # ---- tokenizing records -------------------------------------------------------------------------------------
-def _field(record, name: str, where: str) -> str:
-    if not isinstance(record, dict):
-        raise ConfigError(f"{where}: the record is a {type(record).__name__}, not an object")
-    value = record.get(name)
-    if not isinstance(value, str):
-        problem = "is missing" if name not in record else f"is a {type(value).__name__}, not a string"
-        raise ConfigError(f"{where}: field {name!r} {problem}")
-    return value
-
-
 def tokenize_records(batch: list[tuple[str, dict]], data_cfg: DataConfig, tok: Tokenizer):
     """(token ids, position of the first labelled token) of each (where, record): prompt/completion records are
     bos + prompt, then completion + eos with the loss on the completion only; text records are bos + text + eos
@@ -96,14 +96,14 @@ def tokenize_records(batch: list[tuple[str, dict]], data_cfg: DataConfig, tok: T
     if data_cfg.format == "prompt_completion":
         prompts, completions = [], []
         for where, record in batch:
-            prompts.append(_field(record, data_cfg.prompt_field, where))
-            completions.append(_field(record, data_cfg.completion_field, where))
+            prompts.append(record_field(record, data_cfg.prompt_field, where))
+            completions.append(record_field(record, data_cfg.completion_field, where))
             if not completions[-1]:
                 raise ConfigError(f"{where}: field {data_cfg.completion_field!r} is empty (nothing to learn)")
         out = [(bos + p + c + eos, len(bos) + len(p))
                for p, c in zip(tok.encode_batch(prompts), tok.encode_batch(completions))]
     else:
-        texts = [_field(record, data_cfg.text_field, where) for where, record in batch]
+        texts = [record_field(record, data_cfg.text_field, where) for where, record in batch]
         out = [(bos + t + eos, 0) for t in tok.encode_batch(texts)]
     if not data_cfg.packing and data_cfg.overlong == "error":
         for (where, _), (ids, _) in zip(batch, out):
@@ -142,24 +142,33 @@ def _parts(spec: str, key: str):
 
 
 def write_shard(job: dict) -> dict:
-    """One worker's job: the records [start, stop) of one part, tokenized into shard `index`. Runs in a worker
-    process (everything it needs is in `job`, reopened there), or inline for a single job."""
+    """One worker's job: the records [start, stop) of one part, tokenized into shard `index` (and, for models of
+    different tokenizers, its texts and spans: texts.py). Runs in a worker process (everything it needs is in
+    `job`, reopened there), or inline for a single job."""
     data_cfg = DataConfig(**job["data"])
     tok = _tokenizer(job["tokenizer"], job["backend"])
+    augmenting = [_tokenizer(path, None) for path in job["augmenting"]]
     part = _parts(job["spec"], job["key"])[job["part"]]
     batch: list[tuple[str, dict]] = []
+    texts = TextWriter(Path(job["directory"]), job["index"]) if data_cfg.different_tokenizers else None
     with ShardWriter(Path(job["directory"]), job["index"], np.dtype(job["dtype"])) as writer:  # a bad row: no files
 
         def flush():
-            if batch:
+            if batch and texts is not None:
+                for ids, loss_start, text, spans in tokenize_with_spans(batch, data_cfg, tok, augmenting):
+                    writer.add(ids, loss_start)
+                    texts.add(text, spans)
+            elif batch:
                 for ids, loss_start in tokenize_records(batch, data_cfg, tok):
                     writer.add(ids, loss_start)
-                batch.clear()
+            batch.clear()
         for row, record in part.records(job["start"], job["stop"]):
             batch.append((f"{part.key}: {part.name} row {row}", record))
             if len(batch) == ENCODE_BATCH:
                 flush()
         flush()
+        if texts is not None:  # before the token shard's sidecar, which marks the shard complete
+            texts.close()
         return writer.close()
 
 
@@ -168,7 +177,7 @@ def available_cores() -> int:
 
 
 def prepare(data_cfg: DataConfig, spec: str, key: str, tokenizer: Tokenizer, directory: Path, fp: str,
-            workers: int = 0) -> dict:
+            workers: int = 0, augmenting: list[Tokenizer] = ()) -> dict:
     """Tokenize `spec` into shards under `directory` with `workers` processes (0: every core), resuming what a
     previous prepare left; returns the manifest (written last)."""
     directory = Path(directory)
@@ -180,23 +189,24 @@ def prepare(data_cfg: DataConfig, spec: str, key: str, tokenizer: Tokenizer, dir
         manifest = read_manifest(directory)
         if manifest is not None:
             return manifest
-        return _prepare_locked(data_cfg, spec, key, tokenizer, directory, fp, workers)
+        return _prepare_locked(data_cfg, spec, key, tokenizer, directory, fp, workers, augmenting)
 
 
 def _prepare_locked(data_cfg: DataConfig, spec: str, key: str, tokenizer: Tokenizer, directory: Path, fp: str,
-                    workers: int) -> dict:
+                    workers: int, augmenting: list[Tokenizer]) -> dict:
     parts = open_source(spec, key)
     directory.mkdir(parents=True, exist_ok=True)
-    backend = _worker_backend(tokenizer, parts, data_cfg, directory)
+    # the backend alone gives no character offsets, which models of different tokenizers are aligned by
+    backend = None if data_cfg.different_tokenizers else _worker_backend(tokenizer, parts, data_cfg, directory)
     jobs = []
     for p, part in enumerate(parts):
         n = part.num_rows()
         for start in range(0, n, ROWS_PER_SHARD):
             jobs.append({"spec": spec, "key": key, "part": p, "start": start, "stop": min(n, start + ROWS_PER_SHARD),
                          "index": len(jobs), "directory": str(directory), "tokenizer": str(tokenizer.path),
-                         "backend": backend,
+                         "backend": backend, "augmenting": [str(t.path) for t in augmenting],
                          "dtype": token_dtype(tokenizer.vocab_size).str, "data": dataclasses.asdict(data_cfg)})
-    todo = [job for job in jobs if completed_shard(directory, job["index"]) is None]
+    todo = [job for job in jobs if not _complete(directory, job["index"], data_cfg)]
     workers = min(workers or available_cores(), len(todo))
     if workers <= 1:
         for job in todo:
@@ -205,6 +215,13 @@ def _prepare_locked(data_cfg: DataConfig, spec: str, key: str, tokenizer: Tokeni
         _run_in_workers(todo, workers)
     shards = [completed_shard(directory, job["index"]) for job in jobs]
     return _write_manifest(directory, data_cfg, spec, key, tokenizer, fp, shards)
+
+
+def _complete(directory: Path, index: int, data_cfg: DataConfig) -> bool:
+    """Shard `index` is written, and its texts too when the models read through different tokenizers."""
+    sidecar = completed_shard(directory, index)
+    return sidecar is not None and (not data_cfg.different_tokenizers or completed_texts(
+        directory, index, sidecar["n_docs"], sidecar["n_tokens"]))
 
 
 def _run_in_workers(jobs: list[dict], workers: int) -> None:
@@ -239,19 +256,20 @@ def _write_manifest(directory: Path, data_cfg: DataConfig, spec: str, key: str, 
 
 
 def load_rows(data_cfg: DataConfig, spec: str, key: str, tokenizer: Tokenizer, cache_dir: str | Path, *,
-              is_writer: bool = True, silence_s: float = 0.0, workers: int = 0) -> TokenRows:
+              is_writer: bool = True, silence_s: float = 0.0, workers: int = 0,
+              augmenting: list[Tokenizer] = ()) -> TokenRows:
     """The rows of `spec`, prepared once: the writer (rank 0) fingerprints and prepares under a heartbeat; every
     other rank waits until the manifest exists, however long that takes, and stops when the writer's heartbeat
     has been silent for `silence_s` or it records an error (a bad row's ConfigError, which they raise too)."""
     cache_dir = Path(cache_dir)
 
     def current() -> Path | None:
-        fp = fingerprint(data_cfg, spec, key, tokenizer, cache_dir, hashing=False)
+        fp = fingerprint(data_cfg, spec, key, tokenizer, cache_dir, hashing=False, augmenting=augmenting)
         return None if fp is None else prepared_dir(cache_dir, fp)
 
     def work() -> None:
-        fp = fingerprint(data_cfg, spec, key, tokenizer, cache_dir)
-        prepare(data_cfg, spec, key, tokenizer, prepared_dir(cache_dir, fp), fp, workers)
+        fp = fingerprint(data_cfg, spec, key, tokenizer, cache_dir, augmenting=augmenting)
+        prepare(data_cfg, spec, key, tokenizer, prepared_dir(cache_dir, fp), fp, workers, augmenting)
 
     def done() -> bool:
         directory = current()

@@ -291,6 +291,8 @@ class TokenRows:
         """Close the open shards' files (reading again reopens them)."""
         while self._open:
             self._open.popitem()[1].close()
+        if getattr(self, "_texts", None) is not None:
+            self._texts.close()
 
     def _rows(self, indices, with_tokens: bool):
         """(input_ids int64 or None, labelled bool, attention_mask int64, position_ids int64 or None: packed rows
@@ -361,6 +363,24 @@ class TokenRows:
                "attention_mask": torch.from_numpy(mask)}
         if positions is not None:
             out["position_ids"] = torch.from_numpy(positions)
+        return out
+
+    def texts(self, indices) -> list[tuple[str, np.ndarray]]:
+        """(text, spans int64 [n, 2]) of each row's document, its n tokens' character spans, for data prepared
+        for models of different tokenizers (calm_dist/data/texts.py); unpacked rows only."""
+        from calm_dist.data.texts import TextReader  # texts.py names its files after this module's shards
+
+        if self.packing:
+            raise ValueError("packed rows hold no single text: models of different tokenizers read unpacked rows")
+        if getattr(self, "_texts", None) is None:
+            self._texts = TextReader(self.directory)
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        shard_of = np.searchsorted(self._doc_starts, idx, side="right") - 1
+        out = []
+        for row, k in zip(idx.tolist(), shard_of.tolist()):
+            doc = row - int(self._doc_starts[k])
+            start, stop = (int(x) for x in self._shard(k).index[doc:doc + 2])
+            out.append(self._texts.document(k, doc, start, min(stop - start, self.seq_len)))
         return out
 
     def labelled_tokens(self, indices) -> int:

@@ -18,8 +18,8 @@ tokenizer without bos, at character 0) attends nothing, and the block adds exact
 
 A tokenizer here is duck-typed (calm_dist/data/tokenizer.py's `Tokenizer` is one): `encode_with_spans(text)`
 gives (ids, [(start, end), ...]) without special tokens, and `bos_id` (None: no bos) the token put first, with
-span (0, 0). `align` tokenizes one prefix per distinct anchor token end: a reference cost, O(T) tokenizer calls
-per row.
+span (0, 0). `align` reads each distinct anchor token end's prefix through a window of a few tokens before the
+cut (calm_dist/model/prefix_reading.py), or whole with window=None, the reference.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from typing import Protocol
 import torch
 
 from calm_dist.model.cross_attention import cross_attention_mask
+from calm_dist.model.prefix_reading import WINDOW, exact_readings, read, windowed_readings
 
 Span = tuple[int, int]
 
@@ -38,15 +39,6 @@ class SpanTokenizer(Protocol):
     bos_id: int | None
 
     def encode_with_spans(self, text: str) -> tuple[list[int], list[Span]]: ...
-
-
-def read(tokenizer: SpanTokenizer, text: str) -> tuple[list[int], list[Span]]:
-    """The tokens a model reads for `text`, and their character spans: its bos (span (0, 0)) when it has one, then
-    the text's tokens."""
-    ids, spans = tokenizer.encode_with_spans(text)
-    bos = getattr(tokenizer, "bos_id", None)
-    head_ids, head_spans = ([bos], [(0, 0)]) if bos is not None else ([], [])
-    return head_ids + list(ids), head_spans + [tuple(s) for s in spans]
 
 
 def common_prefix(ids: list[int], spans: list[Span], other_ids: list[int], other_spans: list[Span]) -> int:
@@ -77,8 +69,9 @@ class AugmentingInputs:
     def has_tails(self) -> bool:
         return bool(self.reading.any())
 
-    def to(self, device) -> "AugmentingInputs":
-        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
+    def to(self, device, non_blocking: bool = False) -> "AugmentingInputs":
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+                                            for f in dataclasses.fields(self)})
 
     def _visible(self, prefix: torch.Tensor, reading: torch.Tensor, position: torch.Tensor | None) -> torch.Tensor:
         """[B, 1, Tq, S]: queries that read `prefix` of F's tokens, then their tail `reading` up to `position`
@@ -120,23 +113,29 @@ class _Row:
     prefix: list[int]
 
 
-def _align_row(text: str, anchor_ends: list[int], tokenizer: SpanTokenizer) -> tuple[_Row, list[tuple[int, int]]]:
+def _align_row(text: str, anchor_ends: list[int], tokenizer: SpanTokenizer, window: int | None
+               ) -> tuple[_Row, list[tuple[int, int]]]:
     """Row `text`'s augmenting tokens (F, then the tails) and, per anchor end, (F tokens read, tail read)."""
     ids, spans = read(tokenizer, text)
     row = _Row(list(ids), list(spans), list(range(len(ids))), [0] * len(ids), list(range(1, len(ids) + 1)))
+    readings = (exact_readings(text, anchor_ends, tokenizer, (ids, spans)) if window is None
+                else windowed_readings(text, anchor_ends, tokenizer, (ids, spans), window))
     reads: dict[int, tuple[int, int]] = {}
+    tails = 0
     for end in anchor_ends:
         if end in reads:
             continue
-        prefix_ids, prefix_spans = (ids, spans) if end >= len(text) else read(tokenizer, text[:end])
-        k = common_prefix(ids, spans, prefix_ids, prefix_spans)
-        tail = len(prefix_ids) - k
+        prefix = readings[end]
+        k = prefix.shared + common_prefix(ids[prefix.shared:], spans[prefix.shared:], prefix.ids, prefix.spans)
+        tail = prefix.shared + len(prefix.ids) - k
         if tail == 0:
             reads[end] = (k, 0)
             continue
-        r = max(row.reading) + 1
-        row.ids += prefix_ids[k:]
-        row.spans += prefix_spans[k:]
+        new = slice(k - prefix.shared, None)
+        tails += 1
+        r = tails
+        row.ids += prefix.ids[new]
+        row.spans += prefix.spans[new]
         row.positions += list(range(k, k + tail))
         row.reading += [r] * tail
         row.prefix += [k] * tail
@@ -145,10 +144,11 @@ def _align_row(text: str, anchor_ends: list[int], tokenizer: SpanTokenizer) -> t
 
 
 def align(texts: list[str], anchor_spans: torch.Tensor, anchor_mask: torch.Tensor, tokenizer: SpanTokenizer,
-          pad_id: int = 0, padding_side: str = "right") -> AugmentingInputs:
+          pad_id: int = 0, padding_side: str = "right", window: int | None = WINDOW) -> AugmentingInputs:
     """One augmenting model's reading of `texts`, aligned to the anchor's tokens: `anchor_spans` [B, T, 2] are
     the character spans of the anchor tokens where `anchor_mask` [B, T] is 1 (padding's are ignored). The
-    augmenting rows are padded with `pad_id` on `padding_side`; the anchor's layout is kept."""
+    augmenting rows are padded with `pad_id` on `padding_side`; the anchor's layout is kept. Each prefix is read
+    through a window of `window` tokens (prefix_reading.py); None reads each prefix whole, the reference."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
     b, t = anchor_mask.shape
@@ -158,7 +158,7 @@ def align(texts: list[str], anchor_spans: torch.Tensor, anchor_mask: torch.Tenso
     for i, text in enumerate(texts):
         real = anchor_mask[i].bool().cpu()
         ends = anchor_spans[i, :, 1].cpu()[real].tolist()
-        row, reads = _align_row(text, ends, tokenizer)
+        row, reads = _align_row(text, ends, tokenizer, window)
         rows.append(row)
         if reads:
             anchor_prefix[i, real], anchor_reading[i, real] = torch.tensor(reads, dtype=torch.long).unbind(-1)

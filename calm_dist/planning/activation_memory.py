@@ -58,7 +58,8 @@ class ActivationMemory:
 
 
 def activation_memory(anchor: Any, augmenting: Any, layer_pairs: Any = None, *, tokens: int, dtype: Any = "bf16",
-                      activation_checkpointing: bool = False, every: int = 4) -> ActivationMemory:
+                      activation_checkpointing: bool = False, every: int = 4,
+                      augmenting_per_token: float = 1.0) -> ActivationMemory:
     """Activation memory of one micro-batch (`tokens` = micro_batch * seq_len) on one rank, in bytes.
 
     Only anchor blocks above the first composed layer j0 keep activations (nothing below requires grad);
@@ -66,15 +67,19 @@ def activation_memory(anchor: Any, augmenting: Any, layer_pairs: Any = None, *, 
     Without checkpointing: (L-1-j0) blocks * `layer_activation_bytes_per_token` + per pair ~8*D_B*bytes.
     With checkpointing (HF layer checkpointing, composition hooks outside it): the inputs of blocks
     j0+1..L-1 (D_B*bytes each) + one block re-materialised in the backward; the composition blocks keep theirs.
+    `augmenting_per_token`: augmenting tokens per anchor token (costs.augmenting_tokens_per_token; 1 with one
+    tokenizer): their states, and the blocks' tensors of the augmenting side (proj and LN out, k, v), scale by it.
     Estimates for planning, not exact allocator peaks (fragmentation and NCCL buffers are not here)."""
     anchor, groups = normalize_layer_pairs(anchor, augmenting, layer_pairs, every)
     b = dtype_bytes(dtype)
     L = anchor.num_layers
     j0 = min(bb for _, pairs in groups for _, bb in pairs)
     per_layer = layer_activation_bytes_per_token(anchor, dtype)
-    per_pair = 8 * anchor.hidden_size * b   # proj out, LN out, anchor query in, LN_q out, q, k, v, attention out
+    r = augmenting_per_token
+    # anchor side: query in, LN_q out, q, attention out; augmenting side (r per anchor token): proj out, LN out, k, v
+    per_pair = (4 + 4 * r) * anchor.hidden_size * b
     n_pairs = sum(len(p) for _, p in groups)
-    aug_states = sum(len({a for a, _ in p}) * s.hidden_size * b for s, p in groups)
+    aug_states = r * sum(len({a for a, _ in p}) * s.hidden_size * b for s, p in groups)
     # lm_loss.head_loss never holds B x T x V: per labelled token the hidden row it selects and the gradient it
     # keeps for backward (D_B * bytes each) + its row index (8), and once one chunk of logits (model dtype, fp32,
     # the softmax cast back; in fp32 the casts are no-ops and the softmax is computed in place: one copy)

@@ -384,10 +384,38 @@ class StepCost:
         return d
 
 
+def estimated_tail_fraction(seq_len: int, augmenting_seq_len: int) -> float:
+    """The tails' tokens per token of an augmenting row, estimated from how much finer the anchor cuts the same
+    text (seq_len / augmenting_seq_len): a tail comes from an anchor token that ends inside an augmenting token.
+    1.5 x (ratio - 1) is within 2x of what docs/cross_tokenizer.md measures on the tested tokenizer pairs (0.6 at
+    a ratio of 1.3, 1.2 at 2.5, 3.7 at 3.4; none when the anchor's tokens are the coarser)."""
+    return 1.5 * max(0.0, seq_len / augmenting_seq_len - 1.0)
+
+
+def augmenting_tokens_per_token(seq_len: int, augmenting_seq_len: int | None, tail_fraction: float | None = None
+                                ) -> float:
+    """Augmenting tokens computed per anchor token: 1 when the models share the tokenizer (augmenting_seq_len
+    None); with different tokenizers (docs/cross_tokenizer.md) a full row's augmenting reading,
+    augmenting_seq_len, plus the tails of the prefixes that read otherwise, `tail_fraction` of it (None:
+    estimated_tail_fraction), over the anchor's seq_len."""
+    if augmenting_seq_len is None:
+        return 1.0
+    if tail_fraction is None:
+        tail_fraction = estimated_tail_fraction(seq_len, augmenting_seq_len)
+    return augmenting_seq_len * (1.0 + tail_fraction) / seq_len
+
+
 def step_cost(anchor: Any, augmenting: Any, layer_pairs: Any = None, *, seq_len: int, states: str = "recompute",
               activation_checkpointing: bool = False, causal: bool = True, attn_backward_factor: float = 2.0,
-              every: int = 4) -> StepCost:
+              every: int = 4, augmenting_seq_len: int | None = None, tail_fraction: float | None = None
+              ) -> StepCost:
     """FLOPs per token of one training step (docs/plan.md section 3), term by term.
+
+    Models of different tokenizers (augmenting_seq_len set): each augmenting model computes
+    r = augmenting_tokens_per_token(seq_len, augmenting_seq_len, tail_fraction) tokens per anchor token, each
+    attending a context of augmenting_seq_len; in every composition block f_proj, K and V run over those tokens
+    (r times), Q and O over the anchor's, and the cross attention reads augmenting_seq_len keys. Same tokenizer:
+    r = 1 and the augmenting context is seq_len, the terms below.
 
     Let j0 be the first (lowest) composed anchor layer over all pairs. Then per token:
       aug_forward     = sum over augmenting models of 2 * matmul params of blocks 0..deepest composed layer
@@ -421,18 +449,21 @@ def step_cost(anchor: Any, augmenting: Any, layer_pairs: Any = None, *, seq_len:
     anchor, groups = normalize_layer_pairs(anchor, augmenting, layer_pairs, every)
     L = anchor.num_layers
     j0 = min(b for _, pairs in groups for _, b in pairs)
+    r = augmenting_tokens_per_token(seq_len, augmenting_seq_len, tail_fraction)
+    context = augmenting_seq_len or seq_len  # the augmenting positions a token attends
     aug_fwd = 0.0
     if states == "recompute":
-        aug_fwd = sum(augmenting_forward_flops(s, seq_len, max(a for a, _ in p), causal) for s, p in groups)
+        aug_fwd = r * sum(augmenting_forward_flops(s, context, max(a for a, _ in p), causal) for s, p in groups)
     anchor_fwd = anchor_forward_flops(anchor, seq_len, causal)
     blk_fwd = 0.0
     blk_bwd = 0.0
     for s, pairs in groups:
         da, db = s.hidden_size, anchor.hidden_size
-        attn = attention_flops_per_token(seq_len, db, causal)
-        blk_fwd += len(pairs) * composition_forward_flops(da, db, seq_len, causal)
-        blk_bwd += len(pairs) * (2.0 * shapes.block_matmul_parameter_count(da, db) + 2.0 * 4 * db * db
-                                 + attn_backward_factor * attn)
+        attn = attention_flops_per_token(context, db, causal)
+        augmenting_side = da * db + 2 * db * db  # f_proj, K, V: one per augmenting token
+        matmul = r * augmenting_side + shapes.block_matmul_parameter_count(da, db) - augmenting_side  # + Q, O
+        blk_fwd += len(pairs) * (2.0 * matmul + attn)
+        blk_bwd += len(pairs) * (2.0 * matmul + 2.0 * 2 * db * db * (1 + r) + attn_backward_factor * attn)
     n_params = shapes.composition_parameter_count(anchor.hidden_size, [(s.hidden_size, p) for s, p in groups])
     pc = param_counts(anchor)
     attn_a = attention_flops_per_token(seq_len, anchor.d_attn, causal)

@@ -70,7 +70,8 @@ def plan(anchor: Any, augmenting: Any, layer_pairs: Any = None, *, nodes: int = 
          seq_len: int = 4096, micro_batch: int = 1, grad_accum: int = 1, zero: ZeroOptions | None = None,
          dtype: str = "bf16", states: str = "recompute", activation_checkpointing: bool = False,
          tokens: float | None = None, mfu: float = 0.4, hfu: float | None = None, hardware: Hardware | None = None,
-         causal: bool = True, every: int = 4, truncate_augmenting: bool = True) -> Plan:
+         causal: bool = True, every: int = 4, truncate_augmenting: bool = True,
+         augmenting_seq_len: int | None = None, tail_fraction: float | None = None) -> Plan:
     """Plan one CALM training configuration (see the module docstring and docs/plan.md).
 
     anchor / augmenting: named sizes, config.json paths, dicts, PretrainedConfigs or ModelSpecs (augmenting may
@@ -81,7 +82,10 @@ def plan(anchor: Any, augmenting: Any, layer_pairs: Any = None, *, nodes: int = 
     compute time is computed at (model FLOPs / (mfu * peak)); or hfu: the hardware-FLOPs utilisation
     (recomputation included), which compares runs with and without activation checkpointing fairly.
     truncate_augmenting: the augmenting models keep only blocks 0..deepest composed layer (as
-    composition.ComposedModel does by default; embeddings, final norm and LM head stay loaded)."""
+    composition.ComposedModel does by default; embeddings, final norm and LM head stay loaded).
+    augmenting_seq_len: models of different tokenizers (docs/cross_tokenizer.md): the augmenting models read
+    rows of their own length, plus `tail_fraction` of it in tails (None: costs.estimated_tail_fraction); None:
+    one tokenizer, every model reads the anchor's seq_len tokens."""
     zero = zero or ZeroOptions()
     hw = hardware or Hardware()
     if states not in ("recompute", "cached"):
@@ -91,7 +95,8 @@ def plan(anchor: Any, augmenting: Any, layer_pairs: Any = None, *, nodes: int = 
     run = _resolve(anchor, augmenting, layer_pairs, every, zero=zero, hw=hw, nodes=nodes,
                    gpus_per_node=gpus_per_node, seq_len=seq_len, micro_batch=micro_batch, grad_accum=grad_accum,
                    dtype=dtype, states=states, activation_checkpointing=activation_checkpointing, causal=causal,
-                   truncate_augmenting=truncate_augmenting)
+                   truncate_augmenting=truncate_augmenting, augmenting_seq_len=augmenting_seq_len,
+                   tail_fraction=tail_fraction)
     warnings = _input_warnings(run)
     if zero.offload_params and zero.stage != 3:
         raise ValueError("parameter offload needs ZeRO stage 3")
@@ -145,6 +150,13 @@ class _Run:
     causal: bool
     every: int
     truncate_augmenting: bool
+    augmenting_seq_len: int | None  # different tokenizers: the augmenting rows' own length (None: seq_len)
+    tail_fraction: float | None     # the tails' extra augmenting tokens, a fraction of augmenting_seq_len
+
+    @property
+    def aug_per_token(self) -> float:
+        """Augmenting tokens computed (and cached) per anchor token."""
+        return costs.augmenting_tokens_per_token(self.seq_len, self.augmenting_seq_len, self.tail_fraction)
 
     @property
     def augs(self) -> list[costs.ModelSpec]:
@@ -196,10 +208,11 @@ def _resolve(anchor: Any, augmenting: Any, layer_pairs: Any, every: int, *, dtyp
 def _input_warnings(run: _Run) -> list[str]:
     """What in the configuration itself looks wrong (the run may still work)."""
     warnings = []
-    for s in [run.anchor] + run.augs:
-        if s.learned_positions and run.seq_len > s.learned_positions:
-            warnings.append(f"{s.name} has {s.learned_positions} learned positions, fewer than seq_len "
-                            f"{run.seq_len}")
+    lengths = [("seq_len", run.seq_len)] + [("augmenting_seq_len", run.augmenting_seq_len) if run.augmenting_seq_len
+                                            else ("seq_len", run.seq_len)] * len(run.augs)
+    for s, (name, length) in zip([run.anchor] + run.augs, lengths):
+        if s.learned_positions and length > s.learned_positions:
+            warnings.append(f"{s.name} has {s.learned_positions} learned positions, fewer than {name} {length}")
     for s in run.augs:
         if s.vocab_size != run.anchor.vocab_size:
             warnings.append(f"vocabulary sizes differ ({run.anchor.name}: {run.anchor.vocab_size}, {s.name}: "
@@ -320,7 +333,8 @@ def _gathered_working_set(run: _Run) -> int:
 
 def _activations(run: _Run, checkpointing: bool) -> activation_memory.ActivationMemory:
     return activation_memory.activation_memory(run.anchor, run.augs, run.pairs, tokens=run.tokens_micro,
-                                               dtype=run.dtype, activation_checkpointing=checkpointing)
+                                               dtype=run.dtype, activation_checkpointing=checkpointing,
+                                               augmenting_per_token=run.aug_per_token)
 
 
 def _out_of_memory_warning(run: _Run, gpu_total: float, act: activation_memory.ActivationMemory) -> str:
@@ -414,7 +428,8 @@ def _on_links(collectives: list[tuple[str, float, bool]], hw: Hardware) -> dict:
 
 def _step_cost(run: _Run, states: str | None = None) -> costs.StepCost:
     return costs.step_cost(run.anchor, run.augs, run.pairs, seq_len=run.seq_len, states=states or run.states,
-                           activation_checkpointing=run.activation_checkpointing, causal=run.causal)
+                           activation_checkpointing=run.activation_checkpointing, causal=run.causal,
+                           augmenting_seq_len=run.augmenting_seq_len, tail_fraction=run.tail_fraction)
 
 
 def _model_flops_utilisation(sc: costs.StepCost, mfu: float, hfu: float | None) -> float:
@@ -495,9 +510,11 @@ def _step_s_in_other_mode(run: _Run, *, mfu: float, hfu: float | None, tokens: f
 def _cache(run: _Run, counts: _Counts, time: dict, *, tokens: float | None, other_mode_step_s: float) -> dict:
     """The augmenting-state cache: its size, what caching saves, and after how many epochs it pays back."""
     zero, hw, b, world, hpz = run.zero, run.hw, run.elem_bytes, run.world, run.hpz
-    cache_bpt = costs.cache_bytes_per_token(run.augs, run.pairs, run.dtype)
-    aug_flops = sum(costs.augmenting_forward_flops(s, run.seq_len, max(a for a, _ in p), run.causal)
-                    for s, p in run.groups)
+    # per anchor token: each augmenting token's states (r of them with different tokenizers) and forward
+    cache_bpt = costs.cache_bytes_per_token(run.augs, run.pairs, run.dtype) * run.aug_per_token
+    aug_flops = run.aug_per_token * sum(
+        costs.augmenting_forward_flops(s, run.augmenting_seq_len or run.seq_len, max(a for a, _ in p), run.causal)
+        for s, p in run.groups)
     t_step = time["step_s_overlapped"]
     t_rec, t_cac = (t_step, other_mode_step_s) if run.states == "recompute" else (other_mode_step_s, t_step)
     tok_s_cached = run.tokens_step / t_cac
@@ -538,7 +555,8 @@ def _inputs(run: _Run, *, tokens: float | None, mfu: float) -> dict:
         "micro_batch": run.micro_batch, "grad_accum": run.grad_accum, "zero": asdict(run.zero), "dtype": run.dtype,
         "states": run.states, "activation_checkpointing": run.activation_checkpointing, "tokens": tokens,
         "mfu": mfu, "hardware": asdict(run.hw), "causal_attention_flops": run.causal, "every": run.every,
-        "truncate_augmenting": run.truncate_augmenting,
+        "truncate_augmenting": run.truncate_augmenting, "augmenting_seq_len": run.augmenting_seq_len,
+        "tail_fraction": run.tail_fraction if run.augmenting_seq_len else None,
     }
 
 

@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--nodes", type=int, default=1)
     ap.add_argument("--gpus-per-node", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=4096)
+    ap.add_argument("--augmenting-seq-len", type=int, default=None,
+                    help="augmenting models of other tokenizers: their own row length (data.augmenting_seq_len)")
+    ap.add_argument("--tail-fraction", type=float, default=None,
+                    help="with --augmenting-seq-len: the tails' extra augmenting tokens per token (default: "
+                         "estimated from seq-len / augmenting-seq-len)")
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--zero-stage", type=int, default=3, choices=[0, 1, 2, 3])
@@ -109,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     common = dict(nodes=args.nodes, gpus_per_node=args.gpus_per_node, seq_len=args.seq_len, zero=zero,
                   dtype=args.dtype, tokens=args.tokens, mfu=args.mfu, hfu=args.hfu,
                   causal=not args.full_attention_flops, every=args.every,
-                  truncate_augmenting=not args.no_truncate_augmenting)
+                  truncate_augmenting=not args.no_truncate_augmenting, augmenting_seq_len=args.augmenting_seq_len,
+                  tail_fraction=args.tail_fraction)
     try:
         common["hardware"] = hardware(
             args.hardware, gpu_peak_tflops=args.gpu_peak_tflops, gpu_mem_gib=args.gpu_mem_gib,

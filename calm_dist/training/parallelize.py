@@ -149,9 +149,11 @@ class DistributedModel:
         """One forward of the engine: the micro-batch's summed next-token loss (the composition computes it
         without materialising the logits)."""
         key_mask = prompt_key_mask(batch["labels"], batch.get("position_ids")) if self.prompt_keys_only else None
+        # each augmenting model's own tokens: with different tokenizers only (the LoRA baseline never takes them)
+        own = {"augmenting_inputs": batch["augmenting_inputs"]} if "augmenting_inputs" in batch else {}
         return self.engine(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                            augmenting_states=states, augmenting_key_mask=key_mask, loss_reduction="sum",
-                           position_ids=batch.get("position_ids")).loss  # packed rows only
+                           position_ids=batch.get("position_ids"), **own).loss  # position_ids: packed rows only
 
 
 def frozen_models(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from calm_dist.config import Config, ConfigError, flatten, load_config
+from calm_dist.data.aligned_rows import reading_tokenizers
 from calm_dist.data.prepare import load_rows, load_training_rows
 from calm_dist.data.sources import open_source
 from calm_dist.data.tokenizer import Tokenizer, check_same_vocabulary, check_tokenizer_matches, model_tokenizers
@@ -114,8 +115,13 @@ def preflight(cfg: Config, env: DistEnv, *, need_train_data: bool = True, traini
     heads = model_cfg.num_heads or anchor.num_attention_heads
     if anchor.hidden_size % heads:
         raise ConfigError(f"model.num_heads={heads} does not divide the anchor width {anchor.hidden_size}")
-    for key, config in (("model.anchor", anchor), *((f"model.augmenting[{i}]", a) for i, a in enumerate(augmenting))):
-        check_position_limit(key, config, data_cfg.seq_len)
+    check_position_limit("model.anchor", anchor, data_cfg.seq_len)
+    for i, config in enumerate(augmenting):  # with different tokenizers an augmenting row has its own length
+        check_position_limit(f"model.augmenting[{i}]", config, data_cfg.augmenting_len,
+                             "data.augmenting_seq_len" if data_cfg.augmenting_seq_len else "data.seq_len")
+    if data_cfg.different_tokenizers and model_cfg.augmenting_sees == "prompt":
+        raise ConfigError("model.augmenting_sees=prompt is not supported with data.different_tokenizers: the "
+                          "augmenting models read the whole text, aligned by characters")
 
     sources = (data_cfg.train_sources() if need_train_data else []) + (
         [("data.eval", data_cfg.eval, 1.0)] if data_cfg.eval is not None else [])
@@ -126,7 +132,8 @@ def preflight(cfg: Config, env: DistEnv, *, need_train_data: bool = True, traini
     tokenizer = check_tokenizers(cfg, anchor, augmenting)
     # Rank 0 prepares the token shards when they are missing; a bad row (a missing field, an over-long record, an
     # empty set) stops every rank with its one line.
-    prepared = dict(is_writer=env.is_main, silence_s=cfg.distributed.timeout_s, workers=data_cfg.workers)
+    prepared = dict(is_writer=env.is_main, silence_s=cfg.distributed.timeout_s, workers=data_cfg.workers,
+                    augmenting=reading_tokenizers(cfg))
     train_fingerprint = None
     if need_train_data:
         train_fingerprint = load_training_rows(data_cfg, tokenizer, data_cache_dir(cfg), **prepared).fingerprint
@@ -163,29 +170,44 @@ def check_tokenizers(cfg: Config, anchor_config, augmenting_configs: list) -> To
     """Each model's tokenizer (data/tokenizer.py: model_tokenizers) fits its embedding table and special ids, and
     has the vocabulary of the data's tokenizer, whose ids every model reads. The vocabulary is the tokenizers' to
     decide, not the configs': equal vocab_size does not make one tokenizer (Llama-2 and Mistral-v0.1 both have
-    32,000 tokens), nor do padded tables make two (Qwen2.5-0.5B has 151,936 rows, Qwen2.5-7B 152,064). Returns the
-    data's tokenizer."""
+    32,000 tokens), nor do padded tables make two (Qwen2.5-0.5B has 151,936 rows, Qwen2.5-7B 152,064). With
+    data.different_tokenizers the augmenting vocabularies may differ, but every tokenizer must give character
+    offsets, what the models are aligned by. Returns the data's tokenizer."""
     tokenizers = model_tokenizers(cfg)
     check_tokenizer_matches(tokenizers.anchor, anchor_config, "anchor")
     if tokenizers.anchor_saved is not None:
         check_same_vocabulary(tokenizers.anchor, tokenizers.anchor_saved)
+    different = cfg.data.different_tokenizers
+    if different:
+        check_offsets(tokenizers.anchor)
     for i, (tokenizer, config) in enumerate(zip(tokenizers.augmenting, augmenting_configs)):
         check_tokenizer_matches(tokenizer, config, f"augmenting model {i}")
-        if tokenizer is not tokenizers.anchor:
-            check_same_vocabulary(tokenizers.anchor, tokenizer)
+        if different:
+            check_offsets(tokenizer)
+        elif tokenizer is not tokenizers.anchor:
+            try:
+                check_same_vocabulary(tokenizers.anchor, tokenizer)
+            except ConfigError as e:
+                raise ConfigError(f"{e}, or set data.different_tokenizers=true to align them by characters") from None
     return tokenizers.anchor
+
+
+def check_offsets(tokenizer: Tokenizer) -> None:
+    """The tokenizer reports each token's character span (a slow transformers tokenizer does not): refused here,
+    before any data is prepared or weight loaded, with Tokenizer.encode_with_spans's one line."""
+    tokenizer.encode_with_spans("a b")
 
 
 def data_cache_dir(cfg: Config) -> Path:
     return Path(cfg.data.cache_dir or Path(cfg.train.output_dir).parent / "data_cache")
 
 
-def check_position_limit(key: str, model_config, seq_len: int) -> None:
-    """Every model reads whole rows of data.seq_len tokens, so each must have position ids for all of them
+def check_position_limit(key: str, model_config, seq_len: int, length_key: str = "data.seq_len") -> None:
+    """Every model reads whole rows of `length_key` tokens, so each must have position ids for all of them
     (GPT-2 names the limit n_positions; its config maps max_position_embeddings onto it)."""
     limit = getattr(model_config, "max_position_embeddings", None)
     if limit is not None and seq_len > limit:
-        raise ConfigError(f"data.seq_len={seq_len} exceeds {key}'s position limit (max_position_embeddings={limit})")
+        raise ConfigError(f"{length_key}={seq_len} exceeds {key}'s position limit (max_position_embeddings={limit})")
 
 
 def check_directory_can_exist(key: str, path: str | Path | None) -> None:
@@ -283,7 +305,7 @@ NEVER_COMPARED = {
     "distributed.zero3_leaf_blocks", "data.train", "data.tokenizer", "data.workers"}
 NEVER_COMPARED_SECTIONS = ("tracking.",)
 FINGERPRINTED = ("data.format", "data.prompt_field", "data.completion_field", "data.text_field", "data.seq_len",
-                 "data.packing", "data.overlong")
+                 "data.packing", "data.overlong", "data.different_tokenizers", "data.augmenting_seq_len")
 
 
 def config_changes(saved: Config, cfg: Config, saved_fingerprint: str, fingerprint: str | None) -> dict[str, str]:

@@ -11,6 +11,12 @@ function of (weights, layers, tokenized data, compute dtype). Layout of `<cache_
     manifest.json              written last by rank 0 once every sidecar covers its rows: components (with R),
                                fingerprint, shapes, every shard's checksum
 
+With data.different_tokenizers an augmenting model reads its own tokens of each row's text (F, then the tails of
+the prefixes that read otherwise: calm_dist/data/aligned_rows.py), as many as the row needs: a shard holds, per
+used layer, "a{model}.l{layer}" [T, D_aug], the real tokens of its rows back to back, and "a{model}.offsets"
+[R + 1] int64, where each row's tokens start (components "reading": "characters"). A read pads the rows' states
+on the right to the longest, the layout of the micro-batch's AugmentingInputs (right-padded, the same rows).
+
 Shards are computed in fixed micro-batches, so any run (any world size, resumed or not) writes the
 same bytes. Rank r writes shards r, r + world, ...; an interrupted run skips the shards already done.
 Readers memory-map the shards (safetensors slices) and verify checksums before any row is used.
@@ -29,10 +35,12 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from calm_dist.config import ConfigError
+from calm_dist.data.aligned_rows import reading_tokenizers, with_alignment
 from calm_dist.data.prepare import load_rows, load_training_rows
 from calm_dist.data.sources import open_source
 from calm_dist.data.tokenizer import Tokenizer, anchor_tokenizer
 from calm_dist.files import replacing, save_safetensors, sha256_file, write_atomic
+from calm_dist.model import backbones
 from calm_dist.model.composition import backbone_inputs, capture_block_outputs, truncate_after
 from calm_dist.model.hub import local_path
 from calm_dist.model.io import load_causal_lm
@@ -72,9 +80,11 @@ def weights_fingerprint(model_dir: str | Path) -> str:
 
 
 def components(model_dirs: list[str], revisions: list, layers: list[list[int]], data_fingerprint: str,
-               seq_len: int, dtype: str, compute_dtype: str) -> dict:
-    """What the cached states depend on; a cache whose components differ is refused, naming them."""
-    return {
+               seq_len: int, dtype: str, compute_dtype: str, by_characters: bool = False) -> dict:
+    """What the cached states depend on; a cache whose components differ is refused, naming them.
+    `by_characters`: each augmenting model read the rows' text through its own tokenizer (the data fingerprint then
+    covers those tokenizers and data.augmenting_seq_len); the states are stored per row, ragged."""
+    comps = {
         "format": FORMAT,
         "augmenting_weights": [weights_fingerprint(d) for d in model_dirs],
         "augmenting_revisions": list(revisions),
@@ -84,6 +94,7 @@ def components(model_dirs: list[str], revisions: list, layers: list[list[int]], 
         "dtype": dtype,  # the states' storage dtype on disk (train.states_dtype)
         "compute_dtype": compute_dtype,  # the augmenting models' dtype in the forward that made them
     }
+    return {**comps, "reading": "characters"} if by_characters else comps
 
 
 def fingerprint(comps: dict) -> str:
@@ -185,13 +196,33 @@ def _compute_states(models, layers, devices, data, rows: range, batch_size: int,
     parts: dict[str, list[torch.Tensor]] = {}
     for start in range(rows.start, rows.stop, batch_size):
         batch = data.batch(list(range(start, min(rows.stop, start + batch_size))))
+        if "augmenting_inputs" in batch:  # each model its own tokens of the text
+            _add_own_readings(parts, models, layers, devices, batch["augmenting_inputs"], dtype)
+            continue
         for a, (model, ls, device) in enumerate(zip(models, layers, devices)):
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
             positions = batch["position_ids"].to(device) if "position_ids" in batch else None  # packed rows
             states = capture_block_outputs(model, ls, ids, *backbone_inputs(mask, positions))
             for i in ls:
                 parts.setdefault(f"a{a}.l{i}", []).append(states[i].to("cpu", dtype))
-    return {k: torch.cat(v).contiguous() for k, v in parts.items()}
+    out = {k: torch.cat(v).contiguous() for k, v in parts.items()}
+    for key in [k for k in out if k.endswith(".offsets")]:  # token counts per row -> where each row starts
+        out[key] = torch.cat([torch.zeros(1, dtype=torch.long), out[key].cumsum(0)])
+    return out
+
+
+def _add_own_readings(parts: dict, models, layers, devices, aligned: list, dtype) -> None:
+    """Each model's states of its own reading (AugmentingInputs.model_inputs, as the composition runs it), the
+    real tokens of every row back to back, and each row's token count ("a{a}.offsets", summed later)."""
+    for a, (model, ls, device, inputs) in enumerate(zip(models, layers, devices, aligned)):
+        ids, mask, positions = (t.to(device) for t in inputs.model_inputs())
+        if mask.dim() == 4:
+            mask = backbones.custom_attention_mask(model, mask)
+        states = capture_block_outputs(model, ls, ids, mask, positions)
+        real = inputs.attention_mask.bool().to(device)
+        for i in ls:
+            parts.setdefault(f"a{a}.l{i}", []).append(states[i][real].to("cpu", dtype))  # row after row
+        parts.setdefault(f"a{a}.offsets", []).append(real.sum(1).cpu())
 
 
 def _write_shard(directory: Path, s: int, rows: range, tensors: dict, rank: int) -> None:
@@ -223,8 +254,8 @@ def _write_manifest(directory: Path, recorded: dict, models: list, layers: list[
     rows_per_shard = recorded["rows_per_shard"]
     shards = [_checked_sidecar(directory, s, n_rows, rows_per_shard)  # any world size: the same manifest
               for s in range(math.ceil(n_rows / rows_per_shard))]
-    shapes = {f"a{a}.l{i}": [n_rows, recorded["seq_len"], int(models[a].config.hidden_size)]
-              for a, ls in enumerate(layers) for i in ls}
+    per_row = [None] if recorded.get("reading") == "characters" else [n_rows, recorded["seq_len"]]  # None: ragged
+    shapes = {f"a{a}.l{i}": [*per_row, int(models[a].config.hidden_size)] for a, ls in enumerate(layers) for i in ls}
     _write_json_atomic(directory / MANIFEST, {"components": recorded, "fingerprint": fingerprint(recorded),
                                               "rows": n_rows, "shapes": shapes, "shards": shards})
     (directory / BUILDING).unlink(missing_ok=True)
@@ -246,6 +277,7 @@ class StatesCache:
         self.rows_per_shard = self.manifest["components"]["rows_per_shard"]
         self._check_shard_rows()
         self.keys = [(int(k[1:].split(".")[0]), int(k.split(".l")[1]), k) for k in self.manifest["shapes"]]
+        self.ragged = self.manifest["components"].get("reading") == "characters"
         self._handles: dict[int, object] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="states-prefetch")
         self._pending: dict[tuple, object] = {}
@@ -277,8 +309,14 @@ class StatesCache:
     def _shard(self, s: int):
         if s not in self._handles:
             handle = safe_open(str(self.directory / f"{shard_name(s)}.safetensors"), framework="pt")
-            for _, _, key in self.keys:  # the file holds the rows its manifest entry states (header only)
+            for a, _, key in self.keys:  # the file holds the rows its manifest entry states (header only)
                 want = [self.manifest["shards"][s]["rows"], *self.manifest["shapes"][key][1:]]
+                if self.ragged:  # its rows' tokens, as many as its offsets say
+                    offsets = handle.get_slice(f"a{a}.offsets")
+                    if list(offsets.get_shape()) != [want[0] + 1]:
+                        raise CacheError(f"cache shard {self.directory / shard_name(s)}.safetensors holds "
+                                         f"{offsets.get_shape()} offsets for {want[0]} rows")
+                    want = [int(offsets[want[0]:want[0] + 1][0]), *self.manifest["shapes"][key][1:]]
                 if list(handle.get_slice(key).get_shape()) != want:
                     raise CacheError(f"cache shard {self.directory / shard_name(s)}.safetensors holds {key} of shape "
                                      f"{list(handle.get_slice(key).get_shape())}, the manifest says {want}")
@@ -295,8 +333,12 @@ class StatesCache:
             pieces = []
             for r in rows:
                 s, within = divmod(r, self.rows_per_shard)
-                pieces.append(self._shard(s).get_slice(key)[within:within + 1])
-            out[a][layer] = torch.cat(pieces)
+                if self.ragged:
+                    start, stop = self._shard(s).get_slice(f"a{a}.offsets")[within:within + 2].tolist()
+                    pieces.append(self._shard(s).get_slice(key)[start:stop])
+                else:
+                    pieces.append(self._shard(s).get_slice(key)[within:within + 1])
+            out[a][layer] = _right_padded(pieces) if self.ragged else torch.cat(pieces)
         return out
 
     def prefetch(self, rows) -> None:
@@ -308,6 +350,14 @@ class StatesCache:
     def get(self, rows) -> list[dict[int, torch.Tensor]]:
         future = self._pending.pop(tuple(int(r) for r in rows), None)
         return future.result() if future is not None else self.read(rows)
+
+
+def _right_padded(rows: list[torch.Tensor]) -> torch.Tensor:
+    """[B, S, D] of rows [S_b, D], zeros after each (never attended: the batch's augmenting mask is 0 there)."""
+    out = rows[0].new_zeros(len(rows), max(len(r) for r in rows), rows[0].shape[-1])
+    for b, r in enumerate(rows):
+        out[b, :len(r)] = r
+    return out
 
 
 # ---- the job: `calm-dist cache --config ...` ---------------------------------------------------------
@@ -322,7 +372,8 @@ def expected_components(cfg, layer_pairs, data_fingerprint: str) -> dict:
     directories = [local_path(name, revision, f"model.augmenting[{i}]")
                    for i, (name, revision) in enumerate(zip(cfg.model.augmenting, revisions))]
     return components(directories, revisions, used_augmenting_layers(layer_pairs), data_fingerprint,
-                      cfg.data.seq_len, cfg.train.states_dtype, augmenting_compute_dtype(cfg))
+                      cfg.data.seq_len, cfg.train.states_dtype, augmenting_compute_dtype(cfg),
+                      by_characters=cfg.data.different_tokenizers)
 
 
 def open_verified_caches(cfg, layer_pairs, train_data, eval_data, env: DistEnv, device
@@ -347,10 +398,15 @@ def splits(cfg) -> dict[str, list[tuple[str, str]]]:
 
 
 def split_rows(cfg, split: str, tokenizer: Tokenizer):
-    """The rows preflight prepared for `split` (a mixture's rows in its global order)."""
+    """The rows preflight prepared for `split` (a mixture's rows in its global order), as the trainer reads them
+    (with different tokenizers, each augmenting model's reading of the text too)."""
+    augmenting = reading_tokenizers(cfg)
     if split == "train":
-        return load_training_rows(cfg.data, tokenizer, data_cache_dir(cfg), is_writer=False)
-    return load_rows(cfg.data, cfg.data.eval, "data.eval", tokenizer, data_cache_dir(cfg), is_writer=False)
+        rows = load_training_rows(cfg.data, tokenizer, data_cache_dir(cfg), is_writer=False, augmenting=augmenting)
+    else:
+        rows = load_rows(cfg.data, cfg.data.eval, "data.eval", tokenizer, data_cache_dir(cfg), is_writer=False,
+                         augmenting=augmenting)
+    return with_alignment(rows, cfg, augmenting)
 
 
 def run_cache_job(cfg, env, resolved, rows_per_shard: int = 256, batch_size: int = 16) -> dict[str, Path]:
@@ -383,12 +439,15 @@ def estimate(cfg, resolved, *, flops_per_s: float, read_bytes_per_s: float, writ
     seq_len = cfg.data.seq_len
     tokens = {split: sum(part.num_rows() for key, spec in sources for part in open_source(spec, key)) * seq_len
               for split, sources in splits(cfg).items()}
-    per_token = costs.cache_bytes_per_token(resolved.augmenting_configs, resolved.layer_pairs,
-                                            dtype=cfg.train.states_dtype)
-    aug_flops = sum(costs.augmenting_forward_flops(c, seq_len, max(i for i, _ in pairs))
-                    for c, pairs in zip(resolved.augmenting_configs, resolved.layer_pairs))
+    own = cfg.data.augmenting_len if cfg.data.different_tokenizers else None  # another tokenizer's own rows
+    r = costs.augmenting_tokens_per_token(seq_len, own)  # augmenting tokens (tails estimated) per anchor token
+    per_token = r * costs.cache_bytes_per_token(resolved.augmenting_configs, resolved.layer_pairs,
+                                                dtype=cfg.train.states_dtype)
+    aug_flops = r * sum(costs.augmenting_forward_flops(c, own or seq_len, max(i for i, _ in pairs))
+                        for c, pairs in zip(resolved.augmenting_configs, resolved.layer_pairs))
     step = costs.step_cost(resolved.anchor_config, resolved.augmenting_configs, resolved.layer_pairs, seq_len=seq_len,
-                           states="recompute", activation_checkpointing=cfg.train.activation_checkpointing)
+                           states="recompute", activation_checkpointing=cfg.train.activation_checkpointing,
+                           augmenting_seq_len=own)
     econ = costs.cache_economics(aug_flops, per_token, flops_per_s=flops_per_s, read_bytes_per_s=read_bytes_per_s,
                                  write_bytes_per_s=write_bytes_per_s, tokens=tokens["train"])
     return {

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from calm_dist.config import Config
 from calm_dist.console import progress_line
+from calm_dist.data.aligned_rows import reading_tokenizers, with_alignment
 from calm_dist.data.mixture import MixtureSampler
 from calm_dist.data.prepare import load_rows, load_training_rows
 from calm_dist.data.sampler import sampler_for
@@ -94,7 +95,8 @@ class Trainer:
         self.flops_per_token = costs.step_cost(
             self.resolved.anchor_config, self.resolved.augmenting_configs, self.resolved.layer_pairs,
             seq_len=cfg.data.seq_len, states=train_cfg.augmenting_states,
-            activation_checkpointing=train_cfg.activation_checkpointing
+            activation_checkpointing=train_cfg.activation_checkpointing,
+            augmenting_seq_len=cfg.data.augmenting_len if cfg.data.different_tokenizers else None
         ).total if cfg.model.method == "calm" else None  # for MFU; the cost model covers the composition only
         self.peak_flops = peak_flops_per_rank(train_cfg.precision, train_cfg.peak_tflops_per_rank) * env.world_size
         self.start_step, self.run_id = 0, None
@@ -113,10 +115,13 @@ class Trainer:
         """Every rank opens the token shards preflight prepared; rows are read a micro-batch at a time."""
         cfg = self.cfg
         tokenizer = anchor_tokenizer(cfg)  # as preflight resolved it: data.tokenizer, else the anchor's
-        self.train_data = load_training_rows(cfg.data, tokenizer, data_cache_dir(cfg), is_writer=False)
-        self.eval_data = load_rows(cfg.data, cfg.data.eval, "data.eval", tokenizer, data_cache_dir(cfg),
-                                   is_writer=False) if cfg.data.eval else None
-        self.sampler = sampler_for(self.train_data, self.global_batch_size, cfg.train.seed)
+        augmenting = reading_tokenizers(cfg)  # with different tokenizers: each augmenting model's own
+        rows = load_training_rows(cfg.data, tokenizer, data_cache_dir(cfg), is_writer=False, augmenting=augmenting)
+        eval_rows = load_rows(cfg.data, cfg.data.eval, "data.eval", tokenizer, data_cache_dir(cfg), is_writer=False,
+                              augmenting=augmenting) if cfg.data.eval else None
+        self.sampler = sampler_for(rows, self.global_batch_size, cfg.train.seed)
+        self.train_data = with_alignment(rows, cfg, augmenting)
+        self.eval_data = with_alignment(eval_rows, cfg, augmenting)
         if isinstance(self.sampler, MixtureSampler) and self.env.is_main:
             shares = ", ".join(f"{name}: {q} of {self.global_batch_size} rows" for name, q in
                                zip(self.train_data.names, self.sampler.quotas))
@@ -203,7 +208,7 @@ class Trainer:
             following = (step, micro + 1) if micro + 1 < self.resolved.accumulation else (step + 1, 0)
             upcoming = self.sampler.micro_batch_indices(*following, env.rank, env.world_size,
                                                         train_cfg.micro_batch_size)
-            batch = to_device(self.train_data.batch(idx), self.device)
+            batch = to_device(self._batch(idx, upcoming), self.device)
             loss_sum = self.model.summed_loss(batch, self._states(idx, upcoming))
             engine.backward(loss_sum * scale)
             engine.step()
@@ -211,6 +216,14 @@ class Trainer:
         dist.all_reduce(local)
         loss, tokens = local.tolist()
         return loss / max(1, n_global), int(tokens)
+
+    def _batch(self, indices, upcoming) -> dict:
+        """The micro-batch's rows; with different tokenizers the next one's alignment is started (AlignedRows)."""
+        if not hasattr(self.train_data, "prefetch"):
+            return self.train_data.batch(indices)
+        batch = self.train_data.get(indices)
+        self.train_data.prefetch(upcoming)
+        return batch
 
     def _states(self, indices, upcoming):
         """Cached mode: the rows' augmenting states, and the next micro-batch's read started; None when the
@@ -235,7 +248,9 @@ class Trainer:
         """What the export's composition.json and model card record of this run (rank 0's values)."""
         final = {k: v for k, v in self.final_metrics.items() if k == "train/loss" or k.startswith("eval/")}
         tracker = self.tracker
-        return {"steps": step, "data_fingerprint": self.train_data.fingerprint, "final_metrics": final,
+        across = ({"different_tokenizers": True}  # the CLI's one-tokenizer decoding refuses the export
+                  if self.cfg.data.different_tokenizers and self.cfg.model.method == "calm" else {})
+        return {"steps": step, "data_fingerprint": self.train_data.fingerprint, "final_metrics": final, **across,
                 "mlflow": {"run_id": tracker.run_id, "experiment": tracker.experiment,
                            "tracking_uri": tracker.tracking_uri}}
 

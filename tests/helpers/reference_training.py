@@ -29,28 +29,39 @@ def reference_batches(n_rows: int, batch_size: int, seed: int, steps: int) -> li
     return batches[:steps]
 
 
-def reference_training(cfg, global_batch: int, tokenized_cache: Path):
-    """`cfg.train.steps` steps of one process over the reference batches: the same AdamW, schedule and
-    clipping. Returns (the loss of each step, the composition's final weights)."""
-
-    data = load_rows(cfg.data, cfg.data.train, "data.train", Tokenizer(cfg.data.tokenizer), tokenized_cache)
+def reference_optimizer(cfg):
+    """The composition of `cfg` seeded as the trainer seeds it, its trainable parameters, and the trainer's AdamW
+    and schedule over them: (model, params, optimizer, scheduler)."""
     torch.manual_seed(cfg.train.seed)
     model = ComposedModel.from_pretrained(cfg.model.anchor, cfg.model.augmenting, layer_pairs=cfg.model.layer_pairs)
     params = model.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                             weight_decay=cfg.optim.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    return model, params, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+
+
+def optimizer_step(logits, labels, params, opt, sched, grad_clip: float) -> float:
+    """One step on the token-mean loss of `logits` against `labels`, as the trainer takes it; returns the loss."""
+    loss = loss_from_logits(logits, labels, "sum") / labelled_tokens(labels)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    sched.step()
+    opt.zero_grad()
+    return loss.item()
+
+
+def reference_training(cfg, global_batch: int, tokenized_cache: Path):
+    """`cfg.train.steps` steps of one process over the reference batches: the same AdamW, schedule and
+    clipping. Returns (the loss of each step, the composition's final weights)."""
+
+    data = load_rows(cfg.data, cfg.data.train, "data.train", Tokenizer(cfg.data.tokenizer), tokenized_cache)
+    model, params, opt, sched = reference_optimizer(cfg)
     losses = []
     for rows in reference_batches(len(data), global_batch, cfg.train.seed, cfg.train.steps):
         batch = data.batch(rows)
         out = model(batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch.get("position_ids"))
-        loss = loss_from_logits(out.logits, batch["labels"], "sum") / labelled_tokens(batch["labels"])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+        losses.append(optimizer_step(out.logits, batch["labels"], params, opt, sched, cfg.optim.grad_clip))
     return losses, model.composition_state_dict()
 
 

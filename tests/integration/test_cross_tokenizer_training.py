@@ -1,0 +1,174 @@
+"""Training a composition whose augmenting model reads through another tokenizer (data.different_tokenizers) under
+real DeepSpeed ZeRO-3 on 2 gloo ranks: a Llama anchor of the tiny set-up's SentencePiece tokenizer and a GPT-2
+augmenting model of a byte-level BPE built here. Its losses and weights equal a single-process reference built
+from the records alone (anchor ids and spans read plainly, token_alignment's reference alignment, no calm_dist data
+path, no DeepSpeed), with the augmenting states recomputed and read from `calm-dist cache`."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from calm_dist import ComposedModel
+from calm_dist.config import load_config
+from calm_dist.data.tokenizer import Tokenizer
+from calm_dist.model.lm_loss import IGNORE
+from calm_dist.model.token_alignment import align
+from tests.helpers.launch import REPO, run_ranks
+from tests.helpers.reference_training import optimizer_step, reference_batches, reference_optimizer
+from tests.helpers.tiny import tiny_setup
+from tests.helpers.tokenizers import byte_level_bpe
+
+pytestmark = pytest.mark.slow
+WORKER = str(REPO / "tests" / "helpers" / "workers" / "zero3_worker.py")
+RECIPE = REPO / "recipes" / "tiny.yaml"
+STEPS, GLOBAL_BATCH, N_TRAIN, SEQ_LEN = 4, 16, 32, 32  # 2 ranks x micro-batch 4 x accumulation 2
+
+
+@pytest.fixture(scope="module")
+def setup_dir(tmp_path_factory):
+    setup = tiny_setup(tmp_path_factory.mktemp("tiny"), n_train=N_TRAIN, n_eval=6)
+    byte_level_bpe(setup / "bpe", 60)  # the augmenting model's own tokenizer: another vocabulary, other cuts
+    return setup
+
+
+def overrides(setup: Path, out: Path, **extra) -> list[str]:
+    items = {
+        "model.anchor": setup / "anchor", "model.augmenting": f"[{setup / 'augmenting'}]",
+        "model.layer_pairs": "[[[1,1],[3,3]]]",
+        "data.train": setup / "train.jsonl", "data.eval": setup / "eval.jsonl",
+        "data.tokenizer": setup / "tokenizer.model", "data.seq_len": SEQ_LEN,
+        "data.different_tokenizers": "true", "data.augmenting_tokenizers": f"[{setup / 'bpe'}]",
+        "data.augmenting_seq_len": 96,
+        "data.cache_dir": out.parent / "data_cache", "train.output_dir": out, "train.steps": STEPS,
+        "train.micro_batch_size": 4, "train.global_batch_size": GLOBAL_BATCH, "train.log_every": 1,
+        "optim.lr": 3e-3, "optim.warmup_steps": 2, "tracking.enabled": "false",
+    }
+    items.update(extra)
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+def run_worker(setup, out, **extra):
+    report = out.parent / f"{out.name}.report.json"
+    run_ranks([WORKER, str(report), str(RECIPE), *overrides(setup, out, **extra)], world=2, timeout=600)
+    return json.loads(report.read_text())
+
+
+def reference_rows(records, atok, gtok, indices):
+    """The rows of `indices`, read plainly: bos + prompt + completion + eos of the anchor (the loss on the
+    completion and eos), each token's span in prompt + completion, padded to SEQ_LEN; the augmenting side by
+    token_alignment's reference (every prefix read whole)."""
+    ids = torch.full((len(indices), SEQ_LEN), atok.pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE)
+    mask, spans, texts = torch.zeros_like(ids), torch.zeros(len(indices), SEQ_LEN, 2, dtype=torch.long), []
+    for i, row in enumerate(indices):
+        prompt, completion = records[row]["prompt"], records[row]["completion"]
+        p_ids, p_spans = atok.encode_with_spans(prompt)
+        c_ids, c_spans = atok.encode_with_spans(completion)
+        text = prompt + completion
+        row_ids = [atok.bos_id, *p_ids, *c_ids, atok.eos_id]
+        n, start = len(row_ids), 1 + len(p_ids)
+        ids[i, :n], mask[i, :n] = torch.tensor(row_ids), 1
+        labels[i, start:n] = ids[i, start:n]
+        spans[i, :n] = torch.tensor([(0, 0), *p_spans, *((s + len(prompt), e + len(prompt)) for s, e in c_spans),
+                                     (len(text), len(text))])
+        texts.append(text)
+    return ids, mask, labels, align(texts, spans, mask, gtok, pad_id=gtok.pad_id, window=None)
+
+
+def reference_training(setup: Path, out: Path):
+    cfg = load_config(RECIPE, overrides(setup, out))
+    records = [json.loads(line) for line in (setup / "train.jsonl").read_text().splitlines()]
+    atok, gtok = Tokenizer(setup / "tokenizer.model"), Tokenizer(setup / "bpe")
+    model, params, opt, sched = reference_optimizer(cfg)
+    losses, tails = [], 0
+    for rows in reference_batches(len(records), GLOBAL_BATCH, cfg.train.seed, cfg.train.steps):
+        ids, mask, labels, aligned = reference_rows(records, atok, gtok, rows.tolist())
+        tails += int(aligned.reading.max())
+        logits = model(ids, attention_mask=mask, augmenting_inputs=[aligned]).logits
+        losses.append(optimizer_step(logits, labels, params, opt, sched, cfg.optim.grad_clip))
+    assert tails > 0  # prefixes read otherwise than the whole text: the tails train too
+    return losses, model.composition_state_dict()
+
+
+@pytest.fixture(scope="module")
+def reference(setup_dir, tmp_path_factory):
+    return reference_training(setup_dir, tmp_path_factory.mktemp("ref") / "ref")
+
+
+def assert_matches(report, out, reference):
+    ref_losses, ref_weights = reference
+    assert len(report["losses"]) == STEPS
+    assert report["losses"] == pytest.approx(ref_losses, abs=1e-5)
+    trained = load_file(str(out / "final" / "composition.safetensors"))
+    assert trained.keys() == ref_weights.keys()
+    for k in trained:
+        torch.testing.assert_close(trained[k], ref_weights[k], atol=1e-4, rtol=0)
+
+
+def test_two_rank_zero3_with_recomputed_augmenting_states_matches_the_reference(setup_dir, tmp_path, reference,
+                                                                                 capsys):
+    """...and the export records that it reads across tokenizers, so the CLI's one-tokenizer decoding
+    (`calm-dist generate`, `calm-dist eval`) refuses it with one line, exit code 2."""
+    from calm_dist.cli import main
+
+    out = tmp_path / "recompute"
+    report = run_worker(setup_dir, out)
+    assert_matches(report, out, reference)
+    assert report["losses"][-1] < report["losses"][0]
+    assert json.loads((out / "final" / "composition.json").read_text())["training"]["different_tokenizers"] is True
+    capsys.readouterr()
+    assert main(["generate", str(out / "final"), "--prompt", "reverse: alpha ="]) == 2
+    assert main(["eval", "--config", str(RECIPE), *overrides(setup_dir, out)]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 2 and all("decodes with one tokenizer" in line for line in errors), errors
+
+
+def test_cached_states_of_each_rows_own_reading_are_the_recomputed_ones(setup_dir, tmp_path):
+    """`calm-dist cache`'s layout for text read by another tokenizer: each row's states of its own tokens (F and
+    the tails), stored ragged and read back right-padded, equal the augmenting model's states of the micro-batch
+    the trainer builds, rows in any order, at every real token; a cache of another augmenting tokenizer is stale."""
+    from calm_dist.data.aligned_rows import AlignedRows
+    from calm_dist.data.prepare import load_rows
+    from calm_dist.model.io import load_causal_lm
+    from calm_dist.training.states_cache import CacheError, StatesCache, build_cache, components
+
+    cfg = load_config(RECIPE, overrides(setup_dir, tmp_path / "run"))
+    atok, gtok = Tokenizer(setup_dir / "tokenizer.model"), Tokenizer(setup_dir / "bpe")
+    rows = AlignedRows(load_rows(cfg.data, cfg.data.train, "data.train", atok, tmp_path / "data", augmenting=[gtok]),
+                       [gtok], cfg.data.augmenting_len)
+    comps = components([str(setup_dir / "augmenting")], [None], [[1, 3]], rows.fingerprint, SEQ_LEN, "fp32", "fp32",
+                       by_characters=True)
+    build_cache(tmp_path / "cache", comps, [load_causal_lm(str(setup_dir / "augmenting"))], [[1, 3]], rows,
+                rows_per_shard=12, batch_size=5, progress=False)
+    cache = StatesCache(tmp_path / "cache", comps)
+    cache.verify()
+    model = ComposedModel.from_pretrained(str(setup_dir / "anchor"), [str(setup_dir / "augmenting")],
+                                          layer_pairs=[[(1, 1), (3, 3)]])
+    for indices in ([7, 30, 2, 13], [31], list(range(N_TRAIN))):
+        batch = rows.batch(indices)
+        (aligned,) = batch["augmenting_inputs"]
+        recomputed = model.run_augmenting_each([aligned.model_inputs()])[0]
+        (cached,) = cache.read(indices)
+        real = aligned.attention_mask.bool()
+        assert any(aligned.reading[b].any() for b in range(len(indices))) or len(indices) == 1
+        for layer in (1, 3):
+            assert cached[layer].shape == recomputed[layer].shape
+            torch.testing.assert_close(cached[layer][real], recomputed[layer][real], atol=1e-5, rtol=0)
+    other = Tokenizer(setup_dir / "tokenizer.model")  # the anchor's own as the augmenting one: other rows
+    other_rows = load_rows(cfg.data, cfg.data.train, "data.train", atok, tmp_path / "data", augmenting=[other])
+    with pytest.raises(CacheError, match="stale cache .*data_and_tokenization"):
+        StatesCache(tmp_path / "cache", {**comps, "data_and_tokenization": other_rows.fingerprint})
+
+
+def test_two_rank_zero3_with_cached_augmenting_states_matches_the_reference(setup_dir, tmp_path, reference):
+    """`calm-dist cache` on 2 ranks stores each row's own reading; training on 2 ranks reads it and never loads
+    the augmenting weights: the losses and weights of recomputing them, and of the reference."""
+    out = tmp_path / "cached"
+    common = overrides(setup_dir, out, **{"train.augmenting_states": "cached"})
+    run_ranks(["-m", "calm_dist.cli", "cache", "--config", str(RECIPE), "--rows-per-shard", "12", *common],
+              timeout=600)
+    manifest = json.loads((out / "augmenting_cache" / "train" / "manifest.json").read_text())
+    assert manifest["components"]["reading"] == "characters" and manifest["rows"] == N_TRAIN
+    assert_matches(run_worker(setup_dir, out, **{"train.augmenting_states": "cached"}), out, reference)
