@@ -5,7 +5,7 @@ STAMP   := $(VENV)/.installed
 export DS_ACCELERATOR ?= cpu
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo demo-seeds bench clean
 
 install: $(STAMP)
 
@@ -25,6 +25,10 @@ test-fast: install
 
 demo: install
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash examples/kv_task/demo.sh
+
+# the composition over 2 base-model seeds x 3 composition seeds: mean and spread in artifacts/kv_demo/seeds.md
+demo-seeds: install
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash examples/kv_task/seeds.sh
 
 bench: install
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) benchmarks/run.py

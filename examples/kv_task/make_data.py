@@ -1,20 +1,19 @@
 #!/usr/bin/env python
 """Build the key-value task of CALM at tiny scale: keys, data sets (JSONL) and the shared tokenizer.
 
-    python -m examples.kv_task.make_data --out artifacts/kv_task [--seed 0] [--n-keys 900] [--n-values 30]
-        [--dc-frac 0.2] [--n-dc-train 20000] [--dc-arith-frac 0.25] [--n-kv-sub-train 20000] [--n-eval 500] [--force]
+    python -m examples.kv_task.make_data --out artifacts/kv_task [--seed 0] [--n-keys 1000] [--n-values 100]
+        [--dc-frac 0.2] [--val-frac 0.1] [--n-dc-train 20000] [--n-kv-sub-train 20000] [--n-eval 500] [--force]
 
 Writes into --out:
     manifest.json              settings, file list with sha256, vocabulary size and special ids
-    keys.json                  key -> value, the D_C keys and the held-out keys
-    tokenizer.model            SentencePiece (BPE; every key, number and operator is one token)
-    data/arith_train.jsonl     numeric arithmetic, the whole table (anchor pretraining)
+    keys.json                  key -> value, the D_C, validation and test (held-out) keys
+    tokenizer.model            SentencePiece (BPE; every key and operator is one token, numbers one digit a token)
+    data/arith_train.jsonl     numeric arithmetic, the whole table (anchor pretraining; the composition's replay)
     data/kv_facts.jsonl        "key" -> "value" for every key (augmenting pretraining)
     data/kv_sub_train.jsonl    KV-substitution over all keys (augmenting pretraining)
-    data/dc_train.jsonl        composition training file: D_C (KV-arithmetic over the D_C keys only,
-                               <= 20% of the keys) shuffled with --dc-arith-frac numeric replay records
-    data/dc_kv_arith.jsonl     the KV-arithmetic part of dc_train alone
-    data/eval_kv_arith_heldout.jsonl  KV-arithmetic, both keys held out (the headline metric)
+    data/dc_kv_arith.jsonl     the composition data D_C: KV-arithmetic over the D_C keys only (<= 20% of the keys)
+    data/val_kv_arith.jsonl    KV-arithmetic, both keys validation keys: every design choice is made here
+    data/eval_kv_arith_heldout.jsonl  KV-arithmetic, both keys test keys (the headline metric, scored once a run)
     data/eval_kv_sub_heldout.jsonl    KV-substitution, same expressions
     data/eval_kv_arith_dc_keys.jsonl  KV-arithmetic over D_C keys, expressions not in D_C
     data/eval_arith.jsonl             numeric arithmetic (a sample of the table)
@@ -35,7 +34,7 @@ from examples.kv_task import task as T
 from examples.kv_task import tokenizer as tok
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def _sha(path: str) -> str:
@@ -96,17 +95,16 @@ def build(out: str, settings: T.TaskSettings, force: bool = False, verbose: bool
         rel = f"data/{name}.jsonl"
         _write_jsonl(os.path.join(out, rel), recs)
         files[rel] = ""
-    words = T.vocabulary_words(settings, ks)
+    words = T.vocabulary_words(ks)
     text = list(T.record_text(sets["arith_train"])) + list(T.record_text(sets["kv_sub_train"])) \
-        + list(T.record_text(sets["kv_facts"])) + list(T.record_text(sets["dc_train"]))
+        + list(T.record_text(sets["kv_facts"])) + list(T.record_text(sets["dc_kv_arith"]))
     tok.train_tokenizer(words, text, model_prefix=os.path.join(out, "tokenizer"))
     files["tokenizer.model"] = ""
     sp = tok.load_tokenizer(os.path.join(out, "tokenizer.model"))
-    # every word must be exactly one token, with the id its position promises
-    for i, w in enumerate(words):
-        ids = sp.encode(w)
-        if ids != [4 + i]:
-            raise RuntimeError(f"tokenizer: word {w!r} -> {ids}, expected [{4 + i}]")
+    # every piece must have the id its position promises (each word alone reads as its marked piece)
+    for i, piece in enumerate(tok.symbols(words)):
+        if sp.piece_to_id(piece) != 4 + i or (i < len(words) and sp.encode(words[i]) != [4 + i]):
+            raise RuntimeError(f"tokenizer: piece {piece!r} has id {sp.piece_to_id(piece)}, expected {4 + i}")
     for rel in files:
         files[rel] = _sha(os.path.join(out, rel))
     man = {
@@ -116,22 +114,23 @@ def build(out: str, settings: T.TaskSettings, force: bool = False, verbose: bool
         "vocab_size": sp.get_piece_size(),
         "special_ids": {"pad": tok.PAD_ID, "unk": tok.UNK_ID, "bos": tok.BOS_ID, "eos": tok.EOS_ID},
         "counts": {name: len(recs) for name, recs in sets.items()},
-        "n_dc_keys": len(ks.dc_keys), "n_heldout_keys": len(ks.heldout_keys),
-        "sequence_format": "<s> prompt completion </s>; loss on completion and </s>; one token per word",
+        "n_dc_keys": len(ks.dc_keys), "n_val_keys": len(ks.val_keys), "n_heldout_keys": len(ks.heldout_keys),
+        "sequence_format": "<s> prompt completion </s>; loss on completion and </s>; keys and operators one "
+                           "token, numbers one digit a token",
     }
     with open(man_path + ".tmp", "w") as f:
         json.dump(man, f, indent=1)
     os.replace(man_path + ".tmp", man_path)
     if verbose:
         print(f"[make_kv_task] wrote {out} in {time.time() - t0:.1f}s: vocab {man['vocab_size']}, "
-              f"{len(ks.dc_keys)}/{settings.n_keys} D_C keys, " +
+              f"{len(ks.dc_keys)}/{len(ks.val_keys)}/{len(ks.heldout_keys)} D_C/validation/test keys, " +
               ", ".join(f"{k}={v}" for k, v in man["counts"].items()))
     return man
 
 
 def settings_from_args(a: argparse.Namespace) -> T.TaskSettings:
     return T.TaskSettings(seed=a.seed, n_keys=a.n_keys, n_values=a.n_values, dc_frac=a.dc_frac,
-                          n_dc_train=a.n_dc_train, dc_arith_frac=a.dc_arith_frac, n_kv_sub_train=a.n_kv_sub_train,
+                          val_frac=a.val_frac, n_dc_train=a.n_dc_train, n_kv_sub_train=a.n_kv_sub_train,
                           n_eval=a.n_eval)
 
 
@@ -145,9 +144,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--n-values", type=int, default=d.n_values,
                    help="values are 0..N-1; n-keys must be a multiple")
     p.add_argument("--dc-frac", type=float, default=d.dc_frac, help="fraction of keys D_C may use (<= 0.2)")
+    p.add_argument("--val-frac", type=float, default=d.val_frac, help="fraction of keys for validation")
     p.add_argument("--n-dc-train", type=int, default=d.n_dc_train)
-    p.add_argument("--dc-arith-frac", type=float, default=d.dc_arith_frac,
-                   help="share of numeric-arithmetic replay records in dc_train.jsonl (0 = pure D_C)")
     p.add_argument("--n-kv-sub-train", type=int, default=d.n_kv_sub_train)
     p.add_argument("--n-eval", type=int, default=d.n_eval)
     p.add_argument("--force", action="store_true", help="rebuild even when --out is current")

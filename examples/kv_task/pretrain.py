@@ -2,20 +2,18 @@
 """Pretrain the two tiny base models of the key-value task (Hugging Face models, save_pretrained).
 
     python -m examples.kv_task.pretrain --task artifacts/kv_task --out artifacts/models [--which both]
-        [--parallel] [--seed 0] [--anchor-steps 1500] [--aug-steps 500] [--batch 128] [--lr 3e-3]
+        [--parallel] [--seed 0] [--anchor-steps 3000] [--aug-steps 1000] [--batch 128] [--anchor-lr 5e-3]
+        [--aug-lr 3e-3]
         [--max-minutes 10] [--force]
 
-anchor (OUT/anchor): a Llama (d=64, 4 blocks, 16 heads) trained on numeric arithmetic only
-    (``<s> a op b = r </s>``, the whole table); it never sees a key. Its key-token embedding rows are
-    zeroed after training: every key is the same unknown token to it.
-augmenting (OUT/aug): a GPT-2 (d=64, 4 blocks, learned absolute positions, tied embeddings) trained
-    on every key's value and no arithmetic. ``--aug-format pairs`` (default): sequences
-    ``<s> k1 v1 [op] k2 v2 ... </s>`` of key-value facts over all keys (plus ``n n`` for every number:
-    a number's value is itself), loss on the values, so its state AT a key predicts that key's value;
-    ``sub``: KV-substitution (``k1 op k2 =`` -> ``v1 op v2``); ``mix``: half each.
-Number tokens: with ``--number-embedding sinusoidal`` (default) both models' number rows are one fixed
-    sinusoidal code of the number's value (kept fixed during training; the augmenting model's tied
-    output rows too), so the two models share one code for numbers, as models of one family do.
+anchor (OUT/anchor): a Llama trained on numeric arithmetic only (``<s> a op b = r </s>``, the whole
+    table, numbers one digit a token); it never sees a key, and its key rows keep their random init.
+augmenting (OUT/aug): a GPT-2 (learned absolute positions) trained on every key's value and no arithmetic.
+    ``--aug-format pairs``: sequences ``<s> k1 v1 [op] k2 v2 ... </s>`` of key-value facts over all keys
+    (plus ``n n`` for every value: a number's value is itself), loss on the values, so its state AT a key
+    predicts that key's value; ``sub``: KV-substitution (``k1 op k2 =`` -> ``v1 op v2``), the paper's
+    augmenting corpus; ``mix`` (default): half each.
+The two models share nothing but the tokenizer: separate seeds, their own learned embeddings.
 
 Both models use the task's tokenizer: same vocab size and pad/bos/eos ids. Runs are seeded and
 single-threaded by default (deterministic). Reruns with the same settings and task reuse the saved
@@ -38,11 +36,10 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from calm_dist.data.tokenizer import Tokenizer
-from examples.kv_task import task as T
 from examples.kv_task.scoring import exact_match, next_token_accuracy, read_jsonl
 from examples.kv_task.tokenizer import BOS_ID, EOS_ID, PAD_ID, encode_record, load_tokenizer
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 def log(*a):
@@ -77,12 +74,6 @@ class Task:
 
     def token_id(self, word) -> int:
         return self.sp.piece_to_id("\u2581" + str(word))
-
-    def key_ids(self) -> list[int]:
-        return [self.token_id(k) for k in self.keys["keys"]]
-
-    def number_ids(self) -> list[int]:
-        return [self.token_id(n) for n in T.numbers(self.n_values)]
 
 
 def pad_batch(seqs):
@@ -179,34 +170,8 @@ def build_model(vocab_size: int, hidden: int, layers: int, heads: int, ffn: int,
     return LlamaForCausalLM(cfg)
 
 
-def number_code(numbers: list[int], dim: int, scale: float = 1.0) -> torch.Tensor:
-    """Fixed sinusoidal code of each number's value (like a position encoding): dim/2 frequencies with
-    periods spaced geometrically from 3 to 4x the number range; each row has norm ``scale``."""
-    n = torch.tensor(numbers, dtype=torch.float64)[:, None]
-    span = max(numbers) - min(numbers) + 1
-    periods = torch.logspace(math.log10(3.0), math.log10(4.0 * span), dim // 2, dtype=torch.float64)
-    ang = 2 * math.pi * n / periods[None, :]
-    code = torch.stack([torch.sin(ang), torch.cos(ang)], dim=-1).flatten(1)
-    return (code * scale / math.sqrt(dim // 2)).float()
-
-
-def fix_number_embeddings(model, task: Task, scale: float):
-    """Set the number tokens' input embedding rows (and, when tied, output rows) to the fixed sinusoidal
-    code of their value; returns the per-step callback that keeps them fixed."""
-    ids = task.number_ids()
-    emb = model.get_input_embeddings().weight
-    code = number_code(T.numbers(task.n_values), emb.shape[1], scale)
-
-    def restore():
-        with torch.no_grad():
-            emb[ids] = code
-    restore()
-    return restore
-
-
 def train(model, sampler, steps: int, batch: int, lr: float, warmup: int, wd: float, log_every: int,
-          max_seconds: float, evals=None, eval_every: int = 0, stop_at: float | None = None,
-          after_step=None):
+          max_seconds: float, evals=None, eval_every: int = 0, stop_at: float | None = None):
     """AdamW, linear warmup then cosine decay to lr/10; optional early stop once every eval >= stop_at."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd, betas=(0.9, 0.98))
 
@@ -226,8 +191,6 @@ def train(model, sampler, steps: int, batch: int, lr: float, warmup: int, wd: fl
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if after_step is not None:
-            after_step()
         loss_avg = loss.item() if loss_avg is None else 0.95 * loss_avg + 0.05 * loss.item()
         last = step + 1 == steps or time.time() - t0 > max_seconds
         if (step + 1) % log_every == 0 or last:
@@ -248,15 +211,16 @@ def train(model, sampler, steps: int, batch: int, lr: float, warmup: int, wd: fl
 
 # -------------------------------------------------------------------------------------- main flow
 def settings_for(a: argparse.Namespace, which: str) -> dict:
-    common = {"format_version": FORMAT_VERSION, "seed": a.seed, "batch": a.batch, "lr": a.lr,
-              "warmup": a.warmup, "weight_decay": a.weight_decay, "number_embedding": a.number_embedding,
-              "number_scale": a.number_scale, "stop_at": a.stop_at, "eval_every": a.eval_every,
+    common = {"format_version": FORMAT_VERSION, "seed": a.seed, "batch": a.batch,
+              "warmup": a.warmup, "eval_every": a.eval_every,
               "max_minutes": a.max_minutes}
     if which == "anchor":
-        return {**common, "which": "anchor", "arch": a.anchor_arch, "steps": a.anchor_steps,
+        return {**common, "which": "anchor", "arch": a.anchor_arch, "steps": a.anchor_steps, "lr": a.anchor_lr,
+                "weight_decay": a.anchor_weight_decay, "stop_at": a.stop_at,
                 "layers": a.anchor_layers, "hidden": a.anchor_hidden, "heads": a.anchor_heads,
-                "ffn": a.anchor_ffn, "tie": a.anchor_tie, "zero_unseen": not a.keep_unseen_embeddings}
-    return {**common, "which": "aug", "arch": a.aug_arch, "steps": a.aug_steps, "layers": a.aug_layers,
+                "ffn": a.anchor_ffn, "tie": a.anchor_tie}
+    return {**common, "which": "aug", "arch": a.aug_arch, "steps": a.aug_steps, "lr": a.aug_lr,
+            "weight_decay": a.aug_weight_decay, "stop_at": None, "layers": a.aug_layers,
             "hidden": a.aug_hidden, "heads": a.aug_heads, "ffn": a.aug_ffn, "tie": not a.aug_untied,
             "format": a.aug_format, "pairs_per_seq": a.pairs_per_seq, "sep_prob": a.sep_prob,
             "number_facts": not a.no_number_facts}
@@ -293,7 +257,7 @@ def pretrain_one(which: str, task: Task, out: str, a: argparse.Namespace) -> dic
         facts = task.data("kv_facts")
         if s["number_facts"]:
             # a number's value is the number itself: "7" -> "7" (no arithmetic)
-            facts = facts + [{"prompt": str(n), "completion": str(n)} for n in T.numbers(task.n_values)]
+            facts = facts + [{"prompt": str(n), "completion": str(n)} for n in range(task.n_values)]
         pairs = PairsSampler(sp, facts, rng, s["pairs_per_seq"], s["sep_prob"])
         sub = RecordSampler(sp, task.data("kv_sub_train"), rng)
         sampler = {"pairs": pairs, "sub": sub, "mix": MixSampler([pairs, sub])}[s["format"]]
@@ -304,17 +268,10 @@ def pretrain_one(which: str, task: Task, out: str, a: argparse.Namespace) -> dic
         if s["format"] != "pairs":
             ev = task.data("eval_kv_sub_heldout")[:200]
             evals["kv_sub"] = lambda m: exact_match(m, task.tokenizer, ev)
-    after_step = None
-    if s["number_embedding"] == "sinusoidal":
-        after_step = fix_number_embeddings(model, task, s["number_scale"])
     torch.manual_seed(seed)
     stop_at = s["stop_at"] if s["stop_at"] is not None and 0 < s["stop_at"] <= 1 else None
     info = train(model, sampler, s["steps"], s["batch"], s["lr"], s["warmup"], s["weight_decay"], a.log_every,
-                 s["max_minutes"] * 60, evals, s["eval_every"], stop_at, after_step)
-    if which == "anchor" and s["zero_unseen"]:
-        # the anchor never saw a key: make every key token the same unknown token (zero embedding)
-        with torch.no_grad():
-            model.get_input_embeddings().weight[task.key_ids()] = 0.0
+                 s["max_minutes"] * 60, evals, s["eval_every"], stop_at)
     metrics = evaluate_base(model, task)
     metrics.update(info)
     os.makedirs(model_dir, exist_ok=True)
@@ -347,37 +304,37 @@ def parser() -> argparse.ArgumentParser:
                    help="with --which both: train the two models at once, one process (one thread) each")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--anchor-lr", type=float, default=5e-3)
+    p.add_argument("--aug-lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--number-embedding", choices=["learned", "sinusoidal"], default="sinusoidal",
-                   help="sinusoidal: both models' number-token embeddings are one fixed code of the number's "
-                        "value (the augmenting model's tied output rows too)")
-    p.add_argument("--number-scale", type=float, default=1.0, help="norm of each sinusoidal number row")
+    p.add_argument("--anchor-weight-decay", type=float, default=0.01)
+    p.add_argument("--aug-weight-decay", type=float, default=0.3,
+                   help="longer training with more decay makes the value readable off the state at a key "
+                        "(examples/kv_task/probe.py; docs/kv_task.md)")
     p.add_argument("--anchor-arch", choices=["llama", "gpt2"], default="llama")
-    p.add_argument("--anchor-steps", type=int, default=1500)
+    p.add_argument("--anchor-steps", type=int, default=3000)
     p.add_argument("--anchor-layers", type=int, default=4)
     p.add_argument("--anchor-hidden", type=int, default=64)
     p.add_argument("--anchor-heads", type=int, default=16,
                    help="also the composition's cross-attention heads (CALM: as many as the anchor)")
     p.add_argument("--anchor-ffn", type=int, default=256)
     p.add_argument("--anchor-tie", action="store_true", help="tie the anchor's embeddings")
-    p.add_argument("--keep-unseen-embeddings", action="store_true",
-                   help="keep the anchor's (untrained) key embeddings instead of zeroing them")
     p.add_argument("--aug-arch", choices=["llama", "gpt2"], default="gpt2")
-    p.add_argument("--aug-steps", type=int, default=500)
+    p.add_argument("--aug-steps", type=int, default=2000,
+                   help="its whole schedule: it knows every value after ~750 steps, and the rest makes the value "
+                        "readable off its state at a key (docs/kv_task.md)")
     p.add_argument("--aug-layers", type=int, default=4)
     p.add_argument("--aug-hidden", type=int, default=64)
     p.add_argument("--aug-heads", type=int, default=4)
     p.add_argument("--aug-ffn", type=int, default=256)
     p.add_argument("--aug-untied", action="store_true", help="untie the augmenting model's embeddings")
-    p.add_argument("--aug-format", choices=["pairs", "sub", "mix"], default="pairs")
+    p.add_argument("--aug-format", choices=["pairs", "sub", "mix"], default="mix")
     p.add_argument("--pairs-per-seq", type=int, default=6)
     p.add_argument("--sep-prob", type=float, default=0.5)
     p.add_argument("--no-number-facts", action="store_true",
                    help="augmenting corpus without the 'n n' facts (a number's value is itself)")
     p.add_argument("--stop-at", type=float, default=0.99,
-                   help="stop early once every periodic eval reaches this accuracy (outside (0, 1]: never)")
+                   help="the anchor stops early once its periodic eval reaches this accuracy (outside (0, 1]: never)")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--log-every", type=int, default=250)
     p.add_argument("--max-minutes", type=float, default=10.0, help="wall-clock cap per model")

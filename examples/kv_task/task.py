@@ -4,21 +4,23 @@ Everything here is pure Python and deterministic for a given :class:`TaskSetting
 ``random.Random(seed)`` per artefact, seeded from the settings), so two runs with the same settings write
 byte-identical files.
 
-Vocabulary of the task (every item is one SentencePiece token, see :mod:`kv_task.tokenizer`):
+Vocabulary of the task (see :mod:`kv_task.tokenizer`):
 
-* operators ``+ - =``;
-* numbers ``-(V-1) .. 2(V-1)`` (every operand and every result of a two-operand ``+``/``-`` expression
-  over values ``0..V-1``);
-* keys: ``n_keys`` distinct lower-case strings of 3-5 letters (no digits, so they never collide with
-  numbers or operators).
+* operators ``+ - =``, one token each (``-`` is also the sign of a negative number);
+* numbers are written in decimal and read **one digit per token**, as the paper's tokenizer does: an
+  operand ``0..V-1`` is one or two tokens, a result ``-(V-1) .. 2(V-1)`` up to four (``-`` and three digits);
+* keys: ``n_keys`` distinct lower-case strings of 3-5 letters, one token each (no digits, so they never
+  collide with numbers or operators).
 
 Values: key ``i`` (after a seeded shuffle) gets value ``i mod V``, so every value has the same number of
-keys (``n_keys / V``). The composition keys (D_C) are drawn *per value*: ``dc_frac`` of each value's keys,
-so D_C covers every value while spanning only ``dc_frac`` of the keys; every other key is held out.
+keys (``n_keys / V``). The keys are split three ways, each *per value* so every split covers every value:
+``dc_frac`` of each value's keys may appear in the composition data (D_C), ``val_frac`` are validation keys
+(every design choice and recipe knob is chosen on expressions over them) and the rest are test keys, scored
+once per reported run. No key is in two splits.
 
 Records are ``{"prompt": ..., "completion": ...}`` with words separated by single spaces:
 
-* numeric arithmetic:  ``"12 - 30 ="`` -> ``"-18"``
+* numeric arithmetic:  ``"12 - 30 ="`` -> ``"-18"`` (tokens ``- 1 8``)
 * KV-substitution:     ``"qzv - abcd ="`` -> ``"12 - 30"``
 * KV-arithmetic:       ``"qzv - abcd ="`` -> ``"-18"``
 * key-value facts:     ``"qzv"`` -> ``"12"`` (what the augmenting model memorises)
@@ -38,13 +40,13 @@ EQ = "="
 @dataclasses.dataclass(frozen=True)
 class TaskSettings:
     seed: int = 0
-    n_keys: int = 900           # distinct keys
-    n_values: int = 30          # values are 0..n_values-1, each shared by n_keys/n_values keys
+    n_keys: int = 1000          # distinct keys
+    n_values: int = 100         # values are 0..n_values-1, each shared by n_keys/n_values keys
     dc_frac: float = 0.2        # fraction of keys the composition data D_C may use
+    val_frac: float = 0.1       # fraction of keys for validation (design choices), never trained on nor tested
     key_min_len: int = 3
     key_max_len: int = 5
     n_dc_train: int = 20000     # KV-arithmetic records in D_C (both keys from the D_C keys)
-    dc_arith_frac: float = 0.25  # share of numeric-arithmetic replay records in dc_train (no keys)
     n_kv_sub_train: int = 20000  # KV-substitution records over all keys (augmenting model's corpus)
     n_eval: int = 500           # records in each evaluation set
 
@@ -55,21 +57,14 @@ class TaskSettings:
         if self.n_keys % self.n_values:
             raise ValueError(f"n_keys ({self.n_keys}) must be a multiple of n_values ({self.n_values})")
         per_value = self.n_keys // self.n_values
-        n_dc = int(self.dc_frac * per_value)
-        if not (0 <= self.dc_arith_frac < 1):
-            raise ValueError("dc_arith_frac must be in [0, 1)")
+        n_dc, n_val = int(self.dc_frac * per_value), int(self.val_frac * per_value)
         if not (0 < self.dc_frac <= 0.2):
             raise ValueError("dc_frac must be in (0, 0.2]: D_C spans at most 20% of the keys")
-        if n_dc < 1 or n_dc >= per_value:
-            raise ValueError(f"dc_frac * keys per value = {self.dc_frac} * {per_value} must leave >= 1 "
-                             "D_C key and >= 1 held-out key per value")
+        if n_dc < 1 or n_val < 1 or n_dc + n_val >= per_value:
+            raise ValueError(f"(dc_frac, val_frac) * keys per value = ({self.dc_frac}, {self.val_frac}) * {per_value} "
+                             "must leave >= 1 D_C key, >= 1 validation key and >= 1 test key per value")
         if 26 ** self.key_min_len < 4 * self.n_keys and self.key_max_len == self.key_min_len:
             raise ValueError("key length too short for that many distinct keys")
-
-
-def numbers(n_values: int) -> list[int]:
-    """Every integer an operand or a result can take: -(V-1) .. 2(V-1)."""
-    return list(range(-(n_values - 1), 2 * (n_values - 1) + 1))
 
 
 def _rng(settings: TaskSettings, what: str) -> random.Random:
@@ -82,10 +77,11 @@ class KeySpace:
     keys: list[str]              # all keys, in vocabulary order
     value: dict[str, int]        # key -> value
     dc_keys: list[str]           # keys D_C may use (dc_frac of each value's keys)
-    heldout_keys: list[str]      # every other key (evaluation)
+    val_keys: list[str]          # validation keys (val_frac of each value's keys): design choices
+    heldout_keys: list[str]      # every other key: the test set, scored once per reported run
 
     def to_dict(self) -> dict:
-        return {"keys": self.keys, "value": self.value, "dc_keys": self.dc_keys,
+        return {"keys": self.keys, "value": self.value, "dc_keys": self.dc_keys, "val_keys": self.val_keys,
                 "heldout_keys": self.heldout_keys}
 
 
@@ -106,15 +102,18 @@ def make_keys(settings: TaskSettings) -> KeySpace:
     by_value: dict[int, list[str]] = {v: [] for v in range(settings.n_values)}
     for k in keys:
         by_value[value[k]].append(k)
-    per_value_dc = int(settings.dc_frac * (settings.n_keys // settings.n_values))
+    per_value = settings.n_keys // settings.n_values
+    n_dc, n_val = int(settings.dc_frac * per_value), int(settings.val_frac * per_value)
     dc: set[str] = set()
+    val: set[str] = set()
     for v in range(settings.n_values):
         ks = list(by_value[v])
         rng.shuffle(ks)
-        dc.update(ks[:per_value_dc])
-    dc_keys = [k for k in keys if k in dc]
-    heldout = [k for k in keys if k not in dc]
-    return KeySpace(keys=keys, value=value, dc_keys=dc_keys, heldout_keys=heldout)
+        dc.update(ks[:n_dc])
+        val.update(ks[n_dc:n_dc + n_val])
+    return KeySpace(keys=keys, value=value, dc_keys=[k for k in keys if k in dc],
+                    val_keys=[k for k in keys if k in val],
+                    heldout_keys=[k for k in keys if k not in dc and k not in val])
 
 
 def evaluate_expr(a: int, op: str, b: int) -> int:
@@ -176,29 +175,26 @@ def build_datasets(settings: TaskSettings, ks: KeySpace | None = None) -> dict[s
 
     dc_exprs = sample_exprs(rng_dc, ks.dc_keys, settings.n_dc_train)
     heldout_exprs = sample_exprs(rng_eval, ks.heldout_keys, settings.n_eval)
+    val_exprs = sample_exprs(rng_eval, ks.val_keys, settings.n_eval)
     # training keys, expressions not in D_C: how far the blocks generalise over expressions vs keys
     dc_key_exprs = sample_exprs(rng_eval, ks.dc_keys, settings.n_eval, exclude=set(dc_exprs))
     arith = all_arith(V)
     arith_eval = [arith[i] for i in sorted(rng_eval.sample(range(len(arith)), min(settings.n_eval, len(arith))))]
-    # augmenting model's substitution corpus: all keys, but never a held-out evaluation expression
-    sub_exprs = sample_exprs(rng_sub, ks.keys, settings.n_kv_sub_train, exclude=set(heldout_exprs))
-    dc_kv = [kv_arith_record(ks, *e) for e in dc_exprs]
-    # numeric-arithmetic replay inside the composition data: keeps the composed model's arithmetic
-    # (without it the blocks also write into number positions and the composition forgets arithmetic)
-    n_replay = round(len(dc_kv) * settings.dc_arith_frac / (1 - settings.dc_arith_frac))
-    replay = [arith[rng_dc.randrange(len(arith))] for _ in range(n_replay)]
-    dc_train = dc_kv + replay
-    rng_dc.shuffle(dc_train)
+    # augmenting model's substitution corpus: all keys, but never an evaluation expression
+    sub_exprs = sample_exprs(rng_sub, ks.keys, settings.n_kv_sub_train, exclude=set(heldout_exprs) | set(val_exprs))
 
+    # The composition's numeric-arithmetic replay is not built here: the recipe mixes arith_train into
+    # data.train as a weighted source (calm_dist/data/mixture.py).
     return {
         # base-model corpora
         "arith_train": arith,                                             # anchor: numbers only
         "kv_facts": [fact_record(ks, k) for k in ks.keys],                # augmenting: every key's value
         "kv_sub_train": [kv_sub_record(ks, *e) for e in sub_exprs],       # augmenting: substitution
-        # composition data: KV-arithmetic over the D_C keys only (+ numeric replay in dc_train)
-        "dc_train": dc_train,
-        "dc_kv_arith": dc_kv,
-        # evaluation
+        # composition data: KV-arithmetic over the D_C keys only
+        "dc_kv_arith": [kv_arith_record(ks, *e) for e in dc_exprs],
+        # validation: choose designs and recipes here
+        "val_kv_arith": [kv_arith_record(ks, *e) for e in val_exprs],
+        # test: scored once per reported run
         "eval_kv_arith_heldout": [kv_arith_record(ks, *e) for e in heldout_exprs],
         "eval_kv_sub_heldout": [kv_sub_record(ks, *e) for e in heldout_exprs],
         "eval_kv_arith_dc_keys": [kv_arith_record(ks, *e) for e in dc_key_exprs],
@@ -206,9 +202,12 @@ def build_datasets(settings: TaskSettings, ks: KeySpace | None = None) -> dict[s
     }
 
 
-def vocabulary_words(settings: TaskSettings, ks: KeySpace) -> list[str]:
-    """Every word of the task, in the order they get token ids: operators, numbers, keys."""
-    return list(OPS) + [EQ] + [str(n) for n in numbers(settings.n_values)] + list(ks.keys)
+DIGITS = tuple("0123456789")
+
+
+def vocabulary_words(ks: KeySpace) -> list[str]:
+    """The words that are one token each, in the order they get token ids: operators, digits, keys."""
+    return list(OPS) + [EQ] + list(DIGITS) + list(ks.keys)
 
 
 def record_text(records: Iterable[dict]) -> Iterator[str]:

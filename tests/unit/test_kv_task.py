@@ -18,7 +18,7 @@ from examples.kv_task import task as T
 from examples.kv_task import tokenizer as tok
 from examples.kv_task.scoring import exact_match, read_jsonl
 
-SMALL = T.TaskSettings(seed=3, n_keys=200, n_values=10, dc_frac=0.2, n_dc_train=400, dc_arith_frac=0.25,
+SMALL = T.TaskSettings(seed=3, n_keys=200, n_values=10, dc_frac=0.2, val_frac=0.1, n_dc_train=400,
                        n_kv_sub_train=300, n_eval=60)
 
 
@@ -57,10 +57,10 @@ def test_other_seed_gives_other_keys():
 def test_rebuild_is_skipped_when_current_and_redone_when_settings_change(built, tmp_path):
     out = str(tmp_path / "t")
     make_data.build(out, SMALL, verbose=False)
-    stamp = os.path.getmtime(os.path.join(out, "data", "dc_train.jsonl"))
+    stamp = os.path.getmtime(os.path.join(out, "data", "dc_kv_arith.jsonl"))
     assert make_data.is_current(out, SMALL)
     make_data.build(out, SMALL, verbose=False)
-    assert os.path.getmtime(os.path.join(out, "data", "dc_train.jsonl")) == stamp
+    assert os.path.getmtime(os.path.join(out, "data", "dc_kv_arith.jsonl")) == stamp
     other = T.TaskSettings(**{**SMALL.to_dict(), "n_eval": 50})
     assert not make_data.is_current(out, other)
     make_data.build(out, other, verbose=False)
@@ -80,33 +80,33 @@ def test_dc_spans_at_most_20_percent_of_the_keys(built):
     out, _ = built
     k = keys_json(out)
     assert len(k["dc_keys"]) <= 0.2 * len(k["keys"])
-    used = {w for r in data(out, "dc_train") for w in T.keys_of(r)}
+    used = {w for r in data(out, "dc_kv_arith") for w in T.keys_of(r)}
     assert used <= set(k["dc_keys"])
     assert len(used) <= 0.2 * len(k["keys"])
-    assert {w for r in data(out, "dc_kv_arith") for w in T.keys_of(r)} == used
 
 
-def test_dc_keys_cover_every_value(built):
+def test_every_split_covers_every_value(built):
     out, _ = built
     k = keys_json(out)
-    assert {k["value"][x] for x in k["dc_keys"]} == set(range(SMALL.n_values))
+    for split in ("dc_keys", "val_keys", "heldout_keys"):
+        assert {k["value"][x] for x in k[split]} == set(range(SMALL.n_values)), split
 
 
-def test_eval_keys_are_disjoint_from_dc_keys(built):
+def test_dc_validation_and_test_keys_are_disjoint(built):
     out, _ = built
     k = keys_json(out)
-    dc = set(k["dc_keys"])
-    assert set(k["heldout_keys"]).isdisjoint(dc)
-    assert set(k["heldout_keys"]) | dc == set(k["keys"])
-    for name in ("eval_kv_arith_heldout", "eval_kv_sub_heldout"):
+    dc, val, test = set(k["dc_keys"]), set(k["val_keys"]), set(k["heldout_keys"])
+    assert dc.isdisjoint(val) and dc.isdisjoint(test) and val.isdisjoint(test)
+    assert dc | val | test == set(k["keys"])
+    for name, split in (("eval_kv_arith_heldout", test), ("eval_kv_sub_heldout", test), ("val_kv_arith", val)):
         recs = data(out, name)
-        assert recs and all(T.keys_of(r) and set(T.keys_of(r)).isdisjoint(dc) for r in recs), name
-    train_prompts = {r["prompt"] for r in data(out, "dc_train")}
-    assert train_prompts.isdisjoint(r["prompt"] for r in data(out, "eval_kv_arith_heldout"))
+        assert recs and all(T.keys_of(r) and set(T.keys_of(r)) <= split for r in recs), name
+    train_prompts = {r["prompt"] for r in data(out, "dc_kv_arith")}
     assert train_prompts.isdisjoint(r["prompt"] for r in data(out, "eval_kv_arith_dc_keys"))
-    # the augmenting model's substitution corpus never holds a held-out evaluation expression
-    assert {r["prompt"] for r in data(out, "kv_sub_train")}.isdisjoint(
-        r["prompt"] for r in data(out, "eval_kv_sub_heldout"))
+    # the augmenting model's substitution corpus never holds an evaluation or validation expression
+    sub = {r["prompt"] for r in data(out, "kv_sub_train")}
+    assert sub.isdisjoint(r["prompt"] for r in data(out, "eval_kv_sub_heldout"))
+    assert sub.isdisjoint(r["prompt"] for r in data(out, "val_kv_arith"))
 
 
 def test_values_are_balanced_and_in_range():
@@ -125,7 +125,12 @@ def test_settings_are_validated():
     with pytest.raises(ValueError):
         T.TaskSettings(n_keys=1001, n_values=40).validate()
     with pytest.raises(ValueError):
-        T.TaskSettings(n_keys=40, n_values=40).validate()  # one key per value: no held-out key left
+        T.TaskSettings(n_keys=40, n_values=40).validate()  # one key per value: no D_C key
+    with pytest.raises(ValueError):
+        T.TaskSettings(n_keys=200, n_values=20, val_frac=0.05).validate()  # 10 keys per value: no validation key
+    with pytest.raises(ValueError):
+        T.TaskSettings(n_keys=100, n_values=20, val_frac=0.8).validate()  # 1 D_C + 4 validation: no test key
+    T.TaskSettings(n_keys=200, n_values=20).validate()  # 2 D_C, 1 validation and 7 test keys per value
 
 
 # ------------------------------------------------------------------------------------------ the records
@@ -140,7 +145,8 @@ def test_records_are_correct(built):
         a, op, b, eq = p.split()
         assert eq == "="
         return num(a) + num(b) if op == "+" else num(a) - num(b)
-    for name in ("dc_train", "eval_kv_arith_heldout", "eval_kv_arith_dc_keys", "eval_arith", "arith_train"):
+    for name in ("dc_kv_arith", "val_kv_arith", "eval_kv_arith_heldout", "eval_kv_arith_dc_keys", "eval_arith",
+                 "arith_train"):
         for r in data(out, name):
             assert int(r["completion"]) == calc(r["prompt"]), (name, r)
     for r in data(out, "eval_kv_sub_heldout") + data(out, "kv_sub_train"):
@@ -150,48 +156,45 @@ def test_records_are_correct(built):
     assert len(data(out, "arith_train")) == 2 * SMALL.n_values ** 2
 
 
-def test_dc_train_mixes_in_numeric_replay(built):
-    out, man = built
-    recs = data(out, "dc_train")
-    numeric = [r for r in recs if not T.keys_of(r)]
-    assert len(recs) == man["counts"]["dc_train"]
-    assert abs(len(numeric) / len(recs) - SMALL.dc_arith_frac) < 0.01
-    assert len(recs) - len(numeric) == SMALL.n_dc_train
-
-
 # ------------------------------------------------------------------------------------------ tokenizer
-def test_every_word_is_one_token_with_a_predictable_id(built):
+def test_every_piece_has_a_predictable_id(built):
     out, man = built
     sp = tok.load_tokenizer(os.path.join(out, "tokenizer.model"))
-    words = T.vocabulary_words(SMALL, T.make_keys(SMALL))
-    assert sp.get_piece_size() == man["vocab_size"] == 4 + len(words)
-    for i, w in enumerate(words):
+    words = T.vocabulary_words(T.make_keys(SMALL))
+    pieces = tok.symbols(words)
+    assert sp.get_piece_size() == man["vocab_size"] == 4 + len(pieces)
+    for i, piece in enumerate(pieces):
+        assert sp.piece_to_id(piece) == 4 + i
+    for i, w in enumerate(words):  # each operator, digit and key alone is one token
         assert sp.encode(w) == [4 + i]
     assert (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id()) == (0, 1, 2, 3)
     assert man["special_ids"] == {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
 
 
-def test_expression_tokenization(built):
+def test_numbers_read_one_digit_a_token(built):
     out, _ = built
     sp = tok.load_tokenizer(os.path.join(out, "tokenizer.model"))
     ks = T.make_keys(SMALL)
     k1, k2 = ks.keys[0], ks.keys[1]
-    ids, labels = tok.encode_record(sp, {"prompt": f"{k1} - {k2} =", "completion": "-7"})
-    assert ids == [tok.BOS_ID, sp.piece_to_id("\u2581" + k1), sp.piece_to_id("\u2581-"),
-                   sp.piece_to_id("\u2581" + k2), sp.piece_to_id("\u2581="), sp.piece_to_id("\u2581-7"), tok.EOS_ID]
+    piece = sp.piece_to_id
+    ids, labels = tok.encode_record(sp, {"prompt": f"{k1} - {k2} =", "completion": "-17"})
+    assert ids == [tok.BOS_ID, piece("\u2581" + k1), piece("\u2581-"), piece("\u2581" + k2), piece("\u2581="),
+                   piece("\u2581-"), piece("1"), piece("7"), tok.EOS_ID]
     assert labels == [-100] * 5 + ids[5:]
-    # a negative number is one token, distinct from the operator followed by a number
-    assert len(sp.encode("-7")) == 1 and sp.encode("- 7") == [sp.piece_to_id("\u2581-"), sp.piece_to_id("\u25817")]
+    # a number's first digit carries the word mark, the others do not; the sign is the operator's token
+    assert sp.encode("47 + 105") == [piece("\u25814"), piece("7"), piece("\u2581+"), piece("\u25811"), piece("0"),
+                                     piece("5")]
+    assert sp.encode("-7") == sp.encode("- 7")[:1] + [piece("7")] and sp.encode("- 7")[1] == piece("\u25817")
     # the same word has the same id first in the text and inside it
     assert sp.encode(f"{k1} + {k1}")[0] == sp.encode(f"{k1} + {k1}")[2]
     # prompt + completion encoded separately == the whole text encoded at once
-    assert sp.encode(f"{k1} - {k2} =") + sp.encode("-7") == sp.encode(f"{k1} - {k2} = -7")
+    assert sp.encode(f"{k1} - {k2} =") + sp.encode("-17") == sp.encode(f"{k1} - {k2} = -17")
 
 
 def test_tokenizer_round_trips(built):
     out, _ = built
     sp = tok.load_tokenizer(os.path.join(out, "tokenizer.model"))
-    for name in ("dc_train", "eval_kv_sub_heldout", "eval_arith", "kv_facts"):
+    for name in ("dc_kv_arith", "eval_kv_sub_heldout", "eval_arith", "kv_facts"):
         for r in data(out, name)[:100]:
             for text in (r["prompt"], r["completion"], f"{r['prompt']} {r['completion']}"):
                 ids = sp.encode(text)
@@ -210,15 +213,6 @@ def test_base_models_share_vocab_and_special_ids(built):
         assert (c.vocab_size, c.pad_token_id, c.bos_token_id, c.eos_token_id) == (man["vocab_size"], 0, 2, 3)
 
 
-def test_number_code_is_fixed_and_distinct():
-    nums = T.numbers(10)
-    a, b = pretrain.number_code(nums, 64), pretrain.number_code(nums, 64)
-    assert torch.equal(a, b) and a.shape == (len(nums), 64)
-    assert torch.allclose(a.norm(dim=1), torch.ones(len(nums)))
-    sim = a @ a.T
-    assert bool((sim.argmax(dim=1) == torch.arange(len(nums))).all())  # each code is nearest to itself
-
-
 def test_pairs_sampler_puts_the_loss_on_values_only(built):
     import random
     out, _ = built
@@ -226,15 +220,18 @@ def test_pairs_sampler_puts_the_loss_on_values_only(built):
     facts = data(out, "kv_facts")
     s = pretrain.PairsSampler(task.sp, facts, random.Random(0), pairs_per_seq=4, sep_prob=0.5)
     ids, att, lab = s.batch(8)
-    value = {task.token_id(r["prompt"]): task.token_id(r["completion"]) for r in facts}
+    value = {task.token_id(r["prompt"]): task.sp.encode(r["completion"]) for r in facts}
     for i in range(ids.shape[0]):
         n = int(att[i].sum())
         row, lrow = ids[i, :n].tolist(), lab[i, :n].tolist()
         assert row[0] == tok.BOS_ID and row[-1] == tok.EOS_ID and lrow[-1] == tok.EOS_ID
+        scored = 0
         for t in range(1, n - 1):
-            if row[t] in value:  # a key: not scored, and the next token is its value (scored)
-                assert lrow[t] == -100 and row[t + 1] == value[row[t]] and lrow[t + 1] == row[t + 1]
-        assert sum(x != -100 for x in lrow) == 4 + 1
+            if row[t] in value:  # a key: not scored, and the next tokens are its value's digits (scored)
+                v = value[row[t]]
+                assert lrow[t] == -100 and row[t + 1:t + 1 + len(v)] == v == lrow[t + 1:t + 1 + len(v)]
+                scored += len(v)
+        assert sum(x != -100 for x in lrow) == scored + 1
 
 
 # ------------------------------------------------------------------------------------------ scoring
@@ -248,6 +245,8 @@ class Answering(torch.nn.Module):
     def forward(self, input_ids, attention_mask=None):
         nxt = []
         for row in input_ids.tolist():
+            while row and row[0] == tok.PAD_ID:  # left padding
+                row = row[1:]
             prompt = next(p for p in self.answers if tuple(row[:len(p)]) == p)
             nxt.append((self.answers[prompt] + [tok.PAD_ID] * len(row))[len(row) - len(prompt)])
         logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], self.vocab_size)
@@ -260,7 +259,8 @@ def test_the_tools_score_exact_match_as_calm_dist_eval_does(built):
     stopped, answered and run on with `<s> <s>`, and answered wrongly, only the first kind counts, in both."""
     out, _ = built
     tokenizer = Tokenizer(os.path.join(out, "tokenizer.model"))
-    records = data(out, "eval_arith")[:12]
+    # prompts of one length: the stand-in model reads unpadded rows
+    records = [r for r in data(out, "eval_arith") if len(tokenizer.encode(r["prompt"])) == 4][:12]
     answers = {}
     for i, r in enumerate(records):
         completion = tokenizer.encode(r["completion"])
@@ -268,10 +268,58 @@ def test_the_tools_score_exact_match_as_calm_dist_eval_does(built):
             completion + [tok.EOS_ID], completion + [tok.BOS_ID] * 2, [tok.EOS_ID]][i % 3]
     model = Answering(answers, tokenizer.vocab_size)
 
-    def generate(ids, mask, n):  # every prompt of the task has the same length: no padding to strip
+    def generate(ids, mask, n):  # every prompt here has the same length: no padding to strip
         for _ in range(n):
             ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
         return ids
 
     package = evaluate_set(generate, lambda ids, mask: model(ids).logits, tokenizer, records, batch_size=5)
     assert exact_match(model, tokenizer, records, batch_size=5) == package.exact_match == 4 / 12
+
+
+# ------------------------------------------------------------------------------- probe and seed report
+def test_ridge_probe_reads_a_linear_code_and_not_noise():
+    from examples.kv_task.probe import ridge_probe
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 10, (400,), generator=g)
+    code = torch.randn(10, 16, generator=g)
+    x = code[y] + 0.05 * torch.randn(400, 16, generator=g)       # the digit written linearly into the state
+    assert ridge_probe(x[:200], y[:200], x[200:], y[200:]) == 1.0
+    noise = torch.randn(400, 16, generator=g)                     # a state that holds nothing of the digit
+    assert ridge_probe(noise[:200], y[:200], noise[200:], y[200:]) < 0.25
+
+
+def test_probe_scores_on_validation_keys_what_it_fits_on_dc_keys(built):
+    """A model whose state at a key IS the one-hot of the value's digits is read perfectly; the key sets the
+    probe fits and scores on are the D_C and validation keys."""
+    from examples.kv_task import probe
+    out, _ = built
+    task = pretrain.Task(out)
+    ids = {task.token_id(k): task.keys["value"][k] for k in task.keys["keys"]}
+
+    class Oracle(torch.nn.Module):
+        def forward(self, input_ids, output_hidden_states=True):
+            h = torch.zeros(*input_ids.shape, 20)
+            for (b, t), tok_id in zip(torch.cartesian_prod(torch.arange(input_ids.shape[0]),
+                                                           torch.arange(input_ids.shape[1])).tolist(),
+                                      input_ids.flatten().tolist()):
+                if tok_id in ids:
+                    h[b, t, ids[tok_id] // 10] = h[b, t, 10 + ids[tok_id] % 10] = 1.0
+            return type("Out", (), {"hidden_states": (h,)})()
+    rows = probe.probe(task, Oracle(), "{other} - {k} =")
+    assert rows == [{"layer": 0, "tens": 1.0, "units": 1.0}]
+
+
+def test_seed_report_gives_mean_and_spread(tmp_path):
+    from examples.kv_task import seeds_report
+    runs = []
+    for i, (base, seed, score) in enumerate([(0, 0, 0.5), (0, 1, 0.7), (1, 0, 0.6)]):
+        d = tmp_path / f"run{i}"
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps({"composition": {"kv_arithmetic_test": {"exact_match": score}}}))
+        (d / "seeds.json").write_text(json.dumps({"base_seed": base, "seed": seed}))
+        runs.append(str(d))
+    assert seeds_report.main(runs + ["--out", str(tmp_path / "seeds.md")]) == 0
+    text = (tmp_path / "seeds.md").read_text()
+    assert "| composition | kv_arithmetic_test | 60.0 | 10.0 | 50.0 | 70.0 | 50.0 / 70.0 / 60.0 |" in text
+    assert "base 1/comp 0" in text

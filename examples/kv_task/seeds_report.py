@@ -1,0 +1,56 @@
+#!/usr/bin/env python
+"""Mean and spread of `make demo-seeds`: one row per (model, set) over the runs' results.json files.
+
+    python -m examples.kv_task.seeds_report RUN_DIR [RUN_DIR ...] [--out seeds.md]
+
+Each RUN_DIR holds the results.json that `calm-dist eval` wrote (examples/kv_task/demo.sh step 6) and a seeds.json
+naming its base-model and composition seeds. The spread is the sample standard deviation (n - 1) and the range."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+
+def load(run_dir: str) -> tuple[dict, dict]:
+    with open(os.path.join(run_dir, "results.json")) as f:
+        results = json.load(f)
+    with open(os.path.join(run_dir, "seeds.json")) as f:
+        seeds = json.load(f)
+    return results, seeds
+
+
+def table(runs: list[tuple[dict, dict]]) -> str:
+    """Markdown: per (model, set) the exact match (%) of every run, their mean, standard deviation and range."""
+    header = ", ".join(f"base {s['base_seed']}/comp {s['seed']}" for _, s in runs)
+    lines = [f"runs (base-model seed / composition seed): {header}", "",
+             "| model | set | mean | std | min | max | per run |", "|---|---|---|---|---|---|---|"]
+    models = [m for m in runs[0][0] if all(m in r for r, _ in runs)]
+    for model in models:
+        for name in runs[0][0][model]:
+            scores = [100 * r[model][name]["exact_match"] for r, _ in runs if name in r[model]]
+            if len(scores) != len(runs):
+                continue
+            std = statistics.stdev(scores) if len(scores) > 1 else float("nan")
+            lines.append(f"| {model} | {name} | {statistics.mean(scores):.1f} | {std:.1f} | {min(scores):.1f} | "
+                         f"{max(scores):.1f} | {' / '.join(f'{x:.1f}' for x in scores)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("runs", nargs="+", help="run directories of examples/kv_task/demo.sh")
+    p.add_argument("--out", help="also write the table here")
+    a = p.parse_args(argv)
+    text = table([load(r) for r in a.runs])
+    print(text, end="")
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
