@@ -8,7 +8,7 @@
 #   3. the augmenting states of D_C, cached to disk           calm-dist cache
 #   4. the composition, 2 ranks under ZeRO-3                  deepspeed --num_gpus 2 calm_dist/train.py
 #   5. the baselines through the same entry point: LoRA on the anchor with as many parameters, and the
-#      composition with a randomly initialised augmenting model
+#      composition with a randomly initialised augmenting model (side by side, one rank each)
 #   6. evaluation (greedy exact match) of every model on every set, the Table-1-shaped comparison
 # BASE_SEED seeds the two base models, SEED the composition and the baselines (make demo-seeds varies both);
 # BASELINES=0 skips step 5. PRETRAIN_ARGS (flags of examples.kv_task.pretrain) and TRAIN_OVERRIDES (dotted
@@ -52,8 +52,8 @@ common=(model.anchor="$MODELS/anchor" model.augmenting="[$MODELS/aug]" data.toke
         data.eval="$TASK/data/val_kv_arith.jsonl" data.cache_dir="$DEMO_DIR/data_cache" train.seed="$SEED")
 read -r -a extra <<< "${TRAIN_OVERRIDES:-}"
 common+=("${extra[@]}")
-launch() {  # the deepspeed launcher, 2 ranks on this machine's CPU
-    "$PYTHON" -m deepspeed.launcher.runner --num_gpus 2 --master_addr 127.0.0.1 \
+launch() {  # the deepspeed launcher: RANKS (default 2) ranks on this machine's CPU
+    "$PYTHON" -m deepspeed.launcher.runner --num_gpus "${RANKS:-2}" --master_addr 127.0.0.1 \
         --master_port "$("$PYTHON" -c 'from calm_dist.training.dist_env import free_port; print(free_port())')" \
         calm_dist/train.py --config "$RECIPE" "${common[@]}" "$@"
 }
@@ -69,7 +69,6 @@ launch train.output_dir="$RUN/composition" train.augmenting_states=cached \
 compositions=(--composition composition="$RUN/composition/final")
 if [ "$BASELINES" = 1 ]; then
 say "5/7 baselines: LoRA on the anchor (same parameter count), composition with a random augmenting model"
-launch train.output_dir="$RUN/lora" model.method=lora tracking.run_name=lora
 # The random augmenting model is written once (seeded, as model.augmenting_init=random would) and then
 # composed like any other, from cached states: recomputing them every step would cost a minute more.
 random_aug=$("$PYTHON" -c 'import sys
@@ -79,8 +78,18 @@ print(materialize_random_augmenting(load_config(sys.argv[1], sys.argv[2:]), is_m
     "$RECIPE" "${common[@]}" train.output_dir="$RUN/random_augmenting")
 "$PYTHON" -m calm_dist.cli cache --config "$RECIPE" "${common[@]}" model.augmenting="[$random_aug]" \
     train.output_dir="$RUN/random_augmenting" train.states_cache_dir="$RUN/random_states_cache"
-launch model.augmenting="[$random_aug]" train.output_dir="$RUN/random_augmenting" train.augmenting_states=cached \
-    train.states_cache_dir="$RUN/random_states_cache" tracking.run_name=random_augmenting
+# The two baselines train side by side, one rank (one core) each: the same global batch as two ranks (two
+# micro-batches accumulated), without ZeRO-3's per-step exchange between two processes on a small model.
+echo "  (their logs: $RUN/lora.log, $RUN/random_augmenting.log)"
+trap 'kill $(jobs -p) 2>/dev/null || true' EXIT  # never leave a baseline training on its own
+RANKS=1 launch train.output_dir="$RUN/lora" model.method=lora tracking.run_name=lora > "$RUN/lora.log" 2>&1 &
+lora=$!
+RANKS=1 launch model.augmenting="[$random_aug]" train.output_dir="$RUN/random_augmenting" \
+    train.augmenting_states=cached train.states_cache_dir="$RUN/random_states_cache" \
+    tracking.run_name=random_augmenting > "$RUN/random_augmenting.log" 2>&1 &
+random=$!
+wait "$lora" || { tail -n 20 "$RUN/lora.log"; exit 1; }
+wait "$random" || { tail -n 20 "$RUN/random_augmenting.log"; exit 1; }
 compositions+=(--composition lora="$RUN/lora/final" --composition random_augmenting="$RUN/random_augmenting/final")
 fi
 
