@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
+from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 from calm_dist.config import ConfigError
@@ -338,7 +339,8 @@ class StatesCache:
                     pieces.append(self._shard(s).get_slice(key)[start:stop])
                 else:
                     pieces.append(self._shard(s).get_slice(key)[within:within + 1])
-            out[a][layer] = _right_padded(pieces) if self.ragged else torch.cat(pieces)
+            # ragged rows padded with zeros on the right, never attended: the batch's augmenting mask is 0 there
+            out[a][layer] = pad_sequence(pieces, batch_first=True) if self.ragged else torch.cat(pieces)
         return out
 
     def prefetch(self, rows) -> None:
@@ -350,14 +352,6 @@ class StatesCache:
     def get(self, rows) -> list[dict[int, torch.Tensor]]:
         future = self._pending.pop(tuple(int(r) for r in rows), None)
         return future.result() if future is not None else self.read(rows)
-
-
-def _right_padded(rows: list[torch.Tensor]) -> torch.Tensor:
-    """[B, S, D] of rows [S_b, D], zeros after each (never attended: the batch's augmenting mask is 0 there)."""
-    out = rows[0].new_zeros(len(rows), max(len(r) for r in rows), rows[0].shape[-1])
-    for b, r in enumerate(rows):
-        out[b, :len(r)] = r
-    return out
 
 
 # ---- the job: `calm-dist cache --config ...` ---------------------------------------------------------
