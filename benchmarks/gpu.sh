@@ -12,6 +12,9 @@
 #   bash benchmarks/gpu.sh                       # from the repository root, on a machine with an NVIDIA GPU
 #   PYTHON=.venv/bin/python STEPS=10 SEQ=2048 MICRO=8 bash benchmarks/gpu.sh
 #   COMPILE=1 bash benchmarks/gpu.sh             # the frozen blocks compiled (train.compile=true)
+#   ZERO3=0 LIGER=1 bash benchmarks/gpu.sh       # plain PyTorch (no ZeRO-3); Liger Kernel's fused ops and loss
+#   PERSIST=1e9 bash benchmarks/gpu.sh           # ZeRO-3 keeps every frozen tensor whole (the planner's replicate)
+#   PROFILE=1 bash benchmarks/gpu.sh             # and one profiled recomputed step: gpu_profile.txt beside the JSON
 #   GPU_BENCH_SMOKE=1 bash benchmarks/gpu.sh     # tiny models on the CPU, fp32: checks the script's plumbing
 #
 # Needs torch (CUDA build), transformers and, for ZeRO-3, deepspeed; without deepspeed it still runs, as plain
@@ -62,6 +65,7 @@ WARMUP = int(os.environ.get("WARMUP", 2 if cuda else 1))
 SEQ = int(os.environ.get("SEQ", 2048 if cuda else 32))
 MICRO = int(os.environ.get("MICRO", 8 if cuda else 2))
 PEAK = float(os.environ.get("PEAK_TFLOPS", GPU_PEAK_TFLOPS["H100"][0])) * 1e12  # H100 SXM dense bf16
+LIGER = os.environ.get("LIGER") == "1"  # Liger Kernel's fused norms, activations, rotary and loss (needs the package)
 COMPILE = os.environ.get("COMPILE") == "1"  # train.compile=true: compiled frozen blocks (compiled in the warm-up)
 
 if smoke:
@@ -80,10 +84,13 @@ for c in (anchor_cfg, aug_cfg):
     c._attn_implementation = "sdpa"
 pairs = costs.default_layer_pairs(aug_cfg.num_hidden_layers, anchor_cfg.num_hidden_layers)
 result = {"device": torch.cuda.get_device_name(0) if cuda else "cpu (smoke)", "dtype": str(dtype), "seq": SEQ,
-          "micro_batch": MICRO, "steps": STEPS, "warmup": WARMUP, "compile": COMPILE, "layer_pairs": pairs,
+          "micro_batch": MICRO, "steps": STEPS, "warmup": WARMUP, "compile": COMPILE, "liger": LIGER,
+          "persistence_threshold": float(os.environ.get("PERSIST", 1e5)), "layer_pairs": pairs,
           "peak_flops": PEAK, "torch": torch.__version__, "transformers": T.__version__, "errors": {}}
 
 try:
+    if os.environ.get("ZERO3", "1") == "0":
+        raise ImportError("ZERO3=0: plain single-GPU PyTorch asked for")
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
     from calm_dist.training.dist_env import DistEnv, init_process_group
@@ -101,11 +108,18 @@ ds = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1,
       "wall_clock_breakdown": False, "zero_allow_untested_optimizer": True,
       "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
                             "reduce_bucket_size": 5e7, "stage3_prefetch_bucket_size": 5e7,
-                            "stage3_param_persistence_threshold": 1e5, "stage3_max_live_parameters": 1e9,
-                            "stage3_max_reuse_distance": 1e9}}
+                            "stage3_param_persistence_threshold": float(os.environ.get("PERSIST", 1e5)),
+                            "stage3_max_live_parameters": 1e9, "stage3_max_reuse_distance": 1e9}}
 
 def build(cfg):
-    # random init from the config; with HfDeepSpeedConfig alive the weights are initialised, then partitioned
+    # random init from the config; with HfDeepSpeedConfig alive the weights are initialised, then partitioned;
+    # without ZeRO-3 they are initialised on the device (a 1.4B init on the CPU takes minutes)
+    if not zero3:
+        with torch.device(device):
+            try:
+                return T.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+            except TypeError:
+                return T.AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype)
     try:
         return T.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     except TypeError:
@@ -117,7 +131,12 @@ if zero3:
     keep_alive = HfDeepSpeedConfig(ds)
 torch.manual_seed(0)
 anchor, aug = build(anchor_cfg), build(aug_cfg)
-model = ComposedModel(anchor, [aug], layer_pairs=[pairs])
+if LIGER:
+    # Liger Kernel's Triton RMSNorm, SwiGLU and RoPE in both frozen models, and its fused linear-cross-entropy
+    from calm_dist.model.fused_kernels import apply_fused_kernels  # model.fused_kernels=liger
+    for m in (anchor, aug):
+        apply_fused_kernels(m, "liger")
+model = ComposedModel(anchor, [aug], layer_pairs=[pairs], loss_kernel="liger" if LIGER else "chunked")
 model.blocks.to(dtype)
 if COMPILE:
     compile_frozen_blocks([anchor, aug])
@@ -182,6 +201,19 @@ for r in range(WARMUP + STEPS):
                 times[name].append(time.perf_counter() - t0)
         except Exception as e:  # one failing variant must not lose the others
             result["errors"][name] = "".join(traceback.format_exception_only(type(e), e)).strip()
+
+if os.environ.get("PROFILE") == "1" and "recompute" not in result["errors"]:
+    # one more recomputed step under the profiler: where the time goes, by operator (self time on the device)
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        recompute_step()
+        sync()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                      row_limit=30, max_name_column_width=60)
+    with open(os.path.join(os.path.dirname(out_path), "gpu_profile.txt"), "w") as f:
+        f.write(table)
+    print(table)
 
 tokens = MICRO * SEQ
 cost = {s: costs.step_cost(anchor_cfg, aug_cfg, pairs, seq_len=SEQ, states=s) for s in ("recompute", "cached")}

@@ -68,6 +68,12 @@ class ModelConfig:
     config.json says: sdpa (PyTorch's fused kernels, every device), eager (the reference), flash_attention_2/3
     (NVIDIA GPUs with the flash-attn package; checked up front), flex_attention."""
 
+    fused_kernels: Literal["none", "liger"] = "none"
+    """Fused kernels patched into the frozen models' norms, gated MLP and rotary embedding: none (transformers'
+    own modules), or liger (Liger Kernel's Triton kernels: NVIDIA GPUs, `pip install 'calm-dist[fused-loss]'`, the
+    families Liger knows, checked up front; calm_dist/model/fused_kernels.py). On one H200 they take a composed
+    bf16 step from 31% to 48% MFU (benchmarks/README.md, P8)."""
+
     augmenting_dtype: Literal["auto", "fp32", "bf16"] = "auto"
     """The dtype the frozen augmenting models compute their states in, recomputed or cached alike
     (calm_dist/training/parallelize.py: augmenting_compute_dtype). auto: train.precision. bf16 under fp32
@@ -99,6 +105,9 @@ class ModelConfig:
         if self.attn_implementation in flash and importlib.util.find_spec(flash[self.attn_implementation]) is None:
             raise ConfigError(f"model.attn_implementation={self.attn_implementation} needs the "
                               f"{flash[self.attn_implementation]} package (NVIDIA GPUs); sdpa runs everywhere")
+        if self.fused_kernels == "liger" and importlib.util.find_spec("liger_kernel") is None:
+            raise ConfigError("model.fused_kernels=liger needs the liger-kernel package (pip install "
+                              "'calm-dist[fused-loss]', NVIDIA GPUs); none runs everywhere")
         at_least("model.every", self.every, 1)
         at_least("model.num_heads", self.num_heads, 1)
         at_least("model.lora_rank", self.lora_rank, 1)

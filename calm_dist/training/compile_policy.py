@@ -9,7 +9,8 @@ i.e. after ~200 s of training. The expected step time is the step's model FLOPs 
 time: small models reach far less than half the peak, so auto errs towards not compiling the short runs of tests
 and smoke runs, where compilation would cost more than the run.
 
-auto also stays off where compiling cannot work: without distributed.zero3_leaf_blocks (DeepSpeed's per-module
+auto also stays off where the frozen blocks' elementwise work is fused already (model.fused_kernels: on one H200,
+Liger's kernels gave 48% MFU and compilation 44%, benchmarks/README.md P8), and where compiling cannot work: without distributed.zero3_leaf_blocks (DeepSpeed's per-module
 hooks cannot run inside a compiled block) or without a compiler for inductor (a C++ compiler on the CPU, Triton on
 a GPU). `true` and `false` are obeyed as they are (true's conditions are preflight's).
 """
@@ -51,6 +52,9 @@ def decide(cfg: Config, resolved, device_type: str = "cpu") -> tuple[bool, str]:
         return False, "train.compile=auto: off (the LoRA baseline's blocks all train: none is compiled)"
     if not cfg.distributed.zero3_leaf_blocks:
         return False, "train.compile=auto: off (distributed.zero3_leaf_blocks=false)"
+    if cfg.model.fused_kernels != "none":
+        return False, f"train.compile=auto: off (model.fused_kernels={cfg.model.fused_kernels} fuses the blocks' " \
+                      "elementwise work already)"
     if not compiler_available(device_type):
         return False, f"train.compile=auto: off (no compiler for inductor on {device_type})"
     step_s = expected_step_s(cfg, resolved, peak_flops_per_rank(cfg.train.precision, cfg.train.peak_tflops_per_rank))

@@ -86,9 +86,9 @@ def load_frozen_models(cfg: Config, ds_config: dict, dtype, load_anchor: bool = 
         revisions = [None] * len(paths)
     keep_alive = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
     anchor = load_causal_lm(m.anchor, m.anchor_revision, dtype, m.trust_remote_code,
-                            m.attn_implementation) if load_anchor else None
+                            m.attn_implementation, m.fused_kernels) if load_anchor else None
     aug_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[augmenting_compute_dtype(cfg)]
-    augmenting = [load_causal_lm(p, r, aug_dtype, m.trust_remote_code, m.attn_implementation)
+    augmenting = [load_causal_lm(p, r, aug_dtype, m.trust_remote_code, m.attn_implementation, m.fused_kernels)
                   for p, r in zip(paths, revisions)] \
         if load_augmenting else []
     return anchor, augmenting, keep_alive

@@ -18,6 +18,7 @@ from calm_dist.data.prepare import load_rows, load_training_rows
 from calm_dist.data.sources import open_source
 from calm_dist.data.tokenizer import Tokenizer, check_same_vocabulary, check_tokenizer_matches, model_tokenizers
 from calm_dist.model.backbones import Backbone, UnsupportedArchitecture
+from calm_dist.model.fused_kernels import FusedKernelsError, check_fused_kernels
 from calm_dist.model.hub import fetch_on_rank_zero, local_path
 from calm_dist.model.layer_pairs import MappingError, default_layer_pairs, validate_layer_pairs
 from calm_dist.credentials import redact
@@ -60,6 +61,25 @@ def read_model_config(path: str, revision: str | None, trust_remote_code: bool, 
     return config
 
 
+def check_fused_kernel_families(cfg: Config, anchor_config, augmenting_configs: list) -> None:
+    """model.fused_kernels patches every frozen model: each family must be one the kernels know, and the run must
+    have the GPU they are built for."""
+    kind = cfg.model.fused_kernels
+    if kind == "none":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"model.fused_kernels={kind} runs on NVIDIA GPUs (Triton) and this machine has none")
+    configs = [("model.anchor", anchor_config)] + [(f"model.augmenting[{i}]", c)
+                                                    for i, c in enumerate(augmenting_configs)]
+    for key, config in configs:
+        try:
+            check_fused_kernels(kind, config.model_type, key)
+        except FusedKernelsError as e:
+            raise ConfigError(str(e)) from None
+
+
 def preflight(cfg: Config, env: DistEnv, *, need_train_data: bool = True, training: bool = True) -> ResolvedRun:
     """Check `cfg` on this rank and return what it resolved. `need_train_data=False` (eval): data.train is not
     read. `training=False` (cache, eval): skip the output directory's checkpoint and resume checks."""
@@ -100,6 +120,7 @@ def preflight(cfg: Config, env: DistEnv, *, need_train_data: bool = True, traini
     augmenting = [read_model_config(path, revision, model_cfg.trust_remote_code, f"model.augmenting[{i}]")
                   for i, (path, revision) in enumerate(zip(model_cfg.augmenting, revisions))]
 
+    check_fused_kernel_families(cfg, anchor, augmenting)
     if model_cfg.layer_pairs is not None and len(model_cfg.layer_pairs) != len(augmenting):
         raise ConfigError(f"model.layer_pairs has {len(model_cfg.layer_pairs)} lists for {len(augmenting)} "
                           "augmenting models")

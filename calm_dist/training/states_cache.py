@@ -415,7 +415,8 @@ def run_cache_job(cfg, env, resolved, rows_per_shard: int = 256, batch_size: int
     device = local_device(env)  # each rank its own GPU, where there is one
     lock_for_job(cache_root(cfg), "train.states_cache_dir", env.is_main, device)  # before anything is written there
     dtype = DTYPES[augmenting_compute_dtype(cfg)]  # the trainer's rule, never the checkpoint's own dtype
-    models = [load_causal_lm(p, r, dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation).eval().to(device)
+    models = [load_causal_lm(p, r, dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation,
+                             cfg.model.fused_kernels).eval().to(device)
               for p, r in zip(cfg.model.augmenting, revisions)]
     out = {}
     for split in splits(cfg):

@@ -157,6 +157,10 @@ def run_train(tiny, tmp_path, *extra, world=1):
     pytest.param(["train.loss_kernel=liger"], 1, "train.loss_kernel=liger needs the liger-kernel package",
                  marks=pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is not None,
                                           reason="liger-kernel is installed here")),
+    pytest.param(["model.fused_kernels=liger"], 1, "model.fused_kernels=liger needs the liger-kernel package",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is not None,
+                                          reason="liger-kernel is installed here")),
+    (["model.fused_kernels=triton"], 1, "model.fused_kernels: expected one of 'none'"),
 ])
 def test_config_errors_exit_2_with_one_line_before_loading_models(tiny, tmp_path, extra, world, message):
     proc, out = run_train(tiny, tmp_path, *extra, world=world)
