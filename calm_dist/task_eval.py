@@ -15,7 +15,8 @@ import torch
 
 from calm_dist.config import ConfigError
 from calm_dist.data.sources import open_source
-from calm_dist.data.tokenizer import Tokenizer, anchor_tokenizer, completion_ids, prompt_ids
+from calm_dist.cross_tokenizer_eval import across_tokenizer_fns
+from calm_dist.data.tokenizer import Tokenizer, anchor_tokenizer, completion_ids, model_tokenizers, prompt_ids
 from calm_dist.eval_tracking import log_results
 from calm_dist.model.lm_loss import IGNORE
 from calm_dist.model.baselines import LoRAAnchor
@@ -25,6 +26,8 @@ from calm_dist.model.io import load_causal_lm
 from calm_dist.model.lm_loss import labelled_tokens, loss_from_logits
 from calm_dist.training.dist_env import DistEnv, local_device
 
+# generate(ids, mask, max_new_tokens) and logits(ids, mask) on the anchor's left-padded batch; a column whose
+# functions are marked `reads_text` (cross_tokenizer_eval.py) also takes the prompts, and the records, as strings
 GenerateFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -86,27 +89,31 @@ def evaluate_set(generate: GenerateFn, logits_fn: LogitsFn, tokenizer: Tokenizer
         prompts = [prompt_ids(tokenizer, r[prompt_field]) for r in chunk]
         references = [completion_ids(tokenizer, r[completion_field]) for r in chunk]
         ids, mask = _left_pad(prompts, tokenizer.pad_id)
-        out = generate(ids, mask, max_new_tokens or max(map(len, references)))[:, ids.shape[1]:]
+        n = max_new_tokens or max(map(len, references))
+        texts = [r[prompt_field] for r in chunk]
+        out = (generate(ids, mask, n, texts) if getattr(generate, "reads_text", False)
+               else generate(ids, mask, n))[:, ids.shape[1]:]
         for record, row, reference in zip(chunk, out.tolist(), references):
             hit = is_exact_match(row, reference)
             correct += hit
             if len(examples) < keep_examples:
                 examples.append({"prompt": record[prompt_field], "expected": record[completion_field],
                                  "got": answer_text(tokenizer, row, stops), "correct": hit})
-        summed, n = _summed_completion_loss(logits_fn, prompts, references, tokenizer.pad_id)
+        summed, n = _summed_completion_loss(logits_fn, prompts, references, tokenizer.pad_id, chunk)
         loss_sum, loss_tokens = loss_sum + summed, loss_tokens + n
     return SetResult(correct / max(1, len(records)), loss_sum / max(1, loss_tokens), len(records), examples)
 
 
 def _summed_completion_loss(logits_fn: LogitsFn, prompts: list[list[int]], completions: list[list[int]],
-                            pad_id: int) -> tuple[float, int]:
+                            pad_id: int, records: list[dict]) -> tuple[float, int]:
     """Teacher-forced loss summed over the completion tokens of a batch, and their number: summed, so that
     the set's loss is a mean over tokens, whatever the batches' sizes."""
     full, full_mask = _left_pad([p + c for p, c in zip(prompts, completions)], pad_id)
     labels = torch.full_like(full, IGNORE)
     for r, c in enumerate(completions):
         labels[r, full.shape[1] - len(c):] = torch.tensor(c)
-    logits = logits_fn(full, full_mask)
+    logits = logits_fn(full, full_mask, records) if getattr(logits_fn, "reads_text", False) else logits_fn(full,
+                                                                                                         full_mask)
     return loss_from_logits(logits, labels.to(logits.device), "sum").item(), int(labelled_tokens(labels))
 
 
@@ -161,6 +168,12 @@ def to_json(results: dict[str, dict[str, SetResult]]) -> dict:
     return {m: {s: vars(r) for s, r in per.items()} for m, per in results.items()}
 
 
+def trained_across_tokenizers(directory) -> bool:
+    """Whether an export's composition was trained with data.different_tokenizers (the trainer records it)."""
+    config = json.loads((Path(directory) / "composition.json").read_text())
+    return bool(config.get("training", {}).get("different_tokenizers"))
+
+
 def load_export(directory, anchor_path: str, anchor_revision: str | None = None):
     """A trained export: a CALM composition, or the LoRA baseline (composition.json says which)."""
     config = json.loads((Path(directory) / "composition.json").read_text())
@@ -173,18 +186,25 @@ def load_export(directory, anchor_path: str, anchor_revision: str | None = None)
 def run(cfg, sets: dict[str, str], compositions: dict[str, str], base_models: list[str], batch_size: int = 64,
         max_new_tokens: int | None = None, limit: int | None = None,
         prefix_only: bool = False) -> dict[str, dict[str, SetResult]]:
-    tokenizer = anchor_tokenizer(cfg)
+    """Every column on every set. With data.different_tokenizers each augmenting model alone reads (and is scored
+    in) its own tokenizer's ids, and a composition trained across tokenizers decodes across them."""
+    across = cfg.data.different_tokenizers
+    tokenizers = model_tokenizers(cfg) if across else None
+    tokenizer = tokenizers.anchor if across else anchor_tokenizer(cfg)
     pad = tokenizer.pad_id
     device = local_device(DistEnv.from_environ())
     fns: dict[str, tuple[GenerateFn, LogitsFn]] = {}
     stops: dict[str, list[int]] = {}  # per column: each model stops at its own config's eos ids too
+    column_tokenizer: dict[str, Tokenizer] = {}  # where a column reads other ids than the anchor's
     if "augmenting" in base_models:
         revisions = cfg.model.augmenting_revisions or [None] * len(cfg.model.augmenting)
         for i, (path, revision) in enumerate(zip(cfg.model.augmenting, revisions)):
             name = "augmenting" if len(cfg.model.augmenting) == 1 else f"augmenting{i}"
             model = load_causal_lm(path, revision, attn_implementation=cfg.model.attn_implementation).eval().to(device)
-            stops[name] = stop_ids(tokenizer, model.config)
-            fns[name] = on_device(hf_model_fns(model, stops[name], pad), model)
+            own = tokenizers.augmenting[i] if across else tokenizer
+            column_tokenizer[name] = own
+            stops[name] = stop_ids(own, model.config)
+            fns[name] = on_device(hf_model_fns(model, stops[name], own.pad_id), model)
     if "anchor" in base_models:
         model = load_causal_lm(cfg.model.anchor, cfg.model.anchor_revision,
                                attn_implementation=cfg.model.attn_implementation).eval().to(device)
@@ -193,6 +213,16 @@ def run(cfg, sets: dict[str, str], compositions: dict[str, str], base_models: li
     for name, directory in compositions.items():
         model = load_export(directory, cfg.model.anchor, cfg.model.anchor_revision).to(device)
         stops[name] = stop_ids(tokenizer, model.model.config if isinstance(model, LoRAAnchor) else model.anchor.config)
+        if trained_across_tokenizers(directory) != (across and not isinstance(model, LoRAAnchor)):
+            raise ConfigError(f"--composition {name}: {directory} was trained "
+                              f"{'across' if not across else 'without different'} tokenizers: set "
+                              f"data.different_tokenizers={'true' if not across else 'false'} as in its training")
+        if across and not isinstance(model, LoRAAnchor):
+            if prefix_only:
+                raise ConfigError("--prefix-only is not supported with data.different_tokenizers: decoding across "
+                                  "tokenizers always refreshes the augmenting readings")
+            fns[name] = across_tokenizer_fns(model, cfg.data, tokenizer, tokenizers.augmenting, stops[name])
+            continue
         # LoRAAnchor offers the same generate / forward
         fns[name] = on_device(composed_fns(model, stops[name], pad), model)
         if prefix_only and not isinstance(model, LoRAAnchor):
@@ -205,7 +235,8 @@ def run(cfg, sets: dict[str, str], compositions: dict[str, str], base_models: li
         for set_name, path in sets.items():
             records = [record for part in open_source(path, f"--set {set_name}") for _, record in part.records()]
             records = records[:limit] if limit else records
-            results[name][set_name] = evaluate_set(gen, logits, tokenizer, records, batch_size=batch_size,
+            results[name][set_name] = evaluate_set(gen, logits, column_tokenizer.get(name, tokenizer), records,
+                                                   batch_size=batch_size,
                                                    max_new_tokens=max_new_tokens,
                                                    prompt_field=cfg.data.prompt_field,
                                                    completion_field=cfg.data.completion_field,

@@ -248,7 +248,7 @@ class Trainer:
         """What the export's composition.json and model card record of this run (rank 0's values)."""
         final = {k: v for k, v in self.final_metrics.items() if k == "train/loss" or k.startswith("eval/")}
         tracker = self.tracker
-        across = ({"different_tokenizers": True}  # the CLI's one-tokenizer decoding refuses the export
+        across = ({"different_tokenizers": True}  # calm-dist eval decodes it across tokenizers; generate refuses it
                   if self.cfg.data.different_tokenizers and self.cfg.model.method == "calm" else {})
         return {"steps": step, "data_fingerprint": self.train_data.fingerprint, "final_metrics": final, **across,
                 "mlflow": {"run_id": tracker.run_id, "experiment": tracker.experiment,
