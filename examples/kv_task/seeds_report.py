@@ -23,19 +23,21 @@ def load(run_dir: str) -> tuple[dict, dict]:
 
 
 def table(runs: list[tuple[dict, dict]]) -> str:
-    """Markdown: per (model, set) the exact match (%) of every run, their mean, standard deviation and range."""
+    """Markdown: per (model, set) the exact match (%) of every run that scored it, their number, mean, standard
+    deviation and range. A model missing from some runs (the baselines train once per base pair) keeps its row,
+    over the runs that have it; "–" marks the others, and the spread of a single run."""
     header = ", ".join(f"base {s['base_seed']}/comp {s['seed']}" for _, s in runs)
     lines = [f"runs (base-model seed / composition seed): {header}", "",
-             "| model | set | mean | std | min | max | per run |", "|---|---|---|---|---|---|---|"]
-    models = [m for m in runs[0][0] if all(m in r for r, _ in runs)]
+             "| model | set | n | mean | std | min | max | per run |", "|---|---|---|---|---|---|---|---|"]
+    models = list(dict.fromkeys(m for r, _ in runs for m in r))
     for model in models:
-        for name in runs[0][0][model]:
-            scores = [100 * r[model][name]["exact_match"] for r, _ in runs if name in r[model]]
-            if len(scores) != len(runs):
-                continue
-            std = statistics.stdev(scores) if len(scores) > 1 else float("nan")
-            lines.append(f"| {model} | {name} | {statistics.mean(scores):.1f} | {std:.1f} | {min(scores):.1f} | "
-                         f"{max(scores):.1f} | {' / '.join(f'{x:.1f}' for x in scores)} |")
+        for name in dict.fromkeys(n for r, _ in runs for n in r.get(model, {})):
+            per_run = [100 * r[model][name]["exact_match"] if name in r.get(model, {}) else None for r, _ in runs]
+            scores = [x for x in per_run if x is not None]
+            std = f"{statistics.stdev(scores):.1f}" if len(scores) > 1 else "–"
+            shown = " / ".join("–" if x is None else f"{x:.1f}" for x in per_run)
+            lines.append(f"| {model} | {name} | {len(scores)} | {statistics.mean(scores):.1f} | {std} | "
+                         f"{min(scores):.1f} | {max(scores):.1f} | {shown} |")
     return "\n".join(lines) + "\n"
 
 

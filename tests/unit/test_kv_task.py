@@ -316,10 +316,17 @@ def test_seed_report_gives_mean_and_spread(tmp_path):
     for i, (base, seed, score) in enumerate([(0, 0, 0.5), (0, 1, 0.7), (1, 0, 0.6)]):
         d = tmp_path / f"run{i}"
         d.mkdir()
-        (d / "results.json").write_text(json.dumps({"composition": {"kv_arithmetic_test": {"exact_match": score}}}))
+        results = {"composition": {"kv_arithmetic_test": {"exact_match": score}}}
+        if seed == 0:  # the baselines train in the first run of each base pair only
+            results["lora"] = {"kv_arithmetic_test": {"exact_match": score / 10}}
+        if i == 0:
+            results["anchor"] = {"numeric": {"exact_match": 1.0}}
+        (d / "results.json").write_text(json.dumps(results))
         (d / "seeds.json").write_text(json.dumps({"base_seed": base, "seed": seed}))
         runs.append(str(d))
     assert seeds_report.main(runs + ["--out", str(tmp_path / "seeds.md")]) == 0
     text = (tmp_path / "seeds.md").read_text()
-    assert "| composition | kv_arithmetic_test | 60.0 | 10.0 | 50.0 | 70.0 | 50.0 / 70.0 / 60.0 |" in text
+    assert "| composition | kv_arithmetic_test | 3 | 60.0 | 10.0 | 50.0 | 70.0 | 50.0 / 70.0 / 60.0 |" in text
+    assert "| lora | kv_arithmetic_test | 2 | 5.5 | 0.7 | 5.0 | 6.0 | 5.0 / – / 6.0 |" in text
+    assert "| anchor | numeric | 1 | 100.0 | – | 100.0 | 100.0 | 100.0 / – / – |" in text
     assert "base 1/comp 0" in text
