@@ -5,7 +5,7 @@ STAMP   := $(VENV)/.installed
 export DS_ACCELERATOR ?= cpu
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install test test-fast demo demo-seeds bench clean
+.PHONY: install test test-fast demo demo-xtok demo-seeds bench clean
 
 install: $(STAMP)
 
@@ -18,13 +18,17 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 demo: install
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash examples/kv_task/demo.sh
+
+# the demo with an augmenting model that reads keys letter by letter through its own tokenizer (issue #24)
+demo-xtok: install
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH XTOK=1 bash examples/kv_task/demo.sh
 
 # the composition over 2 base-model seeds x 3 composition seeds: mean and spread in artifacts/kv_demo/seeds.md
 demo-seeds: install

@@ -12,7 +12,12 @@
 #   6. evaluation (greedy exact match) of every model on every set, the Table-1-shaped comparison
 # BASE_SEED seeds the two base models, SEED the composition and the baselines (make demo-seeds varies both);
 # BASELINES=0 skips step 5. PRETRAIN_ARGS (flags of examples.kv_task.pretrain) and TRAIN_OVERRIDES (dotted
-# overrides of every training run) shrink it for a smoke run, e.g. TRAIN_OVERRIDES="train.steps=4".
+# overrides of every training run) shrink it for a smoke run, e.g. PRETRAIN_ARGS="--anchor-steps 20 --aug-steps 20"
+# TRAIN_OVERRIDES="train.steps=4 optim.warmup_steps=1".
+# XTOK=1 (`make demo-xtok`, docs/cross_tokenizer.md): the augmenting model reads the text through its own
+# tokenizer, keys one letter a token (the task's tokenizer_chars.model), pretrained into models/xtok_base_seed*;
+# the anchor is the same one, and every calm-dist command aligns the two readings by characters. Its runs go to
+# runs_xtok/ and the MLflow experiment kv_demo_xtok; prefix-only decoding has no cross-tokenizer form.
 #   7. the comparison of the training runs (calm-dist compare): loss curves in comparison.png beside results.md
 # Everything is logged to MLflow ($MLFLOW_TRACKING_URI, default sqlite:///<demo dir>/mlflow.db); each export's
 # scores go into the run that trained it, the base models' into child runs named for them.
@@ -25,10 +30,16 @@ RECIPE=examples/kv_task/recipe.yaml
 BASE_SEED=${BASE_SEED:-0}
 SEED=${SEED:-0}
 BASELINES=${BASELINES:-1}
+XTOK=${XTOK:-0}
 export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$(realpath -m "$DEMO_DIR")/mlflow.db}  # DEMO_DIR may be absolute
-export MLFLOW_EXPERIMENT_NAME=${MLFLOW_EXPERIMENT_NAME:-kv_demo}
-RUN=$DEMO_DIR/runs/$(date +%Y%m%d-%H%M%S)
+if [ "$XTOK" = 1 ]; then
+    export MLFLOW_EXPERIMENT_NAME=${MLFLOW_EXPERIMENT_NAME:-kv_demo_xtok}
+    RUN=$DEMO_DIR/runs_xtok/$(date +%Y%m%d-%H%M%S)
+else
+    export MLFLOW_EXPERIMENT_NAME=${MLFLOW_EXPERIMENT_NAME:-kv_demo}
+    RUN=$DEMO_DIR/runs/$(date +%Y%m%d-%H%M%S)
+fi
 # every run of this demo carries the tag demo_run=<its directory>, so step 7 compares these runs and no earlier ones
 export MLFLOW_TAGS="demo_run=$(basename "$RUN")"
 TASK=$DEMO_DIR/task
@@ -40,16 +51,40 @@ started=$SECONDS
 say() { printf '\n[demo %4ds] %s\n' "$((SECONDS - started))" "$*"; }
 
 say "1/7 key-value task and tokenizer -> $TASK"
-"$PYTHON" -m examples.kv_task.make_data --out "$TASK"
+"$PYTHON" -m examples.kv_task.make_data --out "$TASK" --char-tokenizer
 
 say "2/7 tiny anchor and augmenting models -> $MODELS"
-# shellcheck disable=SC2086 # PRETRAIN_ARGS is a list of flags
-"$PYTHON" -m examples.kv_task.pretrain --task "$TASK" --out "$MODELS" --which both --parallel --seed "$BASE_SEED" \
-    ${PRETRAIN_ARGS:-}
+AUG=$MODELS/aug
+if [ "$XTOK" = 1 ]; then
+    AUG=$DEMO_DIR/models/xtok_base_seed$BASE_SEED/aug
+    # the anchor and the character-reading augmenting model side by side, one process each (reused when current)
+    # shellcheck disable=SC2086 # PRETRAIN_ARGS is a list of flags
+    "$PYTHON" -m examples.kv_task.pretrain --task "$TASK" --out "$MODELS" --which anchor --seed "$BASE_SEED" \
+        ${PRETRAIN_ARGS:-} > "$RUN/pretrain_anchor.log" 2>&1 &
+    anchor_job=$!
+    # shellcheck disable=SC2086
+    "$PYTHON" -m examples.kv_task.pretrain --task "$TASK" --out "$(dirname "$AUG")" --which aug --seed "$BASE_SEED" \
+        --aug-tokenizer "$TASK/tokenizer_chars.model" ${PRETRAIN_ARGS:-} > "$RUN/pretrain_aug.log" 2>&1 &
+    aug_job=$!
+    wait "$anchor_job" || { tail -n 20 "$RUN/pretrain_anchor.log"; exit 1; }
+    wait "$aug_job" || { tail -n 20 "$RUN/pretrain_aug.log"; exit 1; }
+    tail -n 3 "$RUN/pretrain_anchor.log" "$RUN/pretrain_aug.log"
+else
+    # shellcheck disable=SC2086 # PRETRAIN_ARGS is a list of flags
+    "$PYTHON" -m examples.kv_task.pretrain --task "$TASK" --out "$MODELS" --which both --parallel --seed "$BASE_SEED" \
+        ${PRETRAIN_ARGS:-}
+fi
 
-common=(model.anchor="$MODELS/anchor" model.augmenting="[$MODELS/aug]" data.tokenizer="$TASK/tokenizer.model"
+common=(model.anchor="$MODELS/anchor" model.augmenting="[$AUG]" data.tokenizer="$TASK/tokenizer.model"
         data.train="[{source: $TASK/data/dc_kv_arith.jsonl, weight: 0.75}, {source: $TASK/data/arith_train.jsonl, weight: 0.25}]"
-        data.eval="$TASK/data/val_kv_arith.jsonl" data.cache_dir="$DEMO_DIR/data_cache" train.seed="$SEED")
+        data.eval="$TASK/data/val_kv_arith.jsonl" data.cache_dir="$DEMO_DIR/data_cache" train.seed="$SEED"
+        tracking.experiment="$MLFLOW_EXPERIMENT_NAME")
+eval_flags=(--prefix-only)
+if [ "$XTOK" = 1 ]; then  # every line of the task, letter by letter and with <s>, reads at most 18 tokens
+    common+=(data.different_tokenizers=true data.augmenting_tokenizers="[$TASK/tokenizer_chars.model]"
+             data.augmenting_seq_len=32)
+    eval_flags=()
+fi
 read -r -a extra <<< "${TRAIN_OVERRIDES:-}"
 common+=("${extra[@]}")
 launch() {  # the deepspeed launcher: RANKS (default 2) ranks on this machine's CPU
@@ -95,7 +130,7 @@ fi
 
 say "6/7 evaluate every model on every set"
 "$PYTHON" -m calm_dist.cli eval --config "$RECIPE" "${common[@]}" train.output_dir="$RUN/composition" \
-    "${compositions[@]}" --prefix-only \
+    "${compositions[@]}" "${eval_flags[@]}" \
     --set kv_arithmetic_test="$TASK/data/eval_kv_arith_heldout.jsonl" \
     --set kv_arithmetic_validation="$TASK/data/val_kv_arith.jsonl" \
     --set kv_substitution_test="$TASK/data/eval_kv_sub_heldout.jsonl" \

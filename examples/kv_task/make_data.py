@@ -3,6 +3,7 @@
 
     python -m examples.kv_task.make_data --out artifacts/kv_task [--seed 0] [--n-keys 1000] [--n-values 100]
         [--dc-frac 0.2] [--val-frac 0.1] [--n-dc-train 20000] [--n-kv-sub-train 20000] [--n-eval 500] [--force]
+        [--char-tokenizer]
 
 Writes into --out:
     manifest.json              settings, file list with sha256, vocabulary size and special ids
@@ -17,6 +18,8 @@ Writes into --out:
     data/eval_kv_sub_heldout.jsonl    KV-substitution, same expressions
     data/eval_kv_arith_dc_keys.jsonl  KV-arithmetic over D_C keys, expressions not in D_C
     data/eval_arith.jsonl             numeric arithmetic (a sample of the table)
+    tokenizer_chars.model      with --char-tokenizer: the augmenting model's own tokenizer of `make demo-xtok` (keys
+                               read one letter a token); not in the manifest, rewritten only when its bytes change
 
 Reruns with the same settings reuse the files (checked against the manifest's hashes); --force rebuilds.
 """
@@ -35,6 +38,7 @@ from examples.kv_task import tokenizer as tok
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2
+CHAR_TOKENIZER = "tokenizer_chars.model"
 
 
 def _sha(path: str) -> str:
@@ -128,6 +132,37 @@ def build(out: str, settings: T.TaskSettings, force: bool = False, verbose: bool
     return man
 
 
+def _training_text(out: str) -> list[str]:
+    """The text both tokenizers are trained on, read back from a build."""
+    def read(name):
+        with open(os.path.join(out, "data", name + ".jsonl")) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    return [t for name in ("arith_train", "kv_sub_train", "kv_facts", "dc_kv_arith") for t in T.record_text(read(name))]
+
+
+def write_char_tokenizer(out: str, verbose: bool = True) -> str:
+    """Train the character tokenizer (:func:`tokenizer.train_char_tokenizer`) on the build in ``out`` and write it
+    to ``out/tokenizer_chars.model`` unless that file already holds the same bytes; returns its path."""
+    path = os.path.join(out, CHAR_TOKENIZER)
+    proto = tok.train_char_tokenizer(_training_text(out))
+    if os.path.exists(path) and open(path, "rb").read() == proto:
+        if verbose:
+            print(f"[make_kv_task] reusing {path} (same bytes)")
+        return path
+    sp = tok.load_tokenizer(model_proto=proto)
+    for i, piece in enumerate(tok.char_symbols()):
+        if sp.piece_to_id(piece) != 4 + i:
+            raise RuntimeError(f"char tokenizer: piece {piece!r} has id {sp.piece_to_id(piece)}, expected {4 + i}")
+    if sp.get_piece_size() != 4 + len(tok.char_symbols()):
+        raise RuntimeError(f"char tokenizer: {sp.get_piece_size()} pieces, expected {4 + len(tok.char_symbols())}")
+    with open(path + ".tmp", "wb") as f:
+        f.write(proto)
+    os.replace(path + ".tmp", path)
+    if verbose:
+        print(f"[make_kv_task] wrote {path}: vocab {sp.get_piece_size()}, keys read one letter a token")
+    return path
+
+
 def settings_from_args(a: argparse.Namespace) -> T.TaskSettings:
     return T.TaskSettings(seed=a.seed, n_keys=a.n_keys, n_values=a.n_values, dc_frac=a.dc_frac,
                           val_frac=a.val_frac, n_dc_train=a.n_dc_train, n_kv_sub_train=a.n_kv_sub_train,
@@ -149,6 +184,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--n-kv-sub-train", type=int, default=d.n_kv_sub_train)
     p.add_argument("--n-eval", type=int, default=d.n_eval)
     p.add_argument("--force", action="store_true", help="rebuild even when --out is current")
+    p.add_argument("--char-tokenizer", action="store_true",
+                   help=f"also write {CHAR_TOKENIZER}, the augmenting tokenizer of make demo-xtok")
     return p
 
 
@@ -157,6 +194,8 @@ def main(argv=None) -> int:
     settings = settings_from_args(a)
     settings.validate()
     build(a.out, settings, force=a.force)
+    if a.char_tokenizer:
+        write_char_tokenizer(a.out)
     return 0
 
 

@@ -4,7 +4,7 @@
     python -m examples.kv_task.pretrain --task artifacts/kv_task --out artifacts/models [--which both]
         [--parallel] [--seed 0] [--anchor-steps 3000] [--aug-steps 1000] [--batch 128] [--anchor-lr 5e-3]
         [--aug-lr 3e-3]
-        [--max-minutes 10] [--force]
+        [--max-minutes 10] [--aug-tokenizer PATH] [--force]
 
 anchor (OUT/anchor): a Llama trained on numeric arithmetic only (``<s> a op b = r </s>``, the whole
     table, numbers one digit a token); it never sees a key, and its key rows keep their random init.
@@ -15,13 +15,17 @@ augmenting (OUT/aug): a GPT-2 (learned absolute positions) trained on every key'
     augmenting corpus; ``mix`` (default): half each.
 The two models share nothing but the tokenizer: separate seeds, their own learned embeddings.
 
-Both models use the task's tokenizer: same vocab size and pad/bos/eos ids. Runs are seeded and
-single-threaded by default (deterministic). Reruns with the same settings and task reuse the saved
-models (``pretrain.json`` in each model dir); --force retrains. Each model dir gets ``metrics.json``.
+Both models use the task's tokenizer: same vocab size and pad/bos/eos ids. ``--aug-tokenizer PATH`` (a
+SentencePiece model, e.g. the task's ``tokenizer_chars.model``) gives the augmenting model its own (``make
+demo-xtok``): it trains and is scored through it, its vocabulary and special ids are that tokenizer's, and its
+settings name the file's hash. Runs are seeded and single-threaded by default (deterministic). Reruns with the
+same settings and task reuse the saved models (``pretrain.json`` in each model dir); --force retrains. Each model
+dir gets ``metrics.json``.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -60,6 +64,14 @@ class Task:
             self.keys = json.load(f)
         self.n_values = self.manifest["settings"]["n_values"]
         self.vocab_size = self.manifest["vocab_size"]
+
+    def with_tokenizer(self, path: str) -> "Task":
+        """The same task read through another SentencePiece tokenizer (its vocabulary size and special ids)."""
+        other = copy.copy(self)
+        other.sp = load_tokenizer(path)
+        other.tokenizer = Tokenizer(path, "--aug-tokenizer")
+        other.vocab_size = other.sp.get_piece_size()
+        return other
 
     def data(self, name: str) -> list[dict]:
         return read_jsonl(os.path.join(self.dir, "data", name + ".jsonl"))
@@ -108,6 +120,7 @@ class PairsSampler:
                  sep_prob: float = 0.5):
         self.facts = [(sp.encode(r["prompt"]), sp.encode(r["completion"])) for r in facts]
         self.seps = [sp.encode(w)[0] for w in ("+", "-", "=")]
+        self.bos, self.eos = sp.bos_id(), sp.eos_id()
         self.rng, self.k, self.sep_prob = rng, pairs_per_seq, sep_prob
         self.order: list[int] = []
 
@@ -118,7 +131,7 @@ class PairsSampler:
         return self.facts[self.order.pop()]
 
     def one(self):
-        ids, lab = [BOS_ID], [-100]
+        ids, lab = [self.bos], [-100]
         for j in range(self.k):
             if j and self.rng.random() < self.sep_prob:
                 ids.append(self.rng.choice(self.seps))
@@ -126,8 +139,8 @@ class PairsSampler:
             k, v = self._next_fact()
             ids += k + v
             lab += [-100] * len(k) + v
-        ids.append(EOS_ID)
-        lab.append(EOS_ID)
+        ids.append(self.eos)
+        lab.append(self.eos)
         return ids, lab
 
     def batch(self, n: int):
@@ -154,18 +167,20 @@ class MixSampler:
 
 # ------------------------------------------------------------------------------------------ model
 def build_model(vocab_size: int, hidden: int, layers: int, heads: int, ffn: int, tie: bool, seed: int,
-                arch: str = "llama"):
+                arch: str = "llama", special_ids: tuple[int, int, int] = (PAD_ID, BOS_ID, EOS_ID)):
+    """special_ids: (pad, bos, eos) of the model's tokenizer."""
+    pad_id, bos_id, eos_id = special_ids
     torch.manual_seed(seed)
     if arch == "gpt2":
         # learned absolute position embeddings: every state carries its position
         cfg = GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=hidden, n_layer=layers, n_head=heads,
                          n_inner=ffn, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                         pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, tie_word_embeddings=tie)
+                         pad_token_id=pad_id, bos_token_id=bos_id, eos_token_id=eos_id, tie_word_embeddings=tie)
         return GPT2LMHeadModel(cfg)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=heads, intermediate_size=ffn,
-                      max_position_embeddings=64, pad_token_id=PAD_ID, bos_token_id=BOS_ID,
-                      eos_token_id=EOS_ID, tie_word_embeddings=tie, rms_norm_eps=1e-5,
+                      max_position_embeddings=64, pad_token_id=pad_id, bos_token_id=bos_id,
+                      eos_token_id=eos_id, tie_word_embeddings=tie, rms_norm_eps=1e-5,
                       attention_dropout=0.0)
     return LlamaForCausalLM(cfg)
 
@@ -219,11 +234,19 @@ def settings_for(a: argparse.Namespace, which: str) -> dict:
                 "weight_decay": a.anchor_weight_decay, "stop_at": a.stop_at,
                 "layers": a.anchor_layers, "hidden": a.anchor_hidden, "heads": a.anchor_heads,
                 "ffn": a.anchor_ffn, "tie": a.anchor_tie}
-    return {**common, "which": "aug", "arch": a.aug_arch, "steps": a.aug_steps, "lr": a.aug_lr,
-            "weight_decay": a.aug_weight_decay, "stop_at": None, "layers": a.aug_layers,
-            "hidden": a.aug_hidden, "heads": a.aug_heads, "ffn": a.aug_ffn, "tie": not a.aug_untied,
-            "format": a.aug_format, "pairs_per_seq": a.pairs_per_seq, "sep_prob": a.sep_prob,
-            "number_facts": not a.no_number_facts}
+    aug = {**common, "which": "aug", "arch": a.aug_arch, "steps": a.aug_steps, "lr": a.aug_lr,
+           "weight_decay": a.aug_weight_decay, "stop_at": None, "layers": a.aug_layers,
+           "hidden": a.aug_hidden, "heads": a.aug_heads, "ffn": a.aug_ffn, "tie": not a.aug_untied,
+           "format": a.aug_format, "pairs_per_seq": a.pairs_per_seq, "sep_prob": a.sep_prob,
+           "number_facts": not a.no_number_facts}
+    if a.aug_tokenizer:  # absent otherwise: models pretrained with the task's tokenizer stay current
+        aug["tokenizer"] = file_hash(a.aug_tokenizer)
+    return aug
+
+
+def file_hash(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
 def is_current(model_dir: str, settings: dict, task: Task) -> bool:
@@ -244,8 +267,11 @@ def pretrain_one(which: str, task: Task, out: str, a: argparse.Namespace) -> dic
             return json.load(f)
     seed = a.seed + (0 if which == "anchor" else 1000)
     rng = random.Random(seed)
+    if which == "aug" and a.aug_tokenizer:
+        task = task.with_tokenizer(a.aug_tokenizer)
     sp = task.sp
-    model = build_model(task.vocab_size, s["hidden"], s["layers"], s["heads"], s["ffn"], s["tie"], seed, s["arch"])
+    model = build_model(task.vocab_size, s["hidden"], s["layers"], s["heads"], s["ffn"], s["tie"], seed, s["arch"],
+                        (sp.pad_id(), sp.bos_id(), sp.eos_id()))
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{which}: {s['arch']} {n_params / 1e6:.2f}M params, {s['layers']} blocks, d={s['hidden']}, "
         f"{s['heads']} heads")
@@ -341,13 +367,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=250)
     p.add_argument("--max-minutes", type=float, default=10.0, help="wall-clock cap per model")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--aug-tokenizer", metavar="PATH",
+                   help="a SentencePiece model the augmenting model reads through instead of the task's tokenizer")
     p.add_argument("--force", action="store_true")
     return p
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    a = parser().parse_args(argv)
+    p = parser()
+    a = p.parse_args(argv)
+    if a.aug_tokenizer and not os.path.isfile(a.aug_tokenizer):
+        p.error(f"--aug-tokenizer: {a.aug_tokenizer} is not a file")
     torch.set_num_threads(a.threads)
     task = Task(a.task)
     if a.which == "both" and a.parallel:

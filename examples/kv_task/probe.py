@@ -2,6 +2,8 @@
 """How readable is each key's value in the augmenting model's states? A linear probe per layer and digit.
 
     python -m examples.kv_task.probe --task artifacts/kv_demo/task --model artifacts/kv_demo/models/base_seed0/aug
+    python -m examples.kv_task.probe --task artifacts/kv_demo/task --tokenizer artifacts/kv_demo/task/tokenizer_chars.model \
+        --model artifacts/kv_demo/models/xtok_base_seed0/aug     # make demo-xtok's model: the key's last letter
 
 The composition can only carry to held-out keys what a mapping fit on the D_C keys reads off the augmenting
 states at a key. This fits, on the D_C keys, a ridge-regularised linear read-out of each digit of the value (tens,
@@ -18,17 +20,27 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from examples.kv_task.pretrain import Task
-from examples.kv_task.tokenizer import BOS_ID
 
 DIGITS = {"tens": lambda v: v // 10, "units": lambda v: v % 10}
+
+
+def key_position(task: Task, template: str, key: str) -> tuple[list[int], int]:
+    """(bos + the tokens of ``template`` with ``key`` in it, the index of the token that ends the key): the one
+    token of the key, or its last letter when the tokenizer reads it letter by letter."""
+    text = template.format(k=key)
+    ids, spans = task.tokenizer.encode_with_spans(text)
+    end = text.index(key) + len(key)
+    return [task.tokenizer.bos_id] + list(ids), 1 + [e for _, e in spans].index(end)
 
 
 @torch.no_grad()
 def states_at_keys(model, task: Task, keys: list[str], template: str) -> list[torch.Tensor]:
     """Per layer (embeddings first), the state at each key, the key read in ``template`` (``{k}`` marks it)."""
-    rows = [[BOS_ID] + task.sp.encode(template.format(k=k)) for k in keys]
-    at = [row.index(task.token_id(k)) for row, k in zip(rows, keys)]
-    hidden = model(torch.tensor(rows), output_hidden_states=True).hidden_states
+    rows, at = zip(*(key_position(task, template, k) for k in keys))
+    width = max(map(len, rows))  # keys of 3-5 letters read as rows of different lengths: padded on the right
+    ids = torch.tensor([row + [task.tokenizer.pad_id] * (width - len(row)) for row in rows])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+    hidden = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states
     return [h[torch.arange(len(keys)), at] for h in hidden]
 
 
@@ -64,9 +76,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", required=True)
     p.add_argument("--model", required=True, help="the augmenting model's directory")
+    p.add_argument("--tokenizer", help="the model's own SentencePiece tokenizer (default: the task's)")
     p.add_argument("--json", help="also write the figures here")
     a = p.parse_args(argv)
-    task = Task(a.task)
+    task = Task(a.task) if a.tokenizer is None else Task(a.task).with_tokenizer(a.tokenizer)
     model = AutoModelForCausalLM.from_pretrained(a.model).eval()
     results = {}
     for where, template in (("first operand", "{k} + {other} ="), ("second operand", "{other} - {k} =")):

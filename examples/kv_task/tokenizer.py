@@ -10,6 +10,11 @@ learns no merges, so the vocabulary is exactly ``<pad>=0 <unk>=1 <s>=2 </s>=3``,
 
 A sequence for training or scoring is ``<s> prompt-tokens completion-tokens </s>`` with the loss on the
 completion tokens and ``</s>`` only (see :func:`encode_record`).
+
+:func:`train_char_tokenizer` trains the augmenting model's own tokenizer for ``make demo-xtok``: the same special
+ids, operators and digits, but no key symbols; each letter a-z is a symbol with the mark and bare, so a key reads
+one letter a token (``qzv`` reads ``\u2581q z v``). Its vocabulary is ``<pad> <unk> <s> </s>``, then the pieces of
+:func:`char_symbols`.
 """
 from __future__ import annotations
 
@@ -18,10 +23,11 @@ from typing import Iterable
 
 import sentencepiece as spm
 
-from examples.kv_task.task import DIGITS
+from examples.kv_task.task import DIGITS, EQ, OPS
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 WB = "\u2581"
+LETTERS = tuple("abcdefghijklmnopqrstuvwxyz")
 
 
 def symbols(words: list[str]) -> list[str]:
@@ -30,10 +36,25 @@ def symbols(words: list[str]) -> list[str]:
     return [WB + w for w in words] + list(DIGITS)
 
 
+def char_symbols() -> list[str]:
+    """The character tokenizer's pieces in id order after the four special ones: operators, digits and letters
+    with the word-boundary mark, then the digits and letters without it."""
+    return [WB + w for w in (*OPS, EQ, *DIGITS, *LETTERS)] + list(DIGITS) + list(LETTERS)
+
+
 def train_tokenizer(words: list[str], text: Iterable[str], model_prefix: str | None = None) -> bytes:
     """Train on the task text; returns the serialized model (also written to ``model_prefix.model``)."""
+    return _train(symbols(words), text, model_prefix)
+
+
+def train_char_tokenizer(text: Iterable[str], model_prefix: str | None = None) -> bytes:
+    """The augmenting side's tokenizer of ``make demo-xtok`` (:func:`char_symbols`), trained on the task text;
+    returns the serialized model (also written to ``model_prefix.model``)."""
+    return _train(char_symbols(), text, model_prefix)
+
+
+def _train(pieces: list[str], text: Iterable[str], model_prefix: str | None) -> bytes:
     buf = io.BytesIO()
-    pieces = symbols(words)
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(text), model_writer=buf,
         model_type="bpe", vocab_size=4 + len(pieces), hard_vocab_limit=False,
@@ -50,18 +71,20 @@ def train_tokenizer(words: list[str], text: Iterable[str], model_prefix: str | N
     return proto
 
 
-def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
+def load_tokenizer(path: str | None = None, model_proto: bytes | None = None) -> spm.SentencePieceProcessor:
+    if model_proto is not None:
+        return spm.SentencePieceProcessor(model_proto=model_proto)
     return spm.SentencePieceProcessor(model_file=path)
 
 
 def encode_record(sp: spm.SentencePieceProcessor, record: dict) -> tuple[list[int], list[int]]:
     """(input_ids, labels): ``<s> prompt completion </s>``; labels -100 on ``<s>`` and the prompt."""
     p = sp.encode(record["prompt"])
-    c = sp.encode(record["completion"]) + [EOS_ID]
-    ids = [BOS_ID] + p + c
+    c = sp.encode(record["completion"]) + [sp.eos_id()]
+    ids = [sp.bos_id()] + p + c
     labels = [-100] * (1 + len(p)) + c
     return ids, labels
 
 
 def encode_prompt(sp: spm.SentencePieceProcessor, prompt: str) -> list[int]:
-    return [BOS_ID] + sp.encode(prompt)
+    return [sp.bos_id()] + sp.encode(prompt)

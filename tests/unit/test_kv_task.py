@@ -298,7 +298,7 @@ def test_probe_scores_on_validation_keys_what_it_fits_on_dc_keys(built):
     ids = {task.token_id(k): task.keys["value"][k] for k in task.keys["keys"]}
 
     class Oracle(torch.nn.Module):
-        def forward(self, input_ids, output_hidden_states=True):
+        def forward(self, input_ids, attention_mask=None, output_hidden_states=True):
             h = torch.zeros(*input_ids.shape, 20)
             for (b, t), tok_id in zip(torch.cartesian_prod(torch.arange(input_ids.shape[0]),
                                                            torch.arange(input_ids.shape[1])).tolist(),

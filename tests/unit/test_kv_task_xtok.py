@@ -1,0 +1,180 @@
+"""The character tokenizer of `make demo-xtok` (examples/kv_task/tokenizer.py, make_data.py --char-tokenizer) and
+pretrain.py's --aug-tokenizer.
+
+Fast: small settings, no training."""
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import pytest
+
+from calm_dist.data.tokenizer import Tokenizer
+from examples.kv_task import make_data
+from examples.kv_task import pretrain
+from examples.kv_task import task as T
+from examples.kv_task import tokenizer as tok
+from examples.kv_task.scoring import read_jsonl
+
+SMALL = T.TaskSettings(seed=3, n_keys=200, n_values=10, dc_frac=0.2, val_frac=0.1, n_dc_train=400,
+                       n_kv_sub_train=300, n_eval=60)
+SETS = ("dc_kv_arith", "val_kv_arith", "eval_kv_sub_heldout", "arith_train", "kv_facts")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("kv_xtok") / "task")
+    make_data.build(out, SMALL, verbose=False)
+    chars = make_data.write_char_tokenizer(out, verbose=False)
+    return out, chars
+
+
+def data(out, name):
+    return read_jsonl(os.path.join(out, "data", name + ".jsonl"))
+
+
+def texts(out, n=40):
+    for name in SETS:
+        for r in data(out, name)[:n]:
+            yield r["prompt"]
+            yield f"{r['prompt']} {r['completion']}"
+
+
+def check_spans(tokenizer: Tokenizer, text: str) -> list[tuple[str, str]]:
+    """(piece, its text) of each token; the spans tile the text and each is its piece's characters."""
+    ids, spans = tokenizer.encode_with_spans(text)
+    assert ids == tokenizer.encode(text) and tok.UNK_ID not in ids
+    assert spans[0][0] == 0 and spans[-1][1] == len(text)
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    out = []
+    for i, (s, e) in zip(ids, spans):
+        piece, read = tokenizer._sp.id_to_piece(i), text[s:e]
+        assert piece == (tok.WB + read if s == 0 and piece.startswith(tok.WB) else read.replace(" ", tok.WB))
+        out.append((piece, read))
+    return out
+
+
+def test_char_tokenizer_reads_every_key_one_letter_a_token_with_its_spans(built):
+    out, chars = built
+    char_tok, task_tok = Tokenizer(chars), Tokenizer(os.path.join(out, "tokenizer.model"))
+    n_keys = 0
+    for text in texts(out):
+        words = text.split()
+        char_read, task_read = check_spans(char_tok, text), check_spans(task_tok, text)
+        # the task's tokenizer reads each word as one token (numbers one digit a token); so does the character one,
+        # except that a key is one token per letter, the first with the word mark
+        expected_chars = []
+        for w in words:
+            pieces = [tok.WB + w[0]] + list(w[1:]) if w.isalpha() or w.lstrip("-").isdigit() else [tok.WB + w]
+            if w.startswith("-") and len(w) > 1:  # a negative number: the sign's token, then the digits
+                pieces = [tok.WB + "-"] + list(w[1:])
+            expected_chars += pieces
+            n_keys += w.isalpha()
+        assert [p for p, _ in char_read] == expected_chars, text
+        assert len(task_read) == len(expected_chars) - sum(len(w) - 1 for w in words if w.isalpha())
+    assert n_keys > 100
+
+
+def test_char_tokenizer_has_predictable_ids_and_no_key_piece(built):
+    out, chars = built
+    sp = tok.load_tokenizer(chars)
+    pieces = tok.char_symbols()
+    assert sp.get_piece_size() == 4 + len(pieces) == 4 + 13 + 26 + 10 + 26
+    assert [sp.piece_to_id(p) for p in pieces] == list(range(4, 4 + len(pieces)))
+    assert (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id()) == (0, 1, 2, 3)
+    keys = T.make_keys(SMALL).keys
+    assert all(sp.piece_to_id(tok.WB + k) == tok.UNK_ID for k in keys)
+    assert {sp.id_to_piece(i) for i in range(sp.get_piece_size())}.isdisjoint(tok.WB + k for k in keys)
+
+
+def test_char_tokenizer_is_rewritten_only_when_its_bytes_change_and_leaves_the_task_current(built, tmp_path):
+    out, chars = built
+    assert make_data.is_current(out, SMALL)
+    assert make_data.CHAR_TOKENIZER not in json.load(open(os.path.join(out, make_data.MANIFEST)))["files"]
+    other = str(tmp_path / "task")
+    make_data.build(other, SMALL, verbose=False)
+    again = make_data.write_char_tokenizer(other, verbose=False)
+    assert open(again, "rb").read() == open(chars, "rb").read()  # deterministic
+    stamp = os.path.getmtime(again)
+    make_data.write_char_tokenizer(other, verbose=False)
+    assert os.path.getmtime(again) == stamp
+    with open(again, "ab") as f:
+        f.write(b"x")
+    make_data.write_char_tokenizer(other, verbose=False)
+    assert open(again, "rb").read() == open(chars, "rb").read()
+
+
+def args(out, *extra):
+    return pretrain.parser().parse_args(["--task", out, "--out", "unused", *extra])
+
+
+def test_pretrain_settings_name_the_augmenting_tokenizer(built, tmp_path):
+    out, chars = built
+    task = pretrain.Task(out)
+    plain, xtok = args(out), args(out, "--aug-tokenizer", chars)
+    # the anchor is the same either way; the augmenting model's settings name the tokenizer's bytes, and without
+    # the flag they are what they were (models pretrained on the task's tokenizer stay current)
+    assert pretrain.settings_for(plain, "anchor") == pretrain.settings_for(xtok, "anchor")
+    assert "tokenizer" not in pretrain.settings_for(plain, "aug")
+    assert pretrain.settings_for(xtok, "aug") == {**pretrain.settings_for(plain, "aug"),
+                                                   "tokenizer": pretrain.file_hash(chars)}
+    model_dir = tmp_path / "aug"
+    model_dir.mkdir()
+    for f in ("config.json", "metrics.json"):
+        (model_dir / f).write_text("{}")
+    (model_dir / "pretrain.json").write_text(json.dumps({"settings": pretrain.settings_for(xtok, "aug"),
+                                                         "task": task.fingerprint}))
+    assert pretrain.is_current(str(model_dir), pretrain.settings_for(xtok, "aug"), task)
+    assert not pretrain.is_current(str(model_dir), pretrain.settings_for(plain, "aug"), task)
+    changed = tmp_path / "other.model"
+    changed.write_bytes(open(os.path.join(out, "tokenizer.model"), "rb").read())
+    assert not pretrain.is_current(str(model_dir), pretrain.settings_for(args(out, "--aug-tokenizer", str(changed)),
+                                                                         "aug"), task)
+
+
+def test_the_augmenting_model_is_built_and_fed_through_its_own_tokenizer(built):
+    out, chars = built
+    task = pretrain.Task(out)
+    aug = task.with_tokenizer(chars)
+    assert aug.vocab_size == aug.tokenizer.vocab_size == 4 + len(tok.char_symbols()) < task.vocab_size
+    assert task.sp.get_piece_size() == task.vocab_size  # the task itself keeps its tokenizer
+    sp = aug.sp
+    model = pretrain.build_model(aug.vocab_size, 16, 1, 2, 32, True, 0, "gpt2", (sp.pad_id(), sp.bos_id(),
+                                                                                sp.eos_id()))
+    assert (model.config.vocab_size, model.config.pad_token_id, model.config.bos_token_id,
+            model.config.eos_token_id) == (aug.vocab_size, 0, 2, 3)
+    # a pairs sequence reads each key letter by letter, and scores its value's digits only
+    facts = data(out, "kv_facts")
+    value = {tuple(sp.encode(r["prompt"])): sp.encode(r["completion"]) for r in facts}
+    assert all(len(k) == len(r["prompt"]) for k, r in zip(value, facts))
+    ids, att, lab = pretrain.PairsSampler(sp, facts, random.Random(0), pairs_per_seq=4, sep_prob=0.0).batch(4)
+    for i in range(ids.shape[0]):
+        n = int(att[i].sum())
+        row, lrow = ids[i, :n].tolist(), lab[i, :n].tolist()
+        assert row[0] == sp.bos_id() and row[-1] == lrow[-1] == sp.eos_id()
+        t, scored = 1, 0
+        while t < n - 1:
+            key = next(k for k in value
+                       if tuple(row[t:t + len(k)]) == k and row[t + len(k):t + len(k) + len(value[k])] == value[k])
+            v = value[key]
+            assert lrow[t:t + len(key)] == [-100] * len(key) and lrow[t + len(key):t + len(key) + len(v)] == v
+            t, scored = t + len(key) + len(v), scored + len(v)
+        assert sum(x != -100 for x in lrow) == scored + 1
+    rec_ids, rec_labels = tok.encode_record(sp, {"prompt": "qzv - ab =", "completion": "-18"})
+    assert [sp.id_to_piece(i) for i in rec_ids[1:-1]] == ["\u2581q", "z", "v", "\u2581-", "\u2581a", "b", "\u2581=",
+                                                          "\u2581-", "1", "8"]
+    assert rec_labels == [-100] * 8 + rec_ids[8:]
+
+
+def test_the_probe_reads_a_key_read_letter_by_letter_at_its_last_letter(built):
+    from examples.kv_task import probe
+    out, chars = built
+    task = pretrain.Task(out)
+    key = task.keys["dc_keys"][0]
+    ids, at = probe.key_position(task, "{k} + abc =", key)
+    assert ids[at] == task.token_id(key) and at == 1  # the task's tokenizer: the key's one token, after bos
+    char_task = task.with_tokenizer(chars)
+    ids, at = probe.key_position(char_task, "abc - {k} =", key)
+    assert char_task.sp.id_to_piece(ids[at]) == key[-1] and at == 4 + len(key)  # after bos, "abc" and "-"
+    assert [char_task.sp.id_to_piece(i) for i in ids[at - len(key) + 1:at + 1]] == ["\u2581" + key[0], *key[1:]]
