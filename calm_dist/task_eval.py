@@ -112,8 +112,10 @@ def _summed_completion_loss(logits_fn: LogitsFn, prompts: list[list[int]], compl
     labels = torch.full_like(full, IGNORE)
     for r, c in enumerate(completions):
         labels[r, full.shape[1] - len(c):] = torch.tensor(c)
-    logits = logits_fn(full, full_mask, records) if getattr(logits_fn, "reads_text", False) else logits_fn(full,
-                                                                                                         full_mask)
+    if getattr(logits_fn, "reads_text", False):
+        logits = logits_fn(full, full_mask, records)
+    else:
+        logits = logits_fn(full, full_mask)
     return loss_from_logits(logits, labels.to(logits.device), "sum").item(), int(labelled_tokens(labels))
 
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 import importlib.util
 import inspect
 
-KINDS = ("none", "liger")
-
 
 class FusedKernelsError(ValueError):
     """A model these kernels cannot patch."""

@@ -10,9 +10,10 @@ time: small models reach far less than half the peak, so auto errs towards not c
 and smoke runs, where compilation would cost more than the run.
 
 auto also stays off where the frozen blocks' elementwise work is fused already (model.fused_kernels: on one H200,
-Liger's kernels gave 48% MFU and compilation 44%, benchmarks/README.md P8), and where compiling cannot work: without distributed.zero3_leaf_blocks (DeepSpeed's per-module
-hooks cannot run inside a compiled block) or without a compiler for inductor (a C++ compiler on the CPU, Triton on
-a GPU). `true` and `false` are obeyed as they are (true's conditions are preflight's).
+Liger's kernels gave 48% MFU and compilation 44%, benchmarks/README.md P8), and where compiling cannot work:
+without distributed.zero3_leaf_blocks (DeepSpeed's per-module hooks cannot run inside a compiled block) or without
+a compiler for inductor (a C++ compiler on the CPU, Triton on a GPU). `true` and `false` are obeyed as they are
+(true's conditions are preflight's).
 """
 from __future__ import annotations
 
