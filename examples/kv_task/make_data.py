@@ -39,9 +39,10 @@ from examples.kv_task import tokenizer as tok
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2
 CHAR_TOKENIZER = "tokenizer_chars.model"
+TOKENIZER_TEXT = ("arith_train", "kv_sub_train", "kv_facts", "dc_kv_arith")  # the sets both tokenizers learn from
 
 
-def _sha(path: str) -> str:
+def file_sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -71,7 +72,7 @@ def is_current(out: str, settings: T.TaskSettings) -> bool:
         return False
     for rel, sha in man.get("files", {}).items():
         p = os.path.join(out, rel)
-        if not os.path.exists(p) or _sha(p) != sha:
+        if not os.path.exists(p) or file_sha256(p) != sha:
             return False
     return True
 
@@ -100,17 +101,16 @@ def build(out: str, settings: T.TaskSettings, force: bool = False, verbose: bool
         _write_jsonl(os.path.join(out, rel), recs)
         files[rel] = ""
     words = T.vocabulary_words(ks)
-    text = list(T.record_text(sets["arith_train"])) + list(T.record_text(sets["kv_sub_train"])) \
-        + list(T.record_text(sets["kv_facts"])) + list(T.record_text(sets["dc_kv_arith"]))
+    text = [t for name in TOKENIZER_TEXT for t in T.record_text(sets[name])]
     tok.train_tokenizer(words, text, model_prefix=os.path.join(out, "tokenizer"))
     files["tokenizer.model"] = ""
     sp = tok.load_tokenizer(os.path.join(out, "tokenizer.model"))
-    # every piece must have the id its position promises (each word alone reads as its marked piece)
-    for i, piece in enumerate(tok.symbols(words)):
-        if sp.piece_to_id(piece) != 4 + i or (i < len(words) and sp.encode(words[i]) != [4 + i]):
-            raise RuntimeError(f"tokenizer: piece {piece!r} has id {sp.piece_to_id(piece)}, expected {4 + i}")
+    check_piece_ids(sp, tok.symbols(words), "tokenizer")
+    for i, word in enumerate(words):  # each word alone reads as its marked piece
+        if sp.encode(word) != [4 + i]:
+            raise RuntimeError(f"tokenizer: word {word!r} reads {sp.encode(word)}, expected [{4 + i}]")
     for rel in files:
-        files[rel] = _sha(os.path.join(out, rel))
+        files[rel] = file_sha256(os.path.join(out, rel))
     man = {
         "format_version": FORMAT_VERSION,
         "settings": settings.to_dict(),
@@ -132,12 +132,21 @@ def build(out: str, settings: T.TaskSettings, force: bool = False, verbose: bool
     return man
 
 
+def check_piece_ids(sp, pieces: list[str], what: str) -> None:
+    """Every piece has the id its position promises (after the four special ones), and there is no other."""
+    for i, piece in enumerate(pieces):
+        if sp.piece_to_id(piece) != 4 + i:
+            raise RuntimeError(f"{what}: piece {piece!r} has id {sp.piece_to_id(piece)}, expected {4 + i}")
+    if sp.get_piece_size() != 4 + len(pieces):
+        raise RuntimeError(f"{what}: {sp.get_piece_size()} pieces, expected {4 + len(pieces)}")
+
+
 def _training_text(out: str) -> list[str]:
-    """The text both tokenizers are trained on, read back from a build."""
+    """The text both tokenizers are trained on (TOKENIZER_TEXT), read back from a build."""
     def read(name):
         with open(os.path.join(out, "data", name + ".jsonl")) as f:
             return [json.loads(line) for line in f if line.strip()]
-    return [t for name in ("arith_train", "kv_sub_train", "kv_facts", "dc_kv_arith") for t in T.record_text(read(name))]
+    return [t for name in TOKENIZER_TEXT for t in T.record_text(read(name))]
 
 
 def write_char_tokenizer(out: str, verbose: bool = True) -> str:
@@ -149,17 +158,12 @@ def write_char_tokenizer(out: str, verbose: bool = True) -> str:
         if verbose:
             print(f"[make_kv_task] reusing {path} (same bytes)")
         return path
-    sp = tok.load_tokenizer(model_proto=proto)
-    for i, piece in enumerate(tok.char_symbols()):
-        if sp.piece_to_id(piece) != 4 + i:
-            raise RuntimeError(f"char tokenizer: piece {piece!r} has id {sp.piece_to_id(piece)}, expected {4 + i}")
-    if sp.get_piece_size() != 4 + len(tok.char_symbols()):
-        raise RuntimeError(f"char tokenizer: {sp.get_piece_size()} pieces, expected {4 + len(tok.char_symbols())}")
+    check_piece_ids(tok.load_tokenizer(model_proto=proto), tok.char_symbols(), "char tokenizer")
     with open(path + ".tmp", "wb") as f:
         f.write(proto)
     os.replace(path + ".tmp", path)
     if verbose:
-        print(f"[make_kv_task] wrote {path}: vocab {sp.get_piece_size()}, keys read one letter a token")
+        print(f"[make_kv_task] wrote {path}: vocab {4 + len(tok.char_symbols())}, keys read one letter a token")
     return path
 
 

@@ -2,7 +2,7 @@
 """Pretrain the two tiny base models of the key-value task (Hugging Face models, save_pretrained).
 
     python -m examples.kv_task.pretrain --task artifacts/kv_task --out artifacts/models [--which both]
-        [--parallel] [--seed 0] [--anchor-steps 3000] [--aug-steps 1000] [--batch 128] [--anchor-lr 5e-3]
+        [--parallel] [--seed 0] [--anchor-steps 3000] [--aug-steps 2000] [--batch 128] [--anchor-lr 5e-3]
         [--aug-lr 3e-3]
         [--max-minutes 10] [--aug-tokenizer PATH] [--force]
 
@@ -40,6 +40,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from calm_dist.data.tokenizer import Tokenizer
+from examples.kv_task.make_data import file_sha256
 from examples.kv_task.scoring import exact_match, next_token_accuracy, read_jsonl
 from examples.kv_task.tokenizer import BOS_ID, EOS_ID, PAD_ID, encode_record, load_tokenizer
 
@@ -240,13 +241,8 @@ def settings_for(a: argparse.Namespace, which: str) -> dict:
            "format": a.aug_format, "pairs_per_seq": a.pairs_per_seq, "sep_prob": a.sep_prob,
            "number_facts": not a.no_number_facts}
     if a.aug_tokenizer:  # absent otherwise: models pretrained with the task's tokenizer stay current
-        aug["tokenizer"] = file_hash(a.aug_tokenizer)
+        aug["tokenizer"] = file_sha256(a.aug_tokenizer)[:16]
     return aug
-
-
-def file_hash(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
 def is_current(model_dir: str, settings: dict, task: Task) -> bool:
