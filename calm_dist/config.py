@@ -394,11 +394,13 @@ class TrainConfig:
 
 @dataclass
 class DistributedConfig:
-    """DeepSpeed ZeRO-3 and the process group."""
+    """DeepSpeed ZeRO (stage 3 or 2) and the process group."""
 
     deepspeed_config: str = "zero3"
     """The DeepSpeed JSON: a path, or the name of a shipped one (zero3, zero3_offload, zero3_hpz,
-    zero3_small_models; `ds_configs/zero3.json` works from any directory too). Its ZeRO knobs are used; batch
+    zero3_small_models, zero2; `ds_configs/zero3.json` works from any directory too). ZeRO stage 3 shards the
+    frozen models; stage 2 keeps them whole on every rank (no gathers: faster where they fit) and shards only
+    the composition's gradients and optimizer state; other stages are refused. Its ZeRO knobs are used; batch
     sizes, accumulation, precision and clipping come from this tree, and the JSON may leave them out, set them
     to "auto" or repeat this tree's values (calm_dist/training/ds_config.py); the optimizer and schedule are
     optim.*."""
@@ -468,7 +470,7 @@ class Config:
     """The training loop, its outputs and checkpoints."""
 
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    """DeepSpeed ZeRO-3 and the process group."""
+    """DeepSpeed ZeRO (stage 3 or 2) and the process group."""
 
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """MLflow tracking."""

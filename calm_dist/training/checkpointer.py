@@ -13,6 +13,7 @@ from pathlib import Path
 
 import deepspeed
 import torch
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 import torch.distributed as dist
 
 from calm_dist.config import OptimConfig
@@ -29,7 +30,8 @@ from calm_dist.faults import Faults
 
 
 def gathered_composition(model, is_main: bool) -> dict[str, torch.Tensor] | None:
-    """The full composition weights on rank 0 (None elsewhere). Collective: ZeRO-3 gathers every shard."""
+    """The full composition weights on rank 0 (None elsewhere). Collective: ZeRO-3 gathers every shard (under
+    ZeRO-2 every rank holds them whole and the gather does nothing)."""
     with deepspeed.zero.GatheredParameters(model.trainable_parameters(), modifier_rank=None):
         return model.composition_state_dict() if is_main else None
 
@@ -81,7 +83,13 @@ class Checkpointer:
         optimizer_state["loss_scaler"] = optimizer.loss_scaler
         states = [None] * env.world_size
         states[env.rank] = optimizer_state
-        optimizer.load_state_dict(states, load_optimizer_states=True)
+        if isinstance(optimizer, DeepSpeedZeroOptimizer):  # ZeRO-2: the model holds whole trainable weights
+            # this rank's fp32 partition as saved (not re-derived from bf16 weights), then every rank's partition
+            # copied into the model's weights and all-gathered (collective)
+            optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
+            optimizer.update_lp_params()
+        else:  # ZeRO-3 restores its fp32 partition and the weights' shards from it
+            optimizer.load_state_dict(states, load_optimizer_states=True)
         scheduler.load_state_dict(state["scheduler"])
         apply_optim_config(optimizer, scheduler, optim)
         set_rng_state(load_state(directory, f"rng.rank{env.rank}"))
@@ -123,6 +131,8 @@ class Checkpointer:
         env = self.env
         optimizer_state = optimizer.state_dict()
         optimizer_state.pop("loss_scaler", None)  # an object; static for fp32/bf16, rebuilt on load
+        # ZeRO-2's map of parameter names to fragments (dataclasses) serves DeepSpeed's universal checkpoints only
+        optimizer_state.pop("param_slice_mappings", None)
         hashes = save_state(optimizer_state, staged, f"optimizer.rank{env.rank}")
         self.faults.at("raise_in_checkpoint", step)
         hashes |= save_state(rng_state(), staged, f"rng.rank{env.rank}")

@@ -23,6 +23,7 @@ import shutil
 from calm_dist.config import Config
 from calm_dist.planning.costs import step_cost
 from calm_dist.planning.hardware import peak_flops_per_rank
+from calm_dist.training.ds_config import zero_stage
 
 COMPILE_S = 20.0       # compilation per process (benchmarks/README.md, P3c)
 STEP_GAIN = 0.10       # the share of a step compilation saves (P3c: 0.88-0.90x the eager step)
@@ -51,7 +52,7 @@ def decide(cfg: Config, resolved, device_type: str = "cpu") -> tuple[bool, str]:
         return bool(setting), f"train.compile={str(setting).lower()}"
     if cfg.model.method != "calm":
         return False, "train.compile=auto: off (the LoRA baseline's blocks all train: none is compiled)"
-    if not cfg.distributed.zero3_leaf_blocks:
+    if zero_stage(resolved.ds_config) == 3 and not cfg.distributed.zero3_leaf_blocks:
         return False, "train.compile=auto: off (distributed.zero3_leaf_blocks=false)"
     if cfg.model.fused_kernels != "none":
         return False, f"train.compile=auto: off (model.fused_kernels={cfg.model.fused_kernels} fuses the blocks' " \

@@ -28,6 +28,11 @@ REFUSED_BLOCKS = {"optimizer": "AdamW is set by optim.lr, optim.betas, optim.eps
 # and timers would repeat it. A value the JSON sets is kept.
 QUIET_DEFAULTS = {"steps_per_print": 10**9, "wall_clock_breakdown": False}
 
+# The ZeRO stages calm_dist trains under. 3: every frozen weight sharded, gathered block by block in each step.
+# 2: the frozen models whole on every rank (no gathers; for models that fit), the composition's gradients and
+# optimizer state sharded. Stages 0 and 1 would save nothing over 2 for a composition's few trainable weights.
+TRAINING_STAGES = (2, 3)
+
 
 def gradient_accumulation_steps(cfg: Config, world_size: int) -> int:
     """Micro-steps per optimizer step: train.global_batch_size / (micro_batch_size x world size), 1 when the
@@ -144,7 +149,7 @@ def fill_tree_values(path: Path, ds: dict, filled: dict[str, tuple[Any, str]]) -
 def fill_zero_autos(path: Path, ds: dict, model_configs: list) -> None:
     """Replace "auto" ZeRO bucket sizes with transformers' values for the widest model. Like transformers, only
     "auto" is replaced: an explicit size is the user's tuning, not a fact the tree knows. All three are filled
-    whatever the stage: calm_dist trains under stage 3 only (preflight refuses another)."""
+    whatever the stage: stage 2 reads reduce_bucket_size and ignores the stage-3 sizes."""
     zero = ds.get("zero_optimization", {})
     if not isinstance(zero, dict):
         raise ConfigError(f"{path}: zero_optimization must be a block, got {json.dumps(zero)}")

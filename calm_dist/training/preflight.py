@@ -26,7 +26,8 @@ from calm_dist.tracking.store import probe_tracking_store
 from calm_dist.training.checkpoint import (CheckpointError, DamagedCheckpoint, checkpoints_dir, read_checkpoint_state,
                                            resume_candidates)
 from calm_dist.training.dist_env import DistEnv
-from calm_dist.training.ds_config import build_ds_config, gradient_accumulation_steps, zero_stage
+from calm_dist.training.ds_config import (TRAINING_STAGES, build_ds_config, gradient_accumulation_steps, read_ds_json,
+                                          zero_stage)
 
 
 @dataclass
@@ -100,9 +101,13 @@ def preflight(cfg: Config, env: DistEnv, *, need_train_data: bool = True, traini
     if cfg.optim.warmup_steps > train_cfg.steps:
         raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} is more than train.steps={train_cfg.steps}: "
                           "the learning rate would never reach optim.lr")
-    if train_cfg.compile is True and not cfg.distributed.zero3_leaf_blocks:  # auto then stays off
-        raise ConfigError("train.compile needs distributed.zero3_leaf_blocks=true: DeepSpeed's per-module ZeRO-3 "
-                          "hooks cannot run inside a compiled block")
+    stage = zero_stage(read_ds_json(cfg.distributed.deepspeed_config)[1])
+    if stage not in TRAINING_STAGES:
+        raise ConfigError(f"{cfg.distributed.deepspeed_config}: calm_dist trains under ZeRO stage 2 (the frozen models "
+                          f"whole on every rank) or 3 (sharded); zero_optimization.stage is {stage}")
+    if train_cfg.compile is True and stage == 3 and not cfg.distributed.zero3_leaf_blocks:  # auto then stays off
+        raise ConfigError("train.compile needs distributed.zero3_leaf_blocks=true under ZeRO-3: DeepSpeed's "
+                          "per-module hooks cannot run inside a compiled block")
     if cfg.tracking.enabled:
         check_tracking_uri(cfg.tracking.tracking_uri)
     for key, path in (("train.output_dir", train_cfg.output_dir), ("data.cache_dir", data_cache_dir(cfg)),
@@ -163,9 +168,6 @@ def preflight(cfg: Config, env: DistEnv, *, need_train_data: bool = True, traini
 
     accumulation = gradient_accumulation_steps(cfg, env.world_size)
     ds_config = build_ds_config(cfg, env.world_size, [anchor, *augmenting])
-    if zero_stage(ds_config) != 3:
-        raise ConfigError(f"{cfg.distributed.deepspeed_config}: calm_dist trains under ZeRO stage 3 "
-                          f"(zero_optimization.stage is {zero_stage(ds_config)})")
     resume = _check_resume(cfg, env, train_fingerprint) if training else []
     return ResolvedRun(anchor, augmenting, pairs, accumulation, ds_config, resume)
 

@@ -37,6 +37,7 @@ from calm_dist.training import checkpoint as ckpt
 from calm_dist.training.agreement import any_rank
 from calm_dist.training.checkpointer import Checkpointer
 from calm_dist.training.dist_env import DistEnv, init_process_group, local_device, shut_down_process_group, to_device
+from calm_dist.training.ds_config import zero_stage
 from calm_dist.training.evaluator import Evaluator
 from calm_dist.faults import Faults
 from calm_dist.training.locks import lock_for_job
@@ -134,7 +135,7 @@ class Trainer:
     def _tracker(self) -> Tracker:
         tracker = Tracker(self.cfg.tracking, is_main_process=self.env.is_main, output_dir=self.output_dir,
                           node_id=node_id(self.env))
-        tags = {"zero_stage": "3", "world_size": str(self.env.world_size),
+        tags = {"zero_stage": str(zero_stage(self.resolved.ds_config)), "world_size": str(self.env.world_size),
                 "augmenting_states": self.cfg.train.augmenting_states}
         rng = ckpt.rng_state()  # MLflow names a new run with python's random: tracking must not shift the run's draws
         self.run_id = tracker.start(self.cfg.to_dict(), run_id=self.run_id, tags=tags, resuming=self.start_step > 0)

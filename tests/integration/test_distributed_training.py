@@ -66,6 +66,16 @@ def reference_run(setup: Path, out: Path):
     return reference_training(cfg, GLOBAL_BATCH, out.parent / "ref_cache")
 
 
+def assert_matches_reference(report: dict, out: Path, reference) -> None:
+    """The run's losses and exported weights equal the single-process reference's (losses, weights)."""
+    ref_losses, ref_weights = reference
+    assert report["losses"] == pytest.approx(ref_losses, abs=1e-5)
+    trained = load_file(str(out / "final" / "composition.safetensors"))
+    assert trained.keys() == ref_weights.keys()
+    for k in trained:
+        torch.testing.assert_close(trained[k], ref_weights[k], atol=1e-4, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def reference(setup_dir, tmp_path_factory):
     return reference_run(setup_dir, tmp_path_factory.mktemp("ref") / "ref")
@@ -90,14 +100,9 @@ def zero3(setup_dir, tmp_path_factory):
 
 def test_two_rank_zero3_matches_single_process_reference(setup_dir, zero3, reference):
     out, report = zero3
-    ref_losses, ref_weights = reference
     assert len(report["losses"]) == STEPS
-    assert report["losses"] == pytest.approx(ref_losses, abs=1e-5)
     assert report["losses"][-1] < report["losses"][0]
-    trained = load_file(str(out / "final" / "composition.safetensors"))
-    assert trained.keys() == ref_weights.keys()
-    for k in trained:
-        torch.testing.assert_close(trained[k], ref_weights[k], atol=1e-4, rtol=0)
+    assert_matches_reference(report, out, reference)
     # the eval loss covers every eval row, the ragged last micro-batches and the dummy forward included
     assert logged(out, "eval/loss")[STEPS] == pytest.approx(export_eval_loss(setup_dir, out, range(N_EVAL)), abs=1e-5)
     # frozen weights never move; every parameter (frozen too) holds half on each rank
@@ -119,11 +124,7 @@ def test_two_rank_zero3_matches_single_process_reference_with_packing(setup_dir,
     cfg = load_config(RECIPE, overrides(setup_dir, out, **packed))
     rows = load_rows(cfg.data, cfg.data.train, "data.train", Tokenizer(cfg.data.tokenizer), tmp_path / "ref_cache")
     assert ((rows.batch(range(len(rows)))["position_ids"] == 0).sum(-1) >= 2).all()  # every row packs documents
-    ref_losses, ref_weights = reference_training(cfg, GLOBAL_BATCH, tmp_path / "ref_cache")
-    assert report["losses"] == pytest.approx(ref_losses, abs=1e-5)
-    trained = load_file(str(out / "final" / "composition.safetensors"))
-    for k in trained:
-        torch.testing.assert_close(trained[k], ref_weights[k], atol=1e-4, rtol=0)
+    assert_matches_reference(report, out, reference_training(cfg, GLOBAL_BATCH, tmp_path / "ref_cache"))
 
 
 def test_logged_tflops_and_mfu_are_the_cost_model_over_the_step_time(setup_dir, zero3):
@@ -148,11 +149,7 @@ def test_compiled_blocks_with_activation_checkpointing_match_reference(setup_dir
     report = run_worker(setup_dir, out, **{"train.compile": "true", "train.activation_checkpointing": "true",
                                            "train.eval_batches": 2})
     assert report["compiled_graphs"] > 0 and report["graph_breaks"] == 0
-    ref_losses, ref_weights = reference
-    assert report["losses"] == pytest.approx(ref_losses, abs=1e-5)
-    trained = load_file(str(out / "final" / "composition.safetensors"))
-    for k in trained:
-        torch.testing.assert_close(trained[k], ref_weights[k], atol=1e-4, rtol=0)
+    assert_matches_reference(report, out, reference)
     # 2 eval batches of 4 rows per rank: rank 0 rows 0, 2, .., 14, rank 1 rows 1, 3, .., 15
     assert logged(out, "eval/loss")[STEPS] == pytest.approx(export_eval_loss(setup_dir, out, range(16)), abs=1e-5)
 
@@ -255,3 +252,31 @@ def test_baselines_train_through_the_same_zero3_entry_point(setup_dir, tmp_path,
         expected = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(setup_dir / "augmenting")).state_dict()
         written = load_causal_lm(str(random_dir)).state_dict()
         assert written.keys() == expected.keys() and all(torch.equal(written[k], expected[k]) for k in expected)
+
+
+def test_two_rank_zero2_matches_single_process_reference(setup_dir, tmp_path, reference):
+    """distributed.deepspeed_config=zero2: the frozen models whole on every rank (no gathers), the composition's
+    gradients and optimizer state sharded; the same losses and weights as the reference, frozen weights intact.
+    Its frozen blocks compile without being ZeRO-3 leaves (no DeepSpeed hook inside them)."""
+    out = tmp_path / "zero2"
+    report = run_worker(setup_dir, out, **{"distributed.deepspeed_config": "zero2", "train.compile": "true",
+                                           "distributed.zero3_leaf_blocks": "false"})
+    assert report["compiled_graphs"] > 0 and report["graph_breaks"] == 0
+    assert_matches_reference(report, out, reference)
+    assert logged(out, "eval/loss")[STEPS] == pytest.approx(export_eval_loss(setup_dir, out, range(N_EVAL)), abs=1e-5)
+    assert report["frozen_mismatches"] == []
+    assert report["partition"]["local"] == report["partition"]["full"]  # nothing sharded: every tensor whole
+
+
+def test_zero2_stop_and_resume_in_bf16_equals_uninterrupted_run(setup_dir, tmp_path):
+    """ZeRO-2 resume restores each rank's fp32 master partition as saved, then the model's bf16 weights from all
+    of them: bf16 training resumes bit for bit (fp32 masters re-derived from the bf16 weights would not)."""
+    bf16 = {"distributed.deepspeed_config": "zero2", "train.precision": "bf16"}
+    full = run_worker(setup_dir, tmp_path / "full", **bf16)
+    stopped = run_worker(setup_dir, tmp_path / "split", **{"train.stop_after_step": 3}, **bf16)
+    resumed = run_worker(setup_dir, tmp_path / "split", **{"train.resume": "auto"}, **bf16)
+    assert stopped["losses"] + resumed["losses"] == full["losses"]  # bit-exact
+    assert resumed["rng_draws"] == full["rng_draws"]
+    a = load_file(str(tmp_path / "full" / "final" / "composition.safetensors"))
+    b = load_file(str(tmp_path / "split" / "final" / "composition.safetensors"))
+    assert all(a[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k]) for k in a)

@@ -252,8 +252,8 @@ def _bad_inputs(tiny: Path, tmp: Path) -> list[tuple[str, list[str], dict, str]]
     empty.write_text("")
     ds_owned = tmp / "ds_owned.json"
     ds_owned.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_batch_size": 64}))
-    ds_stage2 = tmp / "ds_stage2.json"
-    ds_stage2.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    ds_stage1 = tmp / "ds_stage1.json"
+    ds_stage1.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
     bad_yaml = tmp / "bad.yaml"
     bad_yaml.write_text("train: [unclosed\n")
     pickled = tmp / "pickled_anchor"
@@ -275,11 +275,11 @@ def _bad_inputs(tiny: Path, tmp: Path) -> list[tuple[str, list[str], dict, str]]
     existing = tmp / "existing_run"
     (existing / "checkpoints" / "step_2").mkdir(parents=True, exist_ok=True)
     (existing / "checkpoints" / "step_2" / "trainer_state.json").write_text('{"step": 2, "world_size": 1}')
-    return _original_bad_inputs(missing, empty, ds_owned, ds_stage2, bad_yaml, pickled, big_vocab, other_vocab,
+    return _original_bad_inputs(missing, empty, ds_owned, ds_stage1, bad_yaml, pickled, big_vocab, other_vocab,
                                 existing) + _bad_paths(tiny, tmp) + _bad_environment() + _out_of_range_values()
 
 
-def _original_bad_inputs(missing, empty, ds_owned, ds_stage2, bad_yaml, pickled, big_vocab, other_vocab, existing):
+def _original_bad_inputs(missing, empty, ds_owned, ds_stage1, bad_yaml, pickled, big_vocab, other_vocab, existing):
     return [
         ("unknown key", ["train.stepz=3"], {}, "unknown key train.stepz"),
         ("non-numeric override", ["train.steps=ten"], {}, "train.steps: expected an integer, got 'ten'"),
@@ -300,7 +300,7 @@ def _original_bad_inputs(missing, empty, ds_owned, ds_stage2, bad_yaml, pickled,
         ("missing resume path", ["train.resume=/nonexistent/step_9"], {}, "not a checkpoint directory"),
         ("DeepSpeed JSON owns a batch key", [f"distributed.deepspeed_config={ds_owned}"], {},
          "sets train_batch_size"),
-        ("ZeRO stage 2", [f"distributed.deepspeed_config={ds_stage2}"], {}, "calm_dist trains under ZeRO stage 3"),
+        ("ZeRO stage 1", [f"distributed.deepspeed_config={ds_stage1}"], {}, "calm_dist trains under ZeRO stage 2 "),
         ("pickled weights", [f"model.anchor={pickled}"], {}, "holds no safetensors weights"),
         ("existing checkpoints, no resume", [f"train.output_dir={existing}"], {}, "already holds checkpoints"),
         ("invalid YAML", ["--config-file", str(bad_yaml)], {}, "is not valid YAML"),

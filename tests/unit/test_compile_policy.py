@@ -15,9 +15,11 @@ def llama(d, layers, vocab):
 
 # the 49M benchmark composition (benchmarks/common.py, size full) and the tiny recipe's shape (recipes/tiny.yaml)
 BENCH = SimpleNamespace(anchor_config=llama(512, 8, 8192), augmenting_configs=[llama(256, 8, 8192)],
-                        layer_pairs=[[(3, 3), (7, 7)]], accumulation=1)
+                        layer_pairs=[[(3, 3), (7, 7)]], accumulation=1,
+                        ds_config={"zero_optimization": {"stage": 3}})
 TINY = SimpleNamespace(anchor_config=llama(64, 4, 128), augmenting_configs=[llama(64, 4, 128)],
-                       layer_pairs=[[(1, 1), (3, 3)]], accumulation=1)
+                       layer_pairs=[[(1, 1), (3, 3)]], accumulation=1,
+                       ds_config={"zero_optimization": {"stage": 3}})
 CPU_PEAK = ["train.peak_tflops_per_rank=0.15"]  # the 1-thread fp32 matmul peak here, not measured in a test
 
 
@@ -54,6 +56,9 @@ def test_long_runs_compile():
 def test_auto_stays_off_where_compiling_cannot_work(monkeypatch):
     long = ["train.steps=5000", "data.seq_len=256"]
     assert not compile_policy.decide(cfg(*long, "distributed.zero3_leaf_blocks=false"), BENCH)[0]
+    # ZeRO-2 hooks no frozen block: leaf blocks do not matter there
+    zero2 = SimpleNamespace(**{**vars(BENCH), "ds_config": {"zero_optimization": {"stage": 2}}})
+    assert compile_policy.decide(cfg(*long, "distributed.zero3_leaf_blocks=false"), zero2)[0]
     assert not compile_policy.decide(cfg(*long, "model.method=lora"), BENCH)[0]
     monkeypatch.setattr(compile_policy.shutil, "which", lambda name: None)
     on, why = compile_policy.decide(cfg(*long), BENCH)

@@ -44,7 +44,7 @@ def test_recipes_load_by_name_and_a_missing_one_names_the_shipped_ones(elsewhere
 
 
 def test_the_shipped_names():
-    assert shipped_names("ds_configs") == ["zero3", "zero3_hpz", "zero3_offload", "zero3_small_models"]
+    assert shipped_names("ds_configs") == ["zero2", "zero3", "zero3_hpz", "zero3_offload", "zero3_small_models"]
     assert "tiny" in shipped_names("recipes")
 
 

@@ -24,8 +24,10 @@ from calm_dist.training.trainer import Trainer
 
 
 def partition_report(model, world: int) -> dict:
-    """Every parameter, frozen or not, holds only its 1/world shard on this rank."""
-    sizes = [(p.ds_tensor.numel(), p.ds_numel) for p in model.parameters()]
+    """Whether every parameter, frozen or not, holds only its 1/world shard on this rank (ZeRO-3), and the
+    elements held here against the full count (under ZeRO-2 every tensor is whole)."""
+    sizes = [(p.ds_tensor.numel(), p.ds_numel) if hasattr(p, "ds_tensor") else (p.numel(), p.numel())
+             for p in model.parameters()]
     return {"n_params": len(sizes),
             "all_partitioned": all(local == math.ceil(full / world) for local, full in sizes),
             "local": sum(l for l, _ in sizes), "full": sum(f for _, f in sizes)}
