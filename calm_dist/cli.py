@@ -81,10 +81,6 @@ def cmd_train(args) -> int:
     return train_main((["--config", args.config] if args.config else []) + args.overrides)
 
 
-ACROSS_TOKENIZERS = ("decodes with one tokenizer; a composition of different tokenizers decodes with "
-                     "calm_dist.model.cross_tokenizer_generation.generate_across_tokenizers (docs/cross_tokenizer.md)")
-
-
 def cmd_eval(args) -> int:
     cfg = load_config(args.config, args.overrides)  # a bad config is refused before torch loads
     from calm_dist.task_eval import main as eval_main
@@ -98,29 +94,62 @@ def cmd_generate(args) -> int:
 
     from calm_dist import ComposedModel
     from calm_dist.data.tokenizer import Tokenizer, saved_tokenizer
+    from calm_dist.model.composition import read_composition_config
+    from calm_dist.model.hub import local_path
     from calm_dist.task_eval import answer_text, stop_ids
     from calm_dist.training.dist_env import local_device
 
-    from calm_dist.model.composition import read_composition_config
-
-    if read_composition_config(args.composition).get("training", {}).get("different_tokenizers"):
-        raise ConfigError(f"calm-dist generate {ACROSS_TOKENIZERS}")
+    training = read_composition_config(args.composition).get("training", {})
+    across = bool(training.get("different_tokenizers"))
+    if across and sampling["do_sample"]:
+        raise ConfigError("calm-dist generate: a composition of different tokenizers decodes greedily: drop "
+                          "--temperature, --top-k and --top-p")
+    if args.augmenting_tokenizer and not across:
+        raise ConfigError("--augmenting-tokenizer: this composition's augmenting models read the anchor's tokens "
+                          "(it was not trained with data.different_tokenizers)")
     device = local_device(DistEnv.from_environ())
     model = ComposedModel.from_composition(args.composition).to(device)
+    recorded = training.get("tokenizers", {})
     if args.tokenizer:
         tokenizer = Tokenizer(args.tokenizer, "--tokenizer")
+    elif across and recorded.get("anchor"):  # the one its training read the text with
+        key = "the composition's data.tokenizer"
+        tokenizer = Tokenizer(local_path(recorded["anchor"], None, key, weights=False), key)
     else:  # the one saved with the anchor the composition names
         anchor = model.description["anchor"]
         tokenizer = saved_tokenizer(anchor["name_or_path"], anchor["revision"], "the composition's anchor")
         if tokenizer is None:
             raise ConfigError(f"the anchor {anchor['name_or_path']} was saved without a tokenizer: pass --tokenizer")
-    ids = [tokenizer.bos_id] * (tokenizer.bos_id is not None) + tokenizer.encode(args.prompt)
-    generator = torch.Generator(device).manual_seed(args.seed) if sampling["do_sample"] else None
     stops = stop_ids(tokenizer, model.anchor.config)  # Llama-3 style configs list several eos ids
-    out = model.generate(torch.tensor([ids], device=device), max_new_tokens=args.max_new_tokens, **sampling,
-                         generator=generator, eos_token_id=stops or None, pad_token_id=tokenizer.pad_id)
-    print(answer_text(tokenizer, out[0, len(ids):].tolist(), stops))
+    if across:
+        new = generate_across(model, args, tokenizer, recorded.get("augmenting"), stops)
+    else:
+        ids = [tokenizer.bos_id] * (tokenizer.bos_id is not None) + tokenizer.encode(args.prompt)
+        generator = torch.Generator(device).manual_seed(args.seed) if sampling["do_sample"] else None
+        out = model.generate(torch.tensor([ids], device=device), max_new_tokens=args.max_new_tokens, **sampling,
+                             generator=generator, eos_token_id=stops or None, pad_token_id=tokenizer.pad_id)
+        new = out[0, len(ids):].tolist()
+    print(answer_text(tokenizer, new, stops))
     return 0
+
+
+def generate_across(model, args, anchor_tokenizer, recorded: list | None, stops: list[int]) -> list[int]:
+    """Greedy decoding of a composition whose augmenting models read the text through their own tokenizers
+    (docs/cross_tokenizer.md): each model's tokenizer as in training (--augmenting-tokenizer, else the one the
+    composition recorded, else the one saved with the model, else the anchor's); returns the new anchor ids."""
+    from calm_dist.data.tokenizer import augmenting_tokenizer
+    from calm_dist.model.cross_tokenizer_generation import generate_across_tokenizers
+
+    described = model.description["augmenting"]
+    given, key = (args.augmenting_tokenizer, "--augmenting-tokenizer") if args.augmenting_tokenizer else \
+        (recorded, "the composition's data.augmenting_tokenizers")
+    given = given or [None] * len(described)
+    if len(given) != len(described):
+        raise ConfigError(f"{key}: {len(given)} tokenizer(s) for {len(described)} augmenting model(s)")
+    tokenizers = [augmenting_tokenizer(i, d["name_or_path"], d["revision"], g, anchor_tokenizer, key)
+                  for i, (d, g) in enumerate(zip(described, given))]
+    return generate_across_tokenizers(model, [args.prompt], anchor_tokenizer, tokenizers,
+                                      max_new_tokens=args.max_new_tokens, eos_token_id=stops or None).ids[0]
 
 
 def sampling_arguments(args) -> dict:
@@ -211,7 +240,11 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("generate", help="decode from a saved composition")
     p.add_argument("composition", help="a directory written by save_composition (e.g. <output_dir>/final)")
-    p.add_argument("--tokenizer", help="default: the tokenizer saved with the composition's anchor")
+    p.add_argument("--tokenizer", help="default: the tokenizer saved with the composition's anchor (across "
+                                       "tokenizers: the data.tokenizer it was trained with, when it had one)")
+    p.add_argument("--augmenting-tokenizer", action="append", metavar="PATH",
+                   help="across tokenizers (data.different_tokenizers), once per augmenting model; default: each "
+                        "one the composition was trained with")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, help="sample at this temperature (default: greedy; 0: greedy)")

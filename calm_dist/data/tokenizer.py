@@ -242,14 +242,19 @@ def model_tokenizers(cfg: Config) -> ModelTokenizers:
     anchor_saved = saved_tokenizer(model.anchor, model.anchor_revision, "model.anchor") if data.tokenizer else None
     revisions = model.augmenting_revisions or [None] * len(model.augmenting)
     explicit = data.augmenting_tokenizers or [None] * len(model.augmenting)
-    augmenting = []
-    for i, (name, revision, given) in enumerate(zip(model.augmenting, revisions, explicit)):
-        if given:
-            key = f"data.augmenting_tokenizers[{i}]"
-            augmenting.append(Tokenizer(local_path(given, None, key, weights=False), key))
-        else:
-            augmenting.append(saved_tokenizer(name, revision, f"model.augmenting[{i}]") or anchor)
+    augmenting = [augmenting_tokenizer(i, name, revision, given, anchor, "data.augmenting_tokenizers")
+                  for i, (name, revision, given) in enumerate(zip(model.augmenting, revisions, explicit))]
     return ModelTokenizers(anchor, augmenting, anchor_saved)
+
+
+def augmenting_tokenizer(i: int, name: str, revision: str | None, given: str | None, anchor: Tokenizer,
+                         given_key: str) -> Tokenizer:
+    """Augmenting model i's tokenizer: `given` (a path or hub id, from `given_key`), else the one saved with the
+    model, else (saved without one) the anchor's."""
+    if given:
+        key = f"{given_key}[{i}]"
+        return Tokenizer(local_path(given, None, key, weights=False), key)
+    return saved_tokenizer(name, revision, f"model.augmenting[{i}]") or anchor
 
 
 def prompt_ids(tok: Tokenizer, prompt: str) -> list[int]:

@@ -249,8 +249,11 @@ class Trainer:
         """What the export's composition.json and model card record of this run (rank 0's values)."""
         final = {k: v for k, v in self.final_metrics.items() if k == "train/loss" or k.startswith("eval/")}
         tracker = self.tracker
-        across = ({"different_tokenizers": True}  # calm-dist eval decodes it across tokenizers; generate refuses it
-                  if self.cfg.data.different_tokenizers and self.cfg.model.method == "calm" else {})
+        data = self.cfg.data
+        # calm-dist eval and generate decode it across tokenizers, each read as in training
+        across = ({"different_tokenizers": True, "tokenizers": {"anchor": data.tokenizer,
+                                                                "augmenting": data.augmenting_tokenizers}}
+                  if data.different_tokenizers and self.cfg.model.method == "calm" else {})
         return {"steps": step, "data_fingerprint": self.train_data.fingerprint, "final_metrics": final, **across,
                 "mlflow": {"run_id": tracker.run_id, "experiment": tracker.experiment,
                            "tracking_uri": tracker.tracking_uri}}

@@ -109,20 +109,62 @@ def assert_matches(report, out, reference):
 
 def test_two_rank_zero3_with_recomputed_augmenting_states_matches_the_reference(setup_dir, tmp_path, reference,
                                                                                  capsys):
-    """...and the export records that it reads across tokenizers: `calm-dist generate` (one tokenizer) refuses it
-    with one line, exit code 2; `calm-dist eval` scores it across tokenizers (test below)."""
-    from calm_dist.cli import main
-
+    """...and the export records that it reads across tokenizers, with which tokenizers: `calm-dist generate` and
+    `calm-dist eval` (test below) decode it across tokenizers."""
     out = tmp_path / "recompute"
     report = run_worker(setup_dir, out)
     assert_matches(report, out, reference)
     assert report["losses"][-1] < report["losses"][0]
-    assert json.loads((out / "final" / "composition.json").read_text())["training"]["different_tokenizers"] is True
-    capsys.readouterr()
-    assert main(["generate", str(out / "final"), "--prompt", "reverse: alpha ="]) == 2
-    errors = capsys.readouterr().err.splitlines()
-    assert len(errors) == 1 and "decodes with one tokenizer" in errors[0], errors
+    training = json.loads((out / "final" / "composition.json").read_text())["training"]
+    assert training["different_tokenizers"] is True
+    assert training["tokenizers"] == {"anchor": str(setup_dir / "tokenizer.model"),
+                                      "augmenting": [str(setup_dir / "bpe")]}
+    generation_matches_a_reference(setup_dir, out, tmp_path, capsys)
     evaluation_matches_a_reference(setup_dir, out, tmp_path)
+
+
+def generation_matches_a_reference(setup: Path, out: Path, tmp_path: Path, capsys):
+    """`calm-dist generate` of an export across tokenizers, with the tokenizers it recorded and given explicitly,
+    prints the answer of decoding that recomputes the whole text each step (generate_across_tokenizers,
+    use_cache=False). The export's blocks are randomised first, so the augmenting tokenizer changes the answers;
+    sampling, and a tokenizer count that is not the model count, are one line and exit code 2."""
+    from calm_dist.cli import main
+    from calm_dist.model.cross_tokenizer_generation import generate_across_tokenizers
+    from calm_dist.task_eval import answer_text
+    from tests.helpers.tiny import randomize_composition
+
+    atok, gtok = Tokenizer(setup / "tokenizer.model"), Tokenizer(setup / "bpe")
+    model = ComposedModel.from_composition(out / "final").eval()
+    randomize_composition(model, seed=3, scale=1.0)
+    final = str(model.save_composition(tmp_path / "randomised", training=json.loads(
+        (out / "final" / "composition.json").read_text())["training"]))
+
+    def decoded(prompt: str, tokenizer) -> str:
+        with torch.no_grad():
+            new = generate_across_tokenizers(model, [prompt], atok, [tokenizer], use_cache=False, max_new_tokens=8,
+                                             eos_token_id=[atok.eos_id]).ids[0]
+        return answer_text(atok, new, [atok.eos_id]) + "\n"
+
+    def cli(*args) -> tuple[int, str, list[str]]:
+        capsys.readouterr()
+        code = main(["generate", final, "--max-new-tokens", "8", *args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err.splitlines()
+
+    prompts = ("reverse: alpha beta =", "reverse: gamma =", "reverse: delta epsilon zeta =")
+    explicit = ["--tokenizer", str(setup / "tokenizer.model"), "--augmenting-tokenizer", str(setup / "bpe")]
+    for prompt in prompts:
+        assert cli("--prompt", prompt)[:2] == (0, decoded(prompt, gtok))
+        assert cli("--prompt", prompt, *explicit)[:2] == (0, decoded(prompt, gtok))
+    # read through the anchor's tokenizer instead, the augmenting model decodes otherwise
+    assert any(decoded(p, atok) != decoded(p, gtok) for p in prompts)
+    for prompt in prompts:
+        assert cli("--prompt", prompt, "--augmenting-tokenizer", str(setup / "tokenizer.model"))[:2] == \
+            (0, decoded(prompt, atok))
+    for extra, message in ((["--temperature", "0.7"], "decodes greedily"),
+                           (["--augmenting-tokenizer", str(setup / "bpe")] * 2, "2 tokenizer(s) for 1")):
+        code, _, errors = cli("--prompt", "reverse: a =", *extra)
+        assert code == 2 and len(errors) == 1 and message in errors[0], errors
 
 
 def reference_completion_loss(logits, labels) -> tuple[float, int]:
