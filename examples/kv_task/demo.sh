@@ -6,7 +6,7 @@
 #   1. the task and its shared SentencePiece tokenizer        python -m examples.kv_task.make_data (reused when current)
 #   2. the tiny anchor (arithmetic) and augmenting (keys)     python -m examples.kv_task.pretrain  (reused when present)
 #   3. the augmenting states of D_C, cached to disk           calm-dist cache
-#   4. the composition, 2 ranks under ZeRO-3                  deepspeed --num_gpus 2 calm_dist/train.py
+#   4. the composition, 2 ranks under ZeRO-2                  deepspeed --num_gpus 2 calm_dist/train.py
 #   5. the baselines through the same entry point: LoRA on the anchor with as many parameters, and the
 #      composition with a randomly initialised augmenting model (side by side, one rank each)
 #   6. evaluation (greedy exact match) of every model on every set, the Table-1-shaped comparison
@@ -97,7 +97,7 @@ say "3/7 cache the augmenting states of every training and eval row"
 "$PYTHON" -m calm_dist.cli cache --config "$RECIPE" "${common[@]}" train.output_dir="$RUN/composition" \
     train.states_cache_dir="$RUN/states_cache"
 
-say "4/7 train the composition (2 ranks, ZeRO-3, cached states)"
+say "4/7 train the composition (2 ranks, ZeRO-2, cached states)"
 launch train.output_dir="$RUN/composition" train.augmenting_states=cached \
     train.states_cache_dir="$RUN/states_cache" tracking.run_name=composition
 
@@ -114,7 +114,7 @@ print(materialize_random_augmenting(load_config(sys.argv[1], sys.argv[2:]), is_m
 "$PYTHON" -m calm_dist.cli cache --config "$RECIPE" "${common[@]}" model.augmenting="[$random_aug]" \
     train.output_dir="$RUN/random_augmenting" train.states_cache_dir="$RUN/random_states_cache"
 # The two baselines train side by side, one rank (one core) each: the same global batch as two ranks (two
-# micro-batches accumulated), without ZeRO-3's per-step exchange between two processes on a small model.
+# micro-batches accumulated), without the per-step exchange between two processes on a small model.
 echo "  (their logs: $RUN/lora.log, $RUN/random_augmenting.log)"
 trap 'kill $(jobs -p) 2>/dev/null || true' EXIT  # never leave a baseline training on its own
 RANKS=1 launch train.output_dir="$RUN/lora" model.method=lora tracking.run_name=lora > "$RUN/lora.log" 2>&1 &
