@@ -3,7 +3,7 @@
 Each generated anchor token extends the text (the anchor's new ids, decoded); each augmenting tokenizer re-reads
 the whole text. Where its reading's last tokens change (a merge across the boundary: "x a" read ["x", " a"],
 "x ab" reads ["x", " ab"]), the augmenting model's KV cache and its blocks' projected keys/values roll back to the
-last token both readings share (DynamicCache.crop), and the model reads on from there. The newest anchor token has
+last token both readings share (the cache's crop), and the model reads on from there. The newest anchor token has
 read the whole text, so it attends every augmenting token; earlier ones keep what they attended when they were
 newest, which is what token_alignment.align gives every anchor token in one forward. `use_cache=False`
 recomputes that forward over the whole text every step; both give the same tokens under greedy decoding.
@@ -18,11 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
 from calm_dist.model.backbones import cache_kwarg
 from calm_dist.model.composition import ComposedModel
 from calm_dist.model.generation import eos_ids
+from calm_dist.model.kv_buffers import growing_cache
 from calm_dist.model.token_alignment import align, common_prefix, read
 
 # An unfinished multi-byte character decodes to this; its text waits for the next token
@@ -117,8 +117,8 @@ class CachedReader:
     def __init__(self, model: ComposedModel, tokenizers: list):
         self.model, self.tokenizers = model, tokenizers
         self.device = next(model.parameters()).device
-        self.anchor_cache = DynamicCache(config=model.anchor.config)
-        self.caches = [DynamicCache(config=m.config) for m in model.augmenting]
+        self.anchor_cache = growing_cache(model.anchor.config)
+        self.caches = [growing_cache(m.config) for m in model.augmenting]  # crop rolls a reading back
         self.rollbacks = 0
 
     def prefill(self, text: str, ids: list[int], spans: list) -> torch.Tensor:

@@ -9,7 +9,6 @@ ablation: the augmenting models see the prompt only.
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     TemperatureLogitsWarper,
@@ -20,6 +19,7 @@ from transformers.generation.logits_process import (
 from calm_dist.model.backbones import cache_kwarg
 from calm_dist.model.composition import ComposedModel, position_ids_from_mask
 from calm_dist.model.cross_attention import cross_attention_mask
+from calm_dist.model.kv_buffers import Growing, growing_cache
 
 
 def _warpers(do_sample: bool, temperature: float, top_k: int | None, top_p: float | None) -> LogitsProcessorList:
@@ -64,7 +64,8 @@ def generate(model: ComposedModel, input_ids: torch.Tensor, attention_mask: torc
     rows = min(c.vocab_size for c in [config, *model.augmenting_configs])
     warpers = _warpers(do_sample, temperature, top_k, top_p)
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-    step = CachedStepper(model, refresh_augmenting) if use_cache else RecomputingStepper(model, refresh_augmenting)
+    step = (CachedStepper(model, refresh_augmenting, capacity=input_ids.shape[1] + max_new_tokens) if use_cache
+            else RecomputingStepper(model, refresh_augmenting))
 
     sequences = input_ids
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -117,27 +118,33 @@ class RecomputingStepper:
 
 
 class CachedStepper:
-    """One KV cache per model, plus the composition blocks' keys/values so far; one token per step."""
+    """One KV cache per model, plus the composition blocks' keys/values so far; one token per step. Every cache
+    grows in place (kv_buffers.py: buffers for `capacity` tokens, the prompt and the new ones), so a step copies
+    its own token's keys and values, not the caches."""
 
-    def __init__(self, model: ComposedModel, refresh_augmenting: bool):
-        self.model, self.refresh = model, refresh_augmenting
-        self.anchor_cache = DynamicCache(config=model.anchor.config)
-        self.augmenting_caches = [DynamicCache(config=m.config) for m in model.augmenting]
+    def __init__(self, model: ComposedModel, refresh_augmenting: bool, capacity: int = 0):
+        self.model, self.refresh, self.capacity = model, refresh_augmenting, capacity
+        self.anchor_cache = growing_cache(model.anchor.config, capacity)
+        self.augmenting_caches = [growing_cache(m.config, capacity) for m in model.augmenting]
 
     def prefill(self, input_ids, mask):
         self.key_mask = mask
-        self.keys_values = self._project(input_ids, mask, position_ids_from_mask(mask))
+        projected = self._project(input_ids, mask, position_ids_from_mask(mask))
+        # [augmenting model][pair] -> (K, V) buffers, growing along the token dimension
+        self.buffers = [[(Growing(2, self.capacity), Growing(2, self.capacity)) for _ in pairs] for pairs in projected]
+        self.keys_values = self._append(projected)
         return self._anchor(input_ids, mask, position_ids_from_mask(mask))
 
     def next(self, sequences, mask):
         new_ids, new_positions = sequences[:, -1:], position_ids_from_mask(mask)[:, -1:]
         if self.refresh:
-            fresh = self._project(new_ids, mask, new_positions)
-            self.keys_values = [[(torch.cat([k, fk], dim=2), torch.cat([v, fv], dim=2))
-                                 for (k, v), (fk, fv) in zip(old, new)]
-                                for old, new in zip(self.keys_values, fresh)]
+            self.keys_values = self._append(self._project(new_ids, mask, new_positions))
             self.key_mask = mask
         return self._anchor(new_ids, mask, new_positions)
+
+    def _append(self, projected):
+        return [[(kb.append(k), vb.append(v)) for (k, v), (kb, vb) in zip(pairs, buffers)]
+                for pairs, buffers in zip(projected, self.buffers)]
 
     def _project(self, ids, mask, positions):
         states = self.model.run_augmenting(ids, mask, positions, caches=self.augmenting_caches)
