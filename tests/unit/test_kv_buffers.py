@@ -60,6 +60,11 @@ def test_growing_cache_replaces_full_attention_layers_only():
     kinds = [type(layer) for layer in cache.layers]
     assert kinds == [GrowingLayer, DynamicSlidingWindowLayer, GrowingLayer, DynamicSlidingWindowLayer]
     assert cache.layers[0].capacity == 40
+    lazy = growing_cache(None, capacity=40)  # no layer list known up front: layers appear on first use
+    k, v = kv(3, seed=0)
+    lazy.update(k, v, 1)
+    assert [type(layer) for layer in lazy.layers] == [GrowingLayer, GrowingLayer]
+    assert lazy.layers[1].get_seq_length() == 3 and lazy.layers[1].capacity == 40
 
 
 def test_generation_decodes_through_growing_caches(monkeypatch):
