@@ -13,12 +13,14 @@
 #   PYTHON=.venv/bin/python STEPS=10 SEQ=2048 MICRO=8 bash benchmarks/gpu.sh
 #   COMPILE=1 bash benchmarks/gpu.sh             # the frozen blocks compiled (train.compile=true)
 #   ZERO3=0 LIGER=1 bash benchmarks/gpu.sh       # plain PyTorch (no ZeRO-3); Liger Kernel's fused ops and loss
+#   ZERO=2 LIGER=1 bash benchmarks/gpu.sh        # DeepSpeed ZeRO-2, as the trainer runs distributed.deepspeed_config
+#                                                # =zero2: frozen models whole on the GPU, the blocks' state sharded
 #   PERSIST=1e9 bash benchmarks/gpu.sh           # ZeRO-3 keeps every frozen tensor whole (the planner's replicate)
 #   PROFILE=1 bash benchmarks/gpu.sh             # and one profiled recomputed step: gpu_profile.txt beside the JSON
 #   GPU_BENCH_SMOKE=1 bash benchmarks/gpu.sh     # tiny models on the CPU, fp32: checks the script's plumbing
 #
-# Needs torch (CUDA build), transformers and, for ZeRO-3, deepspeed; without deepspeed it still runs, as plain
-# single-GPU PyTorch, and says so in the JSON ("zero3": false).
+# Needs torch (CUDA build), transformers and, for ZeRO, deepspeed; without deepspeed it still runs, as plain
+# single-GPU PyTorch, and says so in the JSON ("zero_stage": 0, "zero3": false).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
@@ -67,6 +69,9 @@ MICRO = int(os.environ.get("MICRO", 8 if cuda else 2))
 PEAK = float(os.environ.get("PEAK_TFLOPS", GPU_PEAK_TFLOPS["H100"][0])) * 1e12  # H100 SXM dense bf16
 LIGER = os.environ.get("LIGER") == "1"  # Liger Kernel's fused norms, activations, rotary and loss (needs the package)
 COMPILE = os.environ.get("COMPILE") == "1"  # train.compile=true: compiled frozen blocks (compiled in the warm-up)
+STAGE = int(os.environ.get("ZERO", "3"))  # the DeepSpeed ZeRO stage the trainer would run: 3 (default) or 2
+if STAGE not in (2, 3):
+    sys.exit(f"ZERO={STAGE}: the trainer runs ZeRO stage 2 or 3")
 
 if smoke:
     anchor_cfg = T.LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=6, num_attention_heads=4,
@@ -96,12 +101,13 @@ try:
     from calm_dist.training.dist_env import DistEnv, init_process_group
     from calm_dist.training.parallelize import mark_zero3_leaf_blocks
 
-    zero3 = True
+    stage = STAGE
     result["deepspeed"] = deepspeed.__version__
 except ImportError as e:
-    zero3 = False
+    stage = 0  # plain PyTorch
     result["errors"]["deepspeed_import"] = repr(e)
-result["zero3"] = zero3
+zero3 = stage == 3
+result["zero_stage"], result["zero3"] = stage, zero3
 
 ds = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1, "train_batch_size": MICRO,
       "gradient_clipping": 1.0, "bf16": {"enabled": dtype == torch.bfloat16}, "steps_per_print": 10 ** 9,
@@ -110,6 +116,9 @@ ds = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1,
                             "reduce_bucket_size": 5e7, "stage3_prefetch_bucket_size": 5e7,
                             "stage3_param_persistence_threshold": float(os.environ.get("PERSIST", 1e5)),
                             "stage3_max_live_parameters": 1e9, "stage3_max_reuse_distance": 1e9}}
+if stage == 2:  # ds_configs/zero2.json's knobs, with overlap as on the ZeRO-3 runs
+    ds["zero_optimization"] = {"stage": 2, "overlap_comm": True, "contiguous_gradients": True, "reduce_scatter": True,
+                               "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7}
 
 def build(cfg):
     # random init from the config; with HfDeepSpeedConfig alive the weights are initialised, then partitioned;
@@ -126,8 +135,9 @@ def build(cfg):
         return T.AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype)
 
 t_setup = time.perf_counter()
-if zero3:
+if stage:
     init_process_group(DistEnv.from_environ(), 600)
+if zero3:
     keep_alive = HfDeepSpeedConfig(ds)
 torch.manual_seed(0)
 anchor, aug = build(anchor_cfg), build(aug_cfg)
@@ -141,8 +151,9 @@ model.blocks.to(dtype)
 if COMPILE:
     compile_frozen_blocks([anchor, aug])
 optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5)
-if zero3:
-    mark_zero3_leaf_blocks([anchor, aug])  # as the trainer does (distributed.zero3_leaf_blocks)
+if stage:
+    if zero3:
+        mark_zero3_leaf_blocks([anchor, aug])  # as the trainer does (distributed.zero3_leaf_blocks)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     forward, backward, opt_step = engine, engine.backward, engine.step
 else:
@@ -154,6 +165,7 @@ else:
         optimizer.zero_grad(set_to_none=True)
 model.train()
 result["setup_s"] = time.perf_counter() - t_setup
+result["optimizer"] = type(optimizer).__name__  # DeepSpeed's ZeRO optimizer of the stage, or AdamW
 n = lambda ps: sum(getattr(p, "ds_numel", p.numel()) for p in ps)  # noqa: E731
 result["params"] = {"anchor": n(model.anchor.parameters()), "augmenting": n(model.augmenting.parameters()),
                     "trainable": n(model.trainable_parameters())}
