@@ -20,7 +20,9 @@ One thread per process (as every rank runs), fp32, CPU time (time.process_time) 
   fixed costs          block_call_s (one decoder or composition block call, forward or backward, with its
                        ZeRO-3 leaf hooks), micro_step_s and optimizer_step_s: what a ZeRO-3 step of a composition
                        of 32-wide models (benchmarks/plan_worker.py, world 1) costs beyond its kernels, fitted
-                       by least squares from four such steps (2 and 8 anchor blocks x 1 and 2 micro-steps)
+                       by least squares from four such steps (2 and 8 anchor blocks x 1 and 2 micro-steps);
+                       and the same three fitted on ZeRO-2 steps of those compositions (`stage2`: no hook on any
+                       frozen block, DeepSpeed's gradient hooks and partitioned optimizer step instead)
 
 The machine is shared: the load of other jobs (cores they kept busy) is recorded beside each phase. `--install`
 also writes the planner's copy, calm_dist/planning/cpu_profile.json (what `--hardware cpu` reads).
@@ -157,31 +159,33 @@ def llama(d: int, layers: int, heads: int = 2, vocab: int = 128):
 
 
 def run_worker(work: Path, name: str, anchor, augmenting, pairs, *, seq: int, rows: int, repeats: int,
-               profile: bool = False) -> dict:
-    """ZeRO-3 steps of a composition of the two models (built on first use), one rank, recompute, no checkpointing."""
+               profile: bool = False, ds_config: str = "zero3") -> dict:
+    """Steps of a composition of the two models (built on first use) under the shipped DeepSpeed JSON `ds_config`,
+    one rank, recompute, no checkpointing."""
     from calm_dist.training.dist_env import free_port
 
     models = work / name
     if not models.exists():
         anchor().save_pretrained(models / "anchor")
         augmenting().save_pretrained(models / "augmenting")
-    report = work / f"{name}_r{rows}"
+    report = work / f"{name}_r{rows}_{ds_config}"
     env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                PYTHONPATH=f"{common.REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     subprocess.run([sys.executable, str(HERE / "plan_worker.py"), "--anchor", str(models / "anchor"),
                     "--augmenting", str(models / "augmenting"), "--pairs", json.dumps(pairs), "--seq", str(seq),
-                    "--rows", str(rows), "--micro-batch", "1" if not profile else str(rows),
+                    "--rows", str(rows), "--micro-batch", "1" if not profile else str(rows), "--ds-config", ds_config,
                     "--variants", "off:recompute", "--repeats", str(repeats), "--warmup", "2", "--report", str(report)]
                    + (["--profile"] if profile else []),
                    check=True, env=env, cwd=common.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     r = json.loads(report.with_name(report.name + ".rank0.json").read_text())
-    return {"name": name, "rows": rows, "seq": seq, "pairs": pairs, "micro_batch": r["micro_batch"],
+    return {"name": name, "ds_config": ds_config, "rows": rows, "seq": seq, "pairs": pairs,
+            "micro_batch": r["micro_batch"],
             "step_s": r["times"]["ckpt_off:recompute"]["median_s"], "profile_s": r.get("profile_s"),
             "anchor": (models / "anchor").as_posix(), "augmenting": (models / "augmenting").as_posix()}
 
 
-def fixed_cost_runs(work: Path, repeats: int) -> list[dict]:
+def fixed_cost_runs(work: Path, repeats: int, ds_config: str = "zero3") -> list[dict]:
     """32-wide compositions (augmenting: 2x the anchor's blocks), 8 tokens: their steps are almost all fixed cost."""
     import torch
 
@@ -190,7 +194,8 @@ def fixed_cost_runs(work: Path, repeats: int) -> list[dict]:
         for rows in (1, 2):
             torch.manual_seed(0)
             out.append(run_worker(work, f"a{layers}", lambda: llama(32, layers), lambda: llama(32, 2 * layers),
-                                  [[2 * layers - 1, layers - 1], [1, 0]], seq=8, rows=rows, repeats=repeats))
+                                  [[2 * layers - 1, layers - 1], [1, 0]], seq=8, rows=rows, repeats=repeats,
+                                  ds_config=ds_config))
     return out
 
 
@@ -294,18 +299,22 @@ def main() -> int:
         result["in_situ_efficiency"] = {k: round(eff[k], 4) for k in ("matmul", "attention", "elementwise")}
         kernels.update({f"{k}_efficiency": v for k, v in result["in_situ_efficiency"].items()})
         runs = phase("fixed_costs", lambda: fixed_cost_runs(Path(d), reps))
-        result["fixed_cost_runs"] = [{k: v for k, v in r.items() if k not in ("anchor", "augmenting")} for r in runs]
+        runs2 = phase("fixed_costs_stage2", lambda: fixed_cost_runs(Path(d), reps, "zero2"))
+        result["fixed_cost_runs"] = [{k: v for k, v in r.items() if k not in ("anchor", "augmenting")}
+                                     for r in runs + runs2]
         result["fixed_costs"] = fit_fixed_costs(runs, kernels)
+        result["fixed_costs"]["stage2"] = fit_fixed_costs(runs2, kernels)
     result["phases"] = phases
     result["reserve_gib"] = round(baseline_rss_gib(), 2)
     result["loadavg_at_end"] = open("/proc/loadavg").read().split()[:3]
     common.write_json(args.out, result)
     if args.install:
         common.write_json(SHIPPED, {k: result[k] for k in SHIPPED_KEYS})
-    fc = result["fixed_costs"]
     print(f"wrote {args.out}: collective {result['collective']['GBps']:.2f} GB/s + "
-          f"{result['collective']['latency_s'] * 1e6:.0f} us; block call {fc['block_call_s'] * 1e3:.2f} ms, "
-          f"micro-step {fc['micro_step_s'] * 1e3:.2f} ms, optimizer step {fc['optimizer_step_s'] * 1e3:.2f} ms")
+          f"{result['collective']['latency_s'] * 1e6:.0f} us")
+    for stage, fc in (("ZeRO-3", result["fixed_costs"]), ("ZeRO-2", result["fixed_costs"]["stage2"])):
+        print(f"  {stage}: block call {fc['block_call_s'] * 1e3:.2f} ms, micro-step {fc['micro_step_s'] * 1e3:.2f} "
+              f"ms, optimizer step {fc['optimizer_step_s'] * 1e3:.2f} ms")
     return 0
 
 

@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""P9p, P9 and P10: the planner's predictions against measured ZeRO-3 steps on this CPU, scaling over ranks, and
-a long sequence.
+"""P9p, P9 and P10: the planner's predictions against measured ZeRO-3 and ZeRO-2 steps on this CPU, scaling over
+ranks, and a long sequence.
 
     python benchmarks/plan_bench.py [--size quick|full] [--only P9p,P9,P10] [--repeats 5] [--out benchmarks/results]
 
   P9p  every option `calm-dist plan --recommend --hardware cpu` scores for the benchmark composition
        (benchmarks/common.py sizes; one rank: activation checkpointing x cached/recomputed states x every
-       micro-batch dividing the batch; two ranks: frozen blocks sharded or replicated), each run as the trainer
+       micro-batch dividing the batch, and the frozen models whole under ZeRO-2 at the full micro-batch; two
+       ranks, at the full micro-batch: frozen blocks sharded, replicated or whole), each run as the trainer
        runs it (benchmarks/plan_worker.py), its predicted step time beside the measured median        within 15%
   P9   tokens/s of 2 ranks (the configuration the planner recommends for 2 ranks) / 2 x tokens/s of 1 rank   >= 0.85
   P10  seq 2,048 x 1 row with activation checkpointing against seq 256 x 1 row: the peak-RSS increase against
@@ -91,7 +92,7 @@ def plan_options(size: common.Size, world: int, rows: int, seq: int | None = Non
 
 def ds_for(frozen: str) -> str:
     # the benchmark models' block tensors are all below zero3_small_models' persistence threshold (1e6 elements)
-    return {"shard": "zero3", "replicate": "zero3_small_models"}[frozen]
+    return {"shard": "zero3", "replicate": "zero3_small_models", "whole": "zero2"}[frozen]
 
 
 def variant_of(option) -> str:
@@ -100,14 +101,19 @@ def variant_of(option) -> str:
 
 def measure_p9p(work: Path, size: common.Size, repeats: int, log, worlds=(1, 2)) -> dict:
     rows, out = size.batch, {"runs": [], "options": []}
+    # P9 sets the planner's 2-rank choice beside the same option on one rank: both run, whatever their micro-batch
+    choice = plan_options(size, 2, rows).best
+    for_p9 = set() if choice is None else {(choice.option.micro_batch, choice.option.frozen.replace("replicate", f))
+                                            for f in ("replicate", "shard")}
     for world in worlds:
         rec = plan_options(size, world, rows)
         groups = {}
         for s in rec.scored:
-            if world == 1 and s.option.frozen != "shard":
+            if world == 1 and s.option.frozen == "replicate":
                 continue  # one rank: replicating is sharding over a world of one
-            if world == 2 and s.option.micro_batch != rows:
-                continue  # two ranks: the frozen-weight choice, at the full micro-batch (each process costs minutes)
+            if ((world == 2 or s.option.frozen == "whole") and s.option.micro_batch != rows
+                    and (s.option.micro_batch, s.option.frozen) not in for_p9):
+                continue  # the frozen-weight choice at the full micro-batch only (each process costs minutes)
             groups.setdefault((s.option.micro_batch, s.option.frozen), []).append(s)
         for (mb, frozen), scored in sorted(groups.items()):
             tag = f"p9p_w{world}_mb{mb}_{frozen}"

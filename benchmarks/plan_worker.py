@@ -1,11 +1,11 @@
-"""One rank of the P9p / P9 / P10 measurements: ZeRO-3 training steps of the benchmark composition under the
-options `calm-dist plan --recommend` scores, timed round-robin inside one process.
+"""One rank of the P9p / P9 / P10 measurements: ZeRO-3 or ZeRO-2 training steps of the benchmark composition under
+the options `calm-dist plan --recommend` scores, timed round-robin inside one process.
 
 Started by benchmarks/plan_bench.py (torchrun on loopback, or directly for one rank) with RANK / WORLD_SIZE /
-MASTER_ADDR / MASTER_PORT set. The models load straight into ZeRO-3 shards as the trainer loads them
-(HfDeepSpeedConfig alive during from_pretrained), frozen decoder blocks are ZeRO-3 leaves
-(calm_dist.training.parallelize), and `deepspeed.initialize` gets the shipped JSON named by --ds-config with
-this run's batch sizes. One process serves every option that needs no other engine: activation checkpointing
+MASTER_ADDR / MASTER_PORT set. As the trainer does: under a stage-3 JSON the models load straight into ZeRO-3
+shards (HfDeepSpeedConfig alive during from_pretrained) and frozen decoder blocks are ZeRO-3 leaves
+(calm_dist.training.parallelize); under stage 2 they load whole and nothing marks them; `deepspeed.initialize`
+gets the shipped JSON named by --ds-config with this run's batch sizes. One process serves every option that needs no other engine: activation checkpointing
 is switched per call (the anchor blocks' forwards swapped, as `checkpoint_anchor_blocks` wraps them), and the
 cached option passes the augmenting states computed once beforehand (`augmenting_states=`), so the augmenting
 weights are never gathered in its steps. Micro-batch size and the DeepSpeed JSON need an engine of their own:
@@ -102,6 +102,7 @@ def main() -> None:
     from calm_dist.model.io import load_causal_lm
     from calm_dist.shipped import find_shipped
     from calm_dist.training.dist_env import DistEnv, init_process_group, shut_down_process_group
+    from calm_dist.training.ds_config import zero_stage
     from calm_dist.training.parallelize import mark_zero3_leaf_blocks
 
     env = DistEnv.from_environ()
@@ -111,14 +112,16 @@ def main() -> None:
     ds.update({"train_micro_batch_size_per_gpu": args.micro_batch, "gradient_accumulation_steps": accum,
                "train_batch_size": args.rows * world, "gradient_clipping": 1.0, "bf16": {"enabled": False},
                "steps_per_print": 10 ** 9, "wall_clock_breakdown": False})
-    hf_ds_config = HfDeepSpeedConfig(ds)  # referenced until the end: ZeRO-3 loading needs it alive
+    stage3 = zero_stage(ds) == 3
+    hf_ds_config = HfDeepSpeedConfig(ds) if stage3 else None  # referenced until the end: ZeRO-3 loading needs it
     anchor = load_causal_lm(args.anchor)
     augmenting = load_causal_lm(args.augmenting)
     torch.manual_seed(0)
     pairs = [tuple(p) for p in json.loads(args.pairs)]
     model = ComposedModel(anchor, [augmenting], layer_pairs=[pairs])
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
-    mark_zero3_leaf_blocks([model.anchor, *model.augmenting])
+    if stage3:
+        mark_zero3_leaf_blocks([model.anchor, *model.augmenting])
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
 
     # activation checkpointing as the trainer applies it (parallelize.checkpoint_anchor_blocks), switchable

@@ -3,13 +3,14 @@
 
 On a GPU the planner times a step at an assumed MFU. A CPU rank running the small benchmark models is far from
 matmul-bound: HF's elementwise work (RMSNorm in fp32, RoPE, SwiGLU, the loss's softmax) streams through memory,
-and every block call pays Python, autograd and ZeRO-3 hook costs. So a micro-step here is
+and every block call pays Python and autograd costs, plus ZeRO-3's hooks under stage 3. So a micro-step here is
 
     matmul FLOPs / the measured rate at the matmul's width and token count
   + attention FLOPs / the measured causal-SDPA rate at the sequence length
   + elementwise bytes / the measured streaming bandwidth at the tensors' size
   + the bytes ZeRO-3 gathers whole (allocated and filled, also in a world of one) / the same bandwidth
-  + block calls x block_call_s + micro_step_s
+  + block calls x block_call_s + micro_step_s   (each fitted twice: on ZeRO-3 steps, whose blocks are hooked
+                                                  leaves, and on ZeRO-2 steps, whose frozen blocks have no hook)
 
 where each rate is the kernel's measured alone (a table by shape), times what a real step's kernels reach of
 it (`*_efficiency`: one composed ZeRO-3 step of a calibration composition, profiled: its matmul, attention and
@@ -144,18 +145,20 @@ def kernel_seconds(work: MicroStepWork, hw: Hardware, width: int | None = None) 
 
 
 def step_seconds(work: MicroStepWork, hw: Hardware, *, grad_accum: int, trainable_per_rank: float,
-                 comm_s: float, gathered_bytes: float = 0.0, width: int | None = None) -> dict:
+                 comm_s: float, gathered_bytes: float = 0.0, width: int | None = None, zero_stage: int = 3) -> dict:
     """One optimizer step of one rank: `grad_accum` micro-steps, AdamW over its partition of the trainable
     parameters, the fixed costs, and the communication in series (a one-thread CPU rank does not overlap it).
     `gathered_bytes`: what ZeRO-3 materialises whole per micro-step (allocated and written, read by the kernels:
-    even in a world of one), streamed at the elementwise rate."""
+    even in a world of one), streamed at the elementwise rate. `zero_stage` selects the fixed costs (ZeRO-3's
+    hooks on every block, or none of them)."""
     k = kernel_seconds(work, hw, width)
     k["gather"] = 2 * gathered_bytes / bandwidth(hw, gathered_bytes / max(1, work.block_calls)) \
         / hw.elementwise_efficiency
     k["total"] += k["gather"]
-    fixed_micro = work.block_calls * hw.block_call_s + hw.micro_step_s
+    block_call_s, micro_step_s, optimizer_step_s = hw.fixed_costs(zero_stage)
+    fixed_micro = work.block_calls * block_call_s + micro_step_s
     opt_bytes = trainable_per_rank * ADAMW_ELEMENTS_PER_PARAM * 4
-    optimizer = opt_bytes / bandwidth(hw, trainable_per_rank * 4) + hw.optimizer_step_s
+    optimizer = opt_bytes / bandwidth(hw, trainable_per_rank * 4) + optimizer_step_s
     compute = grad_accum * (k["total"] + fixed_micro) + optimizer
     return {**{f"{key}_s": grad_accum * v for key, v in k.items() if key != "total"},
             "fixed_s": grad_accum * fixed_micro, "optimizer_s": optimizer, "compute_s": compute, "comm_s": comm_s,

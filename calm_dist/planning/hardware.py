@@ -39,9 +39,19 @@ class Hardware:
     matmul_efficiency: float = 1.0   # what a real step's matmuls reach of the table's rates (profiled in situ)
     attention_efficiency: float = 1.0
     elementwise_efficiency: float = 1.0
-    block_call_s: float = 0.0        # fixed cost of one block call (forward or backward) beyond its kernels
-    micro_step_s: float = 0.0        # fixed cost of one micro-step (engine, embeddings, loss bookkeeping)
-    optimizer_step_s: float = 0.0    # fixed cost of one optimizer step (DeepSpeed's step beyond AdamW's bytes)
+    block_call_s: float = 0.0        # fixed cost of one block call (forward or backward) beyond its kernels, ZeRO-3
+    micro_step_s: float = 0.0        # fixed cost of one micro-step (engine, embeddings, loss bookkeeping), ZeRO-3
+    optimizer_step_s: float = 0.0    # fixed cost of one optimizer step (DeepSpeed's step beyond AdamW's bytes), ZeRO-3
+    # the same three under ZeRO-2 (no hooks on any block, gradient hooks and a partitioned step instead), fitted on
+    # stage-2 steps; a profile without them leaves ZeRO-3's to stand for them
+    stage2_fixed_s: tuple = ()       # (block_call_s, micro_step_s, optimizer_step_s)
+
+    def fixed_costs(self, zero_stage: int) -> tuple[float, float, float]:
+        """(per block call, per micro-step, per optimizer step): ZeRO-3's, or stage 2's for stages 0-2 (none of
+        them hooks a module's parameters)."""
+        if zero_stage < 3 and self.stage2_fixed_s:
+            return tuple(self.stage2_fixed_s)
+        return self.block_call_s, self.micro_step_s, self.optimizer_step_s
 
     def rank_mem_bytes(self, ranks_per_node: int) -> float:
         """Memory one rank may fill: a GPU's own, or a CPU node's shared evenly by its ranks."""
@@ -58,6 +68,7 @@ class Hardware:
 # "cpu": this project's machine, one thread per rank, measured by `benchmarks/cpu_profile.py --install` (the date,
 # the machine and the other jobs' load during the measurement are recorded in the file)
 CPU_PROFILE_FILE = "cpu_profile.json"
+FIXED_COST_KEYS = ("block_call_s", "micro_step_s", "optimizer_step_s")  # a profile's fixed costs, in that order
 PROFILES = {
     "h100": Hardware(),
     "h200": Hardware(name="H200", gpu_mem_gib=141.0, gpu_peak_tflops=GPU_PEAK_TFLOPS["H200"][0]),
@@ -79,7 +90,8 @@ def from_profile_json(path: str) -> Hardware:
         matmul_gflops=tuple(map(tuple, d["matmul_gflops"])), attention_gflops=tuple(map(tuple, d["attention_gflops"])),
         elementwise_GBps=tuple(map(tuple, d["elementwise_GBps"])), block_call_s=fc["block_call_s"],
         **{f"{k}_efficiency": v for k, v in d.get("in_situ_efficiency", {}).items()},
-        micro_step_s=fc["micro_step_s"], optimizer_step_s=fc["optimizer_step_s"])
+        micro_step_s=fc["micro_step_s"], optimizer_step_s=fc["optimizer_step_s"],
+        stage2_fixed_s=tuple(fc["stage2"][k] for k in FIXED_COST_KEYS) if "stage2" in fc else ())
 
 
 def _peak_gflops(table) -> float:

@@ -388,29 +388,39 @@ def _communication(run: _Run, counts: _Counts) -> tuple[dict, dict]:
         grad_comm = 2 * counts.trainable * b * (world - 1) / world        # all-reduce (once per step in practice)
     inter_world = run.nodes > 1
 
-    def micro_step(first: bool) -> dict:
+    def micro_step(first: bool) -> list:
         """(collective, bytes, whether it crosses nodes) for the step's first micro-step or a later one."""
-        return _on_links([
+        return [
             ("allgather_frozen_forward", fwd_frozen, inter_frozen),
             ("allgather_frozen_backward", bwd_frozen, inter_frozen),
             ("allgather_trainable_forward", fwd_train_first if first else fwd_train_later,
              inter_world if (first or hpz == 1) else inter_frozen),
             ("allgather_trainable_backward", bwd_train, inter_frozen),
             ("reduce_scatter_gradients", grad_comm, inter_world),
-        ], run.hw)
+        ]
 
-    first, later = micro_step(True), micro_step(False)
-    first["gathered_bytes"] = later["gathered_bytes"] = materialised
-    per_micro_step = later if run.grad_accum > 1 else first
-    per_step = {k: first[k] + (run.grad_accum - 1) * later[k] for k in first}
+    # after the optimizer step each rank's updated partition goes to every rank: under ZeRO-3 only the persistent
+    # (whole) trainable tensors, under stages 1-2 every trainable weight (the model holds them whole)
     if zero.stage == 3:
-        per_step["allgather_persistent_after_step"] = _gather(counts.persistent_trainable, world, b)
+        after_step = [("allgather_persistent_after_step", _gather(counts.persistent_trainable, world, b), inter_world)]
+    elif zero.stage in (1, 2):
+        after_step = [("allgather_trainable_after_step", _gather(counts.trainable, world, b), inter_world)]
+    else:
+        after_step = []
+    first, later = micro_step(True), micro_step(False)
+    per_micro_step = _on_links(later if run.grad_accum > 1 else first, run.hw)
+    per_step = _on_links(first + [(k, (run.grad_accum - 1) * v, x) for k, v, x in later] + after_step, run.hw)
+    per_micro_step["gathered_bytes"] = materialised
+    per_step["gathered_bytes"] = run.grad_accum * materialised
     return per_micro_step, per_step
 
 
 def _on_links(collectives: list[tuple[str, float, bool]], hw: Hardware) -> dict:
-    """Bytes by collective, summed by link (inter-node, NVLink), and the time they take at the link rates."""
-    d = {name: v for name, v, _ in collectives}
+    """Bytes by collective (summed over repeats), summed by link (inter-node, NVLink), and the time they take at
+    the link rates."""
+    d: dict[str, float] = {}
+    for name, v, _ in collectives:
+        d[name] = d.get(name, 0.0) + v
     inter = intra = 0.0
     for _, v, crosses_nodes in collectives:
         if crosses_nodes:
@@ -464,7 +474,8 @@ def _time(run: _Run, sc: costs.StepCost, flops: dict, comm_step: dict, *, mfu: f
         shard = run.world if run.zero.stage >= 1 else 1
         terms = cpu_time.step_seconds(work, run.hw, grad_accum=run.grad_accum,
                                       trainable_per_rank=sc.n_blocks_params / shard, comm_s=t_comm,
-                                      gathered_bytes=comm_step["gathered_bytes"] / run.grad_accum)
+                                      gathered_bytes=comm_step["gathered_bytes"] / run.grad_accum,
+                                      zero_stage=run.zero.stage)
         t_compute = terms["compute_s"]
         mfu = flops["per_rank_per_step_model"] / t_compute / (run.hw.gpu_peak_tflops * 1e12)
     else:

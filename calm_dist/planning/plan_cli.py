@@ -81,9 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--reserve-gib", type=float, default=None,
                     help="per-rank reserve (GPU: CUDA context, NCCL, fragments: 4)")
     ap.add_argument("--recommend", action="store_true",
-                    help="score the ways to run this job (frozen weights sharded / hpZ / replicated, activation "
-                         "checkpointing, cached or recomputed states, micro-batch) and recommend the fastest that "
-                         "fits; the rows per rank per step are --micro-batch x --grad-accum")
+                    help="score the ways to run this job (frozen weights sharded / hpZ / replicated, or whole "
+                         "under ZeRO-2; activation checkpointing, cached or recomputed states, micro-batch) and "
+                         "recommend the fastest that fits; the rows per rank per step are --micro-batch x "
+                         "--grad-accum")
     ap.add_argument("--epochs", type=float, default=1.0,
                     help="--recommend: passes over the data in --tokens (a states cache is written once)")
     ap.add_argument("--no-truncate-augmenting", action="store_true",

@@ -8,6 +8,10 @@ the global batch and the optimisation stay the same); the options are how it run
                    replicate: every decoder-block tensor stays whole on every rank (DeepSpeed's
                    stage3_param_persistence_threshold above the largest one): no gathers of blocks, their memory
                    on every rank
+                   whole: ZeRO stage 2 (ds_configs/zero2.json): the frozen models whole on every rank, never
+                   gathered and without DeepSpeed's hooks; only the composition's gradients (reduce-scattered every
+                   micro-step) and optimizer state are sharded, its updated weights all-gathered after each
+                   optimizer step. It fits only where the whole frozen models do
   activation checkpointing   off, or on (less memory, one more forward of the anchor blocks above j0)
   augmenting states   recompute, or cached (only when the training tokens are known: a cache costs a caching
                    pass, `plan`'s cache economics, which is charged to the option)
@@ -33,14 +37,14 @@ from calm_dist.planning.report import GiB, Plan
 
 __all__ = ["Option", "Scored", "Recommendation", "candidates", "recommend", "format_recommendation"]
 
-FROZEN_CHOICES = ("shard", "hpz", "replicate")
+FROZEN_CHOICES = ("shard", "hpz", "replicate", "whole")
 
 
 @dataclass(frozen=True)
 class Option:
     """One way to run the job."""
 
-    frozen: str                    # "shard", "hpz" or "replicate" (module docstring)
+    frozen: str                    # "shard", "hpz", "replicate" or "whole" (module docstring)
     activation_checkpointing: bool
     states: str                    # "recompute" or "cached"
     micro_batch: int
@@ -58,6 +62,8 @@ class Option:
                f"train.augmenting_states={self.states}"]
         if self.frozen == "hpz":
             out.append(f"distributed.deepspeed_config=zero3_hpz  (zero_hpz_partition_size {gpus_per_node})")
+        elif self.frozen == "whole":
+            out.append("distributed.deepspeed_config=zero2")
         elif self.frozen == "replicate":
             shipped = "zero3_small_models" if persistence_threshold <= 1_000_000 else "a copy of zero3"
             out.append(f"distributed.deepspeed_config={shipped}  (stage3_param_persistence_threshold >= "
@@ -143,6 +149,8 @@ def largest_block_tensor(specs: list[costs.ModelSpec]) -> int:
 
 
 def zero_for(option: Option, base: ZeroOptions, gpus_per_node: int, threshold: int) -> ZeroOptions:
+    if option.frozen == "whole":  # parameter offload exists at stage 3 only
+        return dataclasses.replace(base, stage=2, hpz_partition_size=1, offload_params=False)
     if option.frozen == "hpz":
         return dataclasses.replace(base, hpz_partition_size=gpus_per_node)
     if option.frozen == "replicate":
@@ -164,7 +172,9 @@ def recommend(anchor: Any, augmenting: Any, layer_pairs: Any = None, *, rows_per
         raise ValueError("epochs must be > 0")
     base = zero or ZeroOptions()
     if base.stage != 3:
-        frozen = ("shard",)  # stages 0-2 keep whole frozen weights on every rank: nothing to choose
+        # stages 0-2 keep whole frozen weights on every rank: nothing to choose, and of them calm_dist trains
+        # under stage 2 only
+        frozen = ("whole",)
     states = states or (("recompute", "cached") if tokens else ("recompute",))
     # one hardware-FLOPs utilisation for every option: checkpointing's recomputation then costs time (at one MFU
     # it would be free); --mfu's value stands for it unless --hfu is given

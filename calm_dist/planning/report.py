@@ -133,7 +133,11 @@ def format_plan(p: Plan) -> str:
     w("Communication per rank (bytes received by all-gathers, sent by reduce-scatters)")
     w(f"  {'':30s}{'micro-step':>13s}{'step':>13s}")
     for k in ("allgather_frozen_forward", "allgather_frozen_backward", "allgather_trainable_forward",
-              "allgather_trainable_backward", "reduce_scatter_gradients", "inter_node", "intra_node", "total"):
+              "allgather_trainable_backward", "reduce_scatter_gradients"):
+        w(f"  {k:30s}{_gb(p.comm_per_micro_step[k])}{_gb(p.comm_per_step[k])}")
+    for k in (k for k in p.comm_per_step if k.endswith("_after_step")):  # once per step, after the optimizer
+        w(f"  {k:30s}{'':12s}{_gb(p.comm_per_step[k])}")
+    for k in ("inter_node", "intra_node", "total"):
         w(f"  {k:30s}{_gb(p.comm_per_micro_step[k])}{_gb(p.comm_per_step[k])}")
     t_micro, t_step = _secs(p.comm_per_micro_step["time_s"]), _secs(p.comm_per_step["time_s"])
     w(f"  {'time at link rates':30s}{t_micro:>13s}{t_step:>13s}"
@@ -166,7 +170,7 @@ def format_plan(p: Plan) -> str:
     c = p.cache
     w("")
     w("Augmenting-state cache")
-    w(f"  {c['bytes_per_token']:,} bytes/token (layers {c['distinct_aug_layers']})"
+    w(f"  {c['bytes_per_token']:,.0f} bytes/token (layers {c['distinct_aug_layers']})"
       + (f"; {_bytes_h(c['disk_bytes'])} for {i['tokens']:.3g} tokens" if c["disk_bytes"] else ""))
     w(f"  augmenting forward = {c['aug_forward_flops_per_token'] / 1e9:.2f} GFLOP/token = "
       f"{c['aug_share_of_step_flops']:.1%} of a recompute step")

@@ -59,6 +59,29 @@ def test_zero_stages():
         P(zero=ZeroOptions(stage=2, offload_params=True))
 
 
+def test_zero2_keeps_the_frozen_models_whole_and_gathers_the_updated_weights():
+    """ZeRO-2 per rank: frozen and trainable weights whole, gradients and optimizer state 1/W; per step: the
+    gradients reduce-scattered every micro-step, the updated weights all-gathered once after the optimizer step,
+    nothing frozen gathered or materialised. By hand: N_blocks elements, b = 2, ring collectives over W = 8 ranks
+    in one node (NVLink)."""
+    n = costs.composition_params("llama-13b", "llama-1b")
+    p = P(zero=ZeroOptions(stage=2), grad_accum=3)
+    frozen = costs.param_counts("llama-13b").total + p.params["augmenting_loaded"][0]
+    m = p.memory_gpu
+    assert m["frozen_params"] == frozen * 2 and m["trainable_params"] == n * 2
+    assert m["gradients"] == pytest.approx(n * 2 / 8) and m["optimizer_fp32"] == pytest.approx(n * 12 / 8)
+    assert "gathered_working_set" not in m and "persistent_params" not in m
+    one_collective = n * 2 * 7 / 8
+    step = p.comm_per_step
+    assert step["reduce_scatter_gradients"] == pytest.approx(3 * one_collective)
+    assert step["allgather_trainable_after_step"] == pytest.approx(one_collective)
+    assert step["total"] == step["intra_node"] == pytest.approx(4 * one_collective)
+    assert step["time_s"] == pytest.approx(4 * one_collective / 450e9)
+    assert step["gathered_bytes"] == 0
+    assert p.comm_per_micro_step["total"] == pytest.approx(one_collective)
+    assert "allgather_trainable_after_step" not in P(grad_accum=3).comm_per_step  # ZeRO-3 holds shards, not copies
+
+
 def test_cached_states_drop_the_augmenting_model():
     rec = P()
     cac = P(states="cached")

@@ -6,11 +6,13 @@ import json
 import pytest
 
 from calm_dist.planning import costs, cpu_time
+from calm_dist.planning import hardware as hardware_module
 from calm_dist.planning.hardware import Hardware, hardware
-from calm_dist.planning.plan import plan
+from calm_dist.planning.plan import ZeroOptions, plan
 from calm_dist.planning.plan_cli import main
 from calm_dist.planning.recommend import candidates, recommend
 
+GiB = 1024 ** 3
 BIG = dict(anchor="llama-70b", augmenting="llama-7b", nodes=16, gpus_per_node=8, seq_len=4096, dtype="bf16")
 
 
@@ -70,7 +72,7 @@ def test_cached_states_pay_only_over_enough_epochs():
 
 
 def test_hpz_is_no_option_inside_one_node():
-    assert {o.frozen for o in candidates(rows_per_rank=2, nodes=1)} == {"shard", "replicate"}
+    assert {o.frozen for o in candidates(rows_per_rank=2, nodes=1)} == {"shard", "replicate", "whole"}
     assert {o.micro_batch for o in candidates(rows_per_rank=6, nodes=2)} == {1, 2, 3, 6}
 
 
@@ -85,6 +87,46 @@ def test_replicated_blocks_are_not_gathered_and_cost_memory():
     assert repl.step_s < shard.step_s  # no gathers over loopback
 
 
+def test_whole_frozen_models_win_where_they_fit():
+    """ZeRO-2 (frozen models whole on every rank, never gathered) is scored, and chosen where it fits and is the
+    fastest: two nodes, whose inter-node gathers the sharded options cannot hide behind one sequence's compute."""
+    rec = R(anchor="llama-1b", augmenting="llama-0.3b", nodes=2, gpus_per_node=8, seq_len=1024, rows_per_rank=1)
+    whole = [s for s in rec.scored if s.option.frozen == "whole"]
+    assert len(whole) == 2 and all(s.fits and s.plan.inputs["zero"]["stage"] == 2 for s in whole)
+    best = rec.best
+    assert best.option.frozen == "whole"
+    others = min(s.step_s for s in rec.scored if s.fits and s.option.frozen != "whole")
+    assert best.step_s < 0.95 * others
+    assert "distributed.deepspeed_config=zero2" in rec.settings(best)
+    # what it moves: the gradients' reduce-scatter and the updated weights' all-gather, no frozen weight
+    comm = best.plan.comm_per_step
+    assert comm["allgather_frozen_forward"] == comm["allgather_frozen_backward"] == 0
+    assert comm["total"] == pytest.approx(comm["reduce_scatter_gradients"] + comm["allgather_trainable_after_step"])
+    # on this CPU too (communication in series with compute there): no gathers over loopback, no ZeRO-3 hooks
+    cpu = R(anchor="llama-1b", augmenting="llama-0.3b", nodes=1, gpus_per_node=2, seq_len=1024, rows_per_rank=1,
+            dtype="fp32", hardware=hardware("cpu", gpu_mem_gib=64.0))
+    assert cpu.best.option.frozen == "whole"
+
+
+def test_whole_frozen_models_do_not_fit_70b():
+    """70B + 7B whole in bf16 are 141 GiB of frozen weights: more than an 80 GiB GPU, so a sharded option stays."""
+    for rows, tokens in ((1, None), (4, 2e9)):
+        rec = R(rows_per_rank=rows, tokens=tokens)
+        whole = [s for s in rec.scored if s.option.frozen == "whole"]
+        assert whole and not any(s.fits for s in whole)
+        assert min(s.plan.memory_gpu["frozen_params"] for s in whole) / GiB > 80
+        assert rec.best.option.frozen == "hpz"
+
+
+def test_stages_below_3_score_whole_frozen_models_only():
+    """With --zero-stage below 3 the frozen models are whole whatever the option: ZeRO-2, the stage calm_dist trains."""
+    rec = R(anchor="llama-1b", augmenting="llama-0.3b", nodes=1, gpus_per_node=8, seq_len=1024, rows_per_rank=2,
+            zero=ZeroOptions(stage=1))
+    assert {s.option.frozen for s in rec.scored} == {"whole"}
+    assert {s.plan.inputs["zero"]["stage"] for s in rec.scored} == {2}
+    assert "distributed.deepspeed_config=zero2" in rec.settings(rec.best)
+
+
 def test_cli_recommend_table_and_json(capsys):
     args = ["--anchor", "llama-70b", "--augmenting", "llama-7b", "--nodes", "16", "--gpus-per-node", "8",
             "--seq-len", "4096", "--recommend"]
@@ -94,7 +136,7 @@ def test_cli_recommend_table_and_json(capsys):
     assert "train.activation_checkpointing=true" in out and "zero3_hpz" in out
     assert main(args + ["--json"]) == 0
     d = json.loads(capsys.readouterr().out)
-    assert d["best"] == "hpz, ckpt on, recompute, mb 1 x 1" and len(d["options"]) == 6
+    assert d["best"] == "hpz, ckpt on, recompute, mb 1 x 1" and len(d["options"]) == 8
 
 
 # ------------------------------------------------------------------------------------------ the CPU model
@@ -139,3 +181,32 @@ def test_cpu_plan_adds_communication_to_compute():
     assert gpu.time["step_s_overlapped"] == max(gpu.time["compute_s"], gpu.time["comm_s"])
     # a CPU node's memory is shared by its ranks
     assert hw.rank_mem_bytes(2) == pytest.approx(hw.rank_mem_bytes(1) / 2)
+
+
+def test_zero2_steps_have_their_own_fixed_costs(tmp_path):
+    """A ZeRO-2 block call has no ZeRO-3 hook: stage-2 plans take the fixed costs fitted on stage-2 steps, and a
+    profile written before they were measured still loads (ZeRO-3's then stand for them)."""
+    with open(hardware_module._shipped_cpu_profile()) as f:
+        shipped = json.load(f)
+    stage2 = {"block_call_s": 1e-4, "micro_step_s": 2e-3, "optimizer_step_s": 5e-3}
+    shipped["fixed_costs"]["stage2"] = stage2
+    (tmp_path / "new.json").write_text(json.dumps(shipped))
+    del shipped["fixed_costs"]["stage2"]
+    (tmp_path / "old.json").write_text(json.dumps(shipped))
+    hw, old = hardware(str(tmp_path / "new.json")), hardware(str(tmp_path / "old.json"))
+    zero3 = tuple(shipped["fixed_costs"][k] for k in ("block_call_s", "micro_step_s", "optimizer_step_s"))
+    assert hw.fixed_costs(2) == tuple(stage2.values()) and hw.fixed_costs(3) == zero3
+    assert old.fixed_costs(2) == old.fixed_costs(3) == zero3
+
+    anchor, aug = costs.model_spec("llama-1b"), costs.model_spec("llama-0.3b")
+    _, groups = costs.normalize_layer_pairs(anchor, aug)
+    calls = cpu_time.micro_step_work(anchor, groups, seq_len=256, micro_batch=1, states="recompute",
+                                     activation_checkpointing=False, elem_bytes=4).block_calls
+    for stage, (block, micro, step) in ((2, stage2.values()), (3, zero3)):
+        p = plan("llama-1b", "llama-0.3b", nodes=1, gpus_per_node=2, seq_len=256, grad_accum=3, dtype="fp32",
+                 hardware=hw, zero=ZeroOptions(stage=stage))
+        terms = p.time["cpu_terms"]
+        assert terms["fixed_s"] == pytest.approx(3 * (calls * block + micro))
+        trainable = p.params["trainable"] / 2
+        adamw = trainable * cpu_time.ADAMW_ELEMENTS_PER_PARAM * 4 / cpu_time.bandwidth(hw, trainable * 4)
+        assert terms["optimizer_s"] == pytest.approx(adamw + step)
