@@ -2,14 +2,14 @@
 the options `calm-dist plan --recommend` scores, timed round-robin inside one process.
 
 Started by benchmarks/plan_bench.py (torchrun on loopback, or directly for one rank) with RANK / WORLD_SIZE /
-MASTER_ADDR / MASTER_PORT set. As the trainer does: under a stage-3 JSON the models load straight into ZeRO-3
-shards (HfDeepSpeedConfig alive during from_pretrained) and frozen decoder blocks are ZeRO-3 leaves
-(calm_dist.training.parallelize); under stage 2 they load whole and nothing marks them; `deepspeed.initialize`
-gets the shipped JSON named by --ds-config with this run's batch sizes. One process serves every option that needs no other engine: activation checkpointing
-is switched per call (the anchor blocks' forwards swapped, as `checkpoint_anchor_blocks` wraps them), and the
-cached option passes the augmenting states computed once beforehand (`augmenting_states=`), so the augmenting
-weights are never gathered in its steps. Micro-batch size and the DeepSpeed JSON need an engine of their own:
-plan_bench.py starts one process per pair.
+MASTER_ADDR / MASTER_PORT set. As the trainer does: under a stage-3 JSON the models load straight into ZeRO-3 shards
+(HfDeepSpeedConfig alive during from_pretrained) and frozen decoder blocks are ZeRO-3 leaves
+(calm_dist.training.parallelize); under stage 2 they load whole and nothing marks them; `deepspeed.initialize` gets
+the shipped JSON named by --ds-config with this run's batch sizes. One process serves every option that needs no
+other engine: activation checkpointing is switched per call (the anchor blocks' forwards swapped, as
+`checkpoint_anchor_blocks` wraps them), and the cached option passes the augmenting states computed once beforehand
+(`augmenting_states=`), so the augmenting weights are never gathered in its steps. Micro-batch size and the
+DeepSpeed JSON need an engine of their own: plan_bench.py starts one process per pair.
 
     python benchmarks/plan_worker.py --anchor DIR --augmenting DIR --pairs '[[3,1],[7,3]]' --seq 128 \
         --rows 4 --micro-batch 2 --ds-config zero3 --variants off:recompute,on:cached --repeats 5 --report OUT

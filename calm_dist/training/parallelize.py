@@ -1,18 +1,17 @@
 """Everything applied to the models for distributed training, in one place: frozen models loaded straight into
 ZeRO-3 shards (under ZeRO-2 they load whole, and DeepSpeed hooks none of their modules), decoder blocks as ZeRO-3
-leaves, `torch.compile` of frozen blocks, activation checkpointing, and
-`build_distributed_model`, which applies them in order around the composition (or the LoRA baseline) and hands
-the result to `deepspeed.initialize`.
+leaves, `torch.compile` of frozen blocks, activation checkpointing, and `build_distributed_model`, which applies
+them in order around the composition (or the LoRA baseline) and hands the result to `deepspeed.initialize`.
 
-`torch.compile` (`train.compile`): HF decoder blocks spend a large share of their time outside matmuls (RMSNorm
-in fp32, RoPE, SwiGLU and their backwards, each a separate pass over memory in eager mode); inductor fuses them.
-Only each block's `forward` is compiled, not its `__call__`: the module hooks stay eager around the compiled
-graph, so ZeRO-3 gathers a leaf block's weights before the graph runs (the graph sees whole tensors) and the
-composition's capture and injection hooks run as they do without compilation. Hooks inside a block (DeepSpeed's
-per-module ZeRO-3 hooks, LoRA adapters) would be traced into the graph, so blocks with a trainable parameter are
-left eager and ZeRO-3 must gather whole blocks (`distributed.zero3_leaf_blocks`; ZeRO-2 hooks no frozen block). Shapes are left to dynamo's
-default: one graph per grad mode, and a dynamic one if the shape changes (the last eval batch), so a run compiles
-a handful of graphs once, shared by all blocks of one model.
+`torch.compile` (`train.compile`): HF decoder blocks spend a large share of their time outside matmuls (RMSNorm in
+fp32, RoPE, SwiGLU and their backwards, each a separate pass over memory in eager mode); inductor fuses them. Only
+each block's `forward` is compiled, not its `__call__`: the module hooks stay eager around the compiled graph, so
+ZeRO-3 gathers a leaf block's weights before the graph runs (the graph sees whole tensors) and the composition's
+capture and injection hooks run as they do without compilation. Hooks inside a block (DeepSpeed's per-module ZeRO-3
+hooks, LoRA adapters) would be traced into the graph, so blocks with a trainable parameter are left eager and ZeRO-3
+must gather whole blocks (`distributed.zero3_leaf_blocks`; ZeRO-2 hooks no frozen block). Shapes are left to
+dynamo's default: one graph per grad mode, and a dynamic one if the shape changes (the last eval batch), so a run
+compiles a handful of graphs once, shared by all blocks of one model.
 
 Activation checkpointing (`train.activation_checkpointing`): nothing below the first composed anchor block needs
 gradients (frozen weights, no trainable input), so only the blocks above it are wrapped: their activations are
