@@ -101,10 +101,15 @@ def preflight(cfg: Config, env: DistEnv, *, need_train_data: bool = True, traini
     if cfg.optim.warmup_steps > train_cfg.steps:
         raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} is more than train.steps={train_cfg.steps}: "
                           "the learning rate would never reach optim.lr")
-    stage = zero_stage(read_ds_json(cfg.distributed.deepspeed_config)[1])
+    ds_path, ds_json = read_ds_json(cfg.distributed.deepspeed_config)
+    stage = zero_stage(ds_json)
     if stage not in TRAINING_STAGES:
         raise ConfigError(f"{cfg.distributed.deepspeed_config}: calm_dist trains under ZeRO stage 2 (the frozen models "
                           f"whole on every rank) or 3 (sharded); zero_optimization.stage is {stage}")
+    if stage == 2 and ds_json.get("zero_optimization", {}).get("elastic_checkpoint"):
+        # an elastic ZeRO-2 checkpoint is restored from every rank's partition; each rank reads only its own
+        raise ConfigError(f"{ds_path}: zero_optimization.elastic_checkpoint=true is not supported: each rank resumes "
+                          "from its own optimizer partition; set it to false or leave it out")
     if train_cfg.compile is True and stage == 3 and not cfg.distributed.zero3_leaf_blocks:  # auto then stays off
         raise ConfigError("train.compile needs distributed.zero3_leaf_blocks=true under ZeRO-3: DeepSpeed's "
                           "per-module hooks cannot run inside a compiled block")

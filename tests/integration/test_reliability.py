@@ -276,7 +276,16 @@ def _bad_inputs(tiny: Path, tmp: Path) -> list[tuple[str, list[str], dict, str]]
     (existing / "checkpoints" / "step_2").mkdir(parents=True, exist_ok=True)
     (existing / "checkpoints" / "step_2" / "trainer_state.json").write_text('{"step": 2, "world_size": 1}')
     return _original_bad_inputs(missing, empty, ds_owned, ds_stage1, bad_yaml, pickled, big_vocab, other_vocab,
-                                existing) + _bad_paths(tiny, tmp) + _bad_environment() + _out_of_range_values()
+                                existing) + _bad_paths(tiny, tmp) + _bad_environment() + _out_of_range_values() \
+        + _bad_deepspeed_settings(tmp)
+
+
+def _bad_deepspeed_settings(tmp: Path) -> list[tuple[str, list[str], dict, str]]:
+    """DeepSpeed JSON settings a stage accepts but a resume could not honour."""
+    elastic = tmp / "ds_zero2_elastic.json"
+    elastic.write_text(json.dumps({"zero_optimization": {"stage": 2, "elastic_checkpoint": True}}))
+    return [("ZeRO-2 elastic checkpoint", [f"distributed.deepspeed_config={elastic}"], {},
+             "zero_optimization.elastic_checkpoint=true is not supported")]
 
 
 def _original_bad_inputs(missing, empty, ds_owned, ds_stage1, bad_yaml, pickled, big_vocab, other_vocab, existing):
