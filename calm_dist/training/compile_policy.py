@@ -45,6 +45,12 @@ def expected_step_s(cfg: Config, resolved, peak_flops: float) -> float:
     return tokens * per_token / (ASSUMED_MFU * peak_flops)
 
 
+def hooks_inside_blocks(cfg: Config, stage: int) -> bool:
+    """Whether DeepSpeed hooks each module inside the frozen blocks (ZeRO-3 without leaf blocks), which a compiled
+    block cannot run: train.compile=true is refused then, and auto stays off."""
+    return stage == 3 and not cfg.distributed.zero3_leaf_blocks
+
+
 def decide(cfg: Config, resolved, device_type: str = "cpu") -> tuple[bool, str]:
     """(compile?, why) for train.compile: true and false as set; auto by the rule of the module docstring."""
     setting = cfg.train.compile
@@ -52,7 +58,7 @@ def decide(cfg: Config, resolved, device_type: str = "cpu") -> tuple[bool, str]:
         return bool(setting), f"train.compile={str(setting).lower()}"
     if cfg.model.method != "calm":
         return False, "train.compile=auto: off (the LoRA baseline's blocks all train: none is compiled)"
-    if zero_stage(resolved.ds_config) == 3 and not cfg.distributed.zero3_leaf_blocks:
+    if hooks_inside_blocks(cfg, zero_stage(resolved.ds_config)):
         return False, "train.compile=auto: off (distributed.zero3_leaf_blocks=false)"
     if cfg.model.fused_kernels != "none":
         return False, f"train.compile=auto: off (model.fused_kernels={cfg.model.fused_kernels} fuses the blocks' " \

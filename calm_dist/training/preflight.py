@@ -25,6 +25,7 @@ from calm_dist.credentials import redact
 from calm_dist.tracking.store import probe_tracking_store
 from calm_dist.training.checkpoint import (CheckpointError, DamagedCheckpoint, checkpoints_dir, read_checkpoint_state,
                                            resume_candidates)
+from calm_dist.training.compile_policy import hooks_inside_blocks
 from calm_dist.training.dist_env import DistEnv
 from calm_dist.training.ds_config import (TRAINING_STAGES, build_ds_config, gradient_accumulation_steps, read_ds_json,
                                           zero_stage)
@@ -110,7 +111,7 @@ def preflight(cfg: Config, env: DistEnv, *, need_train_data: bool = True, traini
         # an elastic ZeRO-2 checkpoint is restored from every rank's partition; each rank reads only its own
         raise ConfigError(f"{ds_path}: zero_optimization.elastic_checkpoint=true is not supported: each rank resumes "
                           "from its own optimizer partition; set it to false or leave it out")
-    if train_cfg.compile is True and stage == 3 and not cfg.distributed.zero3_leaf_blocks:  # auto then stays off
+    if train_cfg.compile is True and hooks_inside_blocks(cfg, stage):  # auto then stays off
         raise ConfigError("train.compile needs distributed.zero3_leaf_blocks=true under ZeRO-3: DeepSpeed's "
                           "per-module hooks cannot run inside a compiled block")
     if cfg.tracking.enabled:

@@ -281,11 +281,14 @@ def _bad_inputs(tiny: Path, tmp: Path) -> list[tuple[str, list[str], dict, str]]
 
 
 def _bad_deepspeed_settings(tmp: Path) -> list[tuple[str, list[str], dict, str]]:
-    """DeepSpeed JSON settings a stage accepts but a resume could not honour."""
+    """DeepSpeed settings a stage accepts but the run could not honour: an elastic ZeRO-2 checkpoint (resume), and
+    compiled blocks under ZeRO-3's per-module hooks (the default zero3 JSON)."""
     elastic = tmp / "ds_zero2_elastic.json"
     elastic.write_text(json.dumps({"zero_optimization": {"stage": 2, "elastic_checkpoint": True}}))
     return [("ZeRO-2 elastic checkpoint", [f"distributed.deepspeed_config={elastic}"], {},
-             "zero_optimization.elastic_checkpoint=true is not supported")]
+             "zero_optimization.elastic_checkpoint=true is not supported"),
+            ("compiled blocks without ZeRO-3 leaves", ["train.compile=true", "distributed.zero3_leaf_blocks=false"],
+             {}, "train.compile needs distributed.zero3_leaf_blocks=true under ZeRO-3")]
 
 
 def _original_bad_inputs(missing, empty, ds_owned, ds_stage1, bad_yaml, pickled, big_vocab, other_vocab, existing):
