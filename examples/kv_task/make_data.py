@@ -14,6 +14,7 @@ Writes into --out:
     data/kv_sub_train.jsonl    KV-substitution over all keys (augmenting pretraining)
     data/dc_kv_arith.jsonl     the composition data D_C: KV-arithmetic over the D_C keys only (<= 20% of the keys)
     data/val_kv_arith.jsonl    KV-arithmetic, both keys validation keys: every design choice is made here
+    data/val_kv_sub.jsonl      KV-substitution, same expressions: the augmenting model's recipe is chosen here
     data/eval_kv_arith_heldout.jsonl  KV-arithmetic, both keys test keys (the headline metric, scored once a run)
     data/eval_kv_sub_heldout.jsonl    KV-substitution, same expressions
     data/eval_kv_arith_dc_keys.jsonl  KV-arithmetic over D_C keys, expressions not in D_C
@@ -37,7 +38,7 @@ from examples.kv_task import task as T
 from examples.kv_task import tokenizer as tok
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 CHAR_TOKENIZER = "tokenizer_chars.model"
 TOKENIZER_TEXT = ("arith_train", "kv_sub_train", "kv_facts", "dc_kv_arith")  # the sets both tokenizers learn from
 

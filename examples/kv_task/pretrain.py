@@ -288,7 +288,7 @@ def pretrain_one(which: str, task: Task, out: str, a: argparse.Namespace) -> dic
         kv = kv[:300]
         evals = {"kv_facts": lambda m: next_token_accuracy(m, task.tokenizer, kv)}
         if s["format"] != "pairs":
-            ev = task.data("eval_kv_sub_heldout")[:200]
+            ev = task.data("val_kv_sub")[:200]  # validation keys: the test keys are scored once, at the end
             evals["kv_sub"] = lambda m: exact_match(m, task.tokenizer, ev)
     torch.manual_seed(seed)
     stop_at = s["stop_at"] if s["stop_at"] is not None and 0 < s["stop_at"] <= 1 else None
@@ -312,7 +312,7 @@ def evaluate_base(model, task: Task, n: int = 500) -> dict:
     by the run's evaluation), and the next-token accuracy of key -> value."""
     out = {}
     for metric, name in (("em_arith", "eval_arith"), ("em_kv_sub_heldout", "eval_kv_sub_heldout"),
-                         ("em_kv_arith_validation", "val_kv_arith")):
+                         ("em_kv_sub_validation", "val_kv_sub"), ("em_kv_arith_validation", "val_kv_arith")):
         out[metric] = exact_match(model, task.tokenizer, task.data(name)[:n])
     out["acc_kv_facts"] = next_token_accuracy(model, task.tokenizer, task.data("kv_facts"))
     return out

@@ -194,6 +194,7 @@ def build_datasets(settings: TaskSettings, ks: KeySpace | None = None) -> dict[s
         "dc_kv_arith": [kv_arith_record(ks, *e) for e in dc_exprs],
         # validation: choose designs and recipes here
         "val_kv_arith": [kv_arith_record(ks, *e) for e in val_exprs],
+        "val_kv_sub": [kv_sub_record(ks, *e) for e in val_exprs],         # the augmenting model's, same keys
         # test: scored once per reported run
         "eval_kv_arith_heldout": [kv_arith_record(ks, *e) for e in heldout_exprs],
         "eval_kv_sub_heldout": [kv_sub_record(ks, *e) for e in heldout_exprs],

@@ -98,7 +98,8 @@ def test_dc_validation_and_test_keys_are_disjoint(built):
     dc, val, test = set(k["dc_keys"]), set(k["val_keys"]), set(k["heldout_keys"])
     assert dc.isdisjoint(val) and dc.isdisjoint(test) and val.isdisjoint(test)
     assert dc | val | test == set(k["keys"])
-    for name, split in (("eval_kv_arith_heldout", test), ("eval_kv_sub_heldout", test), ("val_kv_arith", val)):
+    for name, split in (("eval_kv_arith_heldout", test), ("eval_kv_sub_heldout", test), ("val_kv_arith", val),
+                        ("val_kv_sub", val)):
         recs = data(out, name)
         assert recs and all(T.keys_of(r) and set(T.keys_of(r)) <= split for r in recs), name
     train_prompts = {r["prompt"] for r in data(out, "dc_kv_arith")}
@@ -107,6 +108,7 @@ def test_dc_validation_and_test_keys_are_disjoint(built):
     sub = {r["prompt"] for r in data(out, "kv_sub_train")}
     assert sub.isdisjoint(r["prompt"] for r in data(out, "eval_kv_sub_heldout"))
     assert sub.isdisjoint(r["prompt"] for r in data(out, "val_kv_arith"))
+    assert sub.isdisjoint(r["prompt"] for r in data(out, "val_kv_sub"))
 
 
 def test_values_are_balanced_and_in_range():
@@ -149,7 +151,7 @@ def test_records_are_correct(built):
                  "arith_train"):
         for r in data(out, name):
             assert int(r["completion"]) == calc(r["prompt"]), (name, r)
-    for r in data(out, "eval_kv_sub_heldout") + data(out, "kv_sub_train"):
+    for r in data(out, "eval_kv_sub_heldout") + data(out, "val_kv_sub") + data(out, "kv_sub_train"):
         a, op, b, _ = r["prompt"].split()
         assert r["completion"] == f"{val[a]} {op} {val[b]}"
     assert all(r["completion"] == str(val[r["prompt"]]) for r in data(out, "kv_facts"))
