@@ -21,6 +21,7 @@ Writes into --out:
     data/eval_arith.jsonl             numeric arithmetic (a sample of the table)
     tokenizer_chars.model      with --char-tokenizer: the augmenting model's own tokenizer of `make demo-xtok` (keys
                                read one letter a token); not in the manifest, rewritten only when its bytes change
+    tokenizer_letters_numbers.model  likewise: keys one letter a token, numbers of up to three digits one token
 
 Reruns with the same settings reuse the files (checked against the manifest's hashes); --force rebuilds.
 """
@@ -40,6 +41,11 @@ from examples.kv_task import tokenizer as tok
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 3
 CHAR_TOKENIZER = "tokenizer_chars.model"
+LETTERS_NUMBERS_TOKENIZER = "tokenizer_letters_numbers.model"
+AUGMENTING_TOKENIZERS = {  # kind: (file, trainer, its pieces in id order)
+    "chars": (CHAR_TOKENIZER, tok.train_char_tokenizer, tok.char_symbols),
+    "letters_numbers": (LETTERS_NUMBERS_TOKENIZER, tok.train_letters_numbers_tokenizer, tok.letters_numbers_symbols),
+}
 TOKENIZER_TEXT = ("arith_train", "kv_sub_train", "kv_facts", "dc_kv_arith")  # the sets both tokenizers learn from
 
 
@@ -150,21 +156,23 @@ def _training_text(out: str) -> list[str]:
     return [t for name in TOKENIZER_TEXT for t in T.record_text(read(name))]
 
 
-def write_char_tokenizer(out: str, verbose: bool = True) -> str:
-    """Train the character tokenizer (:func:`tokenizer.train_char_tokenizer`) on the build in ``out`` and write it
-    to ``out/tokenizer_chars.model`` unless that file already holds the same bytes; returns its path."""
-    path = os.path.join(out, CHAR_TOKENIZER)
-    proto = tok.train_char_tokenizer(_training_text(out))
+def write_char_tokenizer(out: str, verbose: bool = True, kind: str = "chars") -> str:
+    """Train an augmenting tokenizer of ``make demo-xtok`` (AUGMENTING_TOKENIZERS: ``chars``, letters and digits one
+    a token; ``letters_numbers``, numbers of up to three digits one a token) on the build in ``out`` and write it
+    there unless that file already holds the same bytes; returns its path."""
+    name, train, pieces = AUGMENTING_TOKENIZERS[kind]
+    path = os.path.join(out, name)
+    proto = train(_training_text(out))
     if os.path.exists(path) and open(path, "rb").read() == proto:
         if verbose:
             print(f"[make_kv_task] reusing {path} (same bytes)")
         return path
-    check_piece_ids(tok.load_tokenizer(model_proto=proto), tok.char_symbols(), "char tokenizer")
+    check_piece_ids(tok.load_tokenizer(model_proto=proto), pieces(), f"{kind} tokenizer")
     with open(path + ".tmp", "wb") as f:
         f.write(proto)
     os.replace(path + ".tmp", path)
     if verbose:
-        print(f"[make_kv_task] wrote {path}: vocab {4 + len(tok.char_symbols())}, keys read one letter a token")
+        print(f"[make_kv_task] wrote {path}: vocab {4 + len(pieces())}, keys read one letter a token")
     return path
 
 
@@ -190,7 +198,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--n-eval", type=int, default=d.n_eval)
     p.add_argument("--force", action="store_true", help="rebuild even when --out is current")
     p.add_argument("--char-tokenizer", action="store_true",
-                   help=f"also write {CHAR_TOKENIZER}, the augmenting tokenizer of make demo-xtok")
+                   help=f"also write {CHAR_TOKENIZER} and {LETTERS_NUMBERS_TOKENIZER}, the augmenting tokenizers "
+                        "of make demo-xtok")
     return p
 
 
@@ -200,7 +209,8 @@ def main(argv=None) -> int:
     settings.validate()
     build(a.out, settings, force=a.force)
     if a.char_tokenizer:
-        write_char_tokenizer(a.out)
+        for kind in AUGMENTING_TOKENIZERS:
+            write_char_tokenizer(a.out, kind=kind)
     return 0
 
 

@@ -14,7 +14,9 @@ completion tokens and ``</s>`` only (see :func:`encode_record`).
 :func:`train_char_tokenizer` trains the augmenting model's own tokenizer for ``make demo-xtok``: the same special
 ids, operators and digits, but no key symbols; each letter a-z is a symbol with the mark and bare, so a key reads
 one letter a token (``qzv`` reads ``\u2581q z v``). Its vocabulary is ``<pad> <unk> <s> </s>``, then the pieces of
-:func:`char_symbols`.
+:func:`char_symbols`. :func:`train_letters_numbers_tokenizer` is its variant that reads numbers as modern
+tokenizers do (tiktoken's cl100k, Llama 3): every number of up to three digits one token (``47`` reads ``\u258147``,
+``1234`` reads ``\u2581123 4``), keys still one letter a token.
 """
 from __future__ import annotations
 
@@ -42,6 +44,14 @@ def char_symbols() -> list[str]:
     return [WB + w for w in (*OPS, EQ, *DIGITS, *LETTERS)] + list(DIGITS) + list(LETTERS)
 
 
+def letters_numbers_symbols() -> list[str]:
+    """The letters-and-numbers tokenizer's pieces in id order after the four special ones: operators, the numbers
+    0-999 and letters with the word-boundary mark, then the numbers and letters without it (the longest piece
+    wins, so a number reads in chunks of three digits)."""
+    numbers = [str(n) for n in range(1000)]
+    return [WB + w for w in (*OPS, EQ, *numbers, *LETTERS)] + numbers + list(LETTERS)
+
+
 def train_tokenizer(words: list[str], text: Iterable[str], model_prefix: str | None = None) -> bytes:
     """Train on the task text; returns the serialized model (also written to ``model_prefix.model``)."""
     return _train(symbols(words), text, model_prefix)
@@ -51,6 +61,12 @@ def train_char_tokenizer(text: Iterable[str], model_prefix: str | None = None) -
     """The augmenting side's tokenizer of ``make demo-xtok`` (:func:`char_symbols`), trained on the task text;
     returns the serialized model (also written to ``model_prefix.model``)."""
     return _train(char_symbols(), text, model_prefix)
+
+
+def train_letters_numbers_tokenizer(text: Iterable[str], model_prefix: str | None = None) -> bytes:
+    """The augmenting side's tokenizer with whole numbers (:func:`letters_numbers_symbols`), trained on the task
+    text; returns the serialized model (also written to ``model_prefix.model``)."""
+    return _train(letters_numbers_symbols(), text, model_prefix)
 
 
 def _train(pieces: list[str], text: Iterable[str], model_prefix: str | None) -> bytes:

@@ -76,6 +76,28 @@ def test_char_tokenizer_reads_every_key_one_letter_a_token_with_its_spans(built)
     assert n_keys > 100
 
 
+def test_letters_numbers_tokenizer_reads_keys_by_letter_and_numbers_in_chunks_of_three(built):
+    out, _ = built
+    path = make_data.write_char_tokenizer(out, verbose=False, kind="letters_numbers")
+    assert os.path.basename(path) == make_data.LETTERS_NUMBERS_TOKENIZER
+    sp, tokenizer = tok.load_tokenizer(path), Tokenizer(path)
+    pieces = tok.letters_numbers_symbols()
+    assert [sp.piece_to_id(p) for p in pieces] == list(range(4, 4 + len(pieces))) and sp.get_piece_size() == 2059
+    for text in texts(out):
+        expected = []
+        for w in text.split():
+            if w.isalpha():
+                expected += [tok.WB + w[0]] + list(w[1:])
+            elif w.lstrip("-").isdigit() and w != "-":
+                digits = w.lstrip("-")
+                chunks = [digits[i:i + 3] for i in range(0, len(digits), 3)]
+                expected += ([tok.WB + "-"] + chunks) if w.startswith("-") else [tok.WB + chunks[0]] + chunks[1:]
+            else:
+                expected.append(tok.WB + w)
+        assert [p for p, _ in check_spans(tokenizer, text)] == expected, text
+    assert sp.encode("12345 = -1000", out_type=str) == ["\u2581123", "45", "\u2581=", "\u2581-", "100", "0"]
+
+
 def test_char_tokenizer_has_predictable_ids_and_no_key_piece(built):
     out, chars = built
     sp = tok.load_tokenizer(chars)
