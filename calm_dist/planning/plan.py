@@ -314,7 +314,11 @@ def _memory(run: _Run, counts: _Counts) -> tuple[dict, dict, activation_memory.A
         gpu["optimizer_fp32"] = n_train * 12 * opt_shard
         gpu["optimizer_step_fp32_grads"] = min(zero.sub_group_size, n_train * opt_shard) * 4
     if zero.stage >= 2:
-        gpu["reduce_bucket"] = min(zero.reduce_bucket_size, n_train) * b
+        # contiguous gradients: DeepSpeed allocates the whole bucket, torch.empty(reduce_bucket_size) (stage 2 at
+        # each backward, stage 3 at start-up), however few weights train. A GPU allocator hands it out whole; on a
+        # CPU its pages stay unmapped until the gradients (at most N_blocks of them) are copied in
+        bucket = zero.reduce_bucket_size if run.hw.kind != "cpu" else min(zero.reduce_bucket_size, n_train)
+        gpu["reduce_bucket"] = bucket * b
     act = _activations(run, run.activation_checkpointing)
     gpu["activations"] = act.total
     gpu["reserve"] = run.hw.reserve_gib * GiB
@@ -332,9 +336,11 @@ def _gathered_working_set(run: _Run) -> int:
 
 
 def _activations(run: _Run, checkpointing: bool) -> activation_memory.ActivationMemory:
+    # the trainer loads stage-3 models under zero.Init, whose F.linear keeps every Linear's input
     return activation_memory.activation_memory(run.anchor, run.augs, run.pairs, tokens=run.tokens_micro,
                                                dtype=run.dtype, activation_checkpointing=checkpointing,
-                                               augmenting_per_token=run.aug_per_token)
+                                               augmenting_per_token=run.aug_per_token,
+                                               zero3_linear=run.zero.stage == 3)
 
 
 def _out_of_memory_warning(run: _Run, gpu_total: float, act: activation_memory.ActivationMemory) -> str:

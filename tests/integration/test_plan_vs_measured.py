@@ -1,6 +1,9 @@
-"""`calm_dist.planning.plan` against a real 2-rank ZeRO-3 CPU run of the tiny set-up (calm_dist/tiny_setup.py):
-per-rank parameter memory (frozen and trainable) against the bytes DeepSpeed really holds (ds_tensor),
-and the step FLOPs against FlopCounterMode's count on a rank. Each within 10%."""
+"""`calm_dist.planning.plan` against real 2-rank DeepSpeed CPU runs of the tiny set-up (calm_dist/tiny_setup.py),
+measured by benchmarks/zero3_worker.py. ZeRO-3: per-rank parameter memory (frozen and trainable) against the bytes
+DeepSpeed really holds (ds_tensor), and the step FLOPs against FlopCounterMode's count on a rank. ZeRO-2: every
+memory term the planner gives the weights, gradients and optimizer (frozen and trainable weights whole, the
+gradient, fp32 master and Adam partitions, the step's fp32 gradient, the reduce bucket) against the tensors
+DeepSpeed's optimizer holds. Each within 10%."""
 import json
 
 import pytest
@@ -13,18 +16,27 @@ PAIRS = [[1, 1], [3, 3]]
 SEQ, MICRO, WORLD = 32, 4, 2
 
 
-@pytest.fixture(scope="module")
-def measured(tmp_path_factory):
+def run_worker(tmp_path_factory, ds_config: str, *flags: str):
+    """(the tiny set-up, each rank's report) of one 2-rank step of the worker under ds_configs/<ds_config>.json."""
     from tests.helpers.tiny import tiny_setup
 
-    setup = tiny_setup(tmp_path_factory.mktemp("tiny"), n_train=8, n_eval=2)
-    report = tmp_path_factory.mktemp("zero3") / "report"
+    setup = tiny_setup(tmp_path_factory.mktemp(f"tiny_{ds_config}"), n_train=8, n_eval=2)
+    report = tmp_path_factory.mktemp(ds_config) / "report"
     run_ranks([WORKER, "--anchor", str(setup / "anchor"), "--augmenting", str(setup / "augmenting"),
                "--pairs", json.dumps(PAIRS), "--seq", str(SEQ), "--micro-batch", str(MICRO), "--steps", "1",
-               "--ds-config", str(REPO / "ds_configs" / "zero3.json"), "--count-flops", "--report", str(report)],
+               "--ds-config", str(REPO / "ds_configs" / f"{ds_config}.json"), *flags, "--report", str(report)],
               world=WORLD, timeout=400)
-    ranks = [json.loads(report.with_name(f"report.rank{r}.json").read_text()) for r in range(WORLD)]
-    return setup, ranks
+    return setup, [json.loads(report.with_name(f"report.rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    return run_worker(tmp_path_factory, "zero3", "--count-flops")
+
+
+@pytest.fixture(scope="module")
+def measured_zero2(tmp_path_factory):
+    return run_worker(tmp_path_factory, "zero2")
 
 
 def predicted(setup, threshold):
@@ -60,3 +72,41 @@ def test_step_flops_per_rank(measured):
     for r in ranks:
         assert r["flops_fwd_bwd_micro_step"] == pytest.approx(p.flops["per_rank_per_step_model"], rel=0.10)
         assert p.flops["tokens_per_micro_step_per_rank"] == SEQ * MICRO
+
+
+def test_zero2_memory_per_rank(measured_zero2):
+    from calm_dist.planning.plan import ZeroOptions, plan
+
+    setup, ranks = measured_zero2
+    zero = ranks[0]["ds_config"]["zero_optimization"]
+    assert zero["stage"] == 2
+    # ZeRO-2 as `calm-dist plan --recommend` scores it (the `whole` frozen-weight choice), with the JSON's bucket
+    options = ZeroOptions(stage=2, reduce_bucket_size=int(zero["reduce_bucket_size"]))
+    p = plan(str(setup / "anchor"), str(setup / "augmenting"), PAIRS, nodes=1, gpus_per_node=WORLD, seq_len=SEQ,
+             micro_batch=MICRO, dtype="fp32", zero=options)
+    mem = p.memory_gpu
+    assert "persistent_params" not in mem and "gathered_working_set" not in mem  # nothing gathered at stage 2
+    for r in ranks:
+        assert r["world_size"] == WORLD
+        z = r["zero2"]
+        # the frozen models and the composition's weights whole on every rank (the latter in DeepSpeed's flat,
+        # alignment-padded buffer)
+        assert r["frozen"]["resident_bytes"] == pytest.approx(mem["frozen_params"], rel=0.10)
+        assert z["flat_bytes"] == pytest.approx(mem["trainable_params"], rel=0.10)
+        assert r["trainable"]["full_bytes"] == pytest.approx(mem["trainable_params"], rel=0.10)
+        # the sharded terms: the reduced gradient partition (after backward), the fp32 master partition and
+        # Adam's exp_avg and exp_avg_sq of it (after the step), the fp32 gradient the step reads
+        assert z["gradient_partition_bytes"] == pytest.approx(mem["gradients"], rel=0.10)
+        assert z["gradient_storage_bytes"] == pytest.approx(mem["gradients"], rel=0.10)
+        states = z["optimizer_state_bytes"]
+        optimizer = z["fp32_master_partition_bytes"] + states["exp_avg"] + states["exp_avg_sq"]
+        assert optimizer == pytest.approx(mem["optimizer_fp32"], rel=0.10)
+        assert z["step_fp32_grad_bytes"] == pytest.approx(mem["optimizer_step_fp32_grads"], rel=0.10)
+        assert z["reduce_bucket_bytes"] == pytest.approx(mem["reduce_bucket"], rel=0.10)
+        # and the shards really are 1/world of the whole
+        assert z["partition_numel"] * WORLD == z["flat_numel"]
+        assert z["fp32_master_partition_bytes"] == z["partition_numel"] * 4
+        for key in ("gradient_partition_bytes", "fp32_master_partition_bytes"):
+            assert z[key] == pytest.approx(z["flat_bytes"] / WORLD, rel=0.02), key
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert states[key] == z["fp32_master_partition_bytes"], key
