@@ -124,7 +124,13 @@ def format_plan(p: Plan) -> str:
     w(f"  {'total':28s}{_gib(p.memory_gpu_total)}   (headroom {p.memory_gpu_headroom / GiB:.2f} GiB of "
       f"{p.memory_gpu_total / GiB + p.memory_gpu_headroom / GiB:.0f})")
     a = p.activations
-    w("  activations: " + ", ".join(f"{k} {v / GiB:.2f}" for k, v in a.items() if k != "total") + " GiB")
+    # the peak is the larger moment, not a sum: the kept bytes first, then what the phases hold besides
+    kept = ("anchor_saved", "blocks_saved", "aug_states", "final_norm")
+    working = ("loss", "transient", "recompute_working", "backward_working")
+    w("  activations kept for backward: " + ", ".join(f"{k} {a[k] / GiB:.2f}" for k in kept)
+      + f" (saved {a['saved'] / GiB:.2f}) GiB")
+    w("  activations' working sets: " + ", ".join(f"{k} {a[k] / GiB:.2f}" for k in working)
+      + f"; peak: forward {a['forward_peak'] / GiB:.2f}, backward {a['backward_peak'] / GiB:.2f} GiB")
     if p.memory_cpu_per_node:
         w("CPU memory per node (offload)")
         for k, v in p.memory_cpu_per_node.items():

@@ -2,11 +2,14 @@
 FlopCounterMode."""
 
 import math
+import weakref
 
 import pytest
 import torch
 import torch.nn as nn
 import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from calm_dist.model.cross_attention import CrossAttentionBlock
 from calm_dist.model import shapes
@@ -297,19 +300,34 @@ def test_activation_memory_shapes():
     ckpt = activation_memory.activation_memory("llama-70b", "llama-7b", activation_checkpointing=True, **kw)
     assert ckpt.total < full.total / 5
     per_layer = activation_memory.layer_activation_bytes_per_token("llama-70b")
-    assert full.anchor_saved == 70 * per_layer * 4096
-    assert ckpt.anchor_saved == 70 * 8192 * 2 * 4096
+    rotary = 2 * 128 * 2  # cos and sin, kept once for all blocks
+    assert full.anchor_saved == (70 * per_layer + rotary) * 4096
+    assert ckpt.anchor_saved == (70 * 8192 * 2 + rotary) * 4096
     assert full.aug_states == ckpt.aug_states == costs.cache_bytes_per_token("llama-7b", anchor="llama-70b") * 4096
-    # the loss holds per token two hidden rows, never a row of logits; one chunk of logits besides
-    assert full.loss == (2 * 8192 * 2 + 8) * 4096 + (1 << 22) * (2 * 2 + 4)
+    assert full.saved == full.anchor_saved + full.blocks_saved + full.aug_states + full.final_norm
+    # the peak is the largest moment, never the sum of the phases' working sets
+    assert full.total == max(full.forward_peak, full.backward_peak) < full.saved + full.loss + full.transient
+    assert ckpt.backward_peak > ckpt.forward_peak  # the re-made block and the MLP's gradients
+    assert ckpt.backward_peak == pytest.approx(ckpt.saved - ckpt.final_norm - 4 * 8192 * 2 * 4096
+                                               + ckpt.recompute_working + ckpt.backward_working)
+    # the loss holds per token three hidden rows (the states, the labelled ones, their gradient), never a row of
+    # logits; and two chunks of logits: the previous one's fp32 logits are alive while the next one is computed
+    chunk = (1 << 22) // 32000 * 32000
+    assert full.loss == (3 * 8192 * 2 + 8) * 4096 + chunk * 4 + chunk * (4 + 2)
     assert full.loss < 4096 * 32000 * 2
-    # linear in tokens, but for that one chunk
+    # linear in tokens, but for those chunks
     double = activation_memory.activation_memory("llama-70b", "llama-7b", tokens=8192, dtype="bf16")
-    assert double.total - double.loss == pytest.approx(2 * (full.total - full.loss))
-    assert double.loss - full.loss == (2 * 8192 * 2 + 8) * 4096
-    # in fp32 the chunk of logits is one tensor (lm_loss casts nothing and takes the softmax in place)
+    assert double.saved == pytest.approx(2 * full.saved)
+    assert double.loss - full.loss == (3 * 8192 * 2 + 8) * 4096
+    # in fp32 a chunk of logits is one tensor (lm_loss casts nothing and takes the softmax in place)
     fp32 = activation_memory.activation_memory("llama-70b", "llama-7b", tokens=4096, dtype="fp32")
-    assert fp32.loss == (2 * 8192 * 4 + 8) * 4096 + (1 << 22) * 4
+    assert fp32.loss == (3 * 8192 * 4 + 8) * 4096 + 2 * chunk * 4
+    # one chunk when the rows fit in one
+    few = activation_memory.activation_memory("llama-70b", "llama-7b", tokens=100, dtype="fp32")
+    assert few.loss == (3 * 8192 * 4 + 8) * 100 + 100 * 32000 * 4
+    # ZeRO-3's Linear keeps its input, frozen or not: both normed states and the down-projection's input
+    z3 = activation_memory.activation_memory("llama-70b", "llama-7b", zero3_linear=True, **kw)
+    assert z3.anchor_saved - full.anchor_saved == 70 * (2 * 8192 + 28672) * 2 * 4096
 
 
 def test_dtype_bytes():
@@ -346,7 +364,74 @@ def test_activation_memory_matches_saved_tensors(checkpointing, pairs):
         model(ids)
     tokens = BATCH * 64
     am = activation_memory.activation_memory(anchor_cfg, aug_cfg, pairs, tokens=tokens, dtype="bf16",
-                                 activation_checkpointing=checkpointing)
-    # what is *kept* for backward: the loss keeps an fp32 log-softmax, the final norm its fp32 input
-    kept = am.anchor_saved + am.blocks_saved + am.aug_states + tokens * (4 * 512 + 4 * 256)
+                                             activation_checkpointing=checkpointing)
+    # what is *kept* for backward: the final norm's fp32 input is the model's; this test's loss (HF's, over the
+    # logits) keeps an fp32 log-softmax, where lm_loss.head_loss keeps the hidden states' gradient
+    kept = am.saved + tokens * 4 * 512
     assert sum(saved.values()) == pytest.approx(kept, rel=0.03 if not checkpointing else 0.15)
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """The bytes of the tensors alive at each moment, and their peak: every storage an op creates counts from
+    then until it is freed (a view shares its input's storage: nothing new). What torch allocates inside a kernel
+    and frees before returning is not seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak = 0, 0
+
+    def _free(self, nbytes):
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                if st.nbytes() and st.data_ptr() not in inputs:
+                    inputs.add(st.data_ptr())  # an op returning one storage twice counts it once
+                    self.live += st.nbytes()
+                    weakref.finalize(st, self._free, st.nbytes())
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_activation_peak_matches_live_tensor_bytes(checkpointing, dtype, monkeypatch):
+    """The activation model's peak (`total`) against the peak bytes of live tensors over a real composed step
+    (ComposedModel, its chunked loss, the trainer's checkpointing of the anchor blocks above j0): forward, loss
+    and backward each hold their own working set on top of what the forward keeps, never all at once. A pair on
+    the top block, and a chunk of logits smaller than the rows, so that the loss holds two chunks at a time."""
+    from calm_dist.model import lm_loss
+    from calm_dist.model.composition import ComposedModel
+    from calm_dist.training.parallelize import checkpoint_anchor_blocks
+
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    anchor_cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=688, num_attention_heads=4,
+                                          num_key_value_heads=4, num_hidden_layers=6, vocab_size=512)
+    aug_cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=344, num_attention_heads=4,
+                                       num_key_value_heads=4, num_hidden_layers=4, vocab_size=512)
+    pairs = [(1, 2), (3, 5)]
+    model = ComposedModel(build(anchor_cfg).to(torch_dtype), [build(aug_cfg).to(torch_dtype)],
+                          layer_pairs=[pairs]).to(torch_dtype)
+    model.train()
+    if checkpointing:
+        checkpoint_anchor_blocks(model)
+    chunk = 64 * 512
+    monkeypatch.setattr(lm_loss, "CHUNK_LOGITS", chunk)
+    monkeypatch.setattr(activation_memory, "LOSS_CHUNK_LOGITS", chunk)
+    ids = torch.randint(0, 512, (BATCH, 96))
+
+    def step():
+        model(ids, attention_mask=torch.ones_like(ids), labels=ids).loss.backward()
+    step()  # the blocks' gradients exist from here on and accumulate in place: they are not activations
+    with LiveTensorBytes() as live:
+        step()
+    am = activation_memory.activation_memory(anchor_cfg, aug_cfg, pairs, tokens=ids.numel(), dtype=dtype,
+                                             activation_checkpointing=checkpointing)
+    assert live.peak == pytest.approx(am.total, rel=0.03)
+
+
