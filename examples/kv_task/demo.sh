@@ -18,6 +18,8 @@
 # tokenizer, keys one letter a token (the task's tokenizer_chars.model), pretrained into models/xtok_base_seed*;
 # the anchor is the same one, and every calm-dist command aligns the two readings by characters. Its runs go to
 # runs_xtok/ and the MLflow experiment kv_demo_xtok; prefix-only decoding has no cross-tokenizer form.
+# XTOK_TOKENIZER names the task's augmenting tokenizer (default tokenizer_chars.model; tokenizer_letters_numbers.model
+# reads numbers whole) and AUG_PRETRAIN_ARGS adds flags to that model's pretraining only (docs/cross_tokenizer.md).
 #   7. the comparison of the training runs (calm-dist compare): loss curves in comparison.png beside results.md
 # Everything is logged to MLflow ($MLFLOW_TRACKING_URI, default sqlite:///<demo dir>/mlflow.db); each export's
 # scores go into the run that trained it, the base models' into child runs named for them.
@@ -31,6 +33,7 @@ BASE_SEED=${BASE_SEED:-0}
 SEED=${SEED:-0}
 BASELINES=${BASELINES:-1}
 XTOK=${XTOK:-0}
+XTOK_TOKENIZER=${XTOK_TOKENIZER:-tokenizer_chars.model}
 export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$(realpath -m "$DEMO_DIR")/mlflow.db}  # DEMO_DIR may be absolute
 if [ "$XTOK" = 1 ]; then
@@ -64,7 +67,7 @@ if [ "$XTOK" = 1 ]; then
     anchor_job=$!
     # shellcheck disable=SC2086
     "$PYTHON" -m examples.kv_task.pretrain --task "$TASK" --out "$(dirname "$AUG")" --which aug --seed "$BASE_SEED" \
-        --aug-tokenizer "$TASK/tokenizer_chars.model" ${PRETRAIN_ARGS:-} > "$RUN/pretrain_aug.log" 2>&1 &
+        --aug-tokenizer "$TASK/$XTOK_TOKENIZER" ${PRETRAIN_ARGS:-} ${AUG_PRETRAIN_ARGS:-} > "$RUN/pretrain_aug.log" 2>&1 &
     aug_job=$!
     wait "$anchor_job" || { tail -n 20 "$RUN/pretrain_anchor.log"; exit 1; }
     wait "$aug_job" || { tail -n 20 "$RUN/pretrain_aug.log"; exit 1; }
@@ -81,7 +84,7 @@ common=(model.anchor="$MODELS/anchor" model.augmenting="[$AUG]" data.tokenizer="
         tracking.experiment="$MLFLOW_EXPERIMENT_NAME")
 eval_flags=(--prefix-only)
 if [ "$XTOK" = 1 ]; then  # every line of the task, letter by letter and with <s>, reads at most 18 tokens
-    common+=(data.different_tokenizers=true data.augmenting_tokenizers="[$TASK/tokenizer_chars.model]"
+    common+=(data.different_tokenizers=true data.augmenting_tokenizers="[$TASK/$XTOK_TOKENIZER]"
              data.augmenting_seq_len=32)
     eval_flags=()
 fi
