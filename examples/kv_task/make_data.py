@@ -156,13 +156,15 @@ def _training_text(out: str) -> list[str]:
     return [t for name in TOKENIZER_TEXT for t in T.record_text(read(name))]
 
 
-def write_char_tokenizer(out: str, verbose: bool = True, kind: str = "chars") -> str:
+def write_augmenting_tokenizer(out: str, verbose: bool = True, kind: str = "chars",
+                               text: list[str] | None = None) -> str:
     """Train an augmenting tokenizer of ``make demo-xtok`` (AUGMENTING_TOKENIZERS: ``chars``, letters and digits one
-    a token; ``letters_numbers``, numbers of up to three digits one a token) on the build in ``out`` and write it
-    there unless that file already holds the same bytes; returns its path."""
+    a token; ``letters_numbers``, numbers of up to three digits one a token) on the build in ``out`` (its
+    ``_training_text``, unless given) and write it there unless that file already holds the same bytes; returns its
+    path."""
     name, train, pieces = AUGMENTING_TOKENIZERS[kind]
     path = os.path.join(out, name)
-    proto = train(_training_text(out))
+    proto = train(_training_text(out) if text is None else text)
     if os.path.exists(path) and open(path, "rb").read() == proto:
         if verbose:
             print(f"[make_kv_task] reusing {path} (same bytes)")
@@ -209,8 +211,9 @@ def main(argv=None) -> int:
     settings.validate()
     build(a.out, settings, force=a.force)
     if a.char_tokenizer:
+        text = _training_text(a.out)  # read once for both
         for kind in AUGMENTING_TOKENIZERS:
-            write_char_tokenizer(a.out, kind=kind)
+            write_augmenting_tokenizer(a.out, kind=kind, text=text)
     return 0
 
 

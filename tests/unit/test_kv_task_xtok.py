@@ -26,7 +26,7 @@ SETS = ("dc_kv_arith", "val_kv_arith", "eval_kv_sub_heldout", "arith_train", "kv
 def built(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("kv_xtok") / "task")
     make_data.build(out, SMALL, verbose=False)
-    chars = make_data.write_char_tokenizer(out, verbose=False)
+    chars = make_data.write_augmenting_tokenizer(out, verbose=False)
     return out, chars
 
 
@@ -78,7 +78,7 @@ def test_char_tokenizer_reads_every_key_one_letter_a_token_with_its_spans(built)
 
 def test_letters_numbers_tokenizer_reads_keys_by_letter_and_numbers_in_chunks_of_three(built):
     out, _ = built
-    path = make_data.write_char_tokenizer(out, verbose=False, kind="letters_numbers")
+    path = make_data.write_augmenting_tokenizer(out, verbose=False, kind="letters_numbers")
     assert os.path.basename(path) == make_data.LETTERS_NUMBERS_TOKENIZER
     sp, tokenizer = tok.load_tokenizer(path), Tokenizer(path)
     pieces = tok.letters_numbers_symbols()
@@ -116,14 +116,14 @@ def test_char_tokenizer_is_rewritten_only_when_its_bytes_change_and_leaves_the_t
     assert make_data.CHAR_TOKENIZER not in json.load(open(os.path.join(out, make_data.MANIFEST)))["files"]
     other = str(tmp_path / "task")
     make_data.build(other, SMALL, verbose=False)
-    again = make_data.write_char_tokenizer(other, verbose=False)
+    again = make_data.write_augmenting_tokenizer(other, verbose=False)
     assert open(again, "rb").read() == open(chars, "rb").read()  # deterministic
     stamp = os.path.getmtime(again)
-    make_data.write_char_tokenizer(other, verbose=False)
+    make_data.write_augmenting_tokenizer(other, verbose=False)
     assert os.path.getmtime(again) == stamp
     with open(again, "ab") as f:
         f.write(b"x")
-    make_data.write_char_tokenizer(other, verbose=False)
+    make_data.write_augmenting_tokenizer(other, verbose=False)
     assert open(again, "rb").read() == open(chars, "rb").read()
 
 
