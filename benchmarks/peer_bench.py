@@ -22,6 +22,10 @@ import common  # noqa: E402  (pins threads before torch)
 import torch  # noqa: E402
 
 
+# P3d: the run length whose default step is timed: the 49M model's 1,000-step run (benchmarks/README.md, P3)
+DEFAULT_RUN_STEPS = 1000
+
+
 def xt_model(d: int, layers: int, heads: int, size: common.Size):
     from x_transformers import Decoder, TransformerWrapper
 
@@ -68,6 +72,22 @@ def peer_memory(size: common.Size) -> dict:
         peer(seq, prompt=seq[:, :-1]).backward()
         opt.step()
     return {"variant": "peer", "peak_rss_bytes": common.peak_rss_bytes(), "rss_after_import_bytes": base}
+
+
+def default_compile(model, size: common.Size, steps: int = DEFAULT_RUN_STEPS) -> dict:
+    """What the trainer's default (`train.compile=auto`) decides for a `steps`-step run of this composition on this
+    CPU, one rank, the benchmark's micro-batch and sequence length: the step P3d times (P3c's when on)."""
+    from types import SimpleNamespace
+
+    from calm_dist.config import load_config
+    from calm_dist.training import compile_policy
+
+    cfg = load_config(None, [f"train.steps={steps}", f"train.micro_batch_size={size.batch}",
+                             f"data.seq_len={size.seq}"])
+    resolved = SimpleNamespace(anchor_config=model.anchor.config, augmenting_configs=[model.augmenting[0].config],
+                               layer_pairs=[size.pairs], accumulation=1, ds_config={"zero_optimization": {"stage": 3}})
+    on, why = compile_policy.decide(cfg, resolved, "cpu")
+    return {"steps": steps, "compile": on, "why": why}
 
 
 def main() -> None:
@@ -141,6 +161,7 @@ def main() -> None:
                                title="P3 profile, training step (recomputed augmenting states)")
     tokens = size.batch * size.seq
     p3 = {k: {**common.summary(v), "tokens_per_s": tokens / common.median(v["cpu"])} for k, v in times.items()}
+    p3["default"] = default_compile(ours, size)
 
     # ---- P4: greedy decoding, batch 1 -------------------------------------------------------------------
     prompt = torch.randint(3, size.vocab, (1, size.prompt), generator=torch.Generator().manual_seed(11))

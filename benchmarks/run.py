@@ -11,6 +11,7 @@ ratio measured in the same run (benchmarks/README.md explains each one).
   P1  composed training step, cached augmenting states  /  anchor alone fwd+bwd (input grads)   goal <= 1.10
   P2  cached / recompute step time, vs the cost model's ratio (calm_dist.planning.costs.step_cost)        within 10%
   P3  our training step / CALM-pytorch's (x-transformers models of the same shapes)              goal <= 0.8
+  P3d P3 with the trainer's defaults (train.compile=auto) for a 1,000-step run of that model       goal <= 0.7
   P4  greedy decoding tokens/s, ours (KV caches) / CALM-pytorch's; ours cached / uncached        goal >= 5x
   P5  ZeRO-3 per-rank resident frozen-parameter bytes, world 2 / world 1                         goal <= 0.55
   P6  MFU of the ~50M-parameter composed step: cost-model FLOPs / measured fp32 matmul peak      goal >= 30%
@@ -379,6 +380,13 @@ def analyse(size: common.Size, r: dict) -> list[dict]:
                 c / q, 0.8, "<=", tok_s=tokens / c,
                 note=f"ours {c:.3f} s ({tokens / c:,.0f} tok/s); compiled in the untimed warm-up; "
                      + paired(p["p3"]["ours_compiled"], p["p3"]["peer"]))
+        if "default" in p["p3"] and "ours_compiled" in p["p3"]:
+            default = p["p3"]["default"]
+            timed = p["p3"]["ours_compiled" if default["compile"] else "ours"]
+            c = timed["median_s"]
+            add("P3d", f"P3 with the trainer's defaults for a {default['steps']:,}-step run (`train.compile=auto`: "
+                       f"{'on, P3c' if default['compile'] else 'off, P3'})", c / q, 0.7, "<=", tok_s=tokens / c,
+                note=f"{default['why']}; " + paired(timed, p["p3"]["peer"]))
         d = p["p4"]
         add("P4", f"greedy decode tok/s ours (KV caches) / CALM-pytorch, {size.new_tokens} new tokens",
             d["ours_cached"]["tokens_per_s"] / d["peer"]["tokens_per_s"], 5.0, ">=", unit="x",
