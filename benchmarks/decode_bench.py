@@ -15,6 +15,8 @@ the LM head included, plus the KV caches at the mean context length (each model'
 each composition block's projected keys and values). Goals:
   P4r    fp32 batch-1 tokens/s / (read bandwidth / bytes per token)               >= 0.8
   P4b16  batch-16 tokens/s / batch-1 tokens/s (same dtype)                          >= 8
+Beside them: each batch-16 step against its own roofline (the weights once, the KV caches of 16 rows), and the
+P4b16 that steps at equal fractions of their rooflines would give (16 x bytes of a batch-1 step / of a batch-16 one).
 The bf16 rows report their own roofline and whether their tokens equal fp32's (the first difference, if any).
 A torch.profiler table of one fp32 batch-1 generation shows where the time beyond the roofline goes.
 """
@@ -112,6 +114,11 @@ def main() -> int:
     context = prompt_len + (n - 1) / 2  # mean context length over the generated tokens
     read = {name: bytes_per_token(m, context) for name, m in models.items()}
     roofline = {name: bandwidth / r["per_step"] for name, r in read.items()}
+    # A batch-B step reads the weights once and every row's KV caches: its roofline, and the P4bB that two steps at
+    # the same fraction of their rooflines would give (the KV caches of B rows weigh about what the weights do here)
+    read_batched = {name: bytes_per_token(models[name], context, args.batch) for name in ("fp32", "bf16")}
+    roofline_batched = {name: args.batch * bandwidth / r["per_step"] for name, r in read_batched.items()}
+    batched_bound = {name: args.batch * read[name]["per_step"] / r["per_step"] for name, r in read_batched.items()}
     outputs = {name: m.generate(prompts[:1], max_new_tokens=n, eos_token_id=-1)[0, prompt_len:]
                for name, m in models.items()}
     agreement = {}
@@ -131,6 +138,8 @@ def main() -> int:
         "torch": torch.__version__, "size": size.as_dict(), "new_tokens": n, "prompt": prompt_len, "batch": b,
         "bandwidth": {"before": bandwidth_before, "after": bandwidth_after, "read_bytes_per_s": bandwidth},
         "bytes_per_token": read, "roofline_tokens_per_s": roofline,
+        f"bytes_per_step_b{args.batch}": read_batched, f"roofline_tokens_per_s_b{args.batch}": roofline_batched,
+        f"P4b{args.batch}_at_equal_roofline_fractions": batched_bound,
         "times": {k: common.summary(t) for k, t in times.items()}, "tokens_per_s": tok_s,
         "ratios": {
             "P4r": tok_s["fp32_b1"] / roofline["fp32"],
@@ -138,6 +147,8 @@ def main() -> int:
             "P4r_bf16_blocks_bf16": tok_s["bf16_blocks_bf16_b1"] / roofline["bf16_blocks_bf16"],
             f"P4b{b}_fp32": tok_s[f"fp32_b{b}"] / tok_s["fp32_b1"],
             f"P4b{b}_bf16": tok_s[f"bf16_b{b}"] / tok_s["bf16_b1"],
+            f"P4r_b{b}_fp32": tok_s[f"fp32_b{b}"] / roofline_batched["fp32"],
+            f"P4r_b{b}_bf16": tok_s[f"bf16_b{b}"] / roofline_batched["bf16"],
             "bf16_over_fp32_b1": tok_s["bf16_b1"] / tok_s["fp32_b1"],
         },
         "bf16_tokens": agreement,
@@ -147,6 +158,8 @@ def main() -> int:
     common.write_json(args.json, result)
     print(f"read bandwidth {bandwidth / 1e9:.2f} GB/s; fp32 reads {read['fp32']['per_step'] / 1e6:.1f} MB per token "
           f"(roofline {roofline['fp32']:.1f} tok/s)")
+    print(f"batch {b}: fp32 reads {read_batched['fp32']['per_step'] / 1e6:.1f} MB per step; P4b{b} at equal fractions "
+          f"of the rooflines: fp32 {batched_bound['fp32']:.2f}, bf16 {batched_bound['bf16']:.2f}")
     print("tokens/s: " + ", ".join(f"{k} {v:.1f}" for k, v in tok_s.items()))
     print("ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in result["ratios"].items()))
     print(f"bf16 tokens vs fp32: {agreement}; batched rows equal alone: {result['batched_rows_equal_alone']}")
