@@ -3,6 +3,7 @@
 ranks, and a long sequence.
 
     python benchmarks/plan_bench.py [--size quick|full] [--only P9p,P9,P10] [--repeats 5] [--out benchmarks/results]
+                                    [--profile shipped|fresh|PATH]
 
   P9p  every option `calm-dist plan --recommend --hardware cpu` scores for the benchmark composition
        (benchmarks/common.py sizes; one rank: activation checkpointing x cached/recomputed states x every
@@ -19,6 +20,10 @@ its CPU time (process_time: one thread, so the time its work took, less the time
 ranks wait on each other in every collective, so their basis is wall time, the slower rank's. The cores other jobs
 kept busy during each process (`others_cores`) are recorded beside its figures: on this 2-core machine, a second
 rank has no spare core, and any other job takes time from one of the two ranks.
+
+The predictions come from a CPU profile: the one `--hardware cpu` ships (default), one measured at the start of this
+run (`--profile fresh`: benchmarks/cpu_profile.py into --out, so predicted and measured share the machine's state
+of the hour; this machine's speed drifts by 10-20% between hours), or a profile JSON's path.
 """
 from __future__ import annotations
 
@@ -79,14 +84,15 @@ def step_time(run: dict, variant: str, basis: str = "measured") -> float:
     return max(t["wall_median_s"] for t in per_rank)
 
 
-def plan_options(size: common.Size, world: int, rows: int, seq: int | None = None):
-    """What the planner says of every option, on this CPU's profile (calm_dist/planning/cpu_profile.json)."""
+def plan_options(size: common.Size, world: int, rows: int, seq: int | None = None, profile: str = "cpu"):
+    """What the planner says of every option, on a CPU profile ("cpu": the shipped calm_dist/planning/cpu_profile.json;
+    else a profile JSON's path)."""
     from calm_dist.planning.hardware import hardware
     from calm_dist.planning.recommend import recommend
 
     a, g = common.anchor_config(size), common.augmenting_config(size)
     return recommend(a.to_dict(), g.to_dict(), size.pairs, rows_per_rank=rows, nodes=1, gpus_per_node=world,
-                     seq_len=seq or size.seq, dtype="fp32", hardware=hardware("cpu"),
+                     seq_len=seq or size.seq, dtype="fp32", hardware=hardware(profile),
                      states=("recompute", "cached"))
 
 
@@ -99,14 +105,14 @@ def variant_of(option) -> str:
     return f"ckpt_{'on' if option.activation_checkpointing else 'off'}:{option.states}"
 
 
-def measure_p9p(work: Path, size: common.Size, repeats: int, log, worlds=(1, 2)) -> dict:
+def measure_p9p(work: Path, size: common.Size, repeats: int, log, worlds=(1, 2), profile: str = "cpu") -> dict:
     rows, out = size.batch, {"runs": [], "options": []}
     # P9 sets the planner's 2-rank choice beside the same option on one rank: both run, whatever their micro-batch
-    choice = plan_options(size, 2, rows).best
+    choice = plan_options(size, 2, rows, profile=profile).best
     for_p9 = set() if choice is None else {(choice.option.micro_batch, choice.option.frozen.replace("replicate", f))
                                             for f in ("replicate", "shard")}
     for world in worlds:
-        rec = plan_options(size, world, rows)
+        rec = plan_options(size, world, rows, profile=profile)
         groups = {}
         for s in rec.scored:
             if world == 1 and s.option.frozen == "replicate":
@@ -211,6 +217,9 @@ def markdown(size: common.Size, res: dict) -> str:
     lines = [f"# P9p / P9 / P10 ({size.name} size), {res['machine']['date_utc']}", "",
              f"Load average at start {res['machine'].get('loadavg_at_start')}; `others` = cores other jobs kept "
              "busy during that process.", ""]
+    if "profile" in res:
+        lines += [f"Predictions from the CPU profile {res['profile']['source']} (`{res['profile']['path']}`, measured "
+                  f"{res['profile']['measured']}).", ""]
     if "P9p" in res:
         lines += ["| ranks | option | predicted s | measured s | measured / predicted - 1 | slower rank's CPU s "
                   "| CPU / predicted - 1 | others |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
@@ -252,6 +261,23 @@ def markdown(size: common.Size, res: dict) -> str:
     return "\n".join(lines)
 
 
+def cpu_profile(source: str, out: Path, log) -> dict:
+    """The profile the predictions use: {source, path, measured (its date)}; "fresh" runs cpu_profile.py first."""
+    from calm_dist.planning.hardware import _shipped_cpu_profile
+
+    if source == "shipped":
+        path = _shipped_cpu_profile()
+    elif source == "fresh":
+        path = str(out / "cpu_profile_fresh.json")
+        log("measuring the CPU profile (benchmarks/cpu_profile.py)")
+        subprocess.run([sys.executable, str(HERE / "cpu_profile.py"), "--out", path], cwd=common.REPO, check=True,
+                       stdout=subprocess.DEVNULL)
+    else:
+        path = source
+    measured = json.loads(Path(path).read_text()).get("machine", {}).get("date_utc")
+    return {"source": source, "path": path, "measured": measured}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="quick", choices=sorted(common.SIZES))
@@ -260,6 +286,9 @@ def main() -> int:
     ap.add_argument("--world", type=int, choices=[1, 2], default=None, help="P9p alone: one world size only")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--from-json", help="redo the derived figures and the table of a results JSON, no measurement")
+    ap.add_argument("--profile", default="shipped",
+                    help="the CPU profile of the predictions: shipped (what --hardware cpu reads), fresh (measured by "
+                         "benchmarks/cpu_profile.py at the start of this run, into --out) or a profile JSON's path")
     args = ap.parse_args()
     size = common.SIZES[args.size]
     if args.from_json:
@@ -279,6 +308,8 @@ def main() -> int:
         print(f"[{__import__('time').perf_counter() - started:5.0f} s] {msg}", flush=True)
 
     res = {"machine": machine_info(), "size": size.as_dict(), "repeats": args.repeats}
+    out = Path(args.out)
+    res["profile"] = profile = cpu_profile(args.profile, out, log)
     work = Path(tempfile.mkdtemp(prefix="calm_plan_bench_"))
     try:
         anchor, aug = common.build_models(size)
@@ -287,7 +318,7 @@ def main() -> int:
         del anchor, aug
         if only & {"P9p", "P9"}:
             worlds = (1, 2) if "P9" in only or args.world is None else (args.world,)
-            res["P9p"] = measure_p9p(work, size, args.repeats, log, worlds)
+            res["P9p"] = measure_p9p(work, size, args.repeats, log, worlds, profile["path"])
             if "P9" in only:
                 res["P9"] = measure_p9(res["P9p"], size)
                 log(f"  P9 scaling {res['P9']['scaling']:.2f}")
@@ -296,7 +327,6 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     res["loadavg_at_end"] = open("/proc/loadavg").read().split()[:3]
-    out = Path(args.out)
     common.write_json(out / f"plan_bench_{size.name}.json", res)
     (out / f"plan_bench_{size.name}.md").write_text(markdown(size, res))
     print(markdown(size, res))
