@@ -83,8 +83,11 @@ def from_profile_json(path: str) -> Hardware:
         d = json.load(f)
     fc = d["fixed_costs"]
     mem_gib = d.get("machine", {}).get("mem_gib") or _node_mem_gib()
+    # the date goes into the name the plan prints: this machine's speed drifts by 10-20% between hours, so a
+    # profile's age is part of what its step times mean (benchmarks/README.md, P9p)
+    measured = d.get("machine", {}).get("date_utc")
     return Hardware(
-        name=f"cpu ({os.path.basename(path)})", kind="cpu", gpu_peak_tflops=_peak_gflops(d["matmul_gflops"]) / 1e3,
+        name=f"cpu ({os.path.basename(path)}{f', measured {measured}' if measured else ''})", kind="cpu", gpu_peak_tflops=_peak_gflops(d["matmul_gflops"]) / 1e3,
         gpu_mem_gib=mem_gib, nvlink_GBps=d["collective"]["GBps"], net_GBps=d["collective"]["GBps"],
         collective_latency_s=d["collective"]["latency_s"], reserve_gib=d.get("reserve_gib", 0.6),
         matmul_gflops=tuple(map(tuple, d["matmul_gflops"])), attention_gflops=tuple(map(tuple, d["attention_gflops"])),

@@ -144,6 +144,9 @@ def test_cli_recommend_table_and_json(capsys):
 def test_shipped_cpu_profile_loads():
     hw = hardware("cpu")
     assert hw.kind == "cpu" and not hw.overlap_comm
+    # the plan names the profile with its date: step times on a CPU are those of the hour it was measured in
+    with open(hardware_module._shipped_cpu_profile()) as f:
+        assert f"measured {json.load(f)['machine']['date_utc']}" in hw.name
     assert hw.matmul_gflops and hw.attention_gflops and hw.elementwise_GBps and hw.block_call_s > 0
     assert hardware("cpu", gpu_mem_gib=3.0).gpu_mem_gib == 3.0
     with pytest.raises(ValueError, match="unknown hardware"):
