@@ -81,11 +81,15 @@ def default_compile(model, size: common.Size, steps: int = DEFAULT_RUN_STEPS) ->
 
     from calm_dist.config import load_config
     from calm_dist.training import compile_policy
+    from calm_dist.training.ds_config import build_ds_config, gradient_accumulation_steps
 
     cfg = load_config(None, [f"train.steps={steps}", f"train.micro_batch_size={size.batch}",
                              f"data.seq_len={size.seq}"])
-    resolved = SimpleNamespace(anchor_config=model.anchor.config, augmenting_configs=[model.augmenting[0].config],
-                               layer_pairs=[size.pairs], accumulation=1, ds_config={"zero_optimization": {"stage": 3}})
+    configs = [model.anchor.config, *(m.config for m in model.augmenting)]
+    # the DeepSpeed JSON and accumulation as the trainer resolves them from the default config, on one rank
+    resolved = SimpleNamespace(anchor_config=configs[0], augmenting_configs=configs[1:], layer_pairs=[size.pairs],
+                               accumulation=gradient_accumulation_steps(cfg, 1),
+                               ds_config=build_ds_config(cfg, 1, configs))
     on, why = compile_policy.decide(cfg, resolved, "cpu")
     return {"steps": steps, "compile": on, "why": why}
 

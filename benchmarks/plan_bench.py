@@ -263,10 +263,10 @@ def markdown(size: common.Size, res: dict) -> str:
 
 def cpu_profile(source: str, out: Path, log) -> dict:
     """The profile the predictions use: {source, path, measured (its date)}; "fresh" runs cpu_profile.py first."""
-    from calm_dist.planning.hardware import _shipped_cpu_profile
+    from calm_dist.planning.hardware import shipped_cpu_profile
 
     if source == "shipped":
-        path = _shipped_cpu_profile()
+        path = shipped_cpu_profile()
     elif source == "fresh":
         path = str(out / "cpu_profile_fresh.json")
         log("measuring the CPU profile (benchmarks/cpu_profile.py)")

@@ -87,7 +87,8 @@ def from_profile_json(path: str) -> Hardware:
     # profile's age is part of what its step times mean (benchmarks/README.md, P9p)
     measured = d.get("machine", {}).get("date_utc")
     return Hardware(
-        name=f"cpu ({os.path.basename(path)}{f', measured {measured}' if measured else ''})", kind="cpu", gpu_peak_tflops=_peak_gflops(d["matmul_gflops"]) / 1e3,
+        name=f"cpu ({os.path.basename(path)}{f', measured {measured}' if measured else ''})", kind="cpu",
+        gpu_peak_tflops=_peak_gflops(d["matmul_gflops"]) / 1e3,
         gpu_mem_gib=mem_gib, nvlink_GBps=d["collective"]["GBps"], net_GBps=d["collective"]["GBps"],
         collective_latency_s=d["collective"]["latency_s"], reserve_gib=d.get("reserve_gib", 0.6),
         matmul_gflops=tuple(map(tuple, d["matmul_gflops"])), attention_gflops=tuple(map(tuple, d["attention_gflops"])),
@@ -115,7 +116,7 @@ def hardware(name_or_path: str, **overrides) -> Hardware:
     if key in PROFILES:
         hw = PROFILES[key]
     elif key == "cpu":
-        hw = from_profile_json(_shipped_cpu_profile())
+        hw = from_profile_json(shipped_cpu_profile())
     elif os.path.isfile(name_or_path):
         hw = from_profile_json(name_or_path)
     else:
@@ -124,7 +125,7 @@ def hardware(name_or_path: str, **overrides) -> Hardware:
     return dataclasses.replace(hw, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def _shipped_cpu_profile() -> str:
+def shipped_cpu_profile() -> str:
     """The CPU profile measured on this project's machine, shipped beside this module."""
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), CPU_PROFILE_FILE)
 

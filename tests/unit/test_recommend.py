@@ -141,11 +141,11 @@ def test_cli_recommend_table_and_json(capsys):
 
 # ------------------------------------------------------------------------------------------ the CPU model
 
-def test_shipped_cpu_profile_loads():
+def testshipped_cpu_profile_loads():
     hw = hardware("cpu")
     assert hw.kind == "cpu" and not hw.overlap_comm
     # the plan names the profile with its date: step times on a CPU are those of the hour it was measured in
-    with open(hardware_module._shipped_cpu_profile()) as f:
+    with open(hardware_module.shipped_cpu_profile()) as f:
         assert f"measured {json.load(f)['machine']['date_utc']}" in hw.name
     assert hw.matmul_gflops and hw.attention_gflops and hw.elementwise_GBps and hw.block_call_s > 0
     assert hardware("cpu", gpu_mem_gib=3.0).gpu_mem_gib == 3.0
@@ -189,7 +189,7 @@ def test_cpu_plan_adds_communication_to_compute():
 def test_zero2_steps_have_their_own_fixed_costs(tmp_path):
     """A ZeRO-2 block call has no ZeRO-3 hook: stage-2 plans take the fixed costs fitted on stage-2 steps, and a
     profile written before they were measured still loads (ZeRO-3's then stand for them)."""
-    with open(hardware_module._shipped_cpu_profile()) as f:
+    with open(hardware_module.shipped_cpu_profile()) as f:
         shipped = json.load(f)
     stage2 = {"block_call_s": 1e-4, "micro_step_s": 2e-3, "optimizer_step_s": 5e-3}
     shipped["fixed_costs"]["stage2"] = stage2
