@@ -22,6 +22,8 @@ Writes into --out:
     tokenizer_chars.model      with --char-tokenizer: the augmenting model's own tokenizer of `make demo-xtok` (keys
                                read one letter a token); not in the manifest, rewritten only when its bytes change
     tokenizer_letters_numbers.model  likewise: keys one letter a token, numbers of up to three digits one token
+    tokenizer_bpe/             likewise: a byte-level BPE with Qwen2's pre-tokenizer, a transformers tokenizer directory
+                               (keys whole tokens, digits one a token, a space before a number a token of its own)
 
 Reruns with the same settings reuse the files (checked against the manifest's hashes); --force rebuilds.
 """
@@ -31,6 +33,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -42,6 +45,7 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 3
 CHAR_TOKENIZER = "tokenizer_chars.model"
 LETTERS_NUMBERS_TOKENIZER = "tokenizer_letters_numbers.model"
+BPE_TOKENIZER = "tokenizer_bpe"
 AUGMENTING_TOKENIZERS = {  # kind: (file, trainer, its pieces in id order)
     "chars": (CHAR_TOKENIZER, tok.train_char_tokenizer, tok.char_symbols),
     "letters_numbers": (LETTERS_NUMBERS_TOKENIZER, tok.train_letters_numbers_tokenizer, tok.letters_numbers_symbols),
@@ -178,6 +182,52 @@ def write_augmenting_tokenizer(out: str, verbose: bool = True, kind: str = "char
     return path
 
 
+def check_bpe_tokenizer(tokenizer, keys: list[str]) -> None:
+    """Every key reads one token, first in a text and after a space, and a number one digit a token."""
+    for key in keys:
+        for text in (key, " " + key):
+            if len(tokenizer.encode(text)) != 1:
+                raise RuntimeError(f"bpe tokenizer: {text!r} reads {len(tokenizer.encode(text))} tokens, expected 1")
+    if len(tokenizer.encode("1234")) != 4:
+        raise RuntimeError("bpe tokenizer: '1234' does not read one digit a token")
+
+
+def write_bpe_tokenizer(out: str, verbose: bool = True, text: list[str] | None = None) -> str:
+    """Learn the byte-level BPE augmenting tokenizer (``tok.train_bpe_tokenizer``) from the build in ``out`` and
+    write it to ``out/tokenizer_bpe`` unless its tokenizer.json already holds the same bytes; returns its path.
+    The directory is replaced whole, never left half written."""
+    from calm_dist.data.tokenizer import Tokenizer
+
+    path = os.path.join(out, BPE_TOKENIZER)
+    serialized = tok.train_bpe_tokenizer(_training_text(out) if text is None else text)
+    current = os.path.join(path, "tokenizer.json")
+    if os.path.exists(current) and _same_tokenizer_json(current, serialized):
+        if verbose:
+            print(f"[make_kv_task] reusing {path} (same tokenizer)")
+        return path
+    staging, old = path + ".tmp", path + ".old"
+    for leftover in (staging, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    tok.save_bpe_tokenizer(serialized, staging)
+    with open(os.path.join(out, "keys.json")) as f:
+        check_bpe_tokenizer(Tokenizer(staging, "bpe tokenizer"), list(json.load(f)["value"]))
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(staging, path)
+    shutil.rmtree(old, ignore_errors=True)
+    if verbose:
+        print(f"[make_kv_task] wrote {path}: a byte-level BPE, keys one token each")
+    return path
+
+
+def _same_tokenizer_json(path: str, serialized: str) -> bool:
+    """Whether the saved tokenizer.json reads as the serialized tokenizer: the same vocabulary, merges, special
+    tokens and pre-tokenizer (transformers adds a post-processor when it saves, so the file is not byte-equal)."""
+    with open(path) as f:
+        saved, new = json.load(f), json.loads(serialized)
+    return all(saved.get(k) == new.get(k) for k in ("model", "added_tokens", "normalizer", "pre_tokenizer", "decoder"))
+
+
 def settings_from_args(a: argparse.Namespace) -> T.TaskSettings:
     return T.TaskSettings(seed=a.seed, n_keys=a.n_keys, n_values=a.n_values, dc_frac=a.dc_frac,
                           val_frac=a.val_frac, n_dc_train=a.n_dc_train, n_kv_sub_train=a.n_kv_sub_train,
@@ -200,8 +250,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--n-eval", type=int, default=d.n_eval)
     p.add_argument("--force", action="store_true", help="rebuild even when --out is current")
     p.add_argument("--char-tokenizer", action="store_true",
-                   help=f"also write {CHAR_TOKENIZER} and {LETTERS_NUMBERS_TOKENIZER}, the augmenting tokenizers "
-                        "of make demo-xtok")
+                   help=f"also write {CHAR_TOKENIZER}, {LETTERS_NUMBERS_TOKENIZER} and {BPE_TOKENIZER}/, the "
+                        "augmenting tokenizers of make demo-xtok")
     return p
 
 
@@ -214,6 +264,7 @@ def main(argv=None) -> int:
         text = _training_text(a.out)  # read once for both
         for kind in AUGMENTING_TOKENIZERS:
             write_augmenting_tokenizer(a.out, kind=kind, text=text)
+        write_bpe_tokenizer(a.out, text=text)
     return 0
 
 

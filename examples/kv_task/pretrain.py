@@ -16,11 +16,13 @@ augmenting (OUT/aug): a GPT-2 (learned absolute positions) trained on every key'
 The two models share nothing but the tokenizer: separate seeds, their own learned embeddings.
 
 Both models use the task's tokenizer: same vocab size and pad/bos/eos ids. ``--aug-tokenizer PATH`` (a
-SentencePiece model, e.g. the task's ``tokenizer_chars.model``) gives the augmenting model its own (``make
-demo-xtok``): it trains and is scored through it, its vocabulary and special ids are that tokenizer's, and its
-settings name the file's hash. Runs are seeded and single-threaded by default (deterministic). Reruns with the
-same settings and task reuse the saved models (``pretrain.json`` in each model dir); --force retrains. Each model
-dir gets ``metrics.json``.
+SentencePiece model, e.g. the task's ``tokenizer_chars.model``, or a transformers tokenizer directory, e.g. its
+``tokenizer_bpe``) gives the augmenting model its own (``make demo-xtok``): it trains and is scored through it, its
+vocabulary and special ids are that tokenizer's, and its settings name the tokenizer's hash. Every sequence is
+encoded as its text reads (a word after a space with the space), so a tokenizer without SentencePiece's dummy
+prefix trains on the tokens the composition's text gives it. Runs are seeded and single-threaded by default
+(deterministic). Reruns with the same settings and task reuse the saved models (``pretrain.json`` in each model
+dir); --force retrains. Each model dir gets ``metrics.json``.
 """
 from __future__ import annotations
 
@@ -39,10 +41,10 @@ import time
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from calm_dist.data.tokenizer import Tokenizer
+from calm_dist.data.tokenizer import Tokenizer, completion_ids, prompt_ids
 from examples.kv_task.make_data import file_sha256
 from examples.kv_task.scoring import exact_match, next_token_accuracy, read_jsonl
-from examples.kv_task.tokenizer import BOS_ID, EOS_ID, PAD_ID, encode_record, load_tokenizer
+from examples.kv_task.tokenizer import BOS_ID, EOS_ID, PAD_ID, load_tokenizer
 
 FORMAT_VERSION = 3
 
@@ -67,11 +69,12 @@ class Task:
         self.vocab_size = self.manifest["vocab_size"]
 
     def with_tokenizer(self, path: str) -> "Task":
-        """The same task read through another SentencePiece tokenizer (its vocabulary size and special ids)."""
+        """The same task read through another tokenizer, a SentencePiece model or a transformers tokenizer
+        directory (its vocabulary size and special ids); ``sp`` is None for the latter."""
         other = copy.copy(self)
-        other.sp = load_tokenizer(path)
         other.tokenizer = Tokenizer(path, "--aug-tokenizer")
-        other.vocab_size = other.sp.get_piece_size()
+        other.sp = load_tokenizer(path) if os.path.isfile(path) else None
+        other.vocab_size = other.tokenizer.vocab_size
         return other
 
     def data(self, name: str) -> list[dict]:
@@ -102,11 +105,18 @@ def pad_batch(seqs):
     return ids, att, lab
 
 
+def record_ids(tokenizer: Tokenizer, record: dict) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of ``<s> prompt completion </s>`` as calm_dist trains on it; labels -100 on ``<s>`` and
+    the prompt."""
+    p, c = prompt_ids(tokenizer, record["prompt"]), completion_ids(tokenizer, record["completion"])
+    return p + c, [-100] * len(p) + c
+
+
 class RecordSampler:
     """Uniformly sampled prompt/completion records (``<s> prompt completion </s>``), encoded once."""
 
-    def __init__(self, sp, records: list[dict], rng: random.Random):
-        self.enc = [encode_record(sp, r) for r in records]
+    def __init__(self, tokenizer: Tokenizer, records: list[dict], rng: random.Random):
+        self.enc = [record_ids(tokenizer, r) for r in records]
         self.rng = rng
 
     def batch(self, n: int):
@@ -117,11 +127,18 @@ class PairsSampler:
     """Sequences ``<s> k1 v1 [op] k2 v2 [op] ... </s>`` of facts (each fact once per epoch, shuffled),
     a random ``+``/``-``/``=`` between some pairs; loss on the values and ``</s>``."""
 
-    def __init__(self, sp, facts: list[dict], rng: random.Random, pairs_per_seq: int = 6,
+    def __init__(self, tokenizer: Tokenizer, facts: list[dict], rng: random.Random, pairs_per_seq: int = 6,
                  sep_prob: float = 0.5):
-        self.facts = [(sp.encode(r["prompt"]), sp.encode(r["completion"])) for r in facts]
-        self.seps = [sp.encode(w)[0] for w in ("+", "-", "=")]
-        self.bos, self.eos = sp.bos_id(), sp.eos_id()
+        # a sequence reads as its text "k1 v1 + k2 v2 ...": the first key as a text's first word, every later word
+        # after a space (the same ids under SentencePiece's dummy prefix; not under a byte-level BPE)
+        def fact(r, first):
+            key = r["prompt"] if first else " " + r["prompt"]
+            return tokenizer.encode(key), tokenizer.encode(" " + r["completion"])
+        self.facts = [(fact(r, True), fact(r, False)) for r in facts]
+        self.seps = [tokenizer.encode(" " + w) for w in ("+", "-", "=")]
+        if any(len(sep) != 1 for sep in self.seps):
+            raise ValueError(f"{tokenizer.path}: an operator after a space reads more than one token")
+        self.bos, self.eos = tokenizer.bos_id, tokenizer.eos_id
         self.rng, self.k, self.sep_prob = rng, pairs_per_seq, sep_prob
         self.order: list[int] = []
 
@@ -135,9 +152,9 @@ class PairsSampler:
         ids, lab = [self.bos], [-100]
         for j in range(self.k):
             if j and self.rng.random() < self.sep_prob:
-                ids.append(self.rng.choice(self.seps))
+                ids += self.rng.choice(self.seps)
                 lab.append(-100)
-            k, v = self._next_fact()
+            k, v = self._next_fact()[j > 0]
             ids += k + v
             lab += [-100] * len(k) + v
         ids.append(self.eos)
@@ -241,7 +258,8 @@ def settings_for(a: argparse.Namespace, which: str) -> dict:
            "format": a.aug_format, "pairs_per_seq": a.pairs_per_seq, "sep_prob": a.sep_prob,
            "number_facts": not a.no_number_facts}
     if a.aug_tokenizer:  # absent otherwise: models pretrained with the task's tokenizer stay current
-        aug["tokenizer"] = file_sha256(a.aug_tokenizer)[:16]
+        aug["tokenizer"] = (file_sha256(a.aug_tokenizer)[:16] if os.path.isfile(a.aug_tokenizer)
+                            else Tokenizer(a.aug_tokenizer, "--aug-tokenizer").fingerprint())
     return aug
 
 
@@ -265,14 +283,14 @@ def pretrain_one(which: str, task: Task, out: str, a: argparse.Namespace) -> dic
     rng = random.Random(seed)
     if which == "aug" and a.aug_tokenizer:
         task = task.with_tokenizer(a.aug_tokenizer)
-    sp = task.sp
+    tokenizer = task.tokenizer
     model = build_model(task.vocab_size, s["hidden"], s["layers"], s["heads"], s["ffn"], s["tie"], seed, s["arch"],
-                        (sp.pad_id(), sp.bos_id(), sp.eos_id()))
+                        (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id))
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{which}: {s['arch']} {n_params / 1e6:.2f}M params, {s['layers']} blocks, d={s['hidden']}, "
         f"{s['heads']} heads")
     if which == "anchor":
-        sampler = RecordSampler(sp, task.data("arith_train"), rng)
+        sampler = RecordSampler(tokenizer, task.data("arith_train"), rng)
         ev = task.data("eval_arith")
         evals = {"arith": lambda m: exact_match(m, task.tokenizer, ev)}
     else:
@@ -280,10 +298,10 @@ def pretrain_one(which: str, task: Task, out: str, a: argparse.Namespace) -> dic
         if s["number_facts"]:
             # a number's value is the number itself: "7" -> "7" (no arithmetic)
             facts = facts + [{"prompt": str(n), "completion": str(n)} for n in range(task.n_values)]
-        pairs = PairsSampler(sp, facts, rng, s["pairs_per_seq"], s["sep_prob"])
-        sub = RecordSampler(sp, task.data("kv_sub_train"), rng)
+        pairs = PairsSampler(tokenizer, facts, rng, s["pairs_per_seq"], s["sep_prob"])
+        sub = RecordSampler(tokenizer, task.data("kv_sub_train"), rng)
         sampler = {"pairs": pairs, "sub": sub, "mix": MixSampler([pairs, sub])}[s["format"]]
-        kv = task.data("kv_facts")
+        kv = facts_as_read(task.data("kv_facts"))
         random.Random(0).shuffle(kv)
         kv = kv[:300]
         evals = {"kv_facts": lambda m: next_token_accuracy(m, task.tokenizer, kv)}
@@ -307,6 +325,13 @@ def pretrain_one(which: str, task: Task, out: str, a: argparse.Namespace) -> dic
     return metrics
 
 
+def facts_as_read(facts: list[dict]) -> list[dict]:
+    """Key-value facts scored as a sequence reads them, "qzv 12": the prompt is the key and the space after it, so
+    the next token is the value's first digit under a tokenizer that reads that space as a token of its own (a
+    byte-level BPE's "\u0120"; SentencePiece drops the trailing space, the ids are the same)."""
+    return [{"prompt": r["prompt"] + " ", "completion": r["completion"]} for r in facts]
+
+
 def evaluate_base(model, task: Task, n: int = 500) -> dict:
     """Greedy exact match on the task's sets (KV-arithmetic on the validation keys: the test keys are scored once,
     by the run's evaluation), and the next-token accuracy of key -> value."""
@@ -314,7 +339,7 @@ def evaluate_base(model, task: Task, n: int = 500) -> dict:
     for metric, name in (("em_arith", "eval_arith"), ("em_kv_sub_heldout", "eval_kv_sub_heldout"),
                          ("em_kv_sub_validation", "val_kv_sub"), ("em_kv_arith_validation", "val_kv_arith")):
         out[metric] = exact_match(model, task.tokenizer, task.data(name)[:n])
-    out["acc_kv_facts"] = next_token_accuracy(model, task.tokenizer, task.data("kv_facts"))
+    out["acc_kv_facts"] = next_token_accuracy(model, task.tokenizer, facts_as_read(task.data("kv_facts")))
     return out
 
 
@@ -364,7 +389,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=float, default=10.0, help="wall-clock cap per model")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--aug-tokenizer", metavar="PATH",
-                   help="a SentencePiece model the augmenting model reads through instead of the task's tokenizer")
+                   help="a SentencePiece model or a transformers tokenizer directory the augmenting model reads "
+                        "through instead of the task's tokenizer")
     p.add_argument("--force", action="store_true")
     return p
 
@@ -373,8 +399,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = parser()
     a = p.parse_args(argv)
-    if a.aug_tokenizer and not os.path.isfile(a.aug_tokenizer):
-        p.error(f"--aug-tokenizer: {a.aug_tokenizer} is not a file")
+    if a.aug_tokenizer and not os.path.exists(a.aug_tokenizer):
+        p.error(f"--aug-tokenizer: {a.aug_tokenizer} does not exist")
     torch.set_num_threads(a.threads)
     task = Task(a.task)
     if a.which == "both" and a.parallel:

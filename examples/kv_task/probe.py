@@ -2,8 +2,9 @@
 """How readable is each key's value in the augmenting model's states? A linear probe per layer and digit.
 
     python -m examples.kv_task.probe --task artifacts/kv_demo/task --model artifacts/kv_demo/models/base_seed0/aug
-    python -m examples.kv_task.probe --task artifacts/kv_demo/task --tokenizer artifacts/kv_demo/task/tokenizer_chars.model \
-        --model artifacts/kv_demo/models/xtok_base_seed0/aug     # make demo-xtok's model: the key's last letter
+    python -m examples.kv_task.probe --task artifacts/kv_demo/task --tokenizer artifacts/kv_demo/task/tokenizer_bpe \
+        --model artifacts/kv_demo/models/xtok_tokenizer_bpe_seed0/aug   # make demo-xtok's model, its own tokenizer
+    (with tokenizer_chars.model and models/xtok_tokenizer_chars_seed0/aug: the key read letter by letter, at its last)
 
 The composition can only carry to held-out keys what a mapping fit on the D_C keys reads off the augmenting
 states at a key. This fits, on the D_C keys, a ridge-regularised linear read-out of each digit of the value (tens,
@@ -76,7 +77,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", required=True)
     p.add_argument("--model", required=True, help="the augmenting model's directory")
-    p.add_argument("--tokenizer", help="the model's own SentencePiece tokenizer (default: the task's)")
+    p.add_argument("--tokenizer", help="the model's own tokenizer, a SentencePiece model or a tokenizer directory "
+                                       "(default: the task's)")
     p.add_argument("--json", help="also write the figures here")
     a = p.parse_args(argv)
     task = Task(a.task) if a.tokenizer is None else Task(a.task).with_tokenizer(a.tokenizer)

@@ -17,6 +17,12 @@ one letter a token (``qzv`` reads ``\u2581q z v``). Its vocabulary is ``<pad> <u
 :func:`char_symbols`. :func:`train_letters_numbers_tokenizer` is its variant that reads numbers as modern
 tokenizers do (tiktoken's cl100k, Llama 3): every number of up to three digits one token (``47`` reads ``\u258147``,
 ``1234`` reads ``\u2581123 4``), keys still one letter a token.
+
+:func:`train_bpe_tokenizer` is a tokenizer of another kind altogether, as a Qwen2-family augmenting model has: a
+byte-level BPE (the `tokenizers` library) learned from the task text with Qwen2's pre-tokenizer, saved as a
+transformers tokenizer directory. Its vocabulary and ids are its own; it has no dummy prefix (a text's first word
+reads otherwise than the same word after a space), a space before a number is a token of its own and digits are one
+a token (``qzv - 47`` reads ``qzv \u0120- \u0120 4 7``), and the keys, frequent in the text, are whole tokens.
 """
 from __future__ import annotations
 
@@ -67,6 +73,40 @@ def train_letters_numbers_tokenizer(text: Iterable[str], model_prefix: str | Non
     """The augmenting side's tokenizer with whole numbers (:func:`letters_numbers_symbols`), trained on the task
     text; returns the serialized model (also written to ``model_prefix.model``)."""
     return _train(letters_numbers_symbols(), text, model_prefix)
+
+
+# Qwen2's pre-tokenizer (its tokenizer.json): letters runs with one leading non-letter, digits one at a time,
+# punctuation runs with one leading space, whitespace.
+QWEN2_PRE_TOKENIZER = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                       r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+BPE_SPECIAL = ("<pad>", "<s>", "</s>")
+
+
+def train_bpe_tokenizer(text: Iterable[str], vocab_size: int = 8192) -> str:
+    """The byte-level BPE tokenizer (module docstring) learned from ``text``, serialized (tokenizer.json). The
+    `tokenizers` trainer is deterministic: the same text gives the same bytes."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PRE_TOKENIZER), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(text, trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=1, special_tokens=list(BPE_SPECIAL), show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return bpe.to_str()
+
+
+def save_bpe_tokenizer(serialized: str, out_dir: str) -> None:
+    """A transformers tokenizer directory (tokenizer.json and its config) of :func:`train_bpe_tokenizer`'s
+    tokenizer: pad, bos and eos are its three special tokens."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    pad, bos, eos = BPE_SPECIAL
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(serialized), pad_token=pad, bos_token=bos,
+                            eos_token=eos).save_pretrained(out_dir)
 
 
 def _train(pieces: list[str], text: Iterable[str], model_prefix: str | None) -> bytes:

@@ -220,7 +220,7 @@ def test_pairs_sampler_puts_the_loss_on_values_only(built):
     out, _ = built
     task = pretrain.Task(out)
     facts = data(out, "kv_facts")
-    s = pretrain.PairsSampler(task.sp, facts, random.Random(0), pairs_per_seq=4, sep_prob=0.5)
+    s = pretrain.PairsSampler(task.tokenizer, facts, random.Random(0), pairs_per_seq=4, sep_prob=0.5)
     ids, att, lab = s.batch(8)
     value = {task.token_id(r["prompt"]): task.sp.encode(r["completion"]) for r in facts}
     for i in range(ids.shape[0]):

@@ -1,9 +1,10 @@
-"""The character tokenizer of `make demo-xtok` (examples/kv_task/tokenizer.py, make_data.py --char-tokenizer) and
+"""The augmenting tokenizers of `make demo-xtok` (examples/kv_task/tokenizer.py, make_data.py --char-tokenizer) and
 pretrain.py's --aug-tokenizer.
 
 Fast: small settings, no training."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -170,7 +171,8 @@ def test_the_augmenting_model_is_built_and_fed_through_its_own_tokenizer(built):
     facts = data(out, "kv_facts")
     value = {tuple(sp.encode(r["prompt"])): sp.encode(r["completion"]) for r in facts}
     assert all(len(k) == len(r["prompt"]) for k, r in zip(value, facts))
-    ids, att, lab = pretrain.PairsSampler(sp, facts, random.Random(0), pairs_per_seq=4, sep_prob=0.0).batch(4)
+    ids, att, lab = pretrain.PairsSampler(aug.tokenizer, facts, random.Random(0), pairs_per_seq=4,
+                                          sep_prob=0.0).batch(4)
     for i in range(ids.shape[0]):
         n = int(att[i].sum())
         row, lrow = ids[i, :n].tolist(), lab[i, :n].tolist()
@@ -200,3 +202,55 @@ def test_the_probe_reads_a_key_read_letter_by_letter_at_its_last_letter(built):
     ids, at = probe.key_position(char_task, "abc - {k} =", key)
     assert char_task.sp.id_to_piece(ids[at]) == key[-1] and at == 4 + len(key)  # after bos, "abc" and "-"
     assert [char_task.sp.id_to_piece(i) for i in ids[at - len(key) + 1:at + 1]] == ["\u2581" + key[0], *key[1:]]
+
+
+def test_bpe_tokenizer_is_learned_from_the_task_and_every_sequence_reads_as_its_text(tmp_path):
+    # KV-substitution enough for every key to stand after a space somewhere in the text it learns from
+    out = str(tmp_path / "task")
+    make_data.build(out, dataclasses.replace(SMALL, n_kv_sub_train=3000), verbose=False)
+    path = make_data.write_bpe_tokenizer(out, verbose=False)
+    bpe = Tokenizer(path)
+    hf = bpe._hf
+    keys = list(json.load(open(os.path.join(out, "keys.json")))["value"])
+    assert all(len(bpe.encode(k)) == len(bpe.encode(" " + k)) == 1 for k in keys)
+    assert all(bpe.encode(k) != bpe.encode(" " + k) for k in keys)  # no dummy prefix: a text's first word differs
+    assert hf.convert_ids_to_tokens(bpe.encode(f"{keys[0]} - 47")) == [keys[0], "\u0120-", "\u0120", "4", "7"]
+    assert (bpe.pad_id, bpe.bos_id, bpe.eos_id) == (0, 1, 2)
+    text = f"{keys[1]} + {keys[2]} =-18"
+    ids, spans = bpe.encode_with_spans(text)
+    assert ids == bpe.encode(text) and [text[s:e] for s, e in spans] == [keys[1], " +", " " + keys[2], " =", "-",
+                                                                         "1", "8"]
+    # learned again from the same text: reused as it is; from other text: replaced
+    mtime = os.stat(os.path.join(path, "tokenizer.json")).st_mtime_ns
+    assert make_data.write_bpe_tokenizer(out, verbose=False) == path
+    assert os.stat(os.path.join(path, "tokenizer.json")).st_mtime_ns == mtime
+    with pytest.raises(RuntimeError, match=r"reads \d+ tokens, expected 1"):  # a text without the keys: refused,
+        make_data.write_bpe_tokenizer(out, verbose=False, text=["ab cd 12 + 3 - 4 = 5"] * 3)  # the old one kept
+    assert Tokenizer(path).vocabulary() == bpe.vocabulary()
+    assert os.stat(os.path.join(path, "tokenizer.json")).st_mtime_ns == mtime
+    make_data.write_bpe_tokenizer(out, verbose=False, text=make_data._training_text(out) + ["zyxw vuts"] * 4)
+    assert "zyxw" in Tokenizer(path).vocabulary() and sorted(os.listdir(tmp_path / "task")) == sorted(
+        ["data", "keys.json", make_data.MANIFEST, "tokenizer.model", make_data.BPE_TOKENIZER])
+    make_data.write_bpe_tokenizer(out, verbose=False)
+
+    # pretraining feeds it the ids its text reads: pairs of facts, records, the special ids, the settings' hash
+    task = pretrain.Task(out).with_tokenizer(path)
+    assert task.sp is None and task.vocab_size == bpe.vocab_size
+    pairs = pretrain.PairsSampler(task.tokenizer, data(out, "kv_facts"), random.Random(0), pairs_per_seq=5,
+                                  sep_prob=0.5)
+    for _ in range(50):
+        ids, labels = pairs.one()
+        text = bpe.decode(ids)  # "k1 v1 + k2 v2 ...": the task's words, one space apart
+        assert all(w in keys or w in "+-=" or w.isdigit() for w in text.split(" ")), text
+        assert ids == [bpe.bos_id] + bpe.encode(text) + [bpe.eos_id]
+        assert labels[-1] == bpe.eos_id and sum(x != -100 for x in labels) > 5
+    record = data(out, "val_kv_arith")[0]
+    ids, labels = pretrain.record_ids(task.tokenizer, record)
+    assert ids == [bpe.bos_id] + bpe.encode(record["prompt"]) + bpe.encode(record["completion"]) + [bpe.eos_id]
+    assert labels == [-100] * (1 + len(bpe.encode(record["prompt"]))) + ids[1 + len(bpe.encode(record["prompt"])):]
+    fact = pretrain.facts_as_read(data(out, "kv_facts"))[0]  # scored at the space that the value follows
+    assert hf.convert_ids_to_tokens(bpe.encode(fact["prompt"])) == [fact["prompt"][:-1], "\u0120"]
+    sp = Tokenizer(os.path.join(out, "tokenizer.model"))
+    assert sp.encode(fact["prompt"]) == sp.encode(fact["prompt"][:-1])  # SentencePiece: the ids it always read
+    settings = pretrain.settings_for(args(out, "--aug-tokenizer", path), "aug")
+    assert settings["tokenizer"] == bpe.fingerprint()
