@@ -5,7 +5,7 @@ STAMP   := $(VENV)/.installed
 export DS_ACCELERATOR ?= cpu
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install test test-fast demo demo-xtok demo-seeds bench clean
+.PHONY: install test test-fast demo demo-xtok demo-seeds demo-xtok-seeds bench clean
 
 install: $(STAMP)
 
@@ -26,13 +26,17 @@ test-fast: install
 demo: install
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash examples/kv_task/demo.sh
 
-# the demo with an augmenting model that reads keys letter by letter through its own tokenizer (issue #24)
+# the demo with an augmenting model that reads the text through a tokenizer of its own (issue #24)
 demo-xtok: install
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH XTOK=1 bash examples/kv_task/demo.sh
 
 # the composition over 2 base-model seeds x 3 composition seeds: mean and spread in artifacts/kv_demo/seeds.md
 demo-seeds: install
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash examples/kv_task/seeds.sh
+
+# the same for make demo-xtok: artifacts/kv_demo/seeds_xtok.md
+demo-xtok-seeds: install
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH XTOK=1 bash examples/kv_task/seeds.sh
 
 bench: install
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) benchmarks/run.py

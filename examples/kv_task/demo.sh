@@ -58,7 +58,7 @@ started=$SECONDS
 say() { printf '\n[demo %4ds] %s\n' "$((SECONDS - started))" "$*"; }
 
 say "1/7 key-value task and tokenizer -> $TASK"
-"$PYTHON" -m examples.kv_task.make_data --out "$TASK" --char-tokenizer
+"$PYTHON" -m examples.kv_task.make_data --out "$TASK" --augmenting-tokenizers
 
 say "2/7 tiny anchor and augmenting models -> $MODELS"
 AUG=$MODELS/aug
@@ -69,7 +69,7 @@ if [ "$XTOK" = 1 ]; then
     "$PYTHON" -m examples.kv_task.pretrain --task "$TASK" --out "$MODELS" --which anchor --seed "$BASE_SEED" \
         ${PRETRAIN_ARGS:-} > "$RUN/pretrain_anchor.log" 2>&1 &
     anchor_job=$!
-    # its 2,000 steps take ~17 minutes with the BPE's 3,518-token vocabulary (the output layer): a wall cap of 25
+    # its 2,000 steps take ~15 minutes with the BPE's 3,518-token vocabulary (the output layer): a wall cap of 25
     # shellcheck disable=SC2086
     "$PYTHON" -m examples.kv_task.pretrain --task "$TASK" --out "$(dirname "$AUG")" --which aug --seed "$BASE_SEED" \
         --aug-tokenizer "$TASK/$XTOK_TOKENIZER" --max-minutes 25 ${PRETRAIN_ARGS:-} ${AUG_PRETRAIN_ARGS:-} \

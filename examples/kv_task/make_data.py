@@ -3,7 +3,7 @@
 
     python -m examples.kv_task.make_data --out artifacts/kv_task [--seed 0] [--n-keys 1000] [--n-values 100]
         [--dc-frac 0.2] [--val-frac 0.1] [--n-dc-train 20000] [--n-kv-sub-train 20000] [--n-eval 500] [--force]
-        [--char-tokenizer]
+        [--augmenting-tokenizers]
 
 Writes into --out:
     manifest.json              settings, file list with sha256, vocabulary size and special ids
@@ -19,11 +19,12 @@ Writes into --out:
     data/eval_kv_sub_heldout.jsonl    KV-substitution, same expressions
     data/eval_kv_arith_dc_keys.jsonl  KV-arithmetic over D_C keys, expressions not in D_C
     data/eval_arith.jsonl             numeric arithmetic (a sample of the table)
-    tokenizer_chars.model      with --char-tokenizer: the augmenting model's own tokenizer of `make demo-xtok` (keys
-                               read one letter a token); not in the manifest, rewritten only when its bytes change
-    tokenizer_letters_numbers.model  likewise: keys one letter a token, numbers of up to three digits one token
-    tokenizer_bpe/             likewise: a byte-level BPE with Qwen2's pre-tokenizer, a transformers tokenizer directory
-                               (keys whole tokens, digits one a token, a space before a number a token of its own)
+With --augmenting-tokenizers (alias --char-tokenizer), also the augmenting models' own tokenizers of `make
+demo-xtok`, not in the manifest, each rewritten only when it changes:
+    tokenizer_bpe/             a byte-level BPE with Qwen2's pre-tokenizer, a transformers tokenizer directory (keys
+                               whole tokens, digits one a token, a space before a number a token of its own)
+    tokenizer_chars.model      keys read one letter a token
+    tokenizer_letters_numbers.model  keys one letter a token, numbers of up to three digits one token
 
 Reruns with the same settings reuse the files (checked against the manifest's hashes); --force rebuilds.
 """
@@ -249,7 +250,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--n-kv-sub-train", type=int, default=d.n_kv_sub_train)
     p.add_argument("--n-eval", type=int, default=d.n_eval)
     p.add_argument("--force", action="store_true", help="rebuild even when --out is current")
-    p.add_argument("--char-tokenizer", action="store_true",
+    p.add_argument("--augmenting-tokenizers", "--char-tokenizer", dest="augmenting_tokenizers", action="store_true",
                    help=f"also write {CHAR_TOKENIZER}, {LETTERS_NUMBERS_TOKENIZER} and {BPE_TOKENIZER}/, the "
                         "augmenting tokenizers of make demo-xtok")
     return p
@@ -260,8 +261,8 @@ def main(argv=None) -> int:
     settings = settings_from_args(a)
     settings.validate()
     build(a.out, settings, force=a.force)
-    if a.char_tokenizer:
-        text = _training_text(a.out)  # read once for both
+    if a.augmenting_tokenizers:
+        text = _training_text(a.out)  # read once for the three
         for kind in AUGMENTING_TOKENIZERS:
             write_augmenting_tokenizer(a.out, kind=kind, text=text)
         write_bpe_tokenizer(a.out, text=text)

@@ -4,6 +4,7 @@
 #   SEEDS (default "0 1 2"): composition seeds, each trained on every base pair.
 # The first run of each base pair also trains the LoRA and random-augmenting baselines. Every run writes its
 # results.json under $DEMO_DIR/runs/; the table goes to $DEMO_DIR/seeds.md. Time: docs/kv_task.md §6.
+# XTOK=1 (`make demo-xtok-seeds`) does the same for `make demo-xtok`: runs under runs_xtok/, the table seeds_xtok.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export DEMO_DIR=${DEMO_DIR:-artifacts/kv_demo}
@@ -20,4 +21,6 @@ for base in ${BASE_SEEDS:-0 1}; do
         first=0
     done
 done
-"$PYTHON" -m examples.kv_task.seeds_report "${runs[@]}" --out "$DEMO_DIR/seeds.md"
+table=$DEMO_DIR/seeds.md
+[ "${XTOK:-0}" = 1 ] && table=$DEMO_DIR/seeds_xtok.md
+"$PYTHON" -m examples.kv_task.seeds_report "${runs[@]}" --out "$table"

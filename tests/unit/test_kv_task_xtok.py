@@ -1,5 +1,5 @@
-"""The augmenting tokenizers of `make demo-xtok` (examples/kv_task/tokenizer.py, make_data.py --char-tokenizer) and
-pretrain.py's --aug-tokenizer.
+"""The augmenting tokenizers of `make demo-xtok` (examples/kv_task/tokenizer.py, make_data.py
+--augmenting-tokenizers) and pretrain.py's --aug-tokenizer.
 
 Fast: small settings, no training."""
 from __future__ import annotations
