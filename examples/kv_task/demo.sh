@@ -69,7 +69,7 @@ if [ "$XTOK" = 1 ]; then
     "$PYTHON" -m examples.kv_task.pretrain --task "$TASK" --out "$MODELS" --which anchor --seed "$BASE_SEED" \
         ${PRETRAIN_ARGS:-} > "$RUN/pretrain_anchor.log" 2>&1 &
     anchor_job=$!
-    # its 2,000 steps take ~15 minutes with the BPE's 3,518-token vocabulary (the output layer): a wall cap of 25
+    # the BPE's 3,518-token output layer makes its 2,000 steps take ~15 minutes: a wall cap of 25 minutes
     # shellcheck disable=SC2086
     "$PYTHON" -m examples.kv_task.pretrain --task "$TASK" --out "$(dirname "$AUG")" --which aug --seed "$BASE_SEED" \
         --aug-tokenizer "$TASK/$XTOK_TOKENIZER" --max-minutes 25 ${PRETRAIN_ARGS:-} ${AUG_PRETRAIN_ARGS:-} \
