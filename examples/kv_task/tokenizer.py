@@ -9,7 +9,7 @@ learns no merges, so the vocabulary is exactly ``<pad>=0 <unk>=1 <s>=2 </s>=3``,
 :func:`kv_task.task.vocabulary_words` with the mark (operators, digits, keys), then the bare digits.
 
 A sequence for training or scoring is ``<s> prompt-tokens completion-tokens </s>`` with the loss on the
-completion tokens and ``</s>`` only (see :func:`encode_record`).
+completion tokens and ``</s>`` only (``examples.kv_task.pretrain.record_ids``, as calm_dist trains).
 
 :func:`train_char_tokenizer` trains the augmenting model's own tokenizer for ``make demo-xtok``: the same special
 ids, operators and digits, but no key symbols; each letter a-z is a symbol with the mark and bare, so a key reads
@@ -131,16 +131,3 @@ def load_tokenizer(path: str | None = None, model_proto: bytes | None = None) ->
     if model_proto is not None:
         return spm.SentencePieceProcessor(model_proto=model_proto)
     return spm.SentencePieceProcessor(model_file=path)
-
-
-def encode_record(sp: spm.SentencePieceProcessor, record: dict) -> tuple[list[int], list[int]]:
-    """(input_ids, labels): ``<s> prompt completion </s>``; labels -100 on ``<s>`` and the prompt."""
-    p = sp.encode(record["prompt"])
-    c = sp.encode(record["completion"]) + [sp.eos_id()]
-    ids = [sp.bos_id()] + p + c
-    labels = [-100] * (1 + len(p)) + c
-    return ids, labels
-
-
-def encode_prompt(sp: spm.SentencePieceProcessor, prompt: str) -> list[int]:
-    return [sp.bos_id()] + sp.encode(prompt)

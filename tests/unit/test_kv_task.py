@@ -179,7 +179,8 @@ def test_numbers_read_one_digit_a_token(built):
     ks = T.make_keys(SMALL)
     k1, k2 = ks.keys[0], ks.keys[1]
     piece = sp.piece_to_id
-    ids, labels = tok.encode_record(sp, {"prompt": f"{k1} - {k2} =", "completion": "-17"})
+    ids, labels = pretrain.record_ids(Tokenizer(os.path.join(out, "tokenizer.model")),
+                                      {"prompt": f"{k1} - {k2} =", "completion": "-17"})
     assert ids == [tok.BOS_ID, piece("\u2581" + k1), piece("\u2581-"), piece("\u2581" + k2), piece("\u2581="),
                    piece("\u2581-"), piece("1"), piece("7"), tok.EOS_ID]
     assert labels == [-100] * 5 + ids[5:]

@@ -185,7 +185,7 @@ def test_the_augmenting_model_is_built_and_fed_through_its_own_tokenizer(built):
             assert lrow[t:t + len(key)] == [-100] * len(key) and lrow[t + len(key):t + len(key) + len(v)] == v
             t, scored = t + len(key) + len(v), scored + len(v)
         assert sum(x != -100 for x in lrow) == scored + 1
-    rec_ids, rec_labels = tok.encode_record(sp, {"prompt": "qzv - ab =", "completion": "-18"})
+    rec_ids, rec_labels = pretrain.record_ids(aug.tokenizer, {"prompt": "qzv - ab =", "completion": "-18"})
     assert [sp.id_to_piece(i) for i in rec_ids[1:-1]] == ["\u2581q", "z", "v", "\u2581-", "\u2581a", "b", "\u2581=",
                                                           "\u2581-", "1", "8"]
     assert rec_labels == [-100] * 8 + rec_ids[8:]
