@@ -195,7 +195,8 @@ def check_bpe_tokenizer(tokenizer, keys: list[str]) -> None:
 
 def write_bpe_tokenizer(out: str, verbose: bool = True, text: list[str] | None = None) -> str:
     """Learn the byte-level BPE augmenting tokenizer (``tok.train_bpe_tokenizer``) from the build in ``out`` and
-    write it to ``out/tokenizer_bpe`` unless its tokenizer.json already holds the same bytes; returns its path.
+    write it to ``out/tokenizer_bpe`` unless the tokenizer.json there reads the same (``_same_tokenizer_json``);
+    returns its path.
     The directory is replaced whole, never left half written."""
     from calm_dist.data.tokenizer import Tokenizer
 
