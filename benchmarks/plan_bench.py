@@ -23,7 +23,9 @@ rank has no spare core, and any other job takes time from one of the two ranks.
 
 The predictions come from a CPU profile: the one `--hardware cpu` ships (default), one measured at the start of this
 run (`--profile fresh`: benchmarks/cpu_profile.py into --out, so predicted and measured share the machine's state
-of the hour; this machine's speed drifts by 10-20% between hours), or a profile JSON's path.
+of the hour; this machine's speed drifts by 10-20% between hours), or a profile JSON's path. Every P9p process also
+times benchmarks/speed_probe.py's workload in its round-robin (rank 0): the table's `speed` column, that probe against
+the one the profile recorded.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ HERE = Path(__file__).resolve().parent
 import common  # noqa: E402
 from data_bench import Usage  # noqa: E402
 from machine import machine_info  # noqa: E402
+from speed_probe import reference_seconds  # noqa: E402
 
 from calm_dist.training.dist_env import free_port  # noqa: E402
 
@@ -48,13 +51,14 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131
 
 
 def launch(work: Path, size: common.Size, *, world: int, rows: int, micro_batch: int, ds_config: str,
-           variants: str, repeats: int, seq: int | None = None, tag: str, env_extra: dict | None = None) -> dict:
+           variants: str, repeats: int, seq: int | None = None, tag: str, env_extra: dict | None = None,
+           speed_probe: bool = False) -> dict:
     """One plan_worker process per rank (torchrun for 2); returns each rank's report and the others' load."""
     report = work / tag
     cmd = [str(HERE / "plan_worker.py"), "--anchor", str(work / "anchor"), "--augmenting", str(work / "augmenting"),
            "--pairs", json.dumps([list(p) for p in size.pairs]), "--seq", str(seq or size.seq), "--rows", str(rows),
            "--micro-batch", str(micro_batch), "--ds-config", ds_config, "--variants", variants,
-           "--repeats", str(repeats), "--report", str(report)]
+           "--repeats", str(repeats), "--report", str(report)] + (["--speed-probe"] if speed_probe else [])
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=f"{common.REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **(env_extra or {}))
     if world == 1:
@@ -106,7 +110,12 @@ def variant_of(option) -> str:
 
 
 def measure_p9p(work: Path, size: common.Size, repeats: int, log, worlds=(1, 2), profile: str = "cpu") -> dict:
+    from calm_dist.planning.hardware import shipped_cpu_profile
+
     rows, out = size.batch, {"runs": [], "options": []}
+    # the profile's own speed probe (None for a profile measured without one: no at-speed figures then)
+    out["speed_probe_reference_s"] = reference_seconds(json.loads(
+        Path(shipped_cpu_profile() if profile == "cpu" else profile).read_text()))
     # P9 sets the planner's 2-rank choice beside the same option on one rank: both run, whatever their micro-batch
     choice = plan_options(size, 2, rows, profile=profile).best
     for_p9 = set() if choice is None else {(choice.option.micro_batch, choice.option.frozen.replace("replicate", f))
@@ -124,7 +133,7 @@ def measure_p9p(work: Path, size: common.Size, repeats: int, log, worlds=(1, 2),
         for (mb, frozen), scored in sorted(groups.items()):
             tag = f"p9p_w{world}_mb{mb}_{frozen}"
             run = launch(work, size, world=world, rows=rows, micro_batch=mb, ds_config=ds_for(frozen),
-                         variants=VARIANTS, repeats=repeats, tag=tag)
+                         variants=VARIANTS, repeats=repeats, tag=tag, speed_probe=True)
             out["runs"].append({k: v for k, v in run.items() if k != "ranks"} | {"ranks": run["ranks"]})
             for s in scored:
                 out["options"].append({"world": world, "label": s.option.label(), "predicted_s": s.step_s,
@@ -134,7 +143,9 @@ def measure_p9p(work: Path, size: common.Size, repeats: int, log, worlds=(1, 2),
             derive(out)
             log(f"  {tag}: " + ", ".join(f"{o['label'].split(', mb')[0]} {o['measured_s']:.3f}/{o['predicted_s']:.3f}"
                                          for o in out["options"][-len(scored):])
-                + f" s (other jobs {run['usage']['others_cores']:.2f} cores)")
+                + f" s (other jobs {run['usage']['others_cores']:.2f} cores"
+                + (f", speed {out['options'][-1]['speed']:.2f} x the profile's)" if "speed" in out["options"][-1]
+                   else ")"))
         out[f"recommended_world{world}"] = rec.best.option.label() if rec.best else None
         out[f"predicted_world{world}"] = [{"label": s.option.label(), "step_s": s.step_s, "fits": s.fits}
                                           for s in rec.scored]
@@ -142,14 +153,21 @@ def measure_p9p(work: Path, size: common.Size, repeats: int, log, worlds=(1, 2),
 
 
 def derive(p9p: dict) -> None:
-    """Each option's measured step times from its run's rank reports (also for --from-json)."""
+    """Each option's measured step times from its run's rank reports (also for --from-json). Where the run timed the
+    speed probe and the profile recorded it, `speed` = probe in this run / probe at profile time (above 1: the
+    machine's kernels ran slower beside these steps than when it was profiled). A diagnostic beside the errors, not a
+    correction of them: on 2026-12-01 it read up to 1.22 in processes whose steps ran at or below their prediction."""
     runs = {r["tag"]: r for r in p9p["runs"]}
+    reference = p9p.get("speed_probe_reference_s")
     for o in p9p["options"]:
         run = runs[o["tag"]]
         o["measured_s"] = step_time(run, o["variant"])
         o["measured_cpu_s"] = step_time(run, o["variant"], "cpu")
         o["error"] = o["measured_s"] / o["predicted_s"] - 1
         o["error_cpu"] = o["measured_cpu_s"] / o["predicted_s"] - 1
+        probe = run["ranks"][0]["times"].get("speed_probe")
+        if reference and probe:
+            o["speed"] = probe["median_s"] / reference
 
 
 def measure_p9(p9p: dict, size: common.Size) -> dict:
@@ -221,17 +239,24 @@ def markdown(size: common.Size, res: dict) -> str:
         lines += [f"Predictions from the CPU profile {res['profile']['source']} (`{res['profile']['path']}`, measured "
                   f"{res['profile']['measured']}).", ""]
     if "P9p" in res:
+        probed = all("speed" in o for o in res["P9p"]["options"])
+        if probed:
+            lines += [f"Speed probe (benchmarks/speed_probe.py) at profile time "
+                      f"{res['P9p']['speed_probe_reference_s'] * 1e3:.1f} ms; `speed` = the probe timed beside "
+                      "these steps (rank 0) / that: above 1, the kernels ran slower than when profiled.", ""]
         lines += ["| ranks | option | predicted s | measured s | measured / predicted - 1 | slower rank's CPU s "
-                  "| CPU / predicted - 1 | others |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+                  "| CPU / predicted - 1 | others |" + (" speed |" if probed else ""),
+                  "|---:|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if probed else "")]
         for o in res["P9p"]["options"]:
             lines.append(f"| {o['world']} | {o['label']} | {o['predicted_s']:.3f} | {o['measured_s']:.3f} | "
                          f"{o['error']:+.1%} | {o['measured_cpu_s']:.3f} | {o['error_cpu']:+.1%} | "
-                         f"{o['others_cores']:.2f} |")
+                         f"{o['others_cores']:.2f} |" + (f" {o['speed']:.3f} |" if probed else ""))
+        bases = (("error", "measured"), ("error_cpu", "CPU time"))
         for world in (1, 2):
             opts = [o for o in res["P9p"]["options"] if o["world"] == world]
             if not opts:
                 continue
-            for key, basis in (("error", "measured"), ("error_cpu", "CPU time")):
+            for key, basis in bases:
                 errs = [abs(o[key]) for o in opts]
                 lines.append(f"- {world} rank(s), {basis}: {sum(e <= 0.15 for e in errs)} of {len(errs)} options "
                              f"within 15%, largest {max(errs):.1%}")

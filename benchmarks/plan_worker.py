@@ -15,7 +15,9 @@ DeepSpeed JSON need an engine of their own: plan_bench.py starts one process per
         --rows 4 --micro-batch 2 --ds-config zero3 --variants off:recompute,on:cached --repeats 5 --report OUT
 
 Every rank writes OUT.rank<r>.json: per variant the CPU and wall seconds of each timed optimizer step, and
-the peak RSS of the process.
+the peak RSS of the process. With --speed-probe, benchmarks/speed_probe.py's workload runs as one more entry of
+the round-robin, on rank 0 alone while the other ranks wait (one busy core, as when a CPU profile records it):
+rank 0's `speed_probe` times are the machine's speed while these steps ran.
 """
 from __future__ import annotations
 
@@ -85,7 +87,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--profile", action="store_true",
-                    help="also profile one step of the first variant: self CPU seconds of its aten ops by kind")
+                    help="also profile steps of the first variant: self CPU seconds of their aten ops by kind, the "
+                         "median over --profile-repeats steps")
+    ap.add_argument("--profile-repeats", type=int, default=5)
+    ap.add_argument("--speed-probe", action="store_true",
+                    help="also time benchmarks/speed_probe.py's workload in the round-robin (rank 0)")
     ap.add_argument("--report", required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -165,6 +171,17 @@ def main() -> None:
             step(ckpt, cached)
             dist.barrier()
         fns[name] = fn
+    if args.speed_probe:
+        from speed_probe import SpeedProbe
+
+        probe = SpeedProbe()
+
+        def speed_probe():
+            dist.barrier()
+            if env.rank == 0:
+                probe()
+            dist.barrier()
+        fns["speed_probe"] = speed_probe  # last: the RSS and profile calls below take the first variant
     t0 = time.perf_counter()
     times = common.interleaved(fns, repeats=args.repeats, warmup=args.warmup)
     report = {"rank": env.rank, "world_size": world, "seq": args.seq, "rows": args.rows,
@@ -177,7 +194,12 @@ def main() -> None:
         next(iter(fns.values()))()
     report["step_rss_start_bytes"], report["step_rss_peak_bytes"] = rss.start_rss, rss.peak
     if args.profile:
-        report["profile_s"] = profile_step(next(iter(fns.values())))
+        # kind by kind, the median of several profiled steps: one step can fall in a slow moment of this machine (a
+        # single profiled step of 2026-12-01 11:17 UTC read the matmuls at 0.63 of their rate; other profiles,
+        # 0.84-1.22)
+        calls = [profile_step(next(iter(fns.values()))) for _ in range(args.profile_repeats)]
+        report["profile_s"] = {k: common.median([c[k] for c in calls]) for k in calls[0]}
+        report["profile_calls_s"] = calls
     out_path = Path(args.report)
     common.write_json(out_path.with_name(f"{out_path.name}.rank{env.rank}.json"), report)
     shut_down_process_group()  # not exiting with gloo's threads alive (pytorch#179291)
