@@ -113,7 +113,7 @@ def measure_p9p(work: Path, size: common.Size, repeats: int, log, worlds=(1, 2),
     from calm_dist.planning.hardware import shipped_cpu_profile
 
     rows, out = size.batch, {"runs": [], "options": []}
-    # the profile's own speed probe (None for a profile measured without one: no at-speed figures then)
+    # the profile's own speed probe (None for a profile measured without one: no speed column then)
     out["speed_probe_reference_s"] = reference_seconds(json.loads(
         Path(shipped_cpu_profile() if profile == "cpu" else profile).read_text()))
     # P9 sets the planner's 2-rank choice beside the same option on one rank: both run, whatever their micro-batch
