@@ -231,8 +231,7 @@ def in_situ_efficiency(work: Path, kernels: dict, repeats: int) -> dict:
 
 def fastest_of_passes(runs: list[dict]) -> list[dict]:
     """Per composition and row count, the pass whose step was fastest: what disturbs these short steps (another
-    process on the core, a slow quarter-hour) only ever adds time, and two passes of one step have differed by up
-    to 60% on this machine."""
+    process on the core, a slow quarter-hour) only ever adds time (benchmarks/README.md, P9p)."""
     best = {}
     for r in runs:
         key = (r["name"], r["rows"], r["ds_config"])

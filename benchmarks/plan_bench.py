@@ -156,7 +156,7 @@ def derive(p9p: dict) -> None:
     """Each option's measured step times from its run's rank reports (also for --from-json). Where the run timed the
     speed probe and the profile recorded it, `speed` = probe in this run / probe at profile time (above 1: the
     machine's kernels ran slower beside these steps than when it was profiled). A diagnostic beside the errors, not a
-    correction of them: on 2026-12-01 it read up to 1.22 in processes whose steps ran at or below their prediction."""
+    correction of them: in some processes it reads slow while their steps do not (benchmarks/README.md, P9p)."""
     runs = {r["tag"]: r for r in p9p["runs"]}
     reference = p9p.get("speed_probe_reference_s")
     for o in p9p["options"]:
@@ -251,12 +251,11 @@ def markdown(size: common.Size, res: dict) -> str:
             lines.append(f"| {o['world']} | {o['label']} | {o['predicted_s']:.3f} | {o['measured_s']:.3f} | "
                          f"{o['error']:+.1%} | {o['measured_cpu_s']:.3f} | {o['error_cpu']:+.1%} | "
                          f"{o['others_cores']:.2f} |" + (f" {o['speed']:.3f} |" if probed else ""))
-        bases = (("error", "measured"), ("error_cpu", "CPU time"))
         for world in (1, 2):
             opts = [o for o in res["P9p"]["options"] if o["world"] == world]
             if not opts:
                 continue
-            for key, basis in bases:
+            for key, basis in (("error", "measured"), ("error_cpu", "CPU time")):
                 errs = [abs(o[key]) for o in opts]
                 lines.append(f"- {world} rank(s), {basis}: {sum(e <= 0.15 for e in errs)} of {len(errs)} options "
                              f"within 15%, largest {max(errs):.1%}")

@@ -194,9 +194,8 @@ def main() -> None:
         next(iter(fns.values()))()
     report["step_rss_start_bytes"], report["step_rss_peak_bytes"] = rss.start_rss, rss.peak
     if args.profile:
-        # kind by kind, the median of several profiled steps: one step can fall in a slow moment of this machine (a
-        # single profiled step of 2026-12-01 11:17 UTC read the matmuls at 0.63 of their rate; other profiles,
-        # 0.84-1.22)
+        # kind by kind, the median of several profiled steps: one step can fall in a slow moment of this machine
+        # (benchmarks/README.md, P9p)
         calls = [profile_step(next(iter(fns.values()))) for _ in range(args.profile_repeats)]
         report["profile_s"] = {k: common.median([c[k] for c in calls]) for k in calls[0]}
         report["profile_calls_s"] = calls

@@ -5,15 +5,14 @@ This host's speed drifts by 10-40% within an hour with nothing else running on i
 profile measured in a slow stretch predicts the steps of a fast one too slow. Timed at the profile's start and end,
 the workload shows whether the machine moved while the profile was measured (cpu_profile.py warns above 5%); timed
 beside each P9p process, it is the `speed` column of plan_bench.py's table (the probe there / the profile's). It is
-a diagnostic beside the errors, not a correction of them: in a few processes it read 1.15-1.22 while their steps
-ran at or below their predictions.
+a diagnostic beside the errors, not a correction of them: in some processes it reads slow while their steps do not
+(benchmarks/README.md, P9p).
 
 The workload is a step's two kinds of work in miniature: matmuls of 512 tokens x 512 wide against 1536 x 512
 weights, cycling through a 24 MiB working set (past the caches, as a step's projections read each weight once), and
 adds of 4 MiB tensors over a 64 MiB working set, three passes of each. Every result goes into a tensor allocated
-once: the probe measures the core and the memory, not the allocator, whose state differs from process to process
-(a first version that allocated its results read up to 1.22 x the profile's time in a process whose steps ran at
-the predicted speed). One call takes ~0.13 s here.
+once: the probe measures the core and the memory, not the allocator, whose state differs from process to process.
+One call takes ~0.13 s here.
 
     python benchmarks/speed_probe.py [--repeats 7]
 """

@@ -66,6 +66,8 @@ def test_profile_without_a_probe_gives_raw_errors_only():
 def test_probe_runs_and_times_both_halves():
     m = speed_probe.measure(repeats=2, probe=speed_probe.SpeedProbe(tokens=64, width=64, elementwise_bytes=1 << 16,
                                                                       passes=1))
-    assert len(m["cpu_s"]) == 2 and m["median_s"] > 0
-    assert m["median_s"] == pytest.approx(m["matmul_median_s"] + m["elementwise_median_s"], rel=0.5)
+    assert len(m["cpu_s"]) == 2
+    # each sample is both halves; over two samples a median is their mean, so the medians add up exactly
+    assert min(m["matmul_median_s"], m["elementwise_median_s"]) > 0
+    assert m["median_s"] == pytest.approx(m["matmul_median_s"] + m["elementwise_median_s"], rel=1e-9)
     assert speed_probe.reference_seconds({"speed_probe": {"median_s": 0.12}}) == 0.12
