@@ -95,6 +95,8 @@ def custom_attention_mask(model: nn.Module, allowed: torch.Tensor) -> torch.Tens
 def cache_kwarg(module: nn.Module) -> str:
     """The name under which `module.forward` takes a KV cache: `cache` in newer transformers 5.x releases,
     `past_key_values` before."""
+    if torch.compiler.is_compiling():  # dynamo traces through functools.cache with a warning: read the signature
+        return _cache_kwarg_of.__wrapped__(type(module))
     return _cache_kwarg_of(type(module))
 
 

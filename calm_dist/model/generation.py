@@ -17,6 +17,7 @@ from transformers.generation.logits_process import (
 )
 
 from calm_dist.model.backbones import cache_kwarg
+from calm_dist.model.compiled_decoding import CompiledStepper
 from calm_dist.model.composition import ComposedModel, position_ids_from_mask
 from calm_dist.model.cross_attention import cross_attention_mask
 from calm_dist.model.kv_buffers import Growing, growing_cache
@@ -51,7 +52,7 @@ def generate(model: ComposedModel, input_ids: torch.Tensor, attention_mask: torc
              max_new_tokens: int = 32, use_cache: bool = True, do_sample: bool = False, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_token_id: int | list[int] | None = None,
              pad_token_id: int | None = None, refresh_augmenting: bool = True,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, compile_step: bool = False) -> torch.Tensor:
     """Prompt + new tokens [B, T + max_new_tokens] (finished rows padded with pad_token_id), like transformers.
     `eos_token_id` may list several ids (a row ends at any of them); None: the anchor config's."""
     config = model.anchor.config
@@ -64,8 +65,13 @@ def generate(model: ComposedModel, input_ids: torch.Tensor, attention_mask: torc
     rows = min(c.vocab_size for c in [config, *model.augmenting_configs])
     warpers = _warpers(do_sample, temperature, top_k, top_p)
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-    step = (CachedStepper(model, refresh_augmenting, capacity=input_ids.shape[1] + max_new_tokens) if use_cache
-            else RecomputingStepper(model, refresh_augmenting))
+    capacity = input_ids.shape[1] + max_new_tokens
+    if use_cache and compile_step:
+        step = CompiledStepper(model, refresh_augmenting, capacity)
+    elif use_cache:
+        step = CachedStepper(model, refresh_augmenting, capacity=capacity)
+    else:
+        step = RecomputingStepper(model, refresh_augmenting)
 
     sequences = input_ids
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)

@@ -47,6 +47,18 @@ def sharpened(model, factor=8.0):
     return model
 
 
+def sharpened_composition(anchor_family: str, aug_families) :
+    """A composition of sharpened bases with random blocks, in eval mode: decoding tests need greedy tokens that
+    differ from row to row."""
+    from calm_dist import ComposedModel
+
+    model = ComposedModel.from_pretrained(
+        sharpened(tiny_model(anchor_family, seed=1, hidden=48, layers=6, heads=4)),
+        [sharpened(tiny_model(f, seed=2 + i, hidden=32, layers=8, heads=4)) for i, f in enumerate(aug_families)])
+    randomize_composition(model)
+    return model.eval()
+
+
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox"]
 
 

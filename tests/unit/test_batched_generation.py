@@ -3,19 +3,10 @@ families on either side, ragged prompt lengths and rows that finish at different
 import pytest
 import torch
 
-from calm_dist import ComposedModel
-from tests.helpers.tiny import VOCAB, randomize_composition, sharpened, tiny_model
+from tests.helpers.tiny import VOCAB, sharpened_composition
 
 PAIRS = [("llama", ("gpt2", "qwen2")), ("gpt2", ("llama",)), ("qwen2", ("gpt_neox",)), ("gpt_neox", ("mistral",))]
 LENGTHS = [9, 3, 6, 1, 8, 5]  # ragged prompts: the batch left-pads all but the first to 9
-
-
-def build(anchor, augmenting):
-    model = ComposedModel.from_pretrained(
-        sharpened(tiny_model(anchor, seed=1, hidden=48, layers=6, heads=4)),
-        [sharpened(tiny_model(f, seed=2 + i, hidden=32, layers=8, heads=4)) for i, f in enumerate(augmenting)])
-    randomize_composition(model)
-    return model.eval()
 
 
 def prompts():
@@ -39,7 +30,7 @@ def first_stop(tokens: list[int], eos: int) -> int | None:
 @pytest.mark.parametrize("use_cache", [True, False], ids=["kv-cached", "recomputed"])
 @pytest.mark.parametrize("anchor,augmenting", PAIRS, ids=[f"{a}+{'+'.join(b)}" for a, b in PAIRS])
 def test_each_row_of_a_batch_decodes_what_it_decodes_alone(anchor, augmenting, use_cache):
-    model = build(anchor, augmenting)
+    model = sharpened_composition(anchor, augmenting)
     rows, n = prompts(), 12
     alone = [model.generate(r[None], max_new_tokens=n, eos_token_id=-1, pad_token_id=0, use_cache=use_cache)[0, len(r):]
              for r in rows]
