@@ -104,6 +104,9 @@ def cmd_generate(args) -> int:
     if across and sampling["do_sample"]:
         raise ConfigError("calm-dist generate: a composition of different tokenizers decodes greedily: drop "
                           "--temperature, --top-k and --top-p")
+    if across and args.compile:
+        raise ConfigError("calm-dist generate: --compile decodes compositions whose models share one tokenizer; "
+                          "this one reads the text through several (data.different_tokenizers)")
     if args.augmenting_tokenizer and not across:
         raise ConfigError("--augmenting-tokenizer: this composition's augmenting models read the anchor's tokens "
                           "(it was not trained with data.different_tokenizers)")
@@ -127,7 +130,8 @@ def cmd_generate(args) -> int:
         ids = [tokenizer.bos_id] * (tokenizer.bos_id is not None) + tokenizer.encode(args.prompt)
         generator = torch.Generator(device).manual_seed(args.seed) if sampling["do_sample"] else None
         out = model.generate(torch.tensor([ids], device=device), max_new_tokens=args.max_new_tokens, **sampling,
-                             generator=generator, eos_token_id=stops or None, pad_token_id=tokenizer.pad_id)
+                             generator=generator, eos_token_id=stops or None, pad_token_id=tokenizer.pad_id,
+                             compile_step=args.compile)
         new = out[0, len(ids):].tolist()
     print(answer_text(tokenizer, new, stops))
     return 0
@@ -251,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, help="sample from the k most likely tokens (temperature 1 unless given)")
     p.add_argument("--top-p", type=float, help="sample from the nucleus of mass p (temperature 1 unless given)")
     p.add_argument("--seed", type=int, default=0, help="the sampling generator's seed")
+    p.add_argument("--compile", action="store_true",
+                   help="one torch.compile graph per decoding step (static caches): faster steps after ~20 s of "
+                        "compilation, so it pays for long generations (benchmarks/README.md, P4r)")
     p.set_defaults(func=cmd_generate)
 
     for name, (_, text) in DELEGATED.items():

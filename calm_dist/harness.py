@@ -19,7 +19,9 @@ eos.
 model_args: composition (required); anchor, augmenting (`+`-separated) to load other copies of the base models
 than the recorded ones; tokenizer (default: the one saved with the anchor); max_length (default: the shortest
 position limit of the models); max_gen_toks (default 256); dtype (float32, bfloat16, float16); prefix_only (the
-prefix-encoder ablation in generate_until: the augmenting models see the prompt only). lm-eval's own --batch_size
+prefix-encoder ablation in generate_until: the augmenting models see the prompt only); compile_decoding (one
+compiled graph per decoding step, calm_dist/model/compiled_decoding.py: ~20 s of compilation per batch shape, which
+many batches of long generations earn back). lm-eval's own --batch_size
 (default 16 here; "auto" is 16 too: no search for the largest batch that fits) and --device (default: calm_dist's
 choice, cuda:LOCAL_RANK or cpu) apply.
 """
@@ -77,7 +79,7 @@ class CalmLM(TemplateLM):
     def __init__(self, composition: str, anchor: str | None = None, augmenting: str | None = None,
                  tokenizer: str | None = None, batch_size=DEFAULT_BATCH_SIZE, max_batch_size=None,
                  max_length: int | None = None, max_gen_toks: int = 256, device: str | None = None,
-                 dtype: str | None = None, prefix_only: bool = False, **unused):
+                 dtype: str | None = None, prefix_only: bool = False, compile_decoding: bool = False, **unused):
         super().__init__()
         torch_dtype = getattr(torch, dtype) if dtype and dtype != "auto" else None
         parts = [p for p in str(augmenting).split("+") if p] if augmenting else None
@@ -87,6 +89,9 @@ class CalmLM(TemplateLM):
         self.tokenizer = self._tokenizer(tokenizer)
         self.batch_size = _batch_size(batch_size)
         self.max_gen_toks, self.prefix_only = int(max_gen_toks), bool(prefix_only)
+        self.compile_decoding = bool(compile_decoding)
+        if self.compile_decoding and not isinstance(self.model, ComposedModel):
+            raise ConfigError("compile_decoding: a LoRA export decodes with transformers' generate; drop it")
         configs = [anchor_config, *getattr(self.model, "augmenting_configs", [])]
         limits = [c.max_position_embeddings for c in configs if getattr(c, "max_position_embeddings", None)]
         self._max_length = int(max_length) if max_length else min(limits or [2048])
@@ -204,7 +209,8 @@ class CalmLM(TemplateLM):
                 temperature=float(kwargs.get("temperature") or 1.0) if sampling else 1.0,
                 top_k=kwargs.get("top_k") if sampling else None, top_p=kwargs.get("top_p") if sampling else None,
                 eos_token_id=self.stops or None, pad_token_id=self.tokenizer.pad_id,
-                **({"refresh_augmenting": False} if self.prefix_only else {}))
+                **({"refresh_augmenting": False} if self.prefix_only else {}),
+                **({"compile_step": True} if self.compile_decoding else {}))
             for context, row, gen_kwargs in zip(contexts, out[:, ids.shape[1]:].tolist(), all_kwargs):
                 ends = [i for i, t in enumerate(row) if t in self.stops]
                 text = postprocess_generated_text(self.tok_decode(row[:ends[0]] if ends else row), until, None)

@@ -54,7 +54,9 @@ def generate(model: ComposedModel, input_ids: torch.Tensor, attention_mask: torc
              pad_token_id: int | None = None, refresh_augmenting: bool = True,
              generator: torch.Generator | None = None, compile_step: bool = False) -> torch.Tensor:
     """Prompt + new tokens [B, T + max_new_tokens] (finished rows padded with pad_token_id), like transformers.
-    `eos_token_id` may list several ids (a row ends at any of them); None: the anchor config's."""
+    `eos_token_id` may list several ids (a row ends at any of them); None: the anchor config's. `compile_step` (with
+    use_cache) runs each step as one compiled graph over static caches (compiled_decoding.py): the same tokens in
+    fp32, after a compilation that long generations earn back."""
     config = model.anchor.config
     eos = eos_ids(config.eos_token_id if eos_token_id is None else eos_token_id)
     if pad_token_id is None:

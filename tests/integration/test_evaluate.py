@@ -224,3 +224,7 @@ def test_eval_and_generate_commands_on_trained_exports(tiny, tmp_path):
     expected = composed.generate(ids, max_new_tokens=6, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     assert out.strip() and out.strip() == rows[0]["completion"]
     assert out.strip() == tok.decode([t for t in expected[0, ids.shape[1]:].tolist() if t != tok.pad_id]).strip()
+    compiled = subprocess.run([sys.executable, "-m", "calm_dist.cli", "generate", str(tmp_path / "comp"),
+                               "--tokenizer", str(tiny / "tokenizer.model"), "--prompt", prompt, "--max-new-tokens", "6",
+                               "--compile"], check=True, capture_output=True, text=True, cwd=tmp_path).stdout
+    assert compiled == out

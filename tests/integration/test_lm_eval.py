@@ -119,7 +119,7 @@ def test_trained_it_differs_from_its_anchor_and_agrees_with_calm_dist_eval(world
     """Trained 20 steps, the scores move off the anchor's, and lm-eval's numbers are calm-dist eval's: the
     loglikelihood of completion + eos summed over the set is minus its token-mean completion loss times the
     tokens; greedy acc of that continuation and generate_until's exact match are its exact match; the greedy
-    answers are the answers it shows."""
+    answers are the answers it shows, with or without compiled decoding steps."""
     from calm_dist.cli import main as calm_dist
 
     trained = evaluate(task_manager, "calm", f"composition={world['dir'] / 'trained'}")
@@ -143,6 +143,10 @@ def test_trained_it_differs_from_its_anchor_and_agrees_with_calm_dist_eval(world
     assert trained["tiny_ll"][0]["acc"] == ours["exact_match"] == trained["tiny_gen"][0]["exact_match"]
     assert [e["got"] for e in ours["examples"]] == trained["tiny_gen"][1][:len(ours["examples"])]
     assert trained["tiny_gen"][1][:8] == ["alpha"] * 8
+    # one compiled graph per decoding step answers the same
+    compiled = evaluate(task_manager, "calm", f"composition={world['dir'] / 'trained'},compile_decoding=True",
+                        ["tiny_gen"])
+    assert compiled["tiny_gen"][1] == trained["tiny_gen"][1]
 
 
 @pytest.mark.slow  # a fresh interpreter importing torch, transformers and lm-eval
