@@ -127,7 +127,7 @@ def generation_matches_a_reference(setup: Path, out: Path, tmp_path: Path, capsy
     """`calm-dist generate` of an export across tokenizers, with the tokenizers it recorded and given explicitly,
     prints the answer of decoding that recomputes the whole text each step (generate_across_tokenizers,
     use_cache=False). The export's blocks are randomised first, so the augmenting tokenizer changes the answers;
-    sampling, and a tokenizer count that is not the model count, are one line and exit code 2."""
+    sampling, a tokenizer count that is not the model count, and --compile are one line and exit code 2."""
     from calm_dist.cli import main
     from calm_dist.model.cross_tokenizer_generation import generate_across_tokenizers
     from calm_dist.task_eval import answer_text
@@ -162,7 +162,8 @@ def generation_matches_a_reference(setup: Path, out: Path, tmp_path: Path, capsy
         assert cli("--prompt", prompt, "--augmenting-tokenizer", str(setup / "tokenizer.model"))[:2] == \
             (0, decoded(prompt, atok))
     for extra, message in ((["--temperature", "0.7"], "decodes greedily"),
-                           (["--augmenting-tokenizer", str(setup / "bpe")] * 2, "2 tokenizer(s) for 1")):
+                           (["--augmenting-tokenizer", str(setup / "bpe")] * 2, "2 tokenizer(s) for 1"),
+                           (["--compile"], "--compile decodes compositions whose models share one tokenizer")):
         code, _, errors = cli("--prompt", "reverse: a =", *extra)
         assert code == 2 and len(errors) == 1 and message in errors[0], errors
 
