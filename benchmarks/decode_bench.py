@@ -15,10 +15,14 @@ the LM head included, plus the KV caches at the mean context length (each model'
 each composition block's projected keys and values). Goals:
   P4r    fp32 batch-1 tokens/s / (read bandwidth / bytes per token)               >= 0.8
   P4b16  batch-16 tokens/s / batch-1 tokens/s (same dtype)                          >= 8
+Each also with one compiled graph per decoding step (`generate(compile_step=True)`), its compilation timed apart
+and its tokens compared with the eager step's.
 Beside them: each batch-16 step against its own roofline (the weights once, the KV caches of 16 rows), and the
 P4b16 that steps at equal fractions of their rooflines would give (16 x bytes of a batch-1 step / of a batch-16 one).
 The bf16 rows report their own roofline and whether their tokens equal fp32's (the first difference, if any).
-A torch.profiler table of one fp32 batch-1 generation shows where the time beyond the roofline goes.
+A torch.profiler table of one fp32 batch-1 generation shows where the time beyond the roofline goes, and the fp32
+matmuls alone (one row through every weight matrix, as a step multiplies them) show the share of the read bandwidth
+that the matmul kernels reach: the ceiling of P4r.
 """
 from __future__ import annotations
 
@@ -54,6 +58,27 @@ def read_bandwidth(mib: int = 512, repeats: int = 7) -> dict:
     read = a.numel() * 4 / timed(a.sum)
     copy = 2 * a.numel() * 4 / timed(lambda: b.copy_(a))
     return {"read_bytes_per_s": read, "copy_bytes_per_s": copy, "array_mib": mib}
+
+
+def matmul_read_rate(model, repeats: int = 7) -> float:
+    """Bytes per second that one row through every weight matrix a decoding step multiplies (each nn.Linear, the LM
+    head included; one F.linear call each, as a step makes them) reads: the rate the step's matmuls reach alone."""
+    import torch
+    import torch.nn.functional as F
+
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    rows = [torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights]
+
+    def once():
+        for x, w in zip(rows, weights):
+            F.linear(x, w)
+    once()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - t)
+    return sum(w.numel() * w.element_size() for w in weights) / statistics.median(times)
 
 
 def bytes_per_token(model, context: float, batch: int = 1) -> dict:
@@ -97,20 +122,32 @@ def main() -> int:
             m.blocks.to(torch.bfloat16)
         models[name] = m
 
-    def decode(model, rows):
-        return lambda: model.generate(prompts[:rows], max_new_tokens=n, eos_token_id=-1, use_cache=True)
+    def decode(model, rows, compiled=False):
+        return lambda: model.generate(prompts[:rows], max_new_tokens=n, eos_token_id=-1, use_cache=True,
+                                      compile_step=compiled)
 
     fns = {f"{name}_b1": decode(m, 1) for name, m in models.items()}
     fns.update({f"{name}_b{args.batch}": decode(models[name], args.batch) for name in ("fp32", "bf16")})
+    # one compiled graph per decoding step (calm_dist/model/compiled_decoding.py), batch 1 and batch B
+    fns.update({f"{name}_b{rows}_compiled": decode(models[name], rows, compiled=True)
+                for name in ("fp32", "bf16") for rows in (1, args.batch)})
     for m in models.values():  # warm-up: a short generation each
         m.generate(prompts[:2], max_new_tokens=8, eos_token_id=-1)
+    first_generation_s = {}  # compilation + one generation of each compiled shape, timed apart from the rounds
+    for name in ("fp32", "bf16"):
+        for rows in (1, args.batch):
+            start = time.perf_counter()
+            fns[f"{name}_b{rows}_compiled"]()
+            first_generation_s[f"{name}_b{rows}"] = time.perf_counter() - start
     bandwidth_before = read_bandwidth()
+    matmuls_before = matmul_read_rate(models["fp32"])
     times = common.interleaved(fns, args.repeats, warmup=0)
     bandwidth_after = read_bandwidth()
+    matmuls_after = matmul_read_rate(models["fp32"])
+    matmul_rate = statistics.median([matmuls_before, matmuls_after])
     bandwidth = statistics.median([bandwidth_before["read_bytes_per_s"], bandwidth_after["read_bytes_per_s"]])
 
-    tok_s = {k: (args.batch if k.endswith(f"_b{args.batch}") else 1) * n / common.median(t["cpu"])
-             for k, t in times.items()}
+    tok_s = {k: (args.batch if f"_b{args.batch}" in k else 1) * n / common.median(t["cpu"]) for k, t in times.items()}
     context = prompt_len + (n - 1) / 2  # mean context length over the generated tokens
     read = {name: bytes_per_token(m, context) for name, m in models.items()}
     roofline = {name: bandwidth / r["per_step"] for name, r in read.items()}
@@ -121,11 +158,19 @@ def main() -> int:
     batched_bound = {name: args.batch * read[name]["per_step"] / r["per_step"] for name, r in read_batched.items()}
     outputs = {name: m.generate(prompts[:1], max_new_tokens=n, eos_token_id=-1)[0, prompt_len:]
                for name, m in models.items()}
+    outputs["bf16_compiled"] = models["bf16"].generate(prompts[:1], max_new_tokens=n, eos_token_id=-1,
+                                                       compile_step=True)[0, prompt_len:]
     agreement = {}
-    for name in ("bf16", "bf16_blocks_bf16"):
+    for name in ("bf16", "bf16_blocks_bf16", "bf16_compiled"):
         differ = (outputs[name] != outputs["fp32"]).nonzero()
         agreement[name] = {"equal_to_fp32": not len(differ), "first_difference": int(differ[0]) if len(differ) else None,
                            "equal_fraction": float((outputs[name] == outputs["fp32"]).float().mean())}
+    compiled_equal = {}
+    for name in ("fp32", "bf16"):
+        for rows in (1, args.batch):
+            eager = models[name].generate(prompts[:rows], max_new_tokens=n, eos_token_id=-1)
+            compiled = models[name].generate(prompts[:rows], max_new_tokens=n, eos_token_id=-1, compile_step=True)
+            compiled_equal[f"{name}_b{rows}"] = bool(torch.equal(eager, compiled))
     batched = models["fp32"].generate(prompts, max_new_tokens=n, eos_token_id=-1)[:, prompt_len:]
     alone = torch.stack([models["fp32"].generate(prompts[i:i + 1], max_new_tokens=n, eos_token_id=-1)[0, prompt_len:]
                          for i in range(min(4, args.batch))])
@@ -137,6 +182,9 @@ def main() -> int:
         "command": "python benchmarks/decode_bench.py " + " ".join(sys.argv[1:]), "machine": machine_info(),
         "torch": torch.__version__, "size": size.as_dict(), "new_tokens": n, "prompt": prompt_len, "batch": b,
         "bandwidth": {"before": bandwidth_before, "after": bandwidth_after, "read_bytes_per_s": bandwidth},
+        # the fp32 matmuls alone (one row through every nn.Linear): the share of the roofline they reach caps P4r
+        "matmul_read_bytes_per_s": {"before": matmuls_before, "after": matmuls_after, "median": matmul_rate},
+        "matmul_ceiling_of_P4r": matmul_rate / bandwidth,
         "bytes_per_token": read, "roofline_tokens_per_s": roofline,
         f"bytes_per_step_b{args.batch}": read_batched, f"roofline_tokens_per_s_b{args.batch}": roofline_batched,
         f"P4b{args.batch}_at_equal_roofline_fractions": batched_bound,
@@ -150,7 +198,17 @@ def main() -> int:
             f"P4r_b{b}_fp32": tok_s[f"fp32_b{b}"] / roofline_batched["fp32"],
             f"P4r_b{b}_bf16": tok_s[f"bf16_b{b}"] / roofline_batched["bf16"],
             "bf16_over_fp32_b1": tok_s["bf16_b1"] / tok_s["fp32_b1"],
+            "P4r_compiled": tok_s["fp32_b1_compiled"] / roofline["fp32"],
+            "P4r_bf16_compiled": tok_s["bf16_b1_compiled"] / roofline["bf16"],
+            f"P4b{b}_fp32_compiled": tok_s[f"fp32_b{b}_compiled"] / tok_s["fp32_b1_compiled"],
+            f"P4b{b}_bf16_compiled": tok_s[f"bf16_b{b}_compiled"] / tok_s["bf16_b1_compiled"],
+            "compiled_over_eager_fp32_b1": tok_s["fp32_b1_compiled"] / tok_s["fp32_b1"],
+            "compiled_over_eager_bf16_b1": tok_s["bf16_b1_compiled"] / tok_s["bf16_b1"],
+            f"compiled_over_eager_fp32_b{b}": tok_s[f"fp32_b{b}_compiled"] / tok_s[f"fp32_b{b}"],
         },
+        "first_compiled_generation_s": first_generation_s,
+        "compile_s": {k: v - common.median(times[f"{k}_compiled"]["wall"]) for k, v in first_generation_s.items()},
+        "compiled_tokens_equal_eager": compiled_equal,
         "bf16_tokens": agreement,
         "batched_rows_equal_alone": bool(torch.equal(batched[:len(alone)], alone)),
         "profile": profile,
@@ -158,11 +216,13 @@ def main() -> int:
     common.write_json(args.json, result)
     print(f"read bandwidth {bandwidth / 1e9:.2f} GB/s; fp32 reads {read['fp32']['per_step'] / 1e6:.1f} MB per token "
           f"(roofline {roofline['fp32']:.1f} tok/s)")
+    print(f"the fp32 matmuls alone read {matmul_rate / 1e9:.2f} GB/s: {matmul_rate / bandwidth:.3f} of the roofline")
     print(f"batch {b}: fp32 reads {read_batched['fp32']['per_step'] / 1e6:.1f} MB per step; P4b{b} at equal fractions "
           f"of the rooflines: fp32 {batched_bound['fp32']:.2f}, bf16 {batched_bound['bf16']:.2f}")
     print("tokens/s: " + ", ".join(f"{k} {v:.1f}" for k, v in tok_s.items()))
     print("ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in result["ratios"].items()))
     print(f"bf16 tokens vs fp32: {agreement}; batched rows equal alone: {result['batched_rows_equal_alone']}")
+    print(f"compilation s: {result['compile_s']}; compiled tokens equal eager: {compiled_equal}")
     return 0
 
 
