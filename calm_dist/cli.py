@@ -256,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-p", type=float, help="sample from the nucleus of mass p (temperature 1 unless given)")
     p.add_argument("--seed", type=int, default=0, help="the sampling generator's seed")
     p.add_argument("--compile", action="store_true",
-                   help="one torch.compile graph per decoding step (static caches): faster steps after ~20 s of "
-                        "compilation, so it pays for long generations (benchmarks/README.md, P4r)")
+                   help="one torch.compile graph per decoding step (static caches): faster steps after a "
+                        "compilation of tens of seconds, so it pays for long generations (benchmarks/README.md, P4r)")
     p.set_defaults(func=cmd_generate)
 
     for name, (_, text) in DELEGATED.items():

@@ -20,8 +20,8 @@ model_args: composition (required); anchor, augmenting (`+`-separated) to load o
 than the recorded ones; tokenizer (default: the one saved with the anchor); max_length (default: the shortest
 position limit of the models); max_gen_toks (default 256); dtype (float32, bfloat16, float16); prefix_only (the
 prefix-encoder ablation in generate_until: the augmenting models see the prompt only); compile_decoding (one
-compiled graph per decoding step, calm_dist/model/compiled_decoding.py: ~20 s of compilation per batch shape, which
-many batches of long generations earn back). lm-eval's own --batch_size
+compiled graph per decoding step, calm_dist/model/compiled_decoding.py: a compilation of tens of seconds per batch
+shape, which many batches of long generations earn back). lm-eval's own --batch_size
 (default 16 here; "auto" is 16 too: no search for the largest batch that fits) and --device (default: calm_dist's
 choice, cuda:LOCAL_RANK or cpu) apply.
 """

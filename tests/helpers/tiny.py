@@ -47,7 +47,7 @@ def sharpened(model, factor=8.0):
     return model
 
 
-def sharpened_composition(anchor_family: str, aug_families) :
+def sharpened_composition(anchor_family: str, aug_families):
     """A composition of sharpened bases with random blocks, in eval mode: decoding tests need greedy tokens that
     differ from row to row."""
     from calm_dist import ComposedModel
