@@ -60,9 +60,9 @@ def _decode_step(model: ComposedModel, state: _StepState, ids: torch.Tensor) -> 
             for (k, v), (kb, vb) in zip(pairs, buffers):
                 kb.index_copy_(2, slot, k)
                 vb.index_copy_(2, slot, v)
-    keys = torch.arange(state.mask.shape[1], device=ids.device)
-    visible = (keys <= state.length) & (keys < state.keys_end)
-    cross_mask = (visible[None, :] & state.mask.bool())[:, None, None, :]
+    capacity = state.mask.shape[1]
+    readable = state.mask.bool() & (torch.arange(capacity, device=ids.device) < state.keys_end)
+    cross_mask = cross_attention_mask(slot, readable, capacity)  # the new token sees the slots up to its own
     cache = {cache_kwarg(model.anchor): state.anchor_cache}
     out = model.run_anchor(state.buffers, cross_mask, input_ids=ids, attention_mask=state.mask,
                            position_ids=state.positions, use_cache=True, **cache)
