@@ -5,7 +5,8 @@
 
 One process, one thread (as a rank runs). In the same run:
   - the single-core read bandwidth: a STREAM-like kernel (torch's sum over a 512 MiB fp32 array, so every byte
-    is read once from memory), median of 7; a copy kernel beside it for reference;
+    is read once from memory), median of 7, before and after the rounds and in every round between the two fp32
+    batch-1 variants; a copy kernel beside it for reference;
   - greedy KV-cached decoding of `new_tokens` tokens after a `prompt`-token prompt, batch 1 and batch 16, with
     the frozen models in fp32 and in bf16 (the composition blocks in fp32 or in bf16), variants interleaved
     round-robin, the order reversed every round; CPU-time medians.
@@ -14,6 +15,7 @@ The bytes a batch-1 step reads: every weight except the input embedding tables (
 the LM head included, plus the KV caches at the mean context length (each model's K and V of every layer, and
 each composition block's projected keys and values). Goals:
   P4r    fp32 batch-1 tokens/s / (read bandwidth / bytes per token)               >= 0.8
+         (each round's step against that round's bandwidth; the median of the rounds)
   P4b16  batch-16 tokens/s / batch-1 tokens/s (same dtype)                          >= 8
 Each also with one compiled graph per decoding step (`generate(compile_step=True)`), its compilation timed apart
 and its tokens compared with the eager step's.
@@ -126,11 +128,18 @@ def main() -> int:
         return lambda: model.generate(prompts[:rows], max_new_tokens=n, eos_token_id=-1, use_cache=True,
                                       compile_step=compiled)
 
-    fns = {f"{name}_b1": decode(m, 1) for name, m in models.items()}
+    # The read bandwidth is measured in every round between the two fp32 batch-1 variants (the round-robin keeps it
+    # beside both), so that each round's P4r divides a step by the bandwidth of the same minutes: this host's speed
+    # drifts by 10-40% over a run, and bandwidth and decoding drift together
+    round_bandwidth: list[float] = []
+    fns = {"fp32_b1": decode(models["fp32"], 1),
+           "read_bandwidth": lambda: round_bandwidth.append(read_bandwidth()["read_bytes_per_s"]),
+           # one compiled graph per decoding step (calm_dist/model/compiled_decoding.py), batch 1 and batch B
+           "fp32_b1_compiled": decode(models["fp32"], 1, compiled=True)}
+    fns.update({f"{name}_b1": decode(m, 1) for name, m in models.items() if name != "fp32"})
     fns.update({f"{name}_b{args.batch}": decode(models[name], args.batch) for name in ("fp32", "bf16")})
-    # one compiled graph per decoding step (calm_dist/model/compiled_decoding.py), batch 1 and batch B
     fns.update({f"{name}_b{rows}_compiled": decode(models[name], rows, compiled=True)
-                for name in ("fp32", "bf16") for rows in (1, args.batch)})
+                for name in ("fp32", "bf16") for rows in (1, args.batch) if (name, rows) != ("fp32", 1)})
     for m in models.values():  # warm-up: a short generation each
         m.generate(prompts[:2], max_new_tokens=8, eos_token_id=-1)
     first_generation_s = {}  # compilation + one generation of each compiled shape, timed apart from the rounds
@@ -147,30 +156,35 @@ def main() -> int:
     matmul_rate = statistics.median([matmuls_before, matmuls_after])
     bandwidth = statistics.median([bandwidth_before["read_bytes_per_s"], bandwidth_after["read_bytes_per_s"]])
 
+    bandwidth_s = times.pop("read_bandwidth")
     tok_s = {k: (args.batch if f"_b{args.batch}" in k else 1) * n / common.median(t["cpu"]) for k, t in times.items()}
     context = prompt_len + (n - 1) / 2  # mean context length over the generated tokens
     read = {name: bytes_per_token(m, context) for name, m in models.items()}
     roofline = {name: bandwidth / r["per_step"] for name, r in read.items()}
+    # each round's fp32 batch-1 tokens/s over that round's roofline; P4r is their median
+    per_round = {variant: [n / cpu / (bw / read["fp32"]["per_step"])
+                           for cpu, bw in zip(times[variant]["cpu"], round_bandwidth)]
+                 for variant in ("fp32_b1", "fp32_b1_compiled")}
     # A batch-B step reads the weights once and every row's KV caches: its roofline, and the P4bB that two steps at
     # the same fraction of their rooflines would give (the KV caches of B rows weigh about what the weights do here)
     read_batched = {name: bytes_per_token(models[name], context, args.batch) for name in ("fp32", "bf16")}
     roofline_batched = {name: args.batch * bandwidth / r["per_step"] for name, r in read_batched.items()}
     batched_bound = {name: args.batch * read[name]["per_step"] / r["per_step"] for name, r in read_batched.items()}
-    outputs = {name: m.generate(prompts[:1], max_new_tokens=n, eos_token_id=-1)[0, prompt_len:]
-               for name, m in models.items()}
-    outputs["bf16_compiled"] = models["bf16"].generate(prompts[:1], max_new_tokens=n, eos_token_id=-1,
-                                                       compile_step=True)[0, prompt_len:]
-    agreement = {}
-    for name in ("bf16", "bf16_blocks_bf16", "bf16_compiled"):
-        differ = (outputs[name] != outputs["fp32"]).nonzero()
-        agreement[name] = {"equal_to_fp32": not len(differ), "first_difference": int(differ[0]) if len(differ) else None,
-                           "equal_fraction": float((outputs[name] == outputs["fp32"]).float().mean())}
-    compiled_equal = {}
+    compiled_equal, outputs = {}, {}
     for name in ("fp32", "bf16"):
         for rows in (1, args.batch):
             eager = models[name].generate(prompts[:rows], max_new_tokens=n, eos_token_id=-1)
             compiled = models[name].generate(prompts[:rows], max_new_tokens=n, eos_token_id=-1, compile_step=True)
             compiled_equal[f"{name}_b{rows}"] = bool(torch.equal(eager, compiled))
+            if rows == 1:
+                outputs[name], outputs[f"{name}_compiled"] = eager[0, prompt_len:], compiled[0, prompt_len:]
+    outputs["bf16_blocks_bf16"] = models["bf16_blocks_bf16"].generate(prompts[:1], max_new_tokens=n,
+                                                                      eos_token_id=-1)[0, prompt_len:]
+    agreement = {}
+    for name in ("bf16", "bf16_blocks_bf16", "bf16_compiled"):
+        differ = (outputs[name] != outputs["fp32"]).nonzero()
+        agreement[name] = {"equal_to_fp32": not len(differ), "first_difference": int(differ[0]) if len(differ) else None,
+                           "equal_fraction": float((outputs[name] == outputs["fp32"]).float().mean())}
     batched = models["fp32"].generate(prompts, max_new_tokens=n, eos_token_id=-1)[:, prompt_len:]
     alone = torch.stack([models["fp32"].generate(prompts[i:i + 1], max_new_tokens=n, eos_token_id=-1)[0, prompt_len:]
                          for i in range(min(4, args.batch))])
@@ -181,7 +195,8 @@ def main() -> int:
     result = {
         "command": "python benchmarks/decode_bench.py " + " ".join(sys.argv[1:]), "machine": machine_info(),
         "torch": torch.__version__, "size": size.as_dict(), "new_tokens": n, "prompt": prompt_len, "batch": b,
-        "bandwidth": {"before": bandwidth_before, "after": bandwidth_after, "read_bytes_per_s": bandwidth},
+        "bandwidth": {"before": bandwidth_before, "after": bandwidth_after, "read_bytes_per_s": bandwidth,
+                      "rounds_read_bytes_per_s": round_bandwidth, "rounds_cpu_s": bandwidth_s["cpu"]},
         # the fp32 matmuls alone (one row through every nn.Linear): the share of the roofline they reach caps P4r
         "matmul_read_bytes_per_s": {"before": matmuls_before, "after": matmuls_after, "median": matmul_rate},
         "matmul_ceiling_of_P4r": matmul_rate / bandwidth,
@@ -189,8 +204,10 @@ def main() -> int:
         f"bytes_per_step_b{args.batch}": read_batched, f"roofline_tokens_per_s_b{args.batch}": roofline_batched,
         f"P4b{args.batch}_at_equal_roofline_fractions": batched_bound,
         "times": {k: common.summary(t) for k, t in times.items()}, "tokens_per_s": tok_s,
+        "P4r_per_round": per_round,
         "ratios": {
-            "P4r": tok_s["fp32_b1"] / roofline["fp32"],
+            "P4r": common.median(per_round["fp32_b1"]),
+            "P4r_before_after_bandwidth": tok_s["fp32_b1"] / roofline["fp32"],
             "P4r_bf16": tok_s["bf16_b1"] / roofline["bf16"],
             "P4r_bf16_blocks_bf16": tok_s["bf16_blocks_bf16_b1"] / roofline["bf16_blocks_bf16"],
             f"P4b{b}_fp32": tok_s[f"fp32_b{b}"] / tok_s["fp32_b1"],
@@ -198,7 +215,8 @@ def main() -> int:
             f"P4r_b{b}_fp32": tok_s[f"fp32_b{b}"] / roofline_batched["fp32"],
             f"P4r_b{b}_bf16": tok_s[f"bf16_b{b}"] / roofline_batched["bf16"],
             "bf16_over_fp32_b1": tok_s["bf16_b1"] / tok_s["fp32_b1"],
-            "P4r_compiled": tok_s["fp32_b1_compiled"] / roofline["fp32"],
+            "P4r_compiled": common.median(per_round["fp32_b1_compiled"]),
+            "P4r_compiled_before_after_bandwidth": tok_s["fp32_b1_compiled"] / roofline["fp32"],
             "P4r_bf16_compiled": tok_s["bf16_b1_compiled"] / roofline["bf16"],
             f"P4b{b}_fp32_compiled": tok_s[f"fp32_b{b}_compiled"] / tok_s["fp32_b1_compiled"],
             f"P4b{b}_bf16_compiled": tok_s[f"bf16_b{b}_compiled"] / tok_s["bf16_b1_compiled"],
@@ -216,6 +234,9 @@ def main() -> int:
     common.write_json(args.json, result)
     print(f"read bandwidth {bandwidth / 1e9:.2f} GB/s; fp32 reads {read['fp32']['per_step'] / 1e6:.1f} MB per token "
           f"(roofline {roofline['fp32']:.1f} tok/s)")
+    print(f"per round: read bandwidth {', '.join(f'{bw / 1e9:.2f}' for bw in round_bandwidth)} GB/s; P4r eager "
+          f"{', '.join(f'{x:.3f}' for x in per_round['fp32_b1'])}; compiled "
+          f"{', '.join(f'{x:.3f}' for x in per_round['fp32_b1_compiled'])}")
     print(f"the fp32 matmuls alone read {matmul_rate / 1e9:.2f} GB/s: {matmul_rate / bandwidth:.3f} of the roofline")
     print(f"batch {b}: fp32 reads {read_batched['fp32']['per_step'] / 1e6:.1f} MB per step; P4b{b} at equal fractions "
           f"of the rooflines: fp32 {batched_bound['fp32']:.2f}, bf16 {batched_bound['bf16']:.2f}")
