@@ -49,13 +49,18 @@ from calm_dist.training.dist_env import DistEnv, local_device
 DEFAULT_BATCH_SIZE = 16
 
 
-def load_model(directory: str | Path, anchor: str | None, augmenting: list[str] | None, dtype):
-    """A composition, or a LoRA baseline (composition.json says which), on the recorded base models unless
-    others are given."""
+def export_config(directory: str | Path) -> dict:
+    """The export's composition.json: what it is (a composition or a LoRA baseline) before any weight loads."""
     config_path = Path(directory) / CONFIG_FILE
     if not config_path.is_file():
         raise ConfigError(f"composition={directory}: no {CONFIG_FILE} there (not an export of calm_dist)")
-    config = json.loads(config_path.read_text())
+    return json.loads(config_path.read_text())
+
+
+def load_model(directory: str | Path, anchor: str | None, augmenting: list[str] | None, dtype):
+    """A composition, or a LoRA baseline (composition.json says which), on the recorded base models unless
+    others are given."""
+    config = export_config(directory)
     if config.get("method") == "lora":
         recorded = config["anchor"]
         base = load_causal_lm(anchor or recorded["name_or_path"], None if anchor else recorded.get("revision"),
@@ -81,6 +86,8 @@ class CalmLM(TemplateLM):
                  max_length: int | None = None, max_gen_toks: int = 256, device: str | None = None,
                  dtype: str | None = None, prefix_only: bool = False, compile_decoding: bool = False, **unused):
         super().__init__()
+        if compile_decoding and export_config(composition).get("method") == "lora":
+            raise ConfigError("compile_decoding: a LoRA export decodes with transformers' generate; drop it")
         torch_dtype = getattr(torch, dtype) if dtype and dtype != "auto" else None
         parts = [p for p in str(augmenting).split("+") if p] if augmenting else None
         self.model, anchor_config = load_model(composition, anchor, parts, torch_dtype)
@@ -90,8 +97,6 @@ class CalmLM(TemplateLM):
         self.batch_size = _batch_size(batch_size)
         self.max_gen_toks, self.prefix_only = int(max_gen_toks), bool(prefix_only)
         self.compile_decoding = bool(compile_decoding)
-        if self.compile_decoding and not isinstance(self.model, ComposedModel):
-            raise ConfigError("compile_decoding: a LoRA export decodes with transformers' generate; drop it")
         configs = [anchor_config, *getattr(self.model, "augmenting_configs", [])]
         limits = [c.max_position_embeddings for c in configs if getattr(c, "max_position_embeddings", None)]
         self._max_length = int(max_length) if max_length else min(limits or [2048])

@@ -167,3 +167,22 @@ def test_calm_dist_lm_eval_runs_lm_evals_command_line_with_the_calm_model(world,
     plain = subprocess.run([sys.executable, "-m", "lm_eval", *args], capture_output=True, text=True, env=env,
                            cwd=tmp_path, timeout=600)
     assert plain.returncode != 0 and "calm" in plain.stderr
+
+
+def test_compile_decoding_of_a_lora_export_is_refused_before_any_model_loads(world, tmp_path):
+    """A LoRA export decodes with transformers' generate, which has no compiled step of ours: `compile_decoding`
+    is one clear error, raised before the base model loads (the anchor given here does not exist); without it the
+    same export loads and answers."""
+    from transformers import AutoModelForCausalLM
+
+    from calm_dist.config import ConfigError
+    from calm_dist.harness import CalmLM
+    from tests.helpers.tiny import random_lora
+
+    random_lora(AutoModelForCausalLM.from_pretrained(world["anchor"])).save_composition(tmp_path / "lora")
+    with pytest.raises(ConfigError, match="compile_decoding: a LoRA export"):
+        CalmLM(composition=str(tmp_path / "lora"), anchor=str(tmp_path / "no_such_anchor"), compile_decoding=True)
+    model = CalmLM(composition=str(tmp_path / "lora"), anchor=str(world["anchor"]), device="cpu")
+    assert model.tok_decode(model.tok_encode("alpha beta", add_special_tokens=False)) == "alpha beta"
+    ids, mask = model._left_pad([model.tok_encode("alpha beta")])
+    assert model.model.generate(ids, attention_mask=mask, max_new_tokens=3).shape == (1, ids.shape[1] + 3)
