@@ -1,5 +1,5 @@
 """One rank of a ZeRO-3 (or ZeRO-2) composed model: per-rank parameter, gradient and optimizer-state bytes, step
-time, peak memory (and FLOPs).
+time, peak memory (and FLOPs, and the bytes a forward's ZeRO-3 gathers materialise).
 
 Spawned by benchmarks/run.py (P5, through torchrun) and tests/integration/test_plan_vs_measured.py (through
 tests/helpers/launch.py) with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set. The models load as the trainer
@@ -9,7 +9,8 @@ from_pretrained) and `deepspeed.initialize` partitions everything, the frozen we
 shards only their gradients, fp32 master copy and Adam moments.
 
     python benchmarks/zero3_worker.py --anchor DIR --augmenting DIR --pairs '[[3,3],[7,7]]' --seq 256 \
-        --micro-batch 2 --steps 4 --report OUT.json [--ds-config ds_configs/zero3.json] [--count-flops]
+        --micro-batch 2 --steps 4 --report OUT.json [--ds-config ds_configs/zero3.json] [--count-flops] \
+        [--gathered-bytes]
 
 Every rank writes OUT.rank<r>.json. Under ZeRO-2 its "zero2" entry holds what DeepSpeed's optimizer holds on
 this rank (`zero2_optimizer_bytes`): each size read from a tensor DeepSpeed allocated, none computed.
@@ -128,6 +129,31 @@ class Zero2Probe:
                 "reduce_bucket_bytes": self.reduce_bucket_bytes, "step_fp32_grad_bytes": self.step_fp32_grad_bytes}
 
 
+def gathered_in_forward(engine, vocab: int, micro_batch: int, seq: int, generator) -> dict:
+    """Over one forward: the partitioned (not persistent) weights each module uses, in bytes, split into those
+    ZeRO-3 materialised into a tensor of their own (a gather: allocated and filled) and those whose whole tensor is
+    a view of this rank's partition (a world of one: DeepSpeed's NoGatherHandle). Read in forward pre-hooks
+    registered after DeepSpeed's own, so each module's weights are fetched when read."""
+    seen, out = set(), {"materialised_bytes": 0, "partition_view_bytes": 0, "tensors": 0}
+
+    def record(module, _inputs):
+        for p in module.parameters(recurse=False):
+            if id(p) in seen or not hasattr(p, "ds_tensor") or getattr(p, "ds_persist", False):
+                continue
+            seen.add(id(p))
+            own = p.data.untyped_storage().data_ptr() != p.ds_tensor.untyped_storage().data_ptr()
+            out["materialised_bytes" if own else "partition_view_bytes"] += p.ds_numel * p.element_size()
+            out["tensors"] += 1
+    handles = [m.register_forward_pre_hook(record) for m in engine.module.modules()
+               if any(True for _ in m.parameters(recurse=False))]
+    ids = torch.randint(3, vocab, (micro_batch, seq), generator=generator)
+    with torch.no_grad():
+        engine(ids, attention_mask=torch.ones_like(ids), labels=ids)
+    for h in handles:
+        h.remove()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--anchor", required=True)
@@ -138,6 +164,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="training steps; the first is warm-up (untimed)")
     ap.add_argument("--ds-config", default=str(common.REPO / "ds_configs" / "zero3.json"))
     ap.add_argument("--count-flops", action="store_true", help="FlopCounterMode over one extra fwd+bwd")
+    ap.add_argument("--gathered-bytes", action="store_true",
+                    help="over one extra forward, the bytes of the weights ZeRO-3 gathers into new tensors")
     ap.add_argument("--report", required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -219,6 +247,9 @@ def main() -> None:
             engine.backward(out.loss)
         engine.step()
         report["flops_fwd_bwd_micro_step"] = int(fc.get_total_flops())
+
+    if args.gathered_bytes:
+        report["gathered_forward"] = gathered_in_forward(engine, vocab, args.micro_batch, args.seq, g)
 
     report["peak_rss_bytes"] = common.peak_rss_bytes()
     out_path = Path(args.report)

@@ -8,7 +8,8 @@ and every block call pays Python and autograd costs, plus ZeRO-3's hooks under s
     matmul FLOPs / the measured rate at the matmul's width and token count
   + attention FLOPs / the measured causal-SDPA rate at the sequence length
   + elementwise bytes / the measured streaming bandwidth at the tensors' size
-  + the bytes ZeRO-3 gathers whole (allocated and filled, also in a world of one) / the same bandwidth
+  + the bytes ZeRO-3 gathers whole (allocated and filled; none in a group of one rank, where DeepSpeed points
+    each parameter at its partition) / the same bandwidth
   + block calls x block_call_s + micro_step_s   (each fitted twice: on ZeRO-3 steps, whose blocks are hooked
                                                   leaves, and on ZeRO-2 steps, whose frozen blocks have no hook)
 
@@ -148,8 +149,8 @@ def step_seconds(work: MicroStepWork, hw: Hardware, *, grad_accum: int, trainabl
                  comm_s: float, gathered_bytes: float = 0.0, width: int | None = None, zero_stage: int = 3) -> dict:
     """One optimizer step of one rank: `grad_accum` micro-steps, AdamW over its partition of the trainable
     parameters, the fixed costs, and the communication in series (a one-thread CPU rank does not overlap it).
-    `gathered_bytes`: what ZeRO-3 materialises whole per micro-step (allocated and written, read by the kernels:
-    even in a world of one), streamed at the elementwise rate. `zero_stage` selects the fixed costs (ZeRO-3's
+    `gathered_bytes`: what ZeRO-3 materialises whole per micro-step (allocated and written, read by the kernels;
+    nothing in a world of one), streamed at the elementwise rate. `zero_stage` selects the fixed costs (ZeRO-3's
     hooks on every block, or none of them)."""
     k = kernel_seconds(work, hw, width)
     k["gather"] = 2 * gathered_bytes / bandwidth(hw, gathered_bytes / max(1, work.block_calls)) \

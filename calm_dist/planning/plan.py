@@ -383,8 +383,9 @@ def _communication(run: _Run, counts: _Counts) -> tuple[dict, dict]:
         fwd_train_first = _gather(train_big, world, b)
         fwd_train_later = _gather(train_big, g_frozen, b)
         bwd_train = _gather(train_big, g_frozen, b)
-        # what every gather materialises whole, a world of one included (DeepSpeed allocates and fills it)
-        materialised = (frozen_fwd + frozen_bwd + 2 * train_big) * b
+        # What the gathers materialise whole (allocated, filled, read by the kernels). A group of one rank gathers
+        # nothing: DeepSpeed's NoGatherHandle points each parameter at its partition, which is the whole tensor
+        materialised = ((frozen_fwd + frozen_bwd) * (g_frozen > 1) + 2 * train_big * (world > 1)) * b
     else:
         inter_frozen = run.nodes > 1
         fwd_frozen = bwd_frozen = fwd_train_first = fwd_train_later = bwd_train = materialised = 0.0

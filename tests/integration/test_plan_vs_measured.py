@@ -16,8 +16,9 @@ PAIRS = [[1, 1], [3, 3]]
 SEQ, MICRO, WORLD = 32, 4, 2
 
 
-def run_worker(tmp_path_factory, ds_config: str, *flags: str):
-    """(the tiny set-up, each rank's report) of one 2-rank step of the worker under ds_configs/<ds_config>.json."""
+def run_worker(tmp_path_factory, ds_config: str, *flags: str, world: int = WORLD):
+    """(the tiny set-up, each rank's report) of one step of the worker on `world` ranks under
+    ds_configs/<ds_config>.json."""
     from tests.helpers.tiny import tiny_setup
 
     setup = tiny_setup(tmp_path_factory.mktemp(f"tiny_{ds_config}"), n_train=8, n_eval=2)
@@ -25,13 +26,13 @@ def run_worker(tmp_path_factory, ds_config: str, *flags: str):
     run_ranks([WORKER, "--anchor", str(setup / "anchor"), "--augmenting", str(setup / "augmenting"),
                "--pairs", json.dumps(PAIRS), "--seq", str(SEQ), "--micro-batch", str(MICRO), "--steps", "1",
                "--ds-config", str(REPO / "ds_configs" / f"{ds_config}.json"), *flags, "--report", str(report)],
-              world=WORLD, timeout=400)
-    return setup, [json.loads(report.with_name(f"report.rank{r}.json").read_text()) for r in range(WORLD)]
+              world=world, timeout=400)
+    return setup, [json.loads(report.with_name(f"report.rank{r}.json").read_text()) for r in range(world)]
 
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
-    return run_worker(tmp_path_factory, "zero3", "--count-flops")
+    return run_worker(tmp_path_factory, "zero3", "--count-flops", "--gathered-bytes")
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +40,11 @@ def measured_zero2(tmp_path_factory):
     return run_worker(tmp_path_factory, "zero2")
 
 
-def predicted(setup, threshold):
+def predicted(setup, threshold, world: int = WORLD):
     from calm_dist.planning.plan import ZeroOptions, plan
 
     # FlopCounterMode counts every query against every key: compare with the all-pairs attention count
-    return plan(str(setup / "anchor"), str(setup / "augmenting"), PAIRS, nodes=1, gpus_per_node=WORLD, seq_len=SEQ,
+    return plan(str(setup / "anchor"), str(setup / "augmenting"), PAIRS, nodes=1, gpus_per_node=world, seq_len=SEQ,
                 micro_batch=MICRO, dtype="fp32", zero=ZeroOptions(param_persistence_threshold=threshold),
                 causal=False)
 
@@ -110,3 +111,22 @@ def test_zero2_memory_per_rank(measured_zero2):
             assert z[key] == pytest.approx(z["flat_bytes"] / WORLD, rel=0.02), key
         for key in ("exp_avg", "exp_avg_sq"):
             assert states[key] == z["fp32_master_partition_bytes"], key
+
+
+def test_zero3_gathers_copy_the_weights_among_two_ranks_and_nothing_in_a_world_of_one(measured, tmp_path_factory):
+    """What the CPU step model streams as gathered bytes (cpu_time.step_seconds) against what DeepSpeed does in a
+    forward: among two ranks each partitioned weight a module reads is a new tensor, filled by the all-gather (the
+    plan's forward gathers: the frozen weights and the trainable blocks, whole, within 10%); in a world of one
+    every weight is a view of its partition, and the plan counts no gathered bytes."""
+    setup, ranks = measured
+    threshold = int(ranks[0]["ds_config"]["zero_optimization"]["stage3_param_persistence_threshold"])
+    m = predicted(setup, threshold).comm_per_micro_step
+    forward = (m["allgather_frozen_forward"] + m["allgather_trainable_forward"]) * WORLD / (WORLD - 1)
+    for r in ranks:
+        assert r["gathered_forward"]["partition_view_bytes"] == 0
+        assert r["gathered_forward"]["materialised_bytes"] == pytest.approx(forward, rel=0.10)
+    assert m["gathered_bytes"] > forward  # the backward's gathers come on top
+    _, (alone,) = run_worker(tmp_path_factory, "zero3", "--gathered-bytes", world=1)
+    assert alone["gathered_forward"]["materialised_bytes"] == 0
+    assert alone["gathered_forward"]["partition_view_bytes"] == pytest.approx(forward, rel=0.10)
+    assert predicted(setup, threshold, world=1).comm_per_micro_step["gathered_bytes"] == 0
