@@ -129,8 +129,8 @@ def main() -> int:
                                       compile_step=compiled)
 
     # The read bandwidth is measured in every round between the two fp32 batch-1 variants (the round-robin keeps it
-    # beside both), so that each round's P4r divides a step by the bandwidth of the same minutes: this host's speed
-    # drifts by 10-40% over a run, and bandwidth and decoding drift together
+    # beside both), so that each round's P4r divides a step by the bandwidth of the same minutes: a shared host's
+    # speed moves over a run of a quarter of an hour
     round_bandwidth: list[float] = []
     fns = {"fp32_b1": decode(models["fp32"], 1),
            "read_bandwidth": lambda: round_bandwidth.append(read_bandwidth()["read_bytes_per_s"]),
