@@ -59,6 +59,33 @@ def sharpened_composition(anchor_family: str, aug_families):
     return model.eval()
 
 
+def random_prompts(seed: int, lengths) -> list[torch.Tensor]:
+    """Prompts of random ids (no special token), one of each length."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (n,), generator=g) for n in lengths]
+
+
+def left_padded(rows, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged rows of ids as one left-padded batch: (ids, attention mask)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+    return ids, mask
+
+
+def first_stop(tokens: list[int], eos: int) -> int | None:
+    return tokens.index(eos) if eos in tokens else None
+
+
+def an_eos_the_rows_reach_apart(rows: list[list[int]]) -> int:
+    """A token that rows decode at the most distinct steps, preferring one that some row never decodes: with it as
+    eos, the rows of a batch finish apart."""
+    stops = {t: [first_stop(r, t) for r in rows] for t in sorted({t for r in rows for t in r})}
+    return max(stops, key=lambda t: (None in stops[t], len({s for s in stops[t] if s is not None})))
+
+
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox"]
 
 

@@ -9,36 +9,25 @@ import torch._dynamo
 import torch._dynamo.utils
 
 from calm_dist.model import compiled_decoding
-from tests.helpers.tiny import VOCAB, sharpened_composition
+from tests.helpers.tiny import an_eos_the_rows_reach_apart, left_padded, random_prompts, \
+    sharpened_composition
 
 PAIRS = [("llama", ("gpt2", "qwen2")), ("gpt_neox", ("llama",))]
 LENGTHS = [9, 3, 6, 1, 8, 5]
 NEW = 12
 
 
-def left_padded(seed=5, lengths=LENGTHS, pad=0):
-    g = torch.Generator().manual_seed(seed)
-    rows = [torch.randint(3, VOCAB, (n,), generator=g) for n in lengths]
-    ids = torch.full((len(rows), max(lengths)), pad)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, ids.shape[1] - len(r):], mask[i, ids.shape[1] - len(r):] = r, 1
-    return ids, mask
-
-
-def an_eos_rows_reach_apart(tokens: torch.Tensor) -> int:
-    """A token that some rows decode at different steps and some rows never: rows then finish apart."""
-    def stops(t):
-        return [row.tolist().index(t) if t in row.tolist() else None for row in tokens]
-    return max(tokens.unique().tolist(), key=lambda t: (None in stops(t), len({s for s in stops(t) if s is not None})))
+def ragged_batch(seed=5, lengths=LENGTHS):
+    """Random prompts of `lengths`, left-padded into one batch: (ids, mask)."""
+    return left_padded(random_prompts(seed, lengths))
 
 
 @pytest.mark.parametrize("anchor,augmenting", PAIRS, ids=[f"{a}+{'+'.join(b)}" for a, b in PAIRS])
 def test_compiled_steps_decode_the_eager_tokens(anchor, augmenting):
     model = sharpened_composition(anchor, augmenting)
-    ids, mask = left_padded()
+    ids, mask = ragged_batch()
     free = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=-1, pad_token_id=0)
-    eos = an_eos_rows_reach_apart(free[:, ids.shape[1]:])
+    eos = an_eos_the_rows_reach_apart(free[:, ids.shape[1]:].tolist())
     kwargs = dict(attention_mask=mask, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0)
     eager = model.generate(ids, **kwargs)
     compiled = model.generate(ids, compile_step=True, **kwargs)
@@ -56,18 +45,18 @@ def test_compiled_steps_decode_the_eager_tokens(anchor, augmenting):
 
 def test_one_graph_serves_later_generations_of_the_same_shapes_and_past_the_limit_steps_run_eagerly(monkeypatch):
     model = sharpened_composition("llama", ("gpt2",))
-    first, mask = left_padded(seed=1, lengths=[7, 4])
+    first, mask = ragged_batch(seed=1, lengths=[7, 4])
     model.generate(first, attention_mask=mask, max_new_tokens=4, eos_token_id=-1, compile_step=True)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     # other prompts, another length within the same rounded capacity
-    second, mask = left_padded(seed=2, lengths=[3, 9])
+    second, mask = ragged_batch(seed=2, lengths=[3, 9])
     out = model.generate(second, attention_mask=mask, max_new_tokens=20, eos_token_id=-1, compile_step=True)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     assert out.tolist() == model.generate(second, attention_mask=mask, max_new_tokens=20, eos_token_id=-1).tolist()
 
     # a new shape once dynamo's recompile limit is reached: the steps run eagerly over the same static caches
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    third, mask = left_padded(seed=4, lengths=[6, 2, 5])
+    third, mask = ragged_batch(seed=4, lengths=[6, 2, 5])
     with pytest.warns(UserWarning, match="recompile limit"):
         out = model.generate(third, attention_mask=mask, max_new_tokens=6, eos_token_id=-1, compile_step=True)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
@@ -76,7 +65,7 @@ def test_one_graph_serves_later_generations_of_the_same_shapes_and_past_the_limi
 
 def test_sliding_window_caches_decode_eagerly_with_the_same_tokens():
     model = sharpened_composition("mistral", ("llama",))  # Mistral's configs set a sliding window
-    ids, mask = left_padded()
+    ids, mask = ragged_batch()
     kwargs = dict(attention_mask=mask, max_new_tokens=NEW, eos_token_id=-1, pad_token_id=0)
     with pytest.warns(UserWarning, match="sliding-window"):
         out = model.generate(ids, compile_step=True, **kwargs)
