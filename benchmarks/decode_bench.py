@@ -11,9 +11,10 @@ One process, one thread (as a rank runs). In the same run:
     the frozen models in fp32 and in bf16 (the composition blocks in fp32 or in bf16), variants interleaved
     round-robin, the order reversed every round; CPU-time medians.
 
-The bytes a batch-1 step reads: every weight except the input embedding tables (a step reads one row of each),
-the LM head included, plus the KV caches at the mean context length (each model's K and V of every layer, and
-each composition block's projected keys and values). Goals:
+The bytes a batch-1 step reads: the weights of every module a step runs (found with forward hooks: the anchor's LM
+head runs, an augmenting model's does not), except the input embedding tables (a step reads one row of each), plus
+the KV caches at the mean context length (each model's K and V of every layer, and each composition block's
+projected keys and values). Goals:
   P4r    fp32 batch-1 tokens/s / (read bandwidth / bytes per token)               >= 0.8
          (each round's step against that round's bandwidth; the median of the rounds)
   P4b16  batch-16 tokens/s / batch-1 tokens/s (same dtype)                          >= 8
@@ -62,13 +63,43 @@ def read_bandwidth(mib: int = 512, repeats: int = 7) -> dict:
     return {"read_bytes_per_s": read, "copy_bytes_per_s": copy, "array_mib": mib}
 
 
+def modules_a_step_calls(model) -> list:
+    """The modules one decoding step runs, found with forward hooks over a short eager generation (not assumed: an
+    augmenting model's LM head, for one, never runs, since the blocks read its hidden states)."""
+    import torch
+
+    called: dict[int, torch.nn.Module] = {}
+
+    def record(module, *_) -> None:  # returns None: a forward hook's return value would replace the output
+        called[id(module)] = module
+    hooks = [m.register_forward_hook(record) for m in model.modules()]
+    try:
+        first = next(model.parameters())
+        model.generate(torch.full((1, 4), 3, device=first.device), max_new_tokens=2, eos_token_id=-1)
+    finally:
+        for h in hooks:
+            h.remove()
+    return list(called.values())
+
+
+def weights_a_step_reads(model) -> list:
+    """The parameters one decoding step reads whole: those of every module it runs but the input embedding tables
+    (a step reads one row of each). A head tied to its embeddings counts, as the head's parameter."""
+    import torch
+
+    read = {id(p): p for m in modules_a_step_calls(model) if not isinstance(m, torch.nn.Embedding)
+            for p in m.parameters(recurse=False)}
+    return list(read.values())
+
+
 def matmul_read_rate(model, repeats: int = 7) -> float:
-    """Bytes per second that one row through every weight matrix a decoding step multiplies (each nn.Linear, the LM
-    head included; one F.linear call each, as a step makes them) reads: the rate the step's matmuls reach alone."""
+    """Bytes per second that one row through every weight matrix a decoding step multiplies (each nn.Linear it runs,
+    the anchor's LM head included; one F.linear call each, as a step makes them) reads: the rate the step's matmuls
+    reach alone."""
     import torch
     import torch.nn.functional as F
 
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    weights = [m.weight for m in modules_a_step_calls(model) if isinstance(m, torch.nn.Linear)]
     rows = [torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights]
 
     def once():
@@ -84,10 +115,9 @@ def matmul_read_rate(model, repeats: int = 7) -> float:
 
 
 def bytes_per_token(model, context: float, batch: int = 1) -> dict:
-    """What one decoding step of one row reads: weights (less the input embeddings) and KV caches at `context`."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    embeddings = sum(m.get_input_embeddings().weight.numel() * m.get_input_embeddings().weight.element_size()
-                     for m in [model.anchor, *model.augmenting])
+    """What one decoding step of one row reads: the weights it runs (weights_a_step_reads) and the KV caches at
+    `context`."""
+    weights = sum(p.numel() * p.element_size() for p in weights_a_step_reads(model))
     kv = 0.0
     for m in [model.anchor, *model.augmenting]:
         c = m.config
@@ -98,7 +128,7 @@ def bytes_per_token(model, context: float, batch: int = 1) -> dict:
     d_anchor = model.anchor.config.hidden_size
     blocks = sum(len(pairs) for pairs in model.layer_pairs)
     kv += blocks * 2 * d_anchor * context * next(model.blocks.parameters()).element_size()
-    return {"weights": weights - embeddings, "kv_cache_per_row": kv, "per_step": weights - embeddings + batch * kv}
+    return {"weights": weights, "kv_cache_per_row": kv, "per_step": weights + batch * kv}
 
 
 def main() -> int:

@@ -1,0 +1,36 @@
+"""benchmarks/decode_bench.py's roofline counts the weights a decoding step reads: found with forward hooks, checked
+here against the bytes worked out from each model's own parts. A step runs the anchor whole (its LM head included:
+the next token comes from it) and each augmenting model's decoder, never its LM head (the blocks read its hidden
+states), and reads one row of each input embedding table."""
+import sys
+
+import pytest
+import torch
+
+from tests.helpers.launch import REPO
+from tests.helpers.tiny import composed
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import decode_bench  # noqa: E402
+
+
+def nbytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in params}.values())
+
+
+def weight_bytes_by_parts(model) -> int:
+    """Every parameter of the anchor, the augmenting models and the blocks, less what a step does not read whole."""
+    skipped = [e.weight for m in (model.anchor, *model.augmenting) for e in m.modules()
+               if isinstance(e, torch.nn.Embedding)]                      # one row read of each table
+    skipped += [m.get_output_embeddings().weight for m in model.augmenting]  # never run
+    kept = [model.anchor.get_output_embeddings().weight]                   # a head tied to its embedding table runs
+    skipped_ids = {id(p) for p in skipped} - {id(p) for p in kept}
+    return nbytes(p for p in model.parameters() if id(p) not in skipped_ids)
+
+
+@pytest.mark.parametrize("anchor,augmenting", [("llama", ("qwen2",)), ("gpt2", ("llama", "gpt_neox"))])
+def test_the_roofline_counts_the_weights_a_step_reads(anchor, augmenting):
+    model = composed(anchor, augmenting).eval()
+    if anchor == "gpt2":  # a tied head: its table is read whole by the head, once
+        assert model.anchor.get_output_embeddings().weight is model.anchor.get_input_embeddings().weight
+    assert decode_bench.bytes_per_token(model, context=10.0)["weights"] == weight_bytes_by_parts(model)
