@@ -1,7 +1,7 @@
 """`ComposedModel`: a frozen anchor LM + frozen augmenting LMs, joined by trainable cross-attention blocks.
 
 The anchor runs unchanged; a forward hook on each composed anchor block adds the cross-attention
-update to that block's output. The augmenting models run as bare decoders (no LM head), truncated
+update to that block's output. The augmenting models run as bare decoders, held without their own LM head, truncated
 after their deepest composed block, and hooks on their blocks capture the states the composition reads.
 Both read the same token ids at the same positions (position ids come from the attention mask, so
 left padding changes nothing), or, given `augmenting_inputs`, each model its own tokens of the same text,
@@ -116,6 +116,17 @@ def _describe(model_or_config, revision: str | None) -> dict:
     }
 
 
+def drop_output_layer(model: nn.Module) -> None:
+    """Drop an augmenting model's LM head: the blocks read its hidden states, and the head never runs (545M
+    parameters for Qwen2.5-7B). A head tied to the input embeddings stays, as the embedding table."""
+    head = model.get_output_embeddings()
+    if head is None or head.weight is model.get_input_embeddings().weight:
+        return
+    for name, child in model.named_children():
+        if child is head:
+            setattr(model, name, None)
+
+
 def truncate_after(model: nn.Module, last_block: int) -> None:
     """Drop the blocks above `last_block`: the composition never reads them."""
     blocks = backbones.decoder_blocks(model)
@@ -196,6 +207,7 @@ class ComposedModel(nn.Module):
         if truncate_augmenting:
             for model, pairs in zip(models, self.layer_pairs):
                 truncate_after(model, max(i for i, _ in pairs))
+                drop_output_layer(model)
         self._context: _Context | None = None
         self._install_hooks()
 

@@ -234,7 +234,7 @@ class _Counts:
     anchor: costs.ParamCounts
     augs: list[costs.ParamCounts]
     trainable: int
-    aug_kept: list[int]         # each augmenting model once the blocks above its deepest pair are dropped
+    aug_kept: list[int]         # each augmenting model without the blocks above its deepest pair, nor its head
     frozen: int                 # loaded frozen parameters: the anchor + the kept augmenting models (if loaded)
     persistent_frozen: int      # frozen parameters in tensors at or below the persistence threshold
     persistent_trainable: int   # trainable parameters in tensors at or below the persistence threshold
@@ -245,11 +245,15 @@ def _count_parameters(run: _Run) -> _Counts:
     pc_augs = [costs.param_counts(s) for s in run.augs]
     n_train = shapes.composition_parameter_count(run.anchor.hidden_size, [(s.hidden_size, p) for s, p in run.groups])
     kept_blocks = [max(a for a, _ in p) + 1 if run.truncate_augmenting else s.num_layers for s, p in run.groups]
-    aug_kept = [pc.total - (s.num_layers - k) * pc.per_block for s, pc, k in zip(run.augs, pc_augs, kept_blocks)]
+    # truncated, an augmenting model is held without its LM head (composition.drop_output_layer; 0 when tied)
+    cut = run.truncate_augmenting
+    aug_kept = [pc.total - (s.num_layers - k) * pc.per_block - (pc.lm_head if cut else 0)
+                for s, pc, k in zip(run.augs, pc_augs, kept_blocks)]
     p_aug = sum(aug_kept) if run.aug_loaded else 0
     thr = run.zero.param_persistence_threshold
     persist_frozen = _persistent_numel(run.anchor, thr) + (
-        sum(_persistent_numel(s, thr, k) for s, k in zip(run.augs, kept_blocks)) if run.aug_loaded else 0)
+        sum(_persistent_numel(s, thr, k, lm_head=not cut) for s, k in zip(run.augs, kept_blocks))
+        if run.aug_loaded else 0)
     persist_train = sum(len(p) * sum(k for k in _block_tensor_sizes(s, run.anchor) if k <= thr)
                         for s, p in run.groups)
     return _Counts(anchor=pc_anchor, augs=pc_augs, trainable=n_train, aug_kept=aug_kept,
@@ -258,14 +262,15 @@ def _count_parameters(run: _Run) -> _Counts:
 
 
 def _persistent_numel(spec: costs.ModelSpec, threshold: int, n_layers: int | None = None,
-                      with_head: bool = True) -> int:
-    """Parameters in tensors small enough (<= threshold) to stay unpartitioned under ZeRO-3."""
+                      with_head: bool = True, lm_head: bool = True) -> int:
+    """Parameters in tensors small enough (<= threshold) to stay unpartitioned under ZeRO-3. `with_head`: the final
+    norm and the LM head too (`lm_head=False`: the norm only, as a truncated augmenting model is held)."""
     t = costs.param_tensors(spec)
     n = spec.num_layers if n_layers is None else n_layers
     small = lambda group: sum(k for _, k, _ in group if k <= threshold)  # noqa: E731
     out = small(t["embedding"]) + n * small(t["block"])
     if with_head:
-        out += small(t["final_norm"]) + small(t["lm_head"])
+        out += small(t["final_norm"]) + (small(t["lm_head"]) if lm_head else 0)
     return out
 
 

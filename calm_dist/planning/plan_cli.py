@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--epochs", type=float, default=1.0,
                     help="--recommend: passes over the data in --tokens (a states cache is written once)")
     ap.add_argument("--no-truncate-augmenting", action="store_true",
-                    help="count the augmenting models' blocks above the deepest composed layer as loaded")
+                    help="count the augmenting models' blocks above the deepest composed layer and their LM heads as "
+                         "loaded")
     ap.add_argument("--full-attention-flops", action="store_true",
                     help="count attention FLOPs for every (query, key) pair instead of the causal half")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")

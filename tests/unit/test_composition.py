@@ -161,6 +161,23 @@ def test_augmenting_model_is_truncated_after_its_deepest_layer():
     torch.testing.assert_close(cut(x).logits, full(x).logits, atol=1e-6, rtol=0)
 
 
+def test_augmenting_model_is_held_without_its_lm_head():
+    # an untied head never runs (the blocks read hidden states): dropped, and the logits do not change
+    full = composed("gpt2", ("llama", "qwen2"), truncate_augmenting=False)
+    cut = composed("gpt2", ("llama", "qwen2"))
+    for model in cut.augmenting:
+        assert model.get_output_embeddings() is None
+        assert not any("lm_head" in name for name, _ in model.named_parameters())
+    head = full.augmenting[0].get_output_embeddings().weight
+    params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert params(full) - params(cut) >= 2 * head.numel()  # both heads, besides the upper blocks
+    x = ids()
+    torch.testing.assert_close(cut(x).logits, full(x).logits, atol=1e-6, rtol=0)
+    # a head tied to its embedding table (GPT-2's) stays: the table is the embedding
+    tied = composed("llama", ("gpt2",)).augmenting[0]
+    assert tied.get_output_embeddings().weight is tied.get_input_embeddings().weight
+
+
 def test_padded_embedding_tables_and_other_pad_ids_compose():
     """One tokenizer may come with tables of other sizes (Qwen2.5-0.5B 151,936 rows, 7B 152,064) and configs that
     set pad differently: configs cannot decide the vocabulary (preflight's tokenizers do,

@@ -1,7 +1,8 @@
 """benchmarks/decode_bench.py's roofline counts the weights a decoding step reads: found with forward hooks, checked
 here against the bytes worked out from each model's own parts. A step runs the anchor whole (its LM head included:
 the next token comes from it) and each augmenting model's decoder, never its LM head (the blocks read its hidden
-states), and reads one row of each input embedding table."""
+states; the composition drops an untied one, a tied one is its embedding table), and reads one row of each input
+embedding table. A tied anchor head reads its whole table."""
 import sys
 
 import pytest
@@ -22,7 +23,8 @@ def weight_bytes_by_parts(model) -> int:
     """Every parameter of the anchor, the augmenting models and the blocks, less what a step does not read whole."""
     skipped = [e.weight for m in (model.anchor, *model.augmenting) for e in m.modules()
                if isinstance(e, torch.nn.Embedding)]                      # one row read of each table
-    skipped += [m.get_output_embeddings().weight for m in model.augmenting]  # never run
+    skipped += [m.get_output_embeddings().weight for m in model.augmenting  # never run (the composition drops
+                if m.get_output_embeddings() is not None]                   # an untied one)
     kept = [model.anchor.get_output_embeddings().weight]                   # a head tied to its embedding table runs
     skipped_ids = {id(p) for p in skipped} - {id(p) for p in kept}
     return nbytes(p for p in model.parameters() if id(p) not in skipped_ids)

@@ -28,13 +28,15 @@ def test_frozen_shard_halves_with_world_size():
     # what does not shard
     for key in ("activations", "gathered_working_set", "reserve", "persistent_params", "reduce_bucket"):
         assert two.memory_gpu[key] == one.memory_gpu[key], key
-    # world 1: the whole frozen anchor + the augmenting model up to its deepest composed block (19 of 0..21)
+    # world 1: the whole frozen anchor + the augmenting model up to its deepest composed block (19 of 0..21),
+    # without its LM head (untied: 32,000 x 2,048), which the composition drops
     aug = costs.param_counts("llama-1b")
-    total = costs.param_counts("llama-13b").total + aug.total - 2 * aug.per_block
+    assert aug.lm_head == 32000 * 2048
+    total = costs.param_counts("llama-13b").total + aug.total - 2 * aug.per_block - aug.lm_head
     assert one.memory_gpu["frozen_params"] == total * 2
     assert one.params["frozen_loaded"] == total
     whole = P(nodes=1, gpus_per_node=1, truncate_augmenting=False)
-    assert whole.params["frozen_loaded"] == total + 2 * aug.per_block
+    assert whole.params["frozen_loaded"] == total + 2 * aug.per_block + aug.lm_head
     assert one.memory_gpu_total == pytest.approx(sum(one.memory_gpu.values()))
     assert one.memory_gpu_headroom == pytest.approx(80 * GiB - one.memory_gpu_total)
 
