@@ -1,8 +1,8 @@
 """`ComposedModel`: a frozen anchor LM + frozen augmenting LMs, joined by trainable cross-attention blocks.
 
 The anchor runs unchanged; a forward hook on each composed anchor block adds the cross-attention
-update to that block's output. The augmenting models run as bare decoders, held without their own LM head, truncated
-after their deepest composed block, and hooks on their blocks capture the states the composition reads.
+update to that block's output. The augmenting models run as bare decoders, truncated after their deepest composed
+block and held without an untied LM head, and hooks on their blocks capture the states the composition reads.
 Both read the same token ids at the same positions (position ids come from the attention mask, so
 left padding changes nothing), or, given `augmenting_inputs`, each model its own tokens of the same text,
 aligned by character spans (token_alignment.py).
@@ -125,6 +125,7 @@ def drop_output_layer(model: nn.Module) -> None:
     for name, child in model.named_children():
         if child is head:
             setattr(model, name, None)
+            return
 
 
 def truncate_after(model: nn.Module, last_block: int) -> None:
