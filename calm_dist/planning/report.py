@@ -109,9 +109,9 @@ def format_plan(p: Plan) -> str:
     w("Parameters")
     w(f"  anchor            {pr['anchor']:>17,}  ({human_count(pr['anchor'])})")
     for name, n, kept in zip(i["augmenting"], pr["augmenting"], pr["augmenting_loaded"]):
+        dropped = " (its LM head and the blocks above the deepest pair dropped)" if kept != n else ""
         w(f"  augmenting        {n:>17,}  ({human_count(n)}) {name}; loaded {human_count(kept)}"
-          + (" (cached states: not loaded)" if i["states"] == "cached" else " (its LM head and the blocks above the deepest pair dropped)"
-             if kept != n else ""))
+          + (" (cached states: not loaded)" if i["states"] == "cached" else dropped))
     w(f"  trainable blocks  {pr['trainable']:>17,}  ({human_count(pr['trainable'])}; {pr['pairs']} pairs, "
       f"{', '.join(f'{human_count(x)}' for x in pr['per_block'])} per block)")
     for name, pairs in zip(i["augmenting"], p.layer_pairs):
