@@ -16,7 +16,8 @@
 # TRAIN_OVERRIDES="train.steps=4 optim.warmup_steps=1".
 # XTOK=1 (`make demo-xtok`, docs/cross_tokenizer.md): the augmenting model reads the text through its own
 # tokenizer, XTOK_TOKENIZER of the task's (default tokenizer_bpe, a byte-level BPE with Qwen2's pre-tokenizer;
-# tokenizer_chars.model reads keys one letter a token, tokenizer_letters_numbers.model also numbers whole),
+# tokenizer_bpe_prefix_space the same with a space before each text; tokenizer_chars.model reads keys one letter a
+# token, tokenizer_letters_numbers.model also numbers whole),
 # pretrained into models/xtok_<tokenizer>_seed*; the anchor is the same one, and every calm-dist command aligns the
 # two readings by characters. Its runs go to runs_xtok/ and the MLflow experiment kv_demo_xtok; prefix-only decoding
 # has no cross-tokenizer form. AUG_PRETRAIN_ARGS adds flags to that model's pretraining only (docs/cross_tokenizer.md).

@@ -23,6 +23,8 @@ With --augmenting-tokenizers (alias --char-tokenizer), also the augmenting model
 demo-xtok`, not in the manifest, each rewritten only when it changes:
     tokenizer_bpe/             a byte-level BPE with Qwen2's pre-tokenizer, a transformers tokenizer directory (keys
                                whole tokens, digits one a token, a space before a number a token of its own)
+    tokenizer_bpe_prefix_space/  the same, learned with a space before each text (GPT-2's add_prefix_space): a key
+                               reads one token first in a text and after a space
     tokenizer_chars.model      keys read one letter a token
     tokenizer_letters_numbers.model  keys one letter a token, numbers of up to three digits one token
 
@@ -47,6 +49,7 @@ FORMAT_VERSION = 3
 CHAR_TOKENIZER = "tokenizer_chars.model"
 LETTERS_NUMBERS_TOKENIZER = "tokenizer_letters_numbers.model"
 BPE_TOKENIZER = "tokenizer_bpe"
+BPE_PREFIX_SPACE_TOKENIZER = "tokenizer_bpe_prefix_space"
 AUGMENTING_TOKENIZERS = {  # kind: (file, trainer, its pieces in id order)
     "chars": (CHAR_TOKENIZER, tok.train_char_tokenizer, tok.char_symbols),
     "letters_numbers": (LETTERS_NUMBERS_TOKENIZER, tok.train_letters_numbers_tokenizer, tok.letters_numbers_symbols),
@@ -183,25 +186,29 @@ def write_augmenting_tokenizer(out: str, verbose: bool = True, kind: str = "char
     return path
 
 
-def check_bpe_tokenizer(tokenizer, keys: list[str]) -> None:
-    """Every key reads one token, first in a text and after a space, and a number one digit a token."""
+def check_bpe_tokenizer(tokenizer, keys: list[str], prefix_space: bool = False) -> None:
+    """Every key reads one token, first in a text and after a space (with ``prefix_space``, the same one), and a
+    number one digit a token."""
     for key in keys:
         for text in (key, " " + key):
             if len(tokenizer.encode(text)) != 1:
                 raise RuntimeError(f"bpe tokenizer: {text!r} reads {len(tokenizer.encode(text))} tokens, expected 1")
-    if len(tokenizer.encode("1234")) != 4:
+        if prefix_space and tokenizer.encode(key) != tokenizer.encode(" " + key):
+            raise RuntimeError(f"bpe tokenizer: {key!r} reads otherwise first in a text than after a space")
+    if len(tokenizer.encode("1234")) != 4 + prefix_space:  # the space it puts before the text, then the digits
         raise RuntimeError("bpe tokenizer: '1234' does not read one digit a token")
 
 
-def write_bpe_tokenizer(out: str, verbose: bool = True, text: list[str] | None = None) -> str:
+def write_bpe_tokenizer(out: str, verbose: bool = True, text: list[str] | None = None,
+                        prefix_space: bool = False) -> str:
     """Learn the byte-level BPE augmenting tokenizer (``tok.train_bpe_tokenizer``) from the build in ``out`` and
-    write it to ``out/tokenizer_bpe`` unless the tokenizer.json there reads the same (``_same_tokenizer_json``);
-    returns its path.
+    write it to ``out/tokenizer_bpe`` (``out/tokenizer_bpe_prefix_space`` with ``prefix_space``) unless the
+    tokenizer.json there reads the same (``_same_tokenizer_json``); returns its path.
     The directory is replaced whole, never left half written."""
     from calm_dist.data.tokenizer import Tokenizer
 
-    path = os.path.join(out, BPE_TOKENIZER)
-    serialized = tok.train_bpe_tokenizer(_training_text(out) if text is None else text)
+    path = os.path.join(out, BPE_PREFIX_SPACE_TOKENIZER if prefix_space else BPE_TOKENIZER)
+    serialized = tok.train_bpe_tokenizer(_training_text(out) if text is None else text, prefix_space=prefix_space)
     current = os.path.join(path, "tokenizer.json")
     if os.path.exists(current) and _same_tokenizer_json(current, serialized):
         if verbose:
@@ -212,13 +219,14 @@ def write_bpe_tokenizer(out: str, verbose: bool = True, text: list[str] | None =
         shutil.rmtree(leftover, ignore_errors=True)
     tok.save_bpe_tokenizer(serialized, staging)
     with open(os.path.join(out, "keys.json")) as f:
-        check_bpe_tokenizer(Tokenizer(staging, "bpe tokenizer"), list(json.load(f)["value"]))
+        check_bpe_tokenizer(Tokenizer(staging, "bpe tokenizer"), list(json.load(f)["value"]), prefix_space)
     if os.path.exists(path):
         os.replace(path, old)
     os.replace(staging, path)
     shutil.rmtree(old, ignore_errors=True)
     if verbose:
-        print(f"[make_kv_task] wrote {path}: a byte-level BPE, keys one token each")
+        print(f"[make_kv_task] wrote {path}: a byte-level BPE, keys one token each"
+              + (", a space before each text" if prefix_space else ""))
     return path
 
 
@@ -252,8 +260,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--n-eval", type=int, default=d.n_eval)
     p.add_argument("--force", action="store_true", help="rebuild even when --out is current")
     p.add_argument("--augmenting-tokenizers", "--char-tokenizer", dest="augmenting_tokenizers", action="store_true",
-                   help=f"also write {CHAR_TOKENIZER}, {LETTERS_NUMBERS_TOKENIZER} and {BPE_TOKENIZER}/, the "
-                        "augmenting tokenizers of make demo-xtok")
+                   help=f"also write {CHAR_TOKENIZER}, {LETTERS_NUMBERS_TOKENIZER}, {BPE_TOKENIZER}/ and "
+                        f"{BPE_PREFIX_SPACE_TOKENIZER}/, the augmenting tokenizers of make demo-xtok")
     return p
 
 
@@ -263,10 +271,11 @@ def main(argv=None) -> int:
     settings.validate()
     build(a.out, settings, force=a.force)
     if a.augmenting_tokenizers:
-        text = _training_text(a.out)  # read once for the three
+        text = _training_text(a.out)  # read once for the four
         for kind in AUGMENTING_TOKENIZERS:
             write_augmenting_tokenizer(a.out, kind=kind, text=text)
         write_bpe_tokenizer(a.out, text=text)
+        write_bpe_tokenizer(a.out, text=text, prefix_space=True)
     return 0
 
 

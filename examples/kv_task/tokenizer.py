@@ -23,6 +23,9 @@ byte-level BPE (the `tokenizers` library) learned from the task text with Qwen2'
 transformers tokenizer directory. Its vocabulary and ids are its own; it has no dummy prefix (a text's first word
 reads otherwise than the same word after a space), a space before a number is a token of its own and digits are one
 a token (``qzv - 47`` reads ``qzv \u0120- \u0120 4 7``), and the keys, frequent in the text, are whole tokens.
+With ``prefix_space=True`` it reads a text that does not start with a space as if one preceded it (GPT-2's and
+RoBERTa's ``add_prefix_space``; SentencePiece's dummy prefix does the same): a key reads one token wherever it stands
+(``qzv - 47`` reads ``\u0120qzv \u0120- \u0120 4 7``).
 """
 from __future__ import annotations
 
@@ -82,12 +85,16 @@ QWEN2_PRE_TOKENIZER = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+
 BPE_SPECIAL = ("<pad>", "<s>", "</s>")
 
 
-def train_bpe_tokenizer(text: Iterable[str], vocab_size: int = 8192) -> str:
+def train_bpe_tokenizer(text: Iterable[str], vocab_size: int = 8192, prefix_space: bool = False) -> str:
     """The byte-level BPE tokenizer (module docstring) learned from ``text``, serialized (tokenizer.json). The
-    `tokenizers` trainer is deterministic: the same text gives the same bytes."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    `tokenizers` trainer is deterministic: the same text gives the same bytes. ``prefix_space``: a space goes before
+    every text that does not start with one, by the normalizer, so each token's offsets still point into the text as
+    given (the added space maps to the first character)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     bpe = Tokenizer(models.BPE())
+    if prefix_space:  # ByteLevel's own add_prefix_space would act on each piece the Split cuts, each digit included
+        bpe.normalizer = normalizers.Sequence([normalizers.Prepend(" "), normalizers.Replace(Regex("^  "), " ")])
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN2_PRE_TOKENIZER), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])

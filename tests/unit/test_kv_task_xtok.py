@@ -10,6 +10,7 @@ import os
 import random
 
 import pytest
+import torch
 
 from calm_dist.data.tokenizer import Tokenizer
 from examples.kv_task import make_data
@@ -254,3 +255,35 @@ def test_bpe_tokenizer_is_learned_from_the_task_and_every_sequence_reads_as_its_
     assert sp.encode(fact["prompt"]) == sp.encode(fact["prompt"][:-1])  # SentencePiece: the ids it always read
     settings = pretrain.settings_for(args(out, "--aug-tokenizer", path), "aug")
     assert settings["tokenizer"] == bpe.fingerprint()
+
+
+def test_bpe_tokenizer_with_a_prefix_space_reads_a_key_one_token_wherever_it_stands(tmp_path):
+    out = str(tmp_path / "task")
+    make_data.build(out, dataclasses.replace(SMALL, n_kv_sub_train=3000), verbose=False)
+    default = Tokenizer(make_data.write_bpe_tokenizer(out, verbose=False))
+    path = make_data.write_bpe_tokenizer(out, verbose=False, prefix_space=True)
+    assert os.path.basename(path) == make_data.BPE_PREFIX_SPACE_TOKENIZER
+    bpe = Tokenizer(path)
+    keys = list(json.load(open(os.path.join(out, "keys.json")))["value"])
+    assert all(len(bpe.encode(k)) == 1 and bpe.encode(k) == bpe.encode(" " + k) for k in keys)
+    assert all(default.encode(k) != default.encode(" " + k) for k in keys)  # the default BPE is as it was
+    assert bpe._hf.convert_ids_to_tokens(bpe.encode(f"{keys[0]} - 47")) == ["\u0120" + keys[0], "\u0120-", "\u0120",
+                                                                             "4", "7"]
+    # the added space has no character of its own: the spans point into the text as given
+    text = f"{keys[1]} + {keys[2]} =-18"
+    ids, spans = bpe.encode_with_spans(text)
+    assert ids == bpe.encode(text) and [text[s:e] for s, e in spans] == [keys[1], " +", " " + keys[2], " =", "-",
+                                                                         "1", "8"]
+    # a window of the text read from a cut rejoins the whole text's reading: windowed alignment equals the reference
+    from calm_dist.model.token_alignment import align, read_batch
+
+    sp = Tokenizer(os.path.join(out, "tokenizer.model"))
+    texts = [r["prompt"] + r["completion"] for name in SETS for r in data(out, name)[:6]]
+    anchor_ids, mask, anchor_spans = read_batch(texts, sp, padding_side="left")
+    windowed = align(texts, anchor_spans, mask, bpe, padding_side="left", window=2)
+    exact = align(texts, anchor_spans, mask, bpe, padding_side="left", window=None)
+    for field in dataclasses.fields(exact):
+        a, b = getattr(windowed, field.name), getattr(exact, field.name)
+        assert torch.equal(a, b) if hasattr(a, "shape") else a == b, field.name
+    with pytest.raises(RuntimeError, match="reads otherwise first in a text than after a space"):
+        make_data.check_bpe_tokenizer(default, keys, prefix_space=True)
