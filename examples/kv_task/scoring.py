@@ -77,15 +77,17 @@ def exact_match(model: Callable, tokenizer: Tokenizer, records: list[dict], max_
 
 @torch.no_grad()
 def next_token_accuracy(model: Callable, tokenizer: Tokenizer, records: list[dict], batch_size: int = 500) -> float:
-    """Fraction of records whose first completion token is the model's greedy next token after
-    ``<s> prompt`` (e.g. a key's value right after the key)."""
+    """Fraction of records whose next token after ``<s> prompt`` is the model's greedy one (e.g. a key's value
+    right after the key). The next token is the one the text ``prompt + completion`` reads after the prompt's
+    tokens: a tokenizer that puts a space before each text it reads would read the completion alone with a space
+    token first, which the text does not have."""
     if not records:
         return float("nan")
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
     enc = [prompt_ids(tokenizer, r["prompt"]) for r in records]
-    tgt = [completion_ids(tokenizer, r["completion"])[0] for r in records]
+    tgt = [_next_token(tokenizer, r) for r in records]
     ok = 0
     try:
         for idx in _by_length(enc):
@@ -98,3 +100,12 @@ def next_token_accuracy(model: Callable, tokenizer: Tokenizer, records: list[dic
         if was_training and hasattr(model, "train"):
             model.train()
     return ok / len(records)
+
+
+def _next_token(tokenizer: Tokenizer, record: dict) -> int:
+    """The token that ``prompt + completion`` reads right after the prompt's own tokens."""
+    prompt, whole = tokenizer.encode(record["prompt"]), tokenizer.encode(record["prompt"] + record["completion"])
+    if whole[:len(prompt)] != prompt or len(whole) == len(prompt):
+        raise ValueError(f"{record['prompt']!r} + {record['completion']!r}: the text does not read the prompt's "
+                         "tokens and then more, so it has no next token at the prompt's end")
+    return whole[len(prompt)]

@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from calm_dist.data.tokenizer import Tokenizer
+from calm_dist.data.tokenizer import Tokenizer, prompt_ids
 from examples.kv_task import make_data
 from examples.kv_task import pretrain
 from examples.kv_task import task as T
@@ -287,3 +287,19 @@ def test_bpe_tokenizer_with_a_prefix_space_reads_a_key_one_token_wherever_it_sta
         assert torch.equal(a, b) if hasattr(a, "shape") else a == b, field.name
     with pytest.raises(RuntimeError, match="reads otherwise first in a text than after a space"):
         make_data.check_bpe_tokenizer(default, keys, prefix_space=True)
+    # a fact is scored at the value's first digit, which "key 47" reads after "key ": read apart, "47" would start
+    # with the space this tokenizer puts before a text
+    from types import SimpleNamespace
+
+    from examples.kv_task.scoring import next_token_accuracy
+
+    facts = pretrain.facts_as_read(data(out, "kv_facts"))[:20]
+    for t in (bpe, default):
+        digit = {tuple(prompt_ids(t, f["prompt"])): t._hf.convert_tokens_to_ids(f["completion"][0]) for f in facts}
+
+        def knows_every_fact(input_ids):  # the next token is the value's first digit
+            logits = torch.zeros(*input_ids.shape, t.vocab_size)
+            for row, ids in enumerate(input_ids.tolist()):
+                logits[row, -1, digit[tuple(ids)]] = 1.0
+            return SimpleNamespace(logits=logits)
+        assert next_token_accuracy(knows_every_fact, t, facts) == 1.0
