@@ -205,7 +205,9 @@ def build_model(vocab_size: int, hidden: int, layers: int, heads: int, ffn: int,
 
 def train(model, sampler, steps: int, batch: int, lr: float, warmup: int, wd: float, log_every: int,
           max_seconds: float, evals=None, eval_every: int = 0, stop_at: float | None = None):
-    """AdamW, linear warmup then cosine decay to lr/10; optional early stop once every eval >= stop_at."""
+    """AdamW, linear warmup then cosine decay to lr/10; optional early stop once every eval >= stop_at. The result's
+    ``stopped`` says why it ended: ``steps`` (all of them), ``stop_at``, or ``wall_cap`` (``max_seconds`` ran out
+    first: not the recipe's model)."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd, betas=(0.9, 0.98))
 
     def lr_at(s):
@@ -214,7 +216,7 @@ def train(model, sampler, steps: int, batch: int, lr: float, warmup: int, wd: fl
         p = (s - warmup) / max(1, steps - warmup)
         return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
     model.train()
-    t0, c0, hist, loss_avg = time.time(), time.process_time(), [], None
+    t0, c0, hist, loss_avg, stopped = time.time(), time.process_time(), [], None, "steps"
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
@@ -226,6 +228,8 @@ def train(model, sampler, steps: int, batch: int, lr: float, warmup: int, wd: fl
         opt.step()
         loss_avg = loss.item() if loss_avg is None else 0.95 * loss_avg + 0.05 * loss.item()
         last = step + 1 == steps or time.time() - t0 > max_seconds
+        if last and step + 1 < steps:
+            stopped = "wall_cap"
         if (step + 1) % log_every == 0 or last:
             log(f"step {step + 1} loss {loss_avg:.4f} lr {lr_at(step):.2e} {time.time() - t0:.0f}s")
         if evals and eval_every and ((step + 1) % eval_every == 0 or last):
@@ -234,12 +238,22 @@ def train(model, sampler, steps: int, batch: int, lr: float, warmup: int, wd: fl
             log(f"  eval step {step + 1}: " + " ".join(f"{k}={a:.3f}" for k, a in accs.items()))
             if stop_at is not None and all(a >= stop_at for a in accs.values()):
                 log(f"  every eval >= {stop_at}: stopping early")
+                stopped = "stop_at"
                 break
         if last:
             break
     model.eval()
-    return {"steps": step + 1, "seconds": round(time.time() - t0, 1),
+    return {"steps": step + 1, "stopped": stopped, "seconds": round(time.time() - t0, 1),
             "cpu_seconds": round(time.process_time() - c0, 1), "final_loss": loss_avg, "history": hist}
+
+
+def warn_if_cut(which: str, metrics: dict, settings: dict) -> None:
+    """One line when the model was cut short by the wall-clock cap: its scores are not the recipe's, and a busy
+    machine (another job on the demo's cores) is the usual cause."""
+    if metrics.get("stopped") == "wall_cap":
+        log(f"WARNING: {which} stopped at step {metrics['steps']} of {settings['steps']}, cut by the wall-clock cap "
+            f"(--max-minutes {settings['max_minutes']:g}): not the recipe's model. Retrain it with --force on a "
+            "quieter machine, or with a larger --max-minutes")
 
 
 # -------------------------------------------------------------------------------------- main flow
@@ -278,7 +292,9 @@ def pretrain_one(which: str, task: Task, out: str, a: argparse.Namespace) -> dic
     if not a.force and is_current(model_dir, s, task):
         log(f"reusing {model_dir} (same settings and task)")
         with open(os.path.join(model_dir, "metrics.json")) as f:
-            return json.load(f)
+            metrics = json.load(f)
+        warn_if_cut(which, metrics, s)
+        return metrics
     seed = a.seed + (0 if which == "anchor" else 1000)
     rng = random.Random(seed)
     if which == "aug" and a.aug_tokenizer:
@@ -322,6 +338,7 @@ def pretrain_one(which: str, task: Task, out: str, a: argparse.Namespace) -> dic
         json.dump({"settings": s, "task": task.fingerprint, "params": n_params}, f, indent=1)
     log(f"{which} saved to {model_dir} after {info['steps']} steps, {info['seconds']}s: "
         + " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k.startswith(("em_", "acc_"))))
+    warn_if_cut(which, metrics, s)
     return metrics
 
 

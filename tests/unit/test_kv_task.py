@@ -237,6 +237,33 @@ def test_pairs_sampler_puts_the_loss_on_values_only(built):
         assert sum(x != -100 for x in lrow) == scored + 1
 
 
+def test_training_says_why_it_stopped_and_a_model_cut_by_the_wall_cap_is_flagged(built, capsys):
+    """A busy machine makes the wall-clock cap cut a model short (an anchor at 2,547 of 3,000 steps, 97.6% against
+    99.8% arithmetic, with two more jobs on the demo's cores): the result says so, and so does a line whenever the
+    model is trained or reused."""
+    import random
+    out, _ = built
+    task = pretrain.Task(out)
+    sampler = pretrain.RecordSampler(task.tokenizer, data(out, "arith_train"), random.Random(0))
+
+    def run(steps, max_seconds, evals=None, stop_at=None):
+        model = pretrain.build_model(task.vocab_size, 16, 1, 2, 32, False, 0, "llama")
+        return pretrain.train(model, sampler, steps, 4, 1e-3, 1, 0.0, 100, max_seconds, evals, 1, stop_at)
+    full = run(3, 1e9)
+    assert (full["steps"], full["stopped"]) == (3, "steps")
+    cut = run(3, -1.0)
+    assert (cut["steps"], cut["stopped"]) == (1, "wall_cap")
+    early = run(3, 1e9, evals={"always": lambda m: 1.0}, stop_at=0.99)
+    assert (early["steps"], early["stopped"]) == (1, "stop_at")
+    capsys.readouterr()
+    pretrain.warn_if_cut("anchor", cut, {"steps": 3, "max_minutes": 10.0})
+    warning = capsys.readouterr().out
+    assert "WARNING: anchor stopped at step 1 of 3, cut by the wall-clock cap (--max-minutes 10)" in warning
+    for result in (early, full):
+        pretrain.warn_if_cut("anchor", result, {"steps": 3, "max_minutes": 10.0})
+        assert capsys.readouterr().out == ""
+
+
 # ------------------------------------------------------------------------------------------ scoring
 class Answering(torch.nn.Module):
     """A causal LM stand-in whose greedy continuation of each prompt is the ids `answers` holds for it."""
