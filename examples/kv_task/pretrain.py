@@ -43,7 +43,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from calm_dist.data.tokenizer import Tokenizer, completion_ids, prompt_ids
 from examples.kv_task.make_data import file_sha256
-from examples.kv_task.scoring import exact_match, next_token_accuracy, read_jsonl
+from examples.kv_task.scoring import completion_as_read, exact_match, next_token_accuracy, read_jsonl
 from examples.kv_task.tokenizer import BOS_ID, EOS_ID, PAD_ID, load_tokenizer
 
 FORMAT_VERSION = 3
@@ -67,6 +67,10 @@ class Task:
             self.keys = json.load(f)
         self.n_values = self.manifest["settings"]["n_values"]
         self.vocab_size = self.manifest["vocab_size"]
+        # How a prompt/completion record reads: apart (bos + prompt, completion + eos), as calm-dist feeds every
+        # model of one tokenizer; or, for an augmenting model of its own tokenizer (with_tokenizer), as the text
+        # prompt + completion read whole, which is what calm-dist gives it across tokenizers.
+        self.whole_text = False
 
     def with_tokenizer(self, path: str) -> "Task":
         """The same task read through another tokenizer, a SentencePiece model or a transformers tokenizer
@@ -75,6 +79,7 @@ class Task:
         other.tokenizer = Tokenizer(path, "--aug-tokenizer")
         other.sp = load_tokenizer(path) if os.path.isfile(path) else None
         other.vocab_size = other.tokenizer.vocab_size
+        other.whole_text = True
         return other
 
     def data(self, name: str) -> list[dict]:
@@ -105,18 +110,28 @@ def pad_batch(seqs):
     return ids, att, lab
 
 
-def record_ids(tokenizer: Tokenizer, record: dict) -> tuple[list[int], list[int]]:
+def record_ids(tokenizer: Tokenizer, record: dict, whole_text: bool = False) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of ``<s> prompt completion </s>`` as calm_dist trains on it; labels -100 on ``<s>`` and
-    the prompt."""
-    p, c = prompt_ids(tokenizer, record["prompt"]), completion_ids(tokenizer, record["completion"])
+    the prompt. ``whole_text``: the completion's tokens are those the text prompt + completion reads after the
+    prompt's (Task.whole_text)."""
+    p = prompt_ids(tokenizer, record["prompt"])
+    c = completion_as_read(tokenizer, record) if whole_text else completion_ids(tokenizer, record["completion"])
     return p + c, [-100] * len(p) + c
+
+
+def reads_otherwise_whole(tokenizer: Tokenizer, records: list[dict]) -> bool:
+    """Whether any record's text prompt + completion reads otherwise than its prompt and completion apart."""
+    apart = zip(tokenizer.encode_batch([r["prompt"] for r in records]),
+                tokenizer.encode_batch([r["completion"] for r in records]))
+    whole = tokenizer.encode_batch([r["prompt"] + r["completion"] for r in records])
+    return any(p + c != w for (p, c), w in zip(apart, whole))
 
 
 class RecordSampler:
     """Uniformly sampled prompt/completion records (``<s> prompt completion </s>``), encoded once."""
 
-    def __init__(self, tokenizer: Tokenizer, records: list[dict], rng: random.Random):
-        self.enc = [record_ids(tokenizer, r) for r in records]
+    def __init__(self, tokenizer: Tokenizer, records: list[dict], rng: random.Random, whole_text: bool = False):
+        self.enc = [record_ids(tokenizer, r, whole_text) for r in records]
         self.rng = rng
 
     def batch(self, n: int):
@@ -274,6 +289,12 @@ def settings_for(a: argparse.Namespace, which: str) -> dict:
     if a.aug_tokenizer:  # absent otherwise: models pretrained with the task's tokenizer stay current
         aug["tokenizer"] = (file_sha256(a.aug_tokenizer)[:16] if os.path.isfile(a.aug_tokenizer)
                             else Tokenizer(a.aug_tokenizer, "--aug-tokenizer").fingerprint())
+        # records read whole (Task.whole_text); named only where that reads otherwise than apart, so a model whose
+        # tokenizer reads them alike either way (the default BPE) stays current
+        task = Task(a.task)
+        if reads_otherwise_whole(Tokenizer(a.aug_tokenizer, "--aug-tokenizer"),
+                                 task.data("kv_sub_train") + task.data("val_kv_sub")):
+            aug["reading"] = "whole_text"
     return aug
 
 
@@ -306,16 +327,16 @@ def pretrain_one(which: str, task: Task, out: str, a: argparse.Namespace) -> dic
     log(f"{which}: {s['arch']} {n_params / 1e6:.2f}M params, {s['layers']} blocks, d={s['hidden']}, "
         f"{s['heads']} heads")
     if which == "anchor":
-        sampler = RecordSampler(tokenizer, task.data("arith_train"), rng)
+        sampler = RecordSampler(tokenizer, task.data("arith_train"), rng, task.whole_text)
         ev = task.data("eval_arith")
-        evals = {"arith": lambda m: exact_match(m, task.tokenizer, ev)}
+        evals = {"arith": lambda m: exact_match(m, task.tokenizer, ev, whole_text=task.whole_text)}
     else:
         facts = task.data("kv_facts")
         if s["number_facts"]:
             # a number's value is the number itself: "7" -> "7" (no arithmetic)
             facts = facts + [{"prompt": str(n), "completion": str(n)} for n in range(task.n_values)]
         pairs = PairsSampler(tokenizer, facts, rng, s["pairs_per_seq"], s["sep_prob"])
-        sub = RecordSampler(tokenizer, task.data("kv_sub_train"), rng)
+        sub = RecordSampler(tokenizer, task.data("kv_sub_train"), rng, task.whole_text)
         sampler = {"pairs": pairs, "sub": sub, "mix": MixSampler([pairs, sub])}[s["format"]]
         kv = facts_as_read(task.data("kv_facts"))
         random.Random(0).shuffle(kv)
@@ -323,7 +344,7 @@ def pretrain_one(which: str, task: Task, out: str, a: argparse.Namespace) -> dic
         evals = {"kv_facts": lambda m: next_token_accuracy(m, task.tokenizer, kv)}
         if s["format"] != "pairs":
             ev = task.data("val_kv_sub")[:200]  # validation keys: the test keys are scored once, at the end
-            evals["kv_sub"] = lambda m: exact_match(m, task.tokenizer, ev)
+            evals["kv_sub"] = lambda m: exact_match(m, task.tokenizer, ev, whole_text=task.whole_text)
     torch.manual_seed(seed)
     stop_at = s["stop_at"] if s["stop_at"] is not None and 0 < s["stop_at"] <= 1 else None
     info = train(model, sampler, s["steps"], s["batch"], s["lr"], s["warmup"], s["weight_decay"], a.log_every,
@@ -355,7 +376,7 @@ def evaluate_base(model, task: Task, n: int = 500) -> dict:
     out = {}
     for metric, name in (("em_arith", "eval_arith"), ("em_kv_sub_heldout", "eval_kv_sub_heldout"),
                          ("em_kv_sub_validation", "val_kv_sub"), ("em_kv_arith_validation", "val_kv_arith")):
-        out[metric] = exact_match(model, task.tokenizer, task.data(name)[:n])
+        out[metric] = exact_match(model, task.tokenizer, task.data(name)[:n], whole_text=task.whole_text)
     out["acc_kv_facts"] = next_token_accuracy(model, task.tokenizer, facts_as_read(task.data("kv_facts")))
     return out
 

@@ -57,12 +57,14 @@ def greedy_complete(model: Callable, tokenizer: Tokenizer, prompts: list[str], m
 
 
 def exact_match(model: Callable, tokenizer: Tokenizer, records: list[dict], max_new_tokens: int | None = None,
-                batch_size: int = 250) -> float:
+                batch_size: int = 250, whole_text: bool = False) -> float:
     """Fraction of records whose greedy continuation is the reference completion and then eos
-    (``calm_dist.task_eval.is_exact_match``)."""
+    (``calm_dist.task_eval.is_exact_match``). ``whole_text``: the reference is the completion as the text
+    ``prompt + completion`` reads it (``completion_as_read``), the reading a model trained on whole texts learned."""
     if not records:
         return float("nan")
-    refs = [completion_ids(tokenizer, r["completion"]) for r in records]
+    refs = [completion_as_read(tokenizer, r) if whole_text else completion_ids(tokenizer, r["completion"])
+            for r in records]
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
@@ -102,10 +104,17 @@ def next_token_accuracy(model: Callable, tokenizer: Tokenizer, records: list[dic
     return ok / len(records)
 
 
-def _next_token(tokenizer: Tokenizer, record: dict) -> int:
-    """The token that ``prompt + completion`` reads right after the prompt's own tokens."""
+def completion_as_read(tokenizer: Tokenizer, record: dict) -> list[int]:
+    """The tokens that the text ``prompt + completion`` reads after the prompt's own tokens, then eos: the
+    completion as a model reads it when it is given the text whole (calm-dist's augmenting side across tokenizers),
+    which a tokenizer may read otherwise than the completion alone (SentencePiece's dummy prefix, a prefix space)."""
     prompt, whole = tokenizer.encode(record["prompt"]), tokenizer.encode(record["prompt"] + record["completion"])
     if whole[:len(prompt)] != prompt or len(whole) == len(prompt):
         raise ValueError(f"{record['prompt']!r} + {record['completion']!r}: the text does not read the prompt's "
-                         "tokens and then more, so it has no next token at the prompt's end")
-    return whole[len(prompt)]
+                         "tokens and then more, so its completion has no tokens of its own")
+    return whole[len(prompt):] + ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
+
+
+def _next_token(tokenizer: Tokenizer, record: dict) -> int:
+    """The token that ``prompt + completion`` reads right after the prompt's own tokens."""
+    return completion_as_read(tokenizer, record)[0]

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -141,8 +142,11 @@ def test_pretrain_settings_name_the_augmenting_tokenizer(built, tmp_path):
     # the flag they are what they were (models pretrained on the task's tokenizer stay current)
     assert pretrain.settings_for(plain, "anchor") == pretrain.settings_for(xtok, "anchor")
     assert "tokenizer" not in pretrain.settings_for(plain, "aug")
+    # the letters tokenizer reads "...=-18" whole otherwise than "...=" and "-18" apart (SentencePiece's dummy
+    # prefix), so the settings name the whole-text reading its records are pretrained on
     assert pretrain.settings_for(xtok, "aug") == {**pretrain.settings_for(plain, "aug"),
-                                                   "tokenizer": make_data.file_sha256(chars)[:16]}
+                                                   "tokenizer": make_data.file_sha256(chars)[:16],
+                                                   "reading": "whole_text"}
     model_dir = tmp_path / "aug"
     model_dir.mkdir()
     for f in ("config.json", "metrics.json"):
@@ -190,6 +194,14 @@ def test_the_augmenting_model_is_built_and_fed_through_its_own_tokenizer(built):
     assert [sp.id_to_piece(i) for i in rec_ids[1:-1]] == ["\u2581q", "z", "v", "\u2581-", "\u2581a", "b", "\u2581=",
                                                           "\u2581-", "1", "8"]
     assert rec_labels == [-100] * 8 + rec_ids[8:]
+    # an augmenting model of its own tokenizer is pretrained on each record's text read whole, as calm-dist gives it
+    # the text across tokenizers: "=-18" is one word there, read without a second dummy prefix
+    assert aug.whole_text and not task.whole_text
+    text = "qzv - ab =-18"
+    whole_ids, whole_labels = pretrain.record_ids(aug.tokenizer, {"prompt": "qzv - ab =", "completion": "-18"},
+                                                  whole_text=True)
+    assert whole_ids == [sp.bos_id()] + sp.encode(text) + [sp.eos_id()] != rec_ids
+    assert whole_labels == [-100] * 8 + whole_ids[8:]
 
 
 def test_the_probe_reads_a_key_read_letter_by_letter_at_its_last_letter(built):
@@ -255,6 +267,8 @@ def test_bpe_tokenizer_is_learned_from_the_task_and_every_sequence_reads_as_its_
     assert sp.encode(fact["prompt"]) == sp.encode(fact["prompt"][:-1])  # SentencePiece: the ids it always read
     settings = pretrain.settings_for(args(out, "--aug-tokenizer", path), "aug")
     assert settings["tokenizer"] == bpe.fingerprint()
+    assert "reading" not in settings  # its records read alike apart and whole: models pretrained before stay current
+    assert pretrain.record_ids(task.tokenizer, record, whole_text=True) == pretrain.record_ids(task.tokenizer, record)
 
 
 def test_bpe_tokenizer_with_a_prefix_space_reads_a_key_one_token_wherever_it_stands(tmp_path):
@@ -289,11 +303,32 @@ def test_bpe_tokenizer_with_a_prefix_space_reads_a_key_one_token_wherever_it_sta
         make_data.check_bpe_tokenizer(default, keys, prefix_space=True)
     # a fact is scored at the value's first digit, which "key 47" reads after "key ": read apart, "47" would start
     # with the space this tokenizer puts before a text
-    from types import SimpleNamespace
-
     from examples.kv_task.scoring import next_token_accuracy
 
     facts = pretrain.facts_as_read(data(out, "kv_facts"))[:20]
+    # pretrained on whole texts: "=-18" reads no space after "=", where the completion alone would start with one
+    settings = pretrain.settings_for(args(out, "--aug-tokenizer", path), "aug")
+    assert settings["reading"] == "whole_text"
+    record = {"prompt": f"{keys[1]} + {keys[2]} =", "completion": "-18"}
+    ids, labels = pretrain.record_ids(bpe, record, whole_text=True)
+    assert ids == [bpe.bos_id] + bpe.encode(record["prompt"] + record["completion"]) + [bpe.eos_id]
+    assert bpe._hf.convert_ids_to_tokens(ids[-5:-1]) == ["\u0120=", "-", "1", "8"]
+    assert labels == [-100] * (1 + len(bpe.encode(record["prompt"]))) + ids[-4:]
+    assert pretrain.record_ids(bpe, record)[0] != ids
+    # and scored so: a model that continues each prompt as its whole text reads is exactly right, read whole
+    from examples.kv_task.scoring import completion_as_read, exact_match
+
+    records = data(out, "val_kv_sub")[:8]
+    answers = {tuple(prompt_ids(bpe, r["prompt"])): completion_as_read(bpe, r) for r in records}
+
+    def continues_as_read(input_ids):
+        logits = torch.zeros(*input_ids.shape, bpe.vocab_size)
+        for row, ids in enumerate(input_ids.tolist()):
+            prompt = next(p for p in answers if tuple(ids[:len(p)]) == p)
+            logits[row, -1, (answers[prompt] + [bpe.eos_id] * 99)[len(ids) - len(prompt)]] = 1.0
+        return SimpleNamespace(logits=logits)
+    assert exact_match(continues_as_read, bpe, records, whole_text=True) == 1.0
+    assert exact_match(continues_as_read, bpe, records) == 0.0  # the completion alone starts with a space token
     for t in (bpe, default):
         digit = {tuple(prompt_ids(t, f["prompt"])): t._hf.convert_tokens_to_ids(f["completion"][0]) for f in facts}
 
