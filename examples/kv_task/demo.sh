@@ -20,7 +20,8 @@
 # token, tokenizer_letters_numbers.model also numbers whole),
 # pretrained into models/xtok_<tokenizer>_seed*; the anchor is the same one, and every calm-dist command aligns the
 # two readings by characters. Its runs go to runs_xtok/ and the MLflow experiment kv_demo_xtok; prefix-only decoding
-# has no cross-tokenizer form. AUG_PRETRAIN_ARGS adds flags to that model's pretraining only (docs/cross_tokenizer.md).
+# has no cross-tokenizer form. That m_A pretrains XTOK_AUG_STEPS steps (default 4000); AUG_PRETRAIN_ARGS adds flags to
+# its pretraining only (docs/cross_tokenizer.md).
 # VALIDATION_ONLY=1 scores the validation keys and numeric arithmetic only, without the baselines: a design is
 # chosen there, and the test keys are scored once, by the run of the design chosen.
 #   7. the comparison of the training runs (calm-dist compare): loss curves in comparison.png beside results.md
@@ -70,10 +71,13 @@ if [ "$XTOK" = 1 ]; then
     "$PYTHON" -m examples.kv_task.pretrain --task "$TASK" --out "$MODELS" --which anchor --seed "$BASE_SEED" \
         ${PRETRAIN_ARGS:-} > "$RUN/pretrain_anchor.log" 2>&1 &
     anchor_job=$!
-    # the BPE's 3,518-token output layer makes its 2,000 steps take ~15 minutes: a wall cap of 25 minutes
+    # 4,000 steps (XTOK_AUG_STEPS), chosen on the validation keys over six seeds (docs/cross_tokenizer.md): the BPE
+    # reads each key in two forms (first in a text and after a space), so each form gets the same-tokenizer m_A's
+    # 2,000 steps' worth. Its 3,518-token output layer makes them take ~30 minutes alone: a wall cap of 60 minutes
     # shellcheck disable=SC2086
     "$PYTHON" -m examples.kv_task.pretrain --task "$TASK" --out "$(dirname "$AUG")" --which aug --seed "$BASE_SEED" \
-        --aug-tokenizer "$TASK/$XTOK_TOKENIZER" --max-minutes 25 ${PRETRAIN_ARGS:-} ${AUG_PRETRAIN_ARGS:-} \
+        --aug-tokenizer "$TASK/$XTOK_TOKENIZER" --aug-steps "${XTOK_AUG_STEPS:-4000}" --max-minutes 60 \
+        ${PRETRAIN_ARGS:-} ${AUG_PRETRAIN_ARGS:-} \
         > "$RUN/pretrain_aug.log" 2>&1 &
     aug_job=$!
     wait "$anchor_job" || { tail -n 20 "$RUN/pretrain_anchor.log"; exit 1; }
