@@ -271,14 +271,19 @@ def test_bpe_tokenizer_is_learned_from_the_task_and_every_sequence_reads_as_its_
     assert pretrain.record_ids(task.tokenizer, record, whole_text=True) == pretrain.record_ids(task.tokenizer, record)
 
 
-def test_bpe_tokenizer_with_a_prefix_space_reads_a_key_one_token_wherever_it_stands(tmp_path):
-    out = str(tmp_path / "task")
+@pytest.fixture(scope="module")
+def prefix_space_built(tmp_path_factory):
+    """A task with both BPEs learned from it: (task dir, the default BPE, the prefix-space BPE, its keys)."""
+    out = str(tmp_path_factory.mktemp("kv_prefix_space") / "task")
     make_data.build(out, dataclasses.replace(SMALL, n_kv_sub_train=3000), verbose=False)
     default = Tokenizer(make_data.write_bpe_tokenizer(out, verbose=False))
     path = make_data.write_bpe_tokenizer(out, verbose=False, prefix_space=True)
     assert os.path.basename(path) == make_data.BPE_PREFIX_SPACE_TOKENIZER
-    bpe = Tokenizer(path)
-    keys = list(json.load(open(os.path.join(out, "keys.json")))["value"])
+    return out, default, Tokenizer(path), list(json.load(open(os.path.join(out, "keys.json")))["value"])
+
+
+def test_bpe_tokenizer_with_a_prefix_space_reads_a_key_one_token_wherever_it_stands(prefix_space_built):
+    out, default, bpe, keys = prefix_space_built
     assert all(len(bpe.encode(k)) == 1 and bpe.encode(k) == bpe.encode(" " + k) for k in keys)
     assert all(default.encode(k) != default.encode(" " + k) for k in keys)  # the default BPE is as it was
     assert bpe._hf.convert_ids_to_tokens(bpe.encode(f"{keys[0]} - 47")) == ["\u0120" + keys[0], "\u0120-", "\u0120",
@@ -301,13 +306,14 @@ def test_bpe_tokenizer_with_a_prefix_space_reads_a_key_one_token_wherever_it_sta
         assert torch.equal(a, b) if hasattr(a, "shape") else a == b, field.name
     with pytest.raises(RuntimeError, match="reads otherwise first in a text than after a space"):
         make_data.check_bpe_tokenizer(default, keys, prefix_space=True)
-    # a fact is scored at the value's first digit, which "key 47" reads after "key ": read apart, "47" would start
-    # with the space this tokenizer puts before a text
-    from examples.kv_task.scoring import next_token_accuracy
 
-    facts = pretrain.facts_as_read(data(out, "kv_facts"))[:20]
+
+def test_an_augmenting_model_of_the_prefix_space_bpe_learns_and_is_scored_on_whole_texts(prefix_space_built):
+    from examples.kv_task.scoring import completion_as_read, exact_match, next_token_accuracy
+
+    out, default, bpe, keys = prefix_space_built
     # pretrained on whole texts: "=-18" reads no space after "=", where the completion alone would start with one
-    settings = pretrain.settings_for(args(out, "--aug-tokenizer", path), "aug")
+    settings = pretrain.settings_for(args(out, "--aug-tokenizer", str(bpe.path)), "aug")
     assert settings["reading"] == "whole_text"
     record = {"prompt": f"{keys[1]} + {keys[2]} =", "completion": "-18"}
     ids, labels = pretrain.record_ids(bpe, record, whole_text=True)
@@ -316,8 +322,6 @@ def test_bpe_tokenizer_with_a_prefix_space_reads_a_key_one_token_wherever_it_sta
     assert labels == [-100] * (1 + len(bpe.encode(record["prompt"]))) + ids[-4:]
     assert pretrain.record_ids(bpe, record)[0] != ids
     # and scored so: a model that continues each prompt as its whole text reads is exactly right, read whole
-    from examples.kv_task.scoring import completion_as_read, exact_match
-
     records = data(out, "val_kv_sub")[:8]
     answers = {tuple(prompt_ids(bpe, r["prompt"])): completion_as_read(bpe, r) for r in records}
 
@@ -329,6 +333,9 @@ def test_bpe_tokenizer_with_a_prefix_space_reads_a_key_one_token_wherever_it_sta
         return SimpleNamespace(logits=logits)
     assert exact_match(continues_as_read, bpe, records, whole_text=True) == 1.0
     assert exact_match(continues_as_read, bpe, records) == 0.0  # the completion alone starts with a space token
+    # a fact is scored at the value's first digit, which "key 47" reads after "key ": read apart, "47" would start
+    # with the space this tokenizer puts before a text
+    facts = pretrain.facts_as_read(data(out, "kv_facts"))[:20]
     for t in (bpe, default):
         digit = {tuple(prompt_ids(t, f["prompt"])): t._hf.convert_tokens_to_ids(f["completion"][0]) for f in facts}
 
