@@ -16,7 +16,8 @@ import torch
 from calm_dist.config import ConfigError
 from calm_dist.data.sources import open_source
 from calm_dist.cross_tokenizer_eval import across_tokenizer_fns
-from calm_dist.data.tokenizer import Tokenizer, anchor_tokenizer, completion_ids, model_tokenizers, prompt_ids
+from calm_dist.data.tokenizer import (Tokenizer, anchor_tokenizer, completion_ids, model_tokenizers, prompt_ids,
+                                      whole_text_ids)
 from calm_dist.eval_tracking import log_results
 from calm_dist.model.lm_loss import IGNORE
 from calm_dist.model.baselines import LoRAAnchor
@@ -77,17 +78,23 @@ def stop_ids(tokenizer: Tokenizer, model_config) -> list[int]:
 def evaluate_set(generate: GenerateFn, logits_fn: LogitsFn, tokenizer: Tokenizer, records, *, batch_size: int = 64,
                  max_new_tokens: int | None = None, prompt_field: str = "prompt",
                  completion_field: str = "completion", keep_examples: int = 5,
-                 stops: list[int] | None = None) -> SetResult:
+                 stops: list[int] | None = None, whole_text: bool = False) -> SetResult:
     """Greedy exact match (`is_exact_match`) and the token-mean loss of the completions, both tokenized as
-    training tokenizes them. `stops`: the ids where `generate` ends a row (answer_text cuts the examples there)."""
+    training tokenizes them: prompt and completion apart, or with `whole_text` as the text prompt + completion
+    reads whole (data.tokenizer.whole_text_ids, an augmenting model's reading across tokenizers). `stops`: the ids
+    where `generate` ends a row (answer_text cuts the examples there)."""
     if tokenizer.eos_id is None:
         raise ConfigError(f"exact match needs an end-of-sequence token, and data.tokenizer {tokenizer.path} has none")
     correct, loss_sum, loss_tokens, examples = 0, 0.0, 0, []
     records = list(records)
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
-        prompts = [prompt_ids(tokenizer, r[prompt_field]) for r in chunk]
-        references = [completion_ids(tokenizer, r[completion_field]) for r in chunk]
+        if whole_text:
+            prompts, references = map(list, zip(*(whole_text_ids(tokenizer, r[prompt_field], r[completion_field])
+                                                  for r in chunk)))
+        else:
+            prompts = [prompt_ids(tokenizer, r[prompt_field]) for r in chunk]
+            references = [completion_ids(tokenizer, r[completion_field]) for r in chunk]
         ids, mask = _left_pad(prompts, tokenizer.pad_id)
         n = max_new_tokens or max(map(len, references))
         texts = [r[prompt_field] for r in chunk]
@@ -189,7 +196,8 @@ def run(cfg, sets: dict[str, str], compositions: dict[str, str], base_models: li
         max_new_tokens: int | None = None, limit: int | None = None,
         prefix_only: bool = False) -> dict[str, dict[str, SetResult]]:
     """Every column on every set. With data.different_tokenizers each augmenting model alone reads (and is scored
-    in) its own tokenizer's ids, and a composition trained across tokenizers decodes across them."""
+    in) its own tokenizer's ids, of the text prompt + completion read whole as the composition gives it, and a
+    composition trained across tokenizers decodes across them."""
     across = cfg.data.different_tokenizers
     tokenizers = model_tokenizers(cfg) if across else None
     tokenizer = tokenizers.anchor if across else anchor_tokenizer(cfg)
@@ -198,6 +206,8 @@ def run(cfg, sets: dict[str, str], compositions: dict[str, str], base_models: li
     fns: dict[str, tuple[GenerateFn, LogitsFn]] = {}
     stops: dict[str, list[int]] = {}  # per column: each model stops at its own config's eos ids too
     column_tokenizer: dict[str, Tokenizer] = {}  # where a column reads other ids than the anchor's
+    # across tokenizers an augmenting model reads the text whole, in the composition as alone
+    reads_whole: set[str] = set()
     if "augmenting" in base_models:
         revisions = cfg.model.augmenting_revisions or [None] * len(cfg.model.augmenting)
         for i, (path, revision) in enumerate(zip(cfg.model.augmenting, revisions)):
@@ -205,6 +215,8 @@ def run(cfg, sets: dict[str, str], compositions: dict[str, str], base_models: li
             model = load_causal_lm(path, revision, attn_implementation=cfg.model.attn_implementation).eval().to(device)
             own = tokenizers.augmenting[i] if across else tokenizer
             column_tokenizer[name] = own
+            if across:
+                reads_whole.add(name)
             stops[name] = stop_ids(own, model.config)
             fns[name] = on_device(hf_model_fns(model, stops[name], own.pad_id), model)
     if "anchor" in base_models:
@@ -242,7 +254,7 @@ def run(cfg, sets: dict[str, str], compositions: dict[str, str], base_models: li
                                                    max_new_tokens=max_new_tokens,
                                                    prompt_field=cfg.data.prompt_field,
                                                    completion_field=cfg.data.completion_field,
-                                                   stops=stops[name])
+                                                   stops=stops[name], whole_text=name in reads_whole)
     return results
 
 

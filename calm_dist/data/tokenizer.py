@@ -265,3 +265,18 @@ def prompt_ids(tok: Tokenizer, prompt: str) -> list[int]:
 def completion_ids(tok: Tokenizer, completion: str) -> list[int]:
     """A completion as training labels it and exact match requires it: its tokens, then eos."""
     return tok.encode(completion) + ([tok.eos_id] if tok.eos_id is not None else [])
+
+
+def whole_text_ids(tok: Tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+    """A prompt and its completion as a model reads the text `prompt + completion` whole, split where the prompt's
+    characters end: bos and the tokens that end within the prompt, then the rest and eos. The reading an augmenting
+    model gets across tokenizers, which may differ from prompt_ids + completion_ids: a byte-level BPE reads
+    "A: " + "42" as "A", ":", " 42", a prefix-space or dummy-prefix tokenizer puts a space token before a
+    completion read alone. A token across the cut belongs to the completion (lm-evaluation-harness moves a
+    context's trailing space to its continuation for the same reason)."""
+    ids, spans = tok.encode_with_spans(prompt + completion)
+    cut = 0
+    while cut < len(ids) and spans[cut][1] <= len(prompt):
+        cut += 1
+    return (([tok.bos_id] if tok.bos_id is not None else []) + ids[:cut],
+            ids[cut:] + ([tok.eos_id] if tok.eos_id is not None else []))

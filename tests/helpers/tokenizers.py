@@ -50,3 +50,12 @@ def sentencepiece(path: Path, vocab_size: int = 128) -> Tokenizer:
     """calm_dist.tiny_setup's SentencePiece unigram model, trained on the corpus."""
     train_tokenizer(CORPUS, path, vocab_size=vocab_size)
     return Tokenizer(path)
+
+
+def split_by_decoding(tok: Tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+    """The text prompt + completion read whole, split where the prompt ends, found by decoding (exact for a
+    byte-level BPE): bos and the longest run of the first tokens that decodes to a prefix of the prompt, then the
+    rest and eos. A reference for data.tokenizer.whole_text_ids, which splits by the tokens' character spans."""
+    whole = tok.encode(prompt + completion)
+    cut = max(k for k in range(len(whole) + 1) if prompt.startswith(tok.decode(whole[:k])))
+    return [tok.bos_id, *whole[:cut]], whole[cut:] + [tok.eos_id]

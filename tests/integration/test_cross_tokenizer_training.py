@@ -18,7 +18,7 @@ from calm_dist.model.token_alignment import align
 from tests.helpers.launch import REPO, run_ranks
 from tests.helpers.reference_training import optimizer_step, reference_batches, reference_optimizer
 from tests.helpers.tiny import tiny_setup
-from tests.helpers.tokenizers import byte_level_bpe
+from tests.helpers.tokenizers import byte_level_bpe, split_by_decoding
 
 pytestmark = pytest.mark.slow
 WORKER = str(REPO / "tests" / "helpers" / "workers" / "zero3_worker.py")
@@ -179,17 +179,21 @@ def evaluation_matches_a_reference(setup: Path, out: Path, tmp_path: Path):
     """`calm-dist eval` across tokenizers, in batches of 4 over 6 records (left padding, two batches), equals a
     reference computed record by record: the composition's completion loss from the plainly read rows and the
     reference alignment, its answers from decoding that recomputes the whole text each step; the augmenting
-    model alone scored in its own tokenizer's ids."""
+    model alone scored in its own tokenizer's ids, of the text read whole (on a second set whose prompts end with a
+    space, which the byte-level BPE reads within the completion's first token: read apart it scores otherwise)."""
     from calm_dist.cli import main
     from calm_dist.model.cross_tokenizer_generation import generate_across_tokenizers
     from transformers import AutoModelForCausalLM
 
     results = tmp_path / "eval.json"
-    assert main(["eval", "--config", str(RECIPE), *overrides(setup, out), "--composition", f"composed={out / 'final'}",
-                 "--set", f"eval={setup / 'eval.jsonl'}", "--batch-size", "4", "--json", str(results)]) == 0
-    got = json.loads(results.read_text())
     records = [json.loads(line) for line in (setup / "eval.jsonl").read_text().splitlines()]
     assert len(records) == 6
+    spaced = [{"prompt": r["prompt"] + " ", "completion": r["completion"].lstrip(" ")} for r in records]
+    (tmp_path / "spaced.jsonl").write_text("".join(json.dumps(r) + "\n" for r in spaced))
+    assert main(["eval", "--config", str(RECIPE), *overrides(setup, out), "--composition", f"composed={out / 'final'}",
+                 "--set", f"eval={setup / 'eval.jsonl'}", "--set", f"spaced={tmp_path / 'spaced.jsonl'}",
+                 "--batch-size", "4", "--json", str(results)]) == 0
+    got = json.loads(results.read_text())
     atok, gtok = Tokenizer(setup / "tokenizer.model"), Tokenizer(setup / "bpe")
 
     model = ComposedModel.from_composition(out / "final").eval()
@@ -211,16 +215,24 @@ def evaluation_matches_a_reference(setup: Path, out: Path, tmp_path: Path):
     assert [e["got"] for e in composed["examples"]] == answers[:len(composed["examples"])]
 
     augmenting = AutoModelForCausalLM.from_pretrained(setup / "augmenting").eval()
-    summed, tokens = 0.0, 0
-    with torch.no_grad():
-        for record in records:
-            prompt = [gtok.bos_id] * (gtok.bos_id is not None) + gtok.encode(record["prompt"])
-            completion = gtok.encode(record["completion"]) + [gtok.eos_id]
-            ids = torch.tensor([prompt + completion])
-            labels = torch.tensor([[IGNORE] * len(prompt) + completion])
-            s, t = reference_completion_loss(augmenting(ids).logits, labels)
-            summed, tokens = summed + s, tokens + t
-    assert got["augmenting"]["eval"]["loss"] == pytest.approx(summed / tokens, rel=1e-5)
+
+    def augmenting_loss(records: list[dict], split) -> float:
+        summed, tokens = 0.0, 0
+        with torch.no_grad():
+            for record in records:
+                prompt, completion = split(gtok, record["prompt"], record["completion"])
+                ids = torch.tensor([prompt + completion])
+                labels = torch.tensor([[IGNORE] * len(prompt) + completion])
+                s, t = reference_completion_loss(augmenting(ids).logits, labels)
+                summed, tokens = summed + s, tokens + t
+        return summed / tokens
+
+    def apart(tok, prompt: str, completion: str):
+        return [tok.bos_id, *tok.encode(prompt)], tok.encode(completion) + [tok.eos_id]
+
+    for name, rows in (("eval", records), ("spaced", spaced)):
+        assert got["augmenting"][name]["loss"] == pytest.approx(augmenting_loss(rows, split_by_decoding), rel=1e-5)
+    assert augmenting_loss(spaced, apart) != pytest.approx(augmenting_loss(spaced, split_by_decoding), rel=1e-3)
 
 
 def test_cached_states_of_each_rows_own_reading_are_the_recomputed_ones(setup_dir, tmp_path):
