@@ -119,12 +119,17 @@ def record_ids(tokenizer: Tokenizer, record: dict, whole_text: bool = False) -> 
     return p + c, [-100] * len(p) + c
 
 
-def reads_otherwise_whole(tokenizer: Tokenizer, records: list[dict]) -> bool:
-    """Whether any record's text prompt + completion reads otherwise than its prompt and completion apart."""
-    apart = zip(tokenizer.encode_batch([r["prompt"] for r in records]),
-                tokenizer.encode_batch([r["completion"] for r in records]))
-    whole = tokenizer.encode_batch([r["prompt"] + r["completion"] for r in records])
-    return any(p + c != w for (p, c), w in zip(apart, whole))
+def reads_otherwise_whole(tokenizer: Tokenizer, records: list[dict], chunk: int = 1000) -> bool:
+    """Whether any record's text prompt + completion reads otherwise than its prompt and completion apart; read
+    a chunk at a time, so a tokenizer that reads them otherwise answers after the first."""
+    for start in range(0, len(records), chunk):
+        part = records[start:start + chunk]
+        apart = zip(tokenizer.encode_batch([r["prompt"] for r in part]),
+                    tokenizer.encode_batch([r["completion"] for r in part]))
+        whole = tokenizer.encode_batch([r["prompt"] + r["completion"] for r in part])
+        if any(p + c != w for (p, c), w in zip(apart, whole)):
+            return True
+    return False
 
 
 class RecordSampler:
@@ -272,7 +277,9 @@ def warn_if_cut(which: str, metrics: dict, settings: dict) -> None:
 
 
 # -------------------------------------------------------------------------------------- main flow
-def settings_for(a: argparse.Namespace, which: str) -> dict:
+def settings_for(a: argparse.Namespace, which: str, task: Task) -> dict:
+    """What a pretrained model's manifest must hold to be reused: the flags that shape it, and for an augmenting
+    model of its own tokenizer, that tokenizer's bytes and how `task`'s records read through it."""
     common = {"format_version": FORMAT_VERSION, "seed": a.seed, "batch": a.batch,
               "warmup": a.warmup, "eval_every": a.eval_every,
               "max_minutes": a.max_minutes}
@@ -291,7 +298,6 @@ def settings_for(a: argparse.Namespace, which: str) -> dict:
                             else Tokenizer(a.aug_tokenizer, "--aug-tokenizer").fingerprint())
         # records read whole (Task.whole_text); named only where that reads otherwise than apart, so a model whose
         # tokenizer reads them alike either way (the default BPE) stays current
-        task = Task(a.task)
         if reads_otherwise_whole(Tokenizer(a.aug_tokenizer, "--aug-tokenizer"),
                                  task.data("kv_sub_train") + task.data("val_kv_sub")):
             aug["reading"] = "whole_text"
@@ -309,7 +315,7 @@ def is_current(model_dir: str, settings: dict, task: Task) -> bool:
 
 def pretrain_one(which: str, task: Task, out: str, a: argparse.Namespace) -> dict:
     model_dir = os.path.join(out, which)
-    s = settings_for(a, which)
+    s = settings_for(a, which, task)
     if not a.force and is_current(model_dir, s, task):
         log(f"reusing {model_dir} (same settings and task)")
         with open(os.path.join(model_dir, "metrics.json")) as f:

@@ -89,7 +89,7 @@ def next_token_accuracy(model: Callable, tokenizer: Tokenizer, records: list[dic
     if hasattr(model, "eval"):
         model.eval()
     enc = [prompt_ids(tokenizer, r["prompt"]) for r in records]
-    tgt = [_next_token(tokenizer, r) for r in records]
+    tgt = [completion_as_read(tokenizer, r)[0] for r in records]
     ok = 0
     try:
         for idx in _by_length(enc):
@@ -114,7 +114,3 @@ def completion_as_read(tokenizer: Tokenizer, record: dict) -> list[int]:
                          "tokens and then more, so its completion has no tokens of its own")
     return whole[len(prompt):] + ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
 
-
-def _next_token(tokenizer: Tokenizer, record: dict) -> int:
-    """The token that ``prompt + completion`` reads right after the prompt's own tokens."""
-    return completion_as_read(tokenizer, record)[0]

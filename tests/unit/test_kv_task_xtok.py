@@ -140,25 +140,25 @@ def test_pretrain_settings_name_the_augmenting_tokenizer(built, tmp_path):
     plain, xtok = args(out), args(out, "--aug-tokenizer", chars)
     # the anchor is the same either way; the augmenting model's settings name the tokenizer's bytes, and without
     # the flag they are what they were (models pretrained on the task's tokenizer stay current)
-    assert pretrain.settings_for(plain, "anchor") == pretrain.settings_for(xtok, "anchor")
-    assert "tokenizer" not in pretrain.settings_for(plain, "aug")
+    assert pretrain.settings_for(plain, "anchor", task) == pretrain.settings_for(xtok, "anchor", task)
+    assert "tokenizer" not in pretrain.settings_for(plain, "aug", task)
     # the letters tokenizer reads "...=-18" whole otherwise than "...=" and "-18" apart (SentencePiece's dummy
     # prefix), so the settings name the whole-text reading its records are pretrained on
-    assert pretrain.settings_for(xtok, "aug") == {**pretrain.settings_for(plain, "aug"),
+    assert pretrain.settings_for(xtok, "aug", task) == {**pretrain.settings_for(plain, "aug", task),
                                                    "tokenizer": make_data.file_sha256(chars)[:16],
                                                    "reading": "whole_text"}
     model_dir = tmp_path / "aug"
     model_dir.mkdir()
     for f in ("config.json", "metrics.json"):
         (model_dir / f).write_text("{}")
-    (model_dir / "pretrain.json").write_text(json.dumps({"settings": pretrain.settings_for(xtok, "aug"),
+    (model_dir / "pretrain.json").write_text(json.dumps({"settings": pretrain.settings_for(xtok, "aug", task),
                                                          "task": task.fingerprint}))
-    assert pretrain.is_current(str(model_dir), pretrain.settings_for(xtok, "aug"), task)
-    assert not pretrain.is_current(str(model_dir), pretrain.settings_for(plain, "aug"), task)
+    assert pretrain.is_current(str(model_dir), pretrain.settings_for(xtok, "aug", task), task)
+    assert not pretrain.is_current(str(model_dir), pretrain.settings_for(plain, "aug", task), task)
     changed = tmp_path / "other.model"
     changed.write_bytes(open(os.path.join(out, "tokenizer.model"), "rb").read())
     assert not pretrain.is_current(str(model_dir), pretrain.settings_for(args(out, "--aug-tokenizer", str(changed)),
-                                                                         "aug"), task)
+                                                                         "aug", task), task)
 
 
 def test_the_augmenting_model_is_built_and_fed_through_its_own_tokenizer(built):
@@ -265,7 +265,7 @@ def test_bpe_tokenizer_is_learned_from_the_task_and_every_sequence_reads_as_its_
     assert hf.convert_ids_to_tokens(bpe.encode(fact["prompt"])) == [fact["prompt"][:-1], "\u0120"]
     sp = Tokenizer(os.path.join(out, "tokenizer.model"))
     assert sp.encode(fact["prompt"]) == sp.encode(fact["prompt"][:-1])  # SentencePiece: the ids it always read
-    settings = pretrain.settings_for(args(out, "--aug-tokenizer", path), "aug")
+    settings = pretrain.settings_for(args(out, "--aug-tokenizer", path), "aug", pretrain.Task(out))
     assert settings["tokenizer"] == bpe.fingerprint()
     assert "reading" not in settings  # its records read alike apart and whole: models pretrained before stay current
     assert pretrain.record_ids(task.tokenizer, record, whole_text=True) == pretrain.record_ids(task.tokenizer, record)
@@ -308,12 +308,25 @@ def test_bpe_tokenizer_with_a_prefix_space_reads_a_key_one_token_wherever_it_sta
         make_data.check_bpe_tokenizer(default, keys, prefix_space=True)
 
 
+def test_a_record_that_reads_otherwise_whole_is_found_in_any_chunk(prefix_space_built):
+    """reads_otherwise_whole reads the records a chunk at a time and stops at the first that differs; one record
+    of twelve, in the third chunk of four, that the default BPE reads otherwise (a prompt ending with a space, which
+    the text joins to the completion's first token) is found, and the task's records alone are not."""
+    out, default, _, _ = prefix_space_built
+    records = data(out, "val_kv_sub")[:12]
+    assert not pretrain.reads_otherwise_whole(default, records, chunk=4)
+    odd = [*records[:9], {"prompt": records[9]["prompt"] + " ", "completion": "is " + records[9]["completion"]},
+           *records[10:]]
+    assert pretrain.reads_otherwise_whole(default, odd, chunk=4)
+    assert pretrain.reads_otherwise_whole(default, odd[9:10], chunk=4)
+
+
 def test_an_augmenting_model_of_the_prefix_space_bpe_learns_and_is_scored_on_whole_texts(prefix_space_built):
     from examples.kv_task.scoring import completion_as_read, exact_match, next_token_accuracy
 
     out, default, bpe, keys = prefix_space_built
     # pretrained on whole texts: "=-18" reads no space after "=", where the completion alone would start with one
-    settings = pretrain.settings_for(args(out, "--aug-tokenizer", str(bpe.path)), "aug")
+    settings = pretrain.settings_for(args(out, "--aug-tokenizer", str(bpe.path)), "aug", pretrain.Task(out))
     assert settings["reading"] == "whole_text"
     record = {"prompt": f"{keys[1]} + {keys[2]} =", "completion": "-18"}
     ids, labels = pretrain.record_ids(bpe, record, whole_text=True)
@@ -321,9 +334,11 @@ def test_an_augmenting_model_of_the_prefix_space_bpe_learns_and_is_scored_on_who
     assert bpe._hf.convert_ids_to_tokens(ids[-5:-1]) == ["\u0120=", "-", "1", "8"]
     assert labels == [-100] * (1 + len(bpe.encode(record["prompt"]))) + ids[-4:]
     assert pretrain.record_ids(bpe, record)[0] != ids
-    # and scored so: a model that continues each prompt as its whole text reads is exactly right, read whole
-    records = data(out, "val_kv_sub")[:8]
-    answers = {tuple(prompt_ids(bpe, r["prompt"])): completion_as_read(bpe, r) for r in records}
+    # and scored so, over four batches (the last ragged): a model that continues every other prompt as its whole
+    # text reads, and ends the rest at once, is right on those, read whole
+    records = data(out, "val_kv_sub")[:30]
+    answers = {tuple(prompt_ids(bpe, r["prompt"])): completion_as_read(bpe, r) if i % 2 == 0 else []
+               for i, r in enumerate(records)}
 
     def continues_as_read(input_ids):
         logits = torch.zeros(*input_ids.shape, bpe.vocab_size)
@@ -331,8 +346,9 @@ def test_an_augmenting_model_of_the_prefix_space_bpe_learns_and_is_scored_on_who
             prompt = next(p for p in answers if tuple(ids[:len(p)]) == p)
             logits[row, -1, (answers[prompt] + [bpe.eos_id] * 99)[len(ids) - len(prompt)]] = 1.0
         return SimpleNamespace(logits=logits)
-    assert exact_match(continues_as_read, bpe, records, whole_text=True) == 1.0
-    assert exact_match(continues_as_read, bpe, records) == 0.0  # the completion alone starts with a space token
+    assert len(answers) == len(records)
+    assert exact_match(continues_as_read, bpe, records, batch_size=8, whole_text=True) == 15 / 30
+    assert exact_match(continues_as_read, bpe, records, batch_size=8) == 0.0  # read alone it starts with a space
     # a fact is scored at the value's first digit, which "key 47" reads after "key ": read apart, "47" would start
     # with the space this tokenizer puts before a text
     facts = pretrain.facts_as_read(data(out, "kv_facts"))[:20]
