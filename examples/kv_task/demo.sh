@@ -21,7 +21,8 @@
 # pretrained into models/xtok_<tokenizer>_seed*; the anchor is the same one, and every calm-dist command aligns the
 # two readings by characters. Its runs go to runs_xtok/ and the MLflow experiment kv_demo_xtok; prefix-only decoding
 # has no cross-tokenizer form. That m_A pretrains XTOK_AUG_STEPS steps (default 4000); AUG_PRETRAIN_ARGS adds flags to
-# its pretraining only (docs/cross_tokenizer.md).
+# its pretraining only; AUG_BASE_SEED (default BASE_SEED) composes the anchor with the m_A of another base seed
+# (docs/cross_tokenizer.md).
 # VALIDATION_ONLY=1 scores the validation keys and numeric arithmetic only, without the baselines: a design is
 # chosen there, and the test keys are scored once, by the run of the design chosen.
 #   7. the comparison of the training runs (calm-dist compare): loss curves in comparison.png beside results.md
@@ -34,12 +35,17 @@ DEMO_DIR=${DEMO_DIR:-artifacts/kv_demo}
 PYTHON=${PYTHON:-$(command -v python)}
 RECIPE=examples/kv_task/recipe.yaml
 BASE_SEED=${BASE_SEED:-0}
+AUG_BASE_SEED=${AUG_BASE_SEED:-$BASE_SEED}
 SEED=${SEED:-0}
 BASELINES=${BASELINES:-1}
 XTOK=${XTOK:-0}
 XTOK_TOKENIZER=${XTOK_TOKENIZER:-tokenizer_bpe}
 VALIDATION_ONLY=${VALIDATION_ONLY:-0}
 [ "$VALIDATION_ONLY" = 1 ] && BASELINES=0
+if [ "$AUG_BASE_SEED" != "$BASE_SEED" ] && [ "$XTOK" != 1 ]; then
+    echo "AUG_BASE_SEED pairs base seeds across tokenizers only (XTOK=1)" >&2
+    exit 2
+fi
 export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$(realpath -m "$DEMO_DIR")/mlflow.db}  # DEMO_DIR may be absolute
 if [ "$XTOK" = 1 ]; then
@@ -54,7 +60,7 @@ export MLFLOW_TAGS="demo_run=$(basename "$RUN")"
 TASK=$DEMO_DIR/task
 MODELS=$DEMO_DIR/models/base_seed$BASE_SEED
 mkdir -p "$RUN"
-printf '{"base_seed": %s, "seed": %s}\n' "$BASE_SEED" "$SEED" > "$RUN/seeds.json"
+printf '{"base_seed": %s, "aug_base_seed": %s, "seed": %s}\n' "$BASE_SEED" "$AUG_BASE_SEED" "$SEED" > "$RUN/seeds.json"
 echo "RUN_DIR=$RUN"
 started=$SECONDS
 say() { printf '\n[demo %4ds] %s\n' "$((SECONDS - started))" "$*"; }
@@ -65,7 +71,7 @@ say "1/7 key-value task and tokenizer -> $TASK"
 say "2/7 tiny anchor and augmenting models -> $MODELS"
 AUG=$MODELS/aug
 if [ "$XTOK" = 1 ]; then
-    AUG=$DEMO_DIR/models/xtok_$(basename "${XTOK_TOKENIZER%.model}")_seed$BASE_SEED/aug
+    AUG=$DEMO_DIR/models/xtok_$(basename "${XTOK_TOKENIZER%.model}")_seed$AUG_BASE_SEED/aug
     # the anchor and the augmenting model of its own tokenizer side by side, one process each (reused when current)
     # shellcheck disable=SC2086 # PRETRAIN_ARGS is a list of flags
     "$PYTHON" -m examples.kv_task.pretrain --task "$TASK" --out "$MODELS" --which anchor --seed "$BASE_SEED" \
@@ -75,7 +81,7 @@ if [ "$XTOK" = 1 ]; then
     # reads each key in two forms (first in a text and after a space), so each form gets the same-tokenizer m_A's
     # 2,000 steps' worth. Its 3,518-token output layer makes them take ~30 minutes alone: a wall cap of 60 minutes
     # shellcheck disable=SC2086
-    "$PYTHON" -m examples.kv_task.pretrain --task "$TASK" --out "$(dirname "$AUG")" --which aug --seed "$BASE_SEED" \
+    "$PYTHON" -m examples.kv_task.pretrain --task "$TASK" --out "$(dirname "$AUG")" --which aug --seed "$AUG_BASE_SEED" \
         --aug-tokenizer "$TASK/$XTOK_TOKENIZER" --aug-steps "${XTOK_AUG_STEPS:-4000}" --max-minutes 60 \
         ${PRETRAIN_ARGS:-} ${AUG_PRETRAIN_ARGS:-} \
         > "$RUN/pretrain_aug.log" 2>&1 &

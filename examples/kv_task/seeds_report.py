@@ -22,11 +22,17 @@ def load(run_dir: str) -> tuple[dict, dict]:
     return results, seeds
 
 
+def base_seeds(seeds: dict) -> str:
+    """The base-model seed, or both where the anchor and m_A come from different ones (demo.sh's AUG_BASE_SEED)."""
+    aug = seeds.get("aug_base_seed", seeds["base_seed"])
+    return str(seeds["base_seed"]) if aug == seeds["base_seed"] else f"{seeds['base_seed']} (m_A {aug})"
+
+
 def table(runs: list[tuple[dict, dict]]) -> str:
     """Markdown: per (model, set) the exact match (%) of every run that scored it, their number, mean, standard
     deviation and range. A model missing from some runs (the baselines train once per base pair) keeps its row,
     over the runs that have it; "–" marks the others, and the spread of a single run."""
-    header = ", ".join(f"base {s['base_seed']}/comp {s['seed']}" for _, s in runs)
+    header = ", ".join(f"base {base_seeds(s)}/comp {s['seed']}" for _, s in runs)
     lines = [f"runs (base-model seed / composition seed): {header}", "",
              "| model | set | n | mean | std | min | max | per run |", "|---|---|---|---|---|---|---|---|"]
     models = list(dict.fromkeys(m for r, _ in runs for m in r))

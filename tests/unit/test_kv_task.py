@@ -343,7 +343,7 @@ def test_probe_scores_on_validation_keys_what_it_fits_on_dc_keys(built):
 def test_seed_report_gives_mean_and_spread(tmp_path):
     from examples.kv_task import seeds_report
     runs = []
-    for i, (base, seed, score) in enumerate([(0, 0, 0.5), (0, 1, 0.7), (1, 0, 0.6)]):
+    for i, (base, seed, score) in enumerate([(0, 0, 0.5), (0, 1, 0.7), (1, 0, 0.6), (1, 0, 0.4)]):
         d = tmp_path / f"run{i}"
         d.mkdir()
         results = {"composition": {"kv_arithmetic_test": {"exact_match": score}}}
@@ -352,11 +352,27 @@ def test_seed_report_gives_mean_and_spread(tmp_path):
         if i == 0:
             results["anchor"] = {"numeric": {"exact_match": 1.0}}
         (d / "results.json").write_text(json.dumps(results))
-        (d / "seeds.json").write_text(json.dumps({"base_seed": base, "seed": seed}))
+        # the last run pairs base seed 1's anchor with base seed 0's m_A (demo.sh's AUG_BASE_SEED); runs before
+        # that knob have no aug_base_seed
+        seeds = {"base_seed": base, "seed": seed} if i < 3 else {"base_seed": base, "aug_base_seed": 0, "seed": seed}
+        (d / "seeds.json").write_text(json.dumps(seeds))
         runs.append(str(d))
     assert seeds_report.main(runs + ["--out", str(tmp_path / "seeds.md")]) == 0
     text = (tmp_path / "seeds.md").read_text()
-    assert "| composition | kv_arithmetic_test | 3 | 60.0 | 10.0 | 50.0 | 70.0 | 50.0 / 70.0 / 60.0 |" in text
-    assert "| lora | kv_arithmetic_test | 2 | 5.5 | 0.7 | 5.0 | 6.0 | 5.0 / – / 6.0 |" in text
-    assert "| anchor | numeric | 1 | 100.0 | – | 100.0 | 100.0 | 100.0 / – / – |" in text
-    assert "base 1/comp 0" in text
+    assert "| composition | kv_arithmetic_test | 4 | 55.0 | 12.9 | 40.0 | 70.0 | 50.0 / 70.0 / 60.0 / 40.0 |" in text
+    assert "| lora | kv_arithmetic_test | 3 | 5.0 | 1.0 | 4.0 | 6.0 | 5.0 / – / 6.0 / 4.0 |" in text
+    assert "| anchor | numeric | 1 | 100.0 | – | 100.0 | 100.0 | 100.0 / – / – / – |" in text
+    assert "base 0/comp 0, base 0/comp 1, base 1/comp 0, base 1 (m_A 0)/comp 0" in text
+
+
+def test_demo_pairs_base_seeds_across_tokenizers_only(tmp_path):
+    """AUG_BASE_SEED (an anchor with another base seed's m_A) names an m_A of its own tokenizer; without XTOK=1 the
+    demo refuses it with one line and exit code 2, before it writes anything."""
+    import subprocess
+
+    demo = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "kv_task", "demo.sh")
+    env = {**os.environ, "DEMO_DIR": str(tmp_path / "demo"), "BASE_SEED": "1", "AUG_BASE_SEED": "0"}
+    done = subprocess.run(["bash", demo], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.splitlines() == [
+        "AUG_BASE_SEED pairs base seeds across tokenizers only (XTOK=1)"], done.stderr
+    assert not (tmp_path / "demo").exists()
