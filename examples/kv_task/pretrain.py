@@ -304,20 +304,42 @@ def settings_for(a: argparse.Namespace, which: str, task: Task) -> dict:
     return aug
 
 
+def was_cut(metrics: dict, settings: dict) -> bool:
+    """Whether the wall-clock cap ended the model's training; a model pretrained before ``stopped`` was recorded
+    counts as cut unless it ran every step."""
+    if "stopped" in metrics:
+        return metrics["stopped"] == "wall_cap"
+    return metrics.get("steps") != settings["steps"]
+
+
 def is_current(model_dir: str, settings: dict, task: Task) -> bool:
+    """Whether `model_dir` holds the model these settings train on this task. The wall-clock cap (max_minutes) is a
+    limit, not part of the recipe: a model that ran to its end under another cap is the same model, and reused;
+    one that the cap cut short is retrained under a cap that differs."""
     p = os.path.join(model_dir, "pretrain.json")
     if not all(os.path.exists(os.path.join(model_dir, f)) for f in ("pretrain.json", "config.json", "metrics.json")):
         return False
     with open(p) as f:
         man = json.load(f)
-    return man.get("settings") == settings and man.get("task") == task.fingerprint
+    recorded = man.get("settings") or {}
+    if man.get("task") != task.fingerprint:
+        return False
+    if recorded == settings:
+        return True
+    if {**recorded, "max_minutes": None} != {**settings, "max_minutes": None}:
+        return False
+    with open(os.path.join(model_dir, "metrics.json")) as f:
+        return not was_cut(json.load(f), recorded)
 
 
 def pretrain_one(which: str, task: Task, out: str, a: argparse.Namespace) -> dict:
     model_dir = os.path.join(out, which)
     s = settings_for(a, which, task)
     if not a.force and is_current(model_dir, s, task):
-        log(f"reusing {model_dir} (same settings and task)")
+        with open(os.path.join(model_dir, "pretrain.json")) as f:
+            cap = json.load(f)["settings"]["max_minutes"]
+        log(f"reusing {model_dir} (same settings and task" + (")" if cap == s["max_minutes"] else
+                                                              f"; it ran to its end under --max-minutes {cap:g})"))
         with open(os.path.join(model_dir, "metrics.json")) as f:
             metrics = json.load(f)
         warn_if_cut(which, metrics, s)

@@ -264,6 +264,37 @@ def test_training_says_why_it_stopped_and_a_model_cut_by_the_wall_cap_is_flagged
         assert capsys.readouterr().out == ""
 
 
+def test_a_model_that_ran_to_its_end_is_reused_under_another_wall_cap(built, tmp_path):
+    """The wall-clock cap is a limit, not the recipe: a model that ran every step under --max-minutes 90 is the model
+    of --max-minutes 60 too, while one that the cap cut short is retrained under another cap (and reused, flagged,
+    under its own). A model pretrained before `stopped` was recorded counts as cut unless it ran every step; any
+    other setting that differs still retrains."""
+    out, _ = built
+    task = pretrain.Task(out)
+
+    def args(*extra):
+        return pretrain.parser().parse_args(["--task", out, "--out", "unused", *extra])
+    settings = pretrain.settings_for(args("--max-minutes", "60"), "aug", task)
+    recorded = pretrain.settings_for(args("--max-minutes", "90"), "aug", task)
+    steps = settings["steps"]
+
+    def model_dir(name: str, metrics: dict, saved: dict = recorded) -> str:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+        (d / "metrics.json").write_text(json.dumps(metrics))
+        (d / "pretrain.json").write_text(json.dumps({"settings": saved, "task": task.fingerprint}))
+        return str(d)
+    ran = model_dir("ran", {"steps": steps, "stopped": "steps"})
+    cut = model_dir("cut", {"steps": steps - 7, "stopped": "wall_cap"})
+    older_ran, older_cut = model_dir("older_ran", {"steps": steps}), model_dir("older_cut", {"steps": steps - 7})
+    assert pretrain.is_current(ran, settings, task) and pretrain.is_current(older_ran, settings, task)
+    assert not pretrain.is_current(cut, settings, task) and not pretrain.is_current(older_cut, settings, task)
+    assert pretrain.is_current(cut, recorded, task)
+    other = pretrain.settings_for(args("--max-minutes", "60", "--aug-steps", "10"), "aug", task)
+    assert not pretrain.is_current(ran, other, task)
+
+
 # ------------------------------------------------------------------------------------------ scoring
 class Answering(torch.nn.Module):
     """A causal LM stand-in whose greedy continuation of each prompt is the ids `answers` holds for it."""
