@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from calm_dist.data.tokenizer import Tokenizer, completion_ids, prompt_ids
+from calm_dist.data.tokenizer import Tokenizer, completion_ids, prompt_ids, whole_text_ids
 from calm_dist.task_eval import is_exact_match
 
 
@@ -106,11 +106,14 @@ def next_token_accuracy(model: Callable, tokenizer: Tokenizer, records: list[dic
 
 def completion_as_read(tokenizer: Tokenizer, record: dict) -> list[int]:
     """The tokens that the text ``prompt + completion`` reads after the prompt's own tokens, then eos: the
-    completion as a model reads it when it is given the text whole (calm-dist's augmenting side across tokenizers),
-    which a tokenizer may read otherwise than the completion alone (SentencePiece's dummy prefix, a prefix space)."""
-    prompt, whole = tokenizer.encode(record["prompt"]), tokenizer.encode(record["prompt"] + record["completion"])
-    if whole[:len(prompt)] != prompt or len(whole) == len(prompt):
+    completion as a model reads it when it is given the text whole (calm-dist's augmenting side across tokenizers,
+    ``calm_dist.data.tokenizer.whole_text_ids``), which a tokenizer may read otherwise than the completion alone
+    (SentencePiece's dummy prefix, a prefix space). The demo's tools decode from the prompt read alone, so the text
+    must read it first."""
+    prompt, completion = whole_text_ids(tokenizer, record["prompt"], record["completion"])
+    own = completion[:-1] if tokenizer.eos_id is not None else completion
+    if prompt != prompt_ids(tokenizer, record["prompt"]) or not own:
         raise ValueError(f"{record['prompt']!r} + {record['completion']!r}: the text does not read the prompt's "
                          "tokens and then more, so its completion has no tokens of its own")
-    return whole[len(prompt):] + ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
+    return completion
 

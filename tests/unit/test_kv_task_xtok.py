@@ -321,6 +321,20 @@ def test_a_record_that_reads_otherwise_whole_is_found_in_any_chunk(prefix_space_
     assert pretrain.reads_otherwise_whole(default, odd[9:10], chunk=4)
 
 
+def test_a_completion_read_within_the_text_needs_the_prompts_own_tokens_first(prefix_space_built):
+    """The demo's tools decode from the prompt read alone: a text that reads the prompt otherwise (it ends inside a
+    key, which the text reads whole) or reads nothing after it is refused, not scored against a shifted reference."""
+    from examples.kv_task.scoring import completion_as_read
+
+    out, default, _, keys = prefix_space_built
+    key = keys[0]
+    assert completion_as_read(default, {"prompt": f"{key} =", "completion": "-18"})[:-1] == default.encode("-18")
+    for record in ({"prompt": f"{key} + {key[:2]}", "completion": f"{key[2:]} =-18"},
+                   {"prompt": f"{key} =", "completion": ""}):
+        with pytest.raises(ValueError, match="no tokens of its own"):
+            completion_as_read(default, record)
+
+
 def test_an_augmenting_model_of_the_prefix_space_bpe_learns_and_is_scored_on_whole_texts(prefix_space_built):
     from examples.kv_task.scoring import completion_as_read, exact_match, next_token_accuracy
 
