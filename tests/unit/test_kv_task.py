@@ -402,7 +402,10 @@ def test_demo_pairs_base_seeds_across_tokenizers_only(tmp_path):
     import subprocess
 
     demo = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "kv_task", "demo.sh")
-    env = {**os.environ, "DEMO_DIR": str(tmp_path / "demo"), "BASE_SEED": "1", "AUG_BASE_SEED": "0"}
+    import sys
+
+    env = {**os.environ, "DEMO_DIR": str(tmp_path / "demo"), "BASE_SEED": "1", "AUG_BASE_SEED": "0",
+           "PYTHON": sys.executable}  # a machine may have no `python` on PATH
     done = subprocess.run(["bash", demo], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stderr.splitlines() == [
         "AUG_BASE_SEED pairs base seeds across tokenizers only (XTOK=1)"], done.stderr
