@@ -205,9 +205,8 @@ def run(cfg, sets: dict[str, str], compositions: dict[str, str], base_models: li
     device = local_device(DistEnv.from_environ())
     fns: dict[str, tuple[GenerateFn, LogitsFn]] = {}
     stops: dict[str, list[int]] = {}  # per column: each model stops at its own config's eos ids too
-    column_tokenizer: dict[str, Tokenizer] = {}  # where a column reads other ids than the anchor's
-    # across tokenizers an augmenting model reads the text whole, in the composition as alone
-    reads_whole: set[str] = set()
+    # each augmenting column's tokenizer; across tokenizers it reads the text whole, in the composition as alone
+    column_tokenizer: dict[str, Tokenizer] = {}
     if "augmenting" in base_models:
         revisions = cfg.model.augmenting_revisions or [None] * len(cfg.model.augmenting)
         for i, (path, revision) in enumerate(zip(cfg.model.augmenting, revisions)):
@@ -215,8 +214,6 @@ def run(cfg, sets: dict[str, str], compositions: dict[str, str], base_models: li
             model = load_causal_lm(path, revision, attn_implementation=cfg.model.attn_implementation).eval().to(device)
             own = tokenizers.augmenting[i] if across else tokenizer
             column_tokenizer[name] = own
-            if across:
-                reads_whole.add(name)
             stops[name] = stop_ids(own, model.config)
             fns[name] = on_device(hf_model_fns(model, stops[name], own.pad_id), model)
     if "anchor" in base_models:
@@ -254,7 +251,8 @@ def run(cfg, sets: dict[str, str], compositions: dict[str, str], base_models: li
                                                    max_new_tokens=max_new_tokens,
                                                    prompt_field=cfg.data.prompt_field,
                                                    completion_field=cfg.data.completion_field,
-                                                   stops=stops[name], whole_text=name in reads_whole)
+                                                   stops=stops[name],
+                                                   whole_text=across and name in column_tokenizer)
     return results
 
 
