@@ -95,6 +95,10 @@ def evaluate_set(generate: GenerateFn, logits_fn: LogitsFn, tokenizer: Tokenizer
         else:
             prompts = [prompt_ids(tokenizer, r[prompt_field]) for r in chunk]
             references = [completion_ids(tokenizer, r[completion_field]) for r in chunk]
+        empty = next((start + i for i, prompt in enumerate(prompts) if not prompt), None)
+        if empty is not None:  # generation has nothing to start from, and a row of padding scores garbage
+            raise ConfigError(f"record {empty} of the set reads to no prompt token through {tokenizer.path}: the "
+                              "tokenizer has no bos, and the prompt is empty or its tokens all run into the completion")
         ids, mask = _left_pad(prompts, tokenizer.pad_id)
         n = max_new_tokens or max(map(len, references))
         texts = [r[prompt_field] for r in chunk]

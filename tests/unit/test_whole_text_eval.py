@@ -102,3 +102,27 @@ def test_an_augmenting_model_alone_is_scored_in_its_reading_of_the_whole_text(to
     apart = evaluate_set(*hf_model_fns(model, [tok.eos_id], tok.pad_id), tok, records, batch_size=5,
                          max_new_tokens=NEW, stops=[tok.eos_id])
     assert (apart.exact_match, apart.loss) != (result.exact_match, pytest.approx(result.loss))
+
+
+def test_a_prompt_that_reads_to_no_token_is_refused_with_its_record(tokenizers, tmp_path):
+    """A tokenizer without bos gives nothing to generate from where the prompt reads to no token of its own: the
+    record is named in one line, not scored as a row of padding. Here the 5th record (batch 2 of 3) cuts its first
+    word, which the text reads as one token that runs into the completion."""
+    from transformers import PreTrainedTokenizerFast
+
+    from calm_dist.config import ConfigError
+    from calm_dist.data.tokenizer import Tokenizer
+
+    bpe = tokenizers["bpe"]
+    PreTrainedTokenizerFast.from_pretrained(bpe.path, bos_token=None).save_pretrained(tmp_path / "no_bos")
+    tok = Tokenizer(tmp_path / "no_bos")
+    assert tok.bos_id is None and len(bpe.encode("reverse")) == 1
+    records = [{"prompt": c + " ", "completion": reversed_words(c)} for c in CONTEXTS[:9]]
+    records[4] = {"prompt": "rev", "completion": "erse: red = red"}
+    model = tiny_model("gpt2", seed=3, hidden=32, layers=1, heads=2, vocab=tok.vocab_size).eval()
+    fns = hf_model_fns(model, [tok.eos_id], tok.pad_id)
+    with pytest.raises(ConfigError, match="record 4 of the set reads to no prompt token"):
+        evaluate_set(*fns, tok, records, batch_size=4, max_new_tokens=NEW, whole_text=True)
+    records[4] = {"prompt": "", "completion": "reverse: red = red"}
+    with pytest.raises(ConfigError, match="record 4 of the set"):
+        evaluate_set(*fns, tok, records, batch_size=4, max_new_tokens=NEW)
