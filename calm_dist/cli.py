@@ -125,7 +125,7 @@ def cmd_generate(args) -> int:
             raise ConfigError(f"the anchor {anchor['name_or_path']} was saved without a tokenizer: pass --tokenizer")
     stops = stop_ids(tokenizer, model.anchor.config)  # Llama-3 style configs list several eos ids
     if across:
-        new = generate_across(model, args, tokenizer, recorded.get("augmenting"), stops)
+        new = generate_across(model, args, tokenizer, training, stops)
     else:
         ids = [tokenizer.bos_id] * (tokenizer.bos_id is not None) + tokenizer.encode(args.prompt)
         generator = torch.Generator(device).manual_seed(args.seed) if sampling["do_sample"] else None
@@ -137,14 +137,16 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def generate_across(model, args, anchor_tokenizer, recorded: list | None, stops: list[int]) -> list[int]:
+def generate_across(model, args, anchor_tokenizer, training: dict, stops: list[int]) -> list[int]:
     """Greedy decoding of a composition whose augmenting models read the text through their own tokenizers
     (docs/cross_tokenizer.md): each model's tokenizer as in training (--augmenting-tokenizer, else the one the
-    composition recorded, else the one saved with the model, else the anchor's); returns the new anchor ids."""
+    composition recorded, else the one saved with the model, else the anchor's); returns the new anchor ids.
+    `training`: what the composition recorded of its training."""
     from calm_dist.data.tokenizer import augmenting_tokenizer
     from calm_dist.model.cross_tokenizer_generation import generate_across_tokenizers
 
     described = model.description["augmenting"]
+    recorded = training.get("tokenizers", {}).get("augmenting")
     given, key = (args.augmenting_tokenizer, "--augmenting-tokenizer") if args.augmenting_tokenizer else \
         (recorded, "the composition's data.augmenting_tokenizers")
     given = given or [None] * len(described)
@@ -152,7 +154,10 @@ def generate_across(model, args, anchor_tokenizer, recorded: list | None, stops:
         raise ConfigError(f"{key}: {len(given)} tokenizer(s) for {len(described)} augmenting model(s)")
     tokenizers = [augmenting_tokenizer(i, d["name_or_path"], d["revision"], g, anchor_tokenizer, key)
                   for i, (d, g) in enumerate(zip(described, given))]
-    return generate_across_tokenizers(model, [args.prompt], anchor_tokenizer, tokenizers,
+    # the new ids become text as the training records' completions read (an export that predates the record: as a
+    # text reads on)
+    decoding = training.get("completion_decoding", "after_prompt")
+    return generate_across_tokenizers(model, [args.prompt], anchor_tokenizer, tokenizers, decoding=decoding,
                                       max_new_tokens=args.max_new_tokens, eos_token_id=stops or None).ids[0]
 
 

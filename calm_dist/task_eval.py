@@ -15,6 +15,7 @@ import torch
 
 from calm_dist.config import ConfigError
 from calm_dist.data.sources import open_source
+from calm_dist.data.text_records import training_completion_decoding
 from calm_dist.cross_tokenizer_eval import across_tokenizer_fns
 from calm_dist.data.tokenizer import (Tokenizer, anchor_tokenizer, completion_ids, model_tokenizers, prompt_ids,
                                       whole_text_ids)
@@ -187,6 +188,16 @@ def trained_across_tokenizers(directory) -> bool:
     return bool(config.get("training", {}).get("different_tokenizers"))
 
 
+def recorded_completion_decoding(directory, cfg, tokenizer: Tokenizer) -> str:
+    """How decoding across tokenizers rebuilds a completion's text: as the export recorded of its training records,
+    else (an export that predates the record) as the recipe's training records read."""
+    config = json.loads((Path(directory) / "composition.json").read_text())
+    recorded = config.get("training", {}).get("completion_decoding")
+    if recorded is not None:
+        return recorded
+    return training_completion_decoding(cfg.data, tokenizer) if cfg.data.train else "after_prompt"
+
+
 def load_export(directory, anchor_path: str, anchor_revision: str | None = None):
     """A trained export: a CALM composition, or the LoRA baseline (composition.json says which)."""
     config = json.loads((Path(directory) / "composition.json").read_text())
@@ -236,7 +247,8 @@ def run(cfg, sets: dict[str, str], compositions: dict[str, str], base_models: li
             if prefix_only:
                 raise ConfigError("--prefix-only is not supported with data.different_tokenizers: decoding across "
                                   "tokenizers always refreshes the augmenting readings")
-            fns[name] = across_tokenizer_fns(model, cfg.data, tokenizer, tokenizers.augmenting, stops[name])
+            fns[name] = across_tokenizer_fns(model, cfg.data, tokenizer, tokenizers.augmenting, stops[name],
+                                             recorded_completion_decoding(directory, cfg, tokenizer))
             continue
         # LoRAAnchor offers the same generate / forward
         fns[name] = on_device(composed_fns(model, stops[name], pad), model)

@@ -100,3 +100,61 @@ def tokenize_with_spans(batch: list[tuple[str, dict]], data_cfg: DataConfig, tok
         n, text = fit(ids, text, spans, where, data_cfg, augmenting)
         out.append((ids[:n], min(loss_start, n), text, spans[:n]))
     return out
+
+
+# How a completion's generated ids become the text the augmenting models read (decoding across tokenizers)
+COMPLETION_DECODINGS = ("after_prompt", "alone")
+
+
+def decoded_completion(tok, prompt_ids: list[int], completion_ids: list[int], decoding: str) -> str:
+    """The text a completion's ids add to its prompt's. "alone": the ids decoded alone, the inverse of reading the
+    completion apart from the prompt as training does (a SentencePiece anchor's "▁- 1 8" gives "-18");
+    "after_prompt": decoded after the prompt's ids, less the prompt's own text, as a text reads on (" -18": the
+    word mark of the first token is a space)."""
+    if decoding == "alone":
+        return tok.decode(list(completion_ids))
+    if decoding != "after_prompt":
+        raise ValueError(f"decoding {decoding!r}: one of {', '.join(COMPLETION_DECODINGS)}")
+    prompt = tok.decode(list(prompt_ids))
+    whole = tok.decode(list(prompt_ids) + list(completion_ids))
+    if not whole.startswith(prompt):
+        raise ValueError(f"the anchor's tokenizer rewrote text already read: {prompt!r}, then {whole!r}")
+    return whole[len(prompt):]
+
+
+def completion_decoding(records, data_cfg: DataConfig, tok) -> str:
+    """Which of COMPLETION_DECODINGS gives back more of `records`' completions exactly from their ids (ties:
+    "after_prompt"). Training reads a record's text as prompt + completion, and the anchor's ids do not always say
+    what that text was (SentencePiece reads "-18" and " -18" alike, as "▁- 1 8"), so decoding across tokenizers
+    rebuilds a completion's text the way the training records' texts read: the augmenting models then read in
+    decoding the text they read in training."""
+    hits = dict.fromkeys(COMPLETION_DECODINGS, 0)
+    for record in records:
+        prompt = record_field(record, data_cfg.prompt_field, "record")
+        completion = record_field(record, data_cfg.completion_field, "record")
+        bos = [tok.bos_id] if tok.bos_id is not None else []
+        prompt_ids, completion_ids = bos + tok.encode(prompt), tok.encode(completion)
+        for decoding in COMPLETION_DECODINGS:
+            hits[decoding] += decoded_completion(tok, prompt_ids, completion_ids, decoding) == completion
+    return max(COMPLETION_DECODINGS, key=lambda d: hits[d])  # max keeps the first of a tie
+
+
+def training_completion_decoding(data_cfg: DataConfig, tok, sample: int = 1000) -> str:
+    """completion_decoding over the first records of the training sources (`sample` in all, shared by their
+    weights, as training's batches share them): O(1) in the corpus. A corpus of plain text has no completions: a
+    text reads on ("after_prompt")."""
+    from calm_dist.data.sources import open_source
+
+    if data_cfg.format != "prompt_completion":
+        return "after_prompt"
+    sources = data_cfg.train_sources()
+    records, total = [], sum(weight for _, _, weight in sources)
+    for key, spec, weight in sources:
+        wanted = max(1, round(sample * weight / total))
+        for part in open_source(spec, key):
+            taken = [record for _, record in part.records(0, wanted)]
+            records += taken
+            wanted -= len(taken)
+            if wanted <= 0:
+                break
+    return completion_decoding(records, data_cfg, tok)

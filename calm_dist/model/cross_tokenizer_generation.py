@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from calm_dist.data.text_records import decoded_completion
 from calm_dist.model.backbones import cache_kwarg
 from calm_dist.model.composition import ComposedModel
 from calm_dist.model.generation import eos_ids
@@ -39,9 +40,11 @@ class Decoded:
 @torch.no_grad()
 def generate_across_tokenizers(model: ComposedModel, prompts: list[str], anchor_tokenizer,
                                augmenting_tokenizers: list, *, max_new_tokens: int = 32, use_cache: bool = True,
-                               eos_token_id: int | list[int] | None = None) -> Decoded:
+                               eos_token_id: int | list[int] | None = None,
+                               decoding: str = "after_prompt") -> Decoded:
     """Greedy decoding of each prompt; `eos_token_id` may list several ids (None: the anchor tokenizer's, else its
-    config's)."""
+    config's). `decoding` turns the new ids into the text the augmenting models read (`Text`): as the training
+    records' completions read (text_records.completion_decoding), or "after_prompt" for a text read on."""
     if len(augmenting_tokenizers) != len(model.augmenting):
         raise ValueError(f"{len(augmenting_tokenizers)} augmenting tokenizers for {len(model.augmenting)} models")
     if eos_token_id is None:
@@ -52,7 +55,7 @@ def generate_across_tokenizers(model: ComposedModel, prompts: list[str], anchor_
     for prompt in prompts:
         reader = (CachedReader if use_cache else RecomputingReader)(model, augmenting_tokenizers)
         ids, spans = read(anchor_tokenizer, prompt)
-        text = Text(prompt, anchor_tokenizer, ids)
+        text = Text(prompt, anchor_tokenizer, ids, decoding)
         new: list[int] = []
         logits = reader.prefill(text.value, ids, spans)
         for step in range(max_new_tokens):
@@ -74,17 +77,17 @@ def generate_across_tokenizers(model: ComposedModel, prompts: list[str], anchor_
 
 
 class Text:
-    """The text so far: the prompt, then what the anchor's new ids decode to. Decoded as a whole after the prompt's
-    ids, so that a token's text can depend on the one before (SentencePiece's leading space)."""
+    """The text so far: the prompt, then what the anchor's new ids decode to, as a whole, so that a token's text can
+    depend on the one before (`decoding`: calm_dist.data.text_records.decoded_completion)."""
 
-    def __init__(self, prompt: str, tokenizer, prompt_ids: list[int]):
-        self.value, self.prompt, self.tokenizer, self.prompt_ids = prompt, prompt, tokenizer, prompt_ids
-        self.decoded_prompt = tokenizer.decode(prompt_ids)
+    def __init__(self, prompt: str, tokenizer, prompt_ids: list[int], decoding: str = "after_prompt"):
+        self.value, self.prompt, self.tokenizer = prompt, prompt, tokenizer
+        self.prompt_ids, self.decoding = prompt_ids, decoding
 
     def extend(self, new_ids: list[int]) -> None:
-        decoded = self.tokenizer.decode(self.prompt_ids + new_ids)
-        text = self.prompt + decoded[len(self.decoded_prompt):].rstrip(REPLACEMENT)
-        if not decoded.startswith(self.decoded_prompt) or not text.startswith(self.value):
+        text = self.prompt + decoded_completion(self.tokenizer, self.prompt_ids, new_ids,
+                                                self.decoding).rstrip(REPLACEMENT)
+        if not text.startswith(self.value):
             raise ValueError(f"the anchor's tokenizer rewrote text already read: {self.value!r}, then {text!r}")
         self.value = text
 

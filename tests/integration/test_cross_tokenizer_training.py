@@ -119,6 +119,9 @@ def test_two_rank_zero3_with_recomputed_augmenting_states_matches_the_reference(
     assert training["different_tokenizers"] is True
     assert training["tokenizers"] == {"anchor": str(setup_dir / "tokenizer.model"),
                                       "augmenting": [str(setup_dir / "bpe")]}
+    # the set-up's completions start with a space (" beta alpha"), which the SentencePiece anchor's ids give back
+    # only decoded after the prompt's: decoding rebuilds a completion's text so
+    assert training["completion_decoding"] == "after_prompt"
     generation_matches_a_reference(setup_dir, out, tmp_path, capsys)
     evaluation_matches_a_reference(setup_dir, out, tmp_path)
 
@@ -126,8 +129,9 @@ def test_two_rank_zero3_with_recomputed_augmenting_states_matches_the_reference(
 def generation_matches_a_reference(setup: Path, out: Path, tmp_path: Path, capsys):
     """`calm-dist generate` of an export across tokenizers, with the tokenizers it recorded and given explicitly,
     prints the answer of decoding that recomputes the whole text each step (generate_across_tokenizers,
-    use_cache=False). The export's blocks are randomised first, so the augmenting tokenizer changes the answers;
-    sampling, a tokenizer count that is not the model count, and --compile are one line and exit code 2."""
+    use_cache=False), the new ids turned into text as the export recorded of its training records. The export's
+    blocks are randomised first, so the augmenting tokenizer changes the answers; sampling, a tokenizer count that
+    is not the model count, and --compile are one line and exit code 2."""
     from calm_dist.cli import main
     from calm_dist.model.cross_tokenizer_generation import generate_across_tokenizers
     from calm_dist.task_eval import answer_text

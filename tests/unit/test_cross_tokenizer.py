@@ -156,15 +156,17 @@ def test_an_anchor_token_with_no_augmenting_token_read_yet_keeps_the_anchors_log
     assert not torch.allclose(logits[rows, first + 1], anchor_logits[rows, first + 1], atol=1e-3)
 
 
+@pytest.mark.parametrize("decoding", ["after_prompt", "alone"])
 @pytest.mark.parametrize("anchor,augmenting", PAIRS, ids=IDS)
-def test_cached_decoding_gives_the_tokens_of_full_recomputation(tokenizers, anchor, augmenting):
+def test_cached_decoding_gives_the_tokens_of_full_recomputation(tokenizers, anchor, augmenting, decoding):
     """Greedy decoding with one KV cache per model, rolled back where the augmenting reading's last tokens change
-    (it happens here), gives exactly the tokens of recomputing the composed forward over the whole text each step;
-    and the augmenting model matters (without the blocks the tokens differ)."""
+    (it happens here), gives exactly the tokens of recomputing the composed forward over the whole text each step,
+    the new ids decoded after the prompt's or alone (text_records.decoded_completion); and the augmenting model matters
+    (without the blocks the tokens differ)."""
     atok, gtok = tokenizers[anchor], tokenizers[augmenting]
     model = build(atok, gtok, sharpen=2.0, seed=2)  # a seed whose tokens merge across the boundary
     prompts = ["reverse: alpha", "reverse: red green =", "reverse: mu"]
-    kw = dict(max_new_tokens=16, eos_token_id=-1)
+    kw = dict(max_new_tokens=16, eos_token_id=-1, decoding=decoding)
     cached = generate_across_tokenizers(model, prompts, atok, [gtok], use_cache=True, **kw)
     recomputed = generate_across_tokenizers(model, prompts, atok, [gtok], use_cache=False, **kw)
     assert cached.ids == recomputed.ids and cached.texts == recomputed.texts
