@@ -15,7 +15,8 @@ import warnings
 import torch
 
 from calm_dist.config import DataConfig
-from calm_dist.data.text_records import anchor_reading, decoded_completion
+from calm_dist.data.text_records import anchor_reading
+from calm_dist.model.completion_text import decoded_completion
 from calm_dist.model.cross_tokenizer_generation import generate_across_tokenizers
 from calm_dist.model.token_alignment import align
 
@@ -24,7 +25,7 @@ def across_tokenizer_fns(model, data_cfg: DataConfig, anchor_tok, augmenting_tok
                          decoding: str = "after_prompt"):
     """(generate, logits) for task_eval.evaluate_set, both marked `reads_text`: generate(ids, mask, n, prompts)
     and logits(ids, mask, records), `ids`/`mask` the anchor's left-padded batch. `decoding`: how a completion's
-    ids become text (text_records.decoded_completion), as in the composition's training records."""
+    ids become text (model/completion_text.decoded_completion), as in the composition's training records."""
     device = next(model.parameters()).device
     records_cfg = dataclasses.replace(data_cfg, format="prompt_completion")  # eval sets are prompt/completion
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 
 from calm_dist.config import ConfigError, DataConfig
+from calm_dist.model.completion_text import COMPLETION_DECODINGS, decoded_completion
 from calm_dist.model.prefix_reading import read, windowed_readings
 
 Span = tuple[int, int]
@@ -100,26 +101,6 @@ def tokenize_with_spans(batch: list[tuple[str, dict]], data_cfg: DataConfig, tok
         n, text = fit(ids, text, spans, where, data_cfg, augmenting)
         out.append((ids[:n], min(loss_start, n), text, spans[:n]))
     return out
-
-
-# How a completion's generated ids become the text the augmenting models read (decoding across tokenizers)
-COMPLETION_DECODINGS = ("after_prompt", "alone")
-
-
-def decoded_completion(tok, prompt_ids: list[int], completion_ids: list[int], decoding: str) -> str:
-    """The text a completion's ids add to its prompt's. "alone": the ids decoded alone, the inverse of reading the
-    completion apart from the prompt as training does (a SentencePiece anchor's "▁- 1 8" gives "-18");
-    "after_prompt": decoded after the prompt's ids, less the prompt's own text, as a text reads on (" -18": the
-    word mark of the first token is a space)."""
-    if decoding == "alone":
-        return tok.decode(list(completion_ids))
-    if decoding != "after_prompt":
-        raise ValueError(f"decoding {decoding!r}: one of {', '.join(COMPLETION_DECODINGS)}")
-    prompt = tok.decode(list(prompt_ids))
-    whole = tok.decode(list(prompt_ids) + list(completion_ids))
-    if not whole.startswith(prompt):
-        raise ValueError(f"the anchor's tokenizer rewrote text already read: {prompt!r}, then {whole!r}")
-    return whole[len(prompt):]
 
 
 def completion_decoding(records, data_cfg: DataConfig, tok) -> str:

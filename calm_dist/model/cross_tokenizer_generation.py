@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from calm_dist.data.text_records import decoded_completion
 from calm_dist.model.backbones import cache_kwarg
+from calm_dist.model.completion_text import decoded_completion
 from calm_dist.model.composition import ComposedModel
 from calm_dist.model.generation import eos_ids
 from calm_dist.model.kv_buffers import growing_cache
@@ -78,7 +78,7 @@ def generate_across_tokenizers(model: ComposedModel, prompts: list[str], anchor_
 
 class Text:
     """The text so far: the prompt, then what the anchor's new ids decode to, as a whole, so that a token's text can
-    depend on the one before (`decoding`: calm_dist.data.text_records.decoded_completion)."""
+    depend on the one before (`decoding`: calm_dist.model.completion_text.decoded_completion)."""
 
     def __init__(self, prompt: str, tokenizer, prompt_ids: list[int], decoding: str = "after_prompt"):
         self.value, self.prompt, self.tokenizer = prompt, prompt, tokenizer

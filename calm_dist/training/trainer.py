@@ -110,7 +110,6 @@ class Trainer:
         self.node_metrics = start_node_metrics(env, self.tracker.run_id, cfg.tracking, self.output_dir, self.device,
                                                resuming=self.start_step > 0)
         self.final_metrics: dict[str, float] = {}  # rank 0: the last logged value of each metric
-        self._decoding: str | None = None  # rank 0: _completion_decoding's answer
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_stop_signal)
 
@@ -247,22 +246,16 @@ class Trainer:
         self.final_metrics.update(metrics)
         print(progress_line(step, self.cfg.train.steps, metrics, eta_s), flush=True)
 
-    def _completion_decoding(self) -> str:
-        """How decoding rebuilds a completion's text from its ids, as the training records read (computed once,
-        from their first records: text_records.training_completion_decoding)."""
-        if self._decoding is None:
-            self._decoding = training_completion_decoding(self.cfg.data, anchor_tokenizer(self.cfg))
-        return self._decoding
-
     def _training_record(self, step: int) -> dict:
         """What the export's composition.json and model card record of this run (rank 0's values)."""
         final = {k: v for k, v in self.final_metrics.items() if k == "train/loss" or k.startswith("eval/")}
         tracker = self.tracker
         data = self.cfg.data
-        # calm-dist eval and generate decode it across tokenizers, each read as in training
+        # calm-dist eval and generate decode it across tokenizers, each read as in training, and the new ids made
+        # text as the training records read (from their first records, on every rank: O(1) in the corpus)
         across = ({"different_tokenizers": True, "tokenizers": {"anchor": data.tokenizer,
                                                                 "augmenting": data.augmenting_tokenizers},
-                   "completion_decoding": self._completion_decoding()}
+                   "completion_decoding": training_completion_decoding(data, anchor_tokenizer(self.cfg))}
                   if data.different_tokenizers and self.cfg.model.method == "calm" else {})
         return {"steps": step, "data_fingerprint": self.train_data.fingerprint, "final_metrics": final, **across,
                 "mlflow": {"run_id": tracker.run_id, "experiment": tracker.experiment,

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from calm_dist.config import DataConfig, DataSource
-from calm_dist.data.text_records import completion_decoding, decoded_completion, training_completion_decoding
+from calm_dist.data.text_records import completion_decoding, training_completion_decoding
+from calm_dist.model.completion_text import decoded_completion
 from calm_dist.task_eval import recorded_completion_decoding
 from tests.helpers.tokenizers import byte_level_bpe, sentencepiece
 

@@ -161,7 +161,7 @@ def test_an_anchor_token_with_no_augmenting_token_read_yet_keeps_the_anchors_log
 def test_cached_decoding_gives_the_tokens_of_full_recomputation(tokenizers, anchor, augmenting, decoding):
     """Greedy decoding with one KV cache per model, rolled back where the augmenting reading's last tokens change
     (it happens here), gives exactly the tokens of recomputing the composed forward over the whole text each step,
-    the new ids decoded after the prompt's or alone (text_records.decoded_completion); and the augmenting model matters
+    the new ids decoded after the prompt's or alone (model/completion_text.decoded_completion); and the augmenting model matters
     (without the blocks the tokens differ)."""
     atok, gtok = tokenizers[anchor], tokenizers[augmenting]
     model = build(atok, gtok, sharpen=2.0, seed=2)  # a seed whose tokens merge across the boundary
