@@ -15,8 +15,7 @@ import warnings
 import torch
 
 from calm_dist.config import DataConfig
-from calm_dist.data.text_records import anchor_reading
-from calm_dist.model.completion_text import decoded_completion
+from calm_dist.data.text_records import anchor_reading, gives_back
 from calm_dist.model.cross_tokenizer_generation import generate_across_tokenizers
 from calm_dist.model.token_alignment import align
 
@@ -45,14 +44,14 @@ def across_tokenizer_fns(model, data_cfg: DataConfig, anchor_tok, augmenting_tok
         texts = []
         for row, record in enumerate(records):
             row_ids, loss_start, text, row_spans = anchor_reading(record, f"record {row}", records_cfg, anchor_tok)
-            prompt = record[data_cfg.prompt_field]
+            completion = text[len(record[data_cfg.prompt_field]):]
             completion_ids = row_ids[loss_start:-1]  # less eos (evaluate_set refuses a tokenizer without one)
-            decoded = decoded_completion(anchor_tok, row_ids[:loss_start], completion_ids, decoding)
-            if not warned and prompt + decoded != text:
+            if not warned and not gives_back(anchor_tok, row_ids[:loss_start], completion_ids, decoding, completion):
                 warned = True  # once per column: the set's data, not one record, is the cause
-                warnings.warn(f"completions such as {text[len(prompt):]!r} do not read back from the anchor's ids "
-                              f"({decoded!r}, decoded {decoding}): decoding gives the augmenting models that text, "
-                              "where training gave them the record's (docs/cross_tokenizer.md)", stacklevel=2)
+                warnings.warn(f"completions such as {completion!r} do not read back from the anchor's ids (decoded "
+                              f"{decoding}: {anchor_tok.decode(completion_ids)!r} alone): decoding gives the "
+                              "augmenting models another text than training did (docs/cross_tokenizer.md)",
+                              stacklevel=2)
             real = mask[row].bool()
             if ids[row, real].tolist() != row_ids:  # the same tokens evaluate_set built, read with their spans
                 raise ValueError(f"record {row}: the anchor's reading differs from the evaluated ids")

@@ -116,8 +116,18 @@ def completion_decoding(records, data_cfg: DataConfig, tok) -> str:
         bos = [tok.bos_id] if tok.bos_id is not None else []
         prompt_ids, completion_ids = bos + tok.encode(prompt), tok.encode(completion)
         for decoding in COMPLETION_DECODINGS:
-            hits[decoding] += decoded_completion(tok, prompt_ids, completion_ids, decoding) == completion
+            hits[decoding] += gives_back(tok, prompt_ids, completion_ids, decoding, completion)
     return max(COMPLETION_DECODINGS, key=lambda d: hits[d])  # max keeps the first of a tie
+
+
+def gives_back(tok, prompt_ids: list[int], completion_ids: list[int], decoding: str, completion: str) -> bool:
+    """Whether `decoding` rebuilds `completion` exactly from its ids; a tokenizer that rewrites the prompt's text
+    when more ids follow (a clean-up of spaces before punctuation) gives nothing back, and raises nothing: this
+    runs when training ends, before the export is written."""
+    try:
+        return decoded_completion(tok, prompt_ids, completion_ids, decoding) == completion
+    except ValueError:
+        return False
 
 
 def training_completion_decoding(data_cfg: DataConfig, tok, sample: int = 1000) -> str:

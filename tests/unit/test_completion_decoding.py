@@ -54,6 +54,26 @@ def test_each_decoding_gives_back_its_kind_of_completion(tokenizers):
         decoded_completion(sp, [], [5], "whole")
 
 
+def test_a_tokenizer_that_rewrites_the_prompt_counts_as_giving_nothing_back(tokenizers):
+    """The choice runs when training ends, before the export: a decoding that cannot rebuild a record (the
+    prompt's text rewritten once the completion's ids follow) counts as a miss, never an error."""
+    class CleaningUp:  # a decode that drops the space before a "." once more text follows, as a clean-up does
+        bos_id = None
+
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+        def decode(self, ids):
+            text = "".join(map(chr, ids))
+            return text.replace(" .", ".") if not text.endswith(" .") else text
+
+    records = [{"prompt": "a .", "completion": "b"}, {"prompt": "c .", "completion": "d"},
+               {"prompt": "e", "completion": "f"}]
+    with pytest.raises(ValueError, match="rewrote text already read"):
+        decoded_completion(CleaningUp(), CleaningUp().encode("a ."), [ord("b")], "after_prompt")
+    assert completion_decoding(records, DataConfig(), CleaningUp()) == "alone"
+
+
 def test_the_training_sources_first_records_decide_and_nothing_after_them_is_read(tokenizers, tmp_path):
     """A directory of two parts (the first shorter than the sample, so the second is read too), a mixture of two
     sources sharing the sample by weight, and lines past the sample that are not JSON at all: never read."""
