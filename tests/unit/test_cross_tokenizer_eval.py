@@ -125,8 +125,8 @@ def test_eval_warns_where_a_completion_does_not_read_back_from_the_anchors_ids(t
             warnings.simplefilter("always")
             evaluate_set(*fns, atok, GLUED + SPACED, batch_size=4, max_new_tokens=2)
         said = [str(w.message) for w in caught if "do not read back" in str(w.message)]
-        assert said == (["completions such as ' beta alpha' do not read back from the anchor's ids (decoded alone: "
-                         "'beta alpha' alone): decoding gives the augmenting models another text than training did "
+        assert said == (["completions such as ' beta alpha' do not read back from the anchor's ids decoded alone: "
+                         "decoding gives the augmenting models another text than training did "
                          "(docs/cross_tokenizer.md)"] if warns else [])
 
 
