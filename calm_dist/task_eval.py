@@ -22,7 +22,7 @@ from calm_dist.data.tokenizer import (Tokenizer, anchor_tokenizer, completion_id
 from calm_dist.eval_tracking import log_results
 from calm_dist.model.lm_loss import IGNORE
 from calm_dist.model.baselines import LoRAAnchor
-from calm_dist.model.composition import ComposedModel, position_ids_from_mask, read_composition_config
+from calm_dist.model.composition import CONFIG_FILE, ComposedModel, position_ids_from_mask
 from calm_dist.model.generation import eos_ids
 from calm_dist.model.io import load_causal_lm
 from calm_dist.model.lm_loss import labelled_tokens, loss_from_logits
@@ -182,28 +182,20 @@ def to_json(results: dict[str, dict[str, SetResult]]) -> dict:
     return {m: {s: vars(r) for s, r in per.items()} for m, per in results.items()}
 
 
-def trained_across_tokenizers(directory) -> bool:
-    """Whether an export's composition was trained with data.different_tokenizers (the trainer records it)."""
-    config = json.loads((Path(directory) / "composition.json").read_text())
-    return bool(config.get("training", {}).get("different_tokenizers"))
-
-
-def recorded_completion_decoding(directory, cfg, tokenizer: Tokenizer) -> str:
-    """How decoding across tokenizers rebuilds a completion's text: as the export recorded of its training records,
-    else (an export that predates the record) as the recipe's training records read."""
-    config = json.loads((Path(directory) / "composition.json").read_text())
-    recorded = config.get("training", {}).get("completion_decoding")
+def recorded_completion_decoding(training: dict, cfg, tokenizer: Tokenizer) -> str:
+    """How decoding across tokenizers rebuilds a completion's text: as the export's training record (composition.json's
+    "training") says of its training records, else (an export that predates it) as the recipe's training records
+    read."""
+    recorded = training.get("completion_decoding")
     if recorded is not None:
         return recorded
     return training_completion_decoding(cfg.data, tokenizer) if cfg.data.train else "after_prompt"
 
 
-def load_export(directory, anchor_path: str, anchor_revision: str | None = None):
-    """A trained export: a CALM composition, or the LoRA baseline (composition.json says which)."""
-    config = json.loads((Path(directory) / "composition.json").read_text())
+def load_export(directory, config: dict, anchor_path: str, anchor_revision: str | None = None):
+    """A trained export whose composition.json is `config`: a CALM composition, or the LoRA baseline (`method`)."""
     if config.get("method") == "lora":
         return LoRAAnchor.from_export(directory, load_causal_lm(anchor_path, anchor_revision)).eval()
-    read_composition_config(directory)
     return ComposedModel.from_composition(directory, anchor=anchor_path).eval()
 
 
@@ -237,9 +229,11 @@ def run(cfg, sets: dict[str, str], compositions: dict[str, str], base_models: li
         stops["anchor"] = stop_ids(tokenizer, model.config)
         fns["anchor"] = on_device(hf_model_fns(model, stops["anchor"], pad), model)
     for name, directory in compositions.items():
-        model = load_export(directory, cfg.model.anchor, cfg.model.anchor_revision).to(device)
+        config = json.loads((Path(directory) / CONFIG_FILE).read_text())
+        training = config.get("training", {})
+        model = load_export(directory, config, cfg.model.anchor, cfg.model.anchor_revision).to(device)
         stops[name] = stop_ids(tokenizer, model.model.config if isinstance(model, LoRAAnchor) else model.anchor.config)
-        if trained_across_tokenizers(directory) != (across and not isinstance(model, LoRAAnchor)):
+        if bool(training.get("different_tokenizers")) != (across and not isinstance(model, LoRAAnchor)):
             raise ConfigError(f"--composition {name}: {directory} was trained "
                               f"{'across' if not across else 'without different'} tokenizers: set "
                               f"data.different_tokenizers={'true' if not across else 'false'} as in its training")
@@ -248,7 +242,7 @@ def run(cfg, sets: dict[str, str], compositions: dict[str, str], base_models: li
                 raise ConfigError("--prefix-only is not supported with data.different_tokenizers: decoding across "
                                   "tokenizers always refreshes the augmenting readings")
             fns[name] = across_tokenizer_fns(model, cfg.data, tokenizer, tokenizers.augmenting, stops[name],
-                                             recorded_completion_decoding(directory, cfg, tokenizer))
+                                             recorded_completion_decoding(training, cfg, tokenizer))
             continue
         # LoRAAnchor offers the same generate / forward
         fns[name] = on_device(composed_fns(model, stops[name], pad), model)

@@ -100,12 +100,7 @@ def test_eval_takes_the_exports_record_else_the_recipes_training_records(tokeniz
     class Recipe:
         data = DataConfig(train=write(tmp_path / "glued.jsonl", glued(20)))
 
-    export = tmp_path / "export"
-    export.mkdir()
-    (export / "composition.json").write_text(json.dumps({"training": {"different_tokenizers": True}}))
-    assert recorded_completion_decoding(export, Recipe, sp) == "alone"  # predates the record: the recipe's
-    (export / "composition.json").write_text(json.dumps({"training": {"completion_decoding": "after_prompt"}}))
-    assert recorded_completion_decoding(export, Recipe, sp) == "after_prompt"
+    assert recorded_completion_decoding({"different_tokenizers": True}, Recipe, sp) == "alone"  # predates the record
+    assert recorded_completion_decoding({"completion_decoding": "after_prompt"}, Recipe, sp) == "after_prompt"
     Recipe.data = DataConfig()
-    (export / "composition.json").write_text(json.dumps({"training": {}}))
-    assert recorded_completion_decoding(export, Recipe, sp) == "after_prompt"  # no training records named
+    assert recorded_completion_decoding({}, Recipe, sp) == "after_prompt"  # no training records named
