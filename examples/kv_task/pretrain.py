@@ -312,36 +312,39 @@ def was_cut(metrics: dict, settings: dict) -> bool:
     return metrics.get("steps") != settings["steps"]
 
 
-def is_current(model_dir: str, settings: dict, task: Task) -> bool:
-    """Whether `model_dir` holds the model these settings train on this task. The wall-clock cap (max_minutes) is a
-    limit, not part of the recipe: a model that ran to its end under another cap is the same model, and reused;
-    one that the cap cut short is retrained under a cap that differs."""
-    p = os.path.join(model_dir, "pretrain.json")
+def current_record(model_dir: str, settings: dict, task: Task) -> tuple[dict, dict] | None:
+    """`model_dir`'s pretrain.json and metrics.json when it holds the model these settings train on this task, else
+    None. The wall-clock cap (max_minutes) is a limit, not part of the recipe: a model that ran to its end under
+    another cap is the same model, and reused; one that the cap cut short is retrained under a cap that differs."""
     if not all(os.path.exists(os.path.join(model_dir, f)) for f in ("pretrain.json", "config.json", "metrics.json")):
-        return False
-    with open(p) as f:
+        return None
+    with open(os.path.join(model_dir, "pretrain.json")) as f:
         man = json.load(f)
+    with open(os.path.join(model_dir, "metrics.json")) as f:
+        metrics = json.load(f)
     recorded = man.get("settings") or {}
     if man.get("task") != task.fingerprint:
-        return False
+        return None
     if recorded == settings:
-        return True
-    if {**recorded, "max_minutes": None} != {**settings, "max_minutes": None}:
-        return False
-    with open(os.path.join(model_dir, "metrics.json")) as f:
-        return not was_cut(json.load(f), recorded)
+        return man, metrics
+    if {**recorded, "max_minutes": None} != {**settings, "max_minutes": None} or was_cut(metrics, recorded):
+        return None
+    return man, metrics
+
+
+def is_current(model_dir: str, settings: dict, task: Task) -> bool:
+    return current_record(model_dir, settings, task) is not None
 
 
 def pretrain_one(which: str, task: Task, out: str, a: argparse.Namespace) -> dict:
     model_dir = os.path.join(out, which)
     s = settings_for(a, which, task)
-    if not a.force and is_current(model_dir, s, task):
-        with open(os.path.join(model_dir, "pretrain.json")) as f:
-            cap = json.load(f)["settings"]["max_minutes"]
+    record = None if a.force else current_record(model_dir, s, task)
+    if record is not None:
+        manifest, metrics = record
+        cap = manifest["settings"]["max_minutes"]
         log(f"reusing {model_dir} (same settings and task" + (")" if cap == s["max_minutes"] else
                                                               f"; it ran to its end under --max-minutes {cap:g})"))
-        with open(os.path.join(model_dir, "metrics.json")) as f:
-            metrics = json.load(f)
         warn_if_cut(which, metrics, s)
         return metrics
     seed = a.seed + (0 if which == "anchor" else 1000)

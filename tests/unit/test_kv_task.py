@@ -264,7 +264,7 @@ def test_training_says_why_it_stopped_and_a_model_cut_by_the_wall_cap_is_flagged
         assert capsys.readouterr().out == ""
 
 
-def test_a_model_that_ran_to_its_end_is_reused_under_another_wall_cap(built, tmp_path):
+def test_a_model_that_ran_to_its_end_is_reused_under_another_wall_cap(built, tmp_path, capsys):
     """The wall-clock cap is a limit, not the recipe: a model that ran every step under --max-minutes 90 is the model
     of --max-minutes 60 too, while one that the cap cut short is retrained under another cap (and reused, flagged,
     under its own). A model pretrained before `stopped` was recorded counts as cut unless it ran every step; any
@@ -293,6 +293,14 @@ def test_a_model_that_ran_to_its_end_is_reused_under_another_wall_cap(built, tmp
     assert pretrain.is_current(cut, recorded, task)
     other = pretrain.settings_for(args("--max-minutes", "60", "--aug-steps", "10"), "aug", task)
     assert not pretrain.is_current(ran, other, task)
+    # pretraining itself reuses it (nothing trains), saying under which cap it ran
+    (tmp_path / "reuse").mkdir()
+    os.rename(ran, tmp_path / "reuse" / "aug")
+    capsys.readouterr()
+    a = pretrain.parser().parse_args(["--task", out, "--out", str(tmp_path / "reuse"), "--max-minutes", "60"])
+    assert pretrain.pretrain_one("aug", task, str(tmp_path / "reuse"), a) == {"steps": steps, "stopped": "steps"}
+    said = capsys.readouterr().out
+    assert "reusing" in said and "ran to its end under --max-minutes 90" in said
 
 
 # ------------------------------------------------------------------------------------------ scoring
