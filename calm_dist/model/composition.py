@@ -161,6 +161,40 @@ def capture_block_outputs(model: nn.Module, layers: list[int], input_ids, attent
     return captured
 
 
+class _AnchorHook:
+    """After anchor block j: add the cross-attention of each block paired with it to the residual stream.
+
+    An object rather than a closure, so that copy.deepcopy of the composition gives a copy whose hooks hold the copy:
+    a closure over the original would compose the copy's anchor with the original's blocks and context."""
+
+    def __init__(self, owner: "ComposedModel", j: int):
+        self.owner, self.j = owner, j
+
+    def __call__(self, module, args, output):
+        owner = self.owner
+        ctx = owner._context
+        if ctx is None:  # the anchor called on its own: no composition
+            return output
+        hidden = output[0] if isinstance(output, tuple) else output
+        for a, p in owner._anchor_targets[self.j]:
+            keys, values = ctx.keys_values[a][p]
+            mask = ctx.mask[a] if isinstance(ctx.mask, list) else ctx.mask
+            hidden = hidden + owner.blocks[a][p](hidden, keys, values, mask)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+class _CaptureHook:
+    """After augmenting model a's block i: keep its output for the blocks (an object for the reason above)."""
+
+    def __init__(self, owner: "ComposedModel", a: int, i: int):
+        self.owner, self.a, self.i = owner, a, i
+
+    def __call__(self, module, args, output):
+        ctx = self.owner._context
+        if ctx is not None:
+            ctx.captured[(self.a, self.i)] = output[0] if isinstance(output, tuple) else output
+
+
 class ComposedModel(nn.Module):
     """Augmenting models may be given as configs only: then the composition reads their states from
     `augmenting_states` (the disk cache) and never holds their weights."""
@@ -243,23 +277,10 @@ class ComposedModel(nn.Module):
                 blocks[i].register_forward_hook(self._capture_hook(a, i))
 
     def _anchor_hook(self, j: int):
-        def hook(module, args, output):
-            ctx = self._context
-            if ctx is None:  # the anchor called on its own: no composition
-                return output
-            hidden = output[0] if isinstance(output, tuple) else output
-            for a, p in self._anchor_targets[j]:
-                keys, values = ctx.keys_values[a][p]
-                mask = ctx.mask[a] if isinstance(ctx.mask, list) else ctx.mask
-                hidden = hidden + self.blocks[a][p](hidden, keys, values, mask)
-            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-        return hook
+        return _AnchorHook(self, j)
 
     def _capture_hook(self, a: int, i: int):
-        def hook(module, args, output):
-            if self._context is not None:
-                self._context.captured[(a, i)] = output[0] if isinstance(output, tuple) else output
-        return hook
+        return _CaptureHook(self, a, i)
 
     @contextmanager
     def _composing(self, context: _Context):

@@ -247,3 +247,24 @@ def test_bf16_augmenting_model_under_fp32_training_stays_close():
     # The bf16 states alone move these logits (|logit| < 0.4) by 4.1e-4 at most; the bound is ~5x that. Blocks
     # that compute in bf16 too (cast along with the augmenting model) move them by 2.5e-3.
     torch.testing.assert_close(b, a, atol=2e-3, rtol=0)
+
+
+def test_a_deep_copy_composes_with_its_own_blocks():
+    """copy.deepcopy(model) (an EMA, a copy cast to bf16 for decoding) is a composition of its own: its hooks read its
+    own blocks and its own augmenting states. Hooks that close over the original composed the copy's anchor with the
+    original's blocks, or not at all (the original's context is empty while the copy runs)."""
+    import copy
+
+    model = composed("llama", ("gpt2", "qwen2")).eval()
+    x = ids()
+    before = model(x).logits
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(twin(x).logits, before, atol=0, rtol=0)
+    randomize_composition(twin, seed=5)
+    changed = twin(x).logits
+    assert not torch.allclose(changed, before, atol=1e-3)  # the copy reads its own blocks
+    torch.testing.assert_close(model(x).logits, before, atol=0, rtol=0)  # and the original still its own
+    randomize_composition(model, seed=5)
+    torch.testing.assert_close(model(x).logits, changed, atol=1e-6, rtol=0)
+    torch.testing.assert_close(twin.generate(x[:1], max_new_tokens=4, eos_token_id=-1),
+                               model.generate(x[:1], max_new_tokens=4, eos_token_id=-1))
