@@ -43,7 +43,7 @@ def test_compiled_steps_decode_the_eager_tokens(anchor, augmenting):
     assert prefix_eager.tolist() != eager.tolist()
 
 
-def test_one_graph_serves_later_generations_of_the_same_shapes_and_past_the_limit_steps_run_eagerly(monkeypatch):
+def test_one_graph_serves_later_generations_of_the_same_shapes_and_past_the_limit_steps_run_eagerly():
     model = sharpened_composition("llama", ("gpt2",))
     first, mask = ragged_batch(seed=1, lengths=[7, 4])
     model.generate(first, attention_mask=mask, max_new_tokens=4, eos_token_id=-1, compile_step=True)
@@ -55,9 +55,9 @@ def test_one_graph_serves_later_generations_of_the_same_shapes_and_past_the_limi
     assert out.tolist() == model.generate(second, attention_mask=mask, max_new_tokens=20, eos_token_id=-1).tolist()
 
     # a new shape once dynamo's recompile limit is reached: the steps run eagerly over the same static caches
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    # (config.patch, not monkeypatch: setting the option back by setattr leaves it hidden to later compilations)
     third, mask = ragged_batch(seed=4, lengths=[6, 2, 5])
-    with pytest.warns(UserWarning, match="recompile limit"):
+    with torch._dynamo.config.patch(recompile_limit=1), pytest.warns(UserWarning, match="recompile limit"):
         out = model.generate(third, attention_mask=mask, max_new_tokens=6, eos_token_id=-1, compile_step=True)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     assert out.tolist() == model.generate(third, attention_mask=mask, max_new_tokens=6, eos_token_id=-1).tolist()
