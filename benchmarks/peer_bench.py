@@ -15,6 +15,7 @@ fp32, one thread; a training step = zero_grad + forward + loss + backward + Adam
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 
 import common  # noqa: E402  (pins threads before torch)
@@ -34,6 +35,14 @@ def xt_model(d: int, layers: int, heads: int, size: common.Size):
         attn_layers=Decoder(dim=d, depth=layers, heads=heads, attn_dim_head=d // heads, rotary_pos_emb=True,
                             use_rmsnorm=True, ff_glu=True, ff_swish=True, ff_mult=size.ffn_mult, ff_no_bias=True,
                             attn_flash=True))
+
+
+def agreement(reference: torch.Tensor, other: torch.Tensor) -> dict:
+    """How far two decodings of one prompt agree: equal, the first new token that differs, the share equal."""
+    differ = (reference != other).nonzero()
+    return {"equal_to_fp32": bool(torch.equal(reference, other)),
+            "first_difference": int(differ[0]) if len(differ) else None,
+            "equal_fraction": float((reference == other).float().mean())}
 
 
 def build_peer(size: common.Size, seed: int = 0):
@@ -178,13 +187,24 @@ def main() -> None:
         return ours.generate(prompt, max_new_tokens=n, eos_token_id=-1, use_cache=False)
 
     # P4 in bf16: the same weights with the frozen models in bf16 (the blocks stay fp32: cross-attention casts
-    # at its boundary), as a user decodes in production; the peer stays fp32, as its users run it
-    ours_bf16_decode = common.build_composed(size).eval()
+    # at its boundary), as a user decodes in production; the peer stays fp32, as its users run it. A copy of
+    # `ours` as P3 left it (its blocks took P3's optimizer steps), so that the tokens compare like for like
+    ours_bf16_decode = copy.deepcopy(ours).eval()
     ours_bf16_decode.anchor.to(torch.bfloat16)
     ours_bf16_decode.augmenting.to(torch.bfloat16)
 
     def ours_bf16(n=size.new_tokens):
         return ours_bf16_decode.generate(prompt, max_new_tokens=n, eos_token_id=-1, use_cache=True)
+
+    # P4c / P4hc: the same decoding with one compiled graph per step (calm_dist/model/compiled_decoding.py), as
+    # `calm-dist generate --compile` runs it; compiled in the warm-up at the timed length (the graph's capacity
+    # depends on prompt + new tokens), so no timed round compiles
+    def ours_compiled(n=size.new_tokens):
+        return ours.generate(prompt, max_new_tokens=n, eos_token_id=-1, use_cache=True, compile_step=True)
+
+    def ours_bf16_compiled(n=size.new_tokens):
+        return ours_bf16_decode.generate(prompt, max_new_tokens=n, eos_token_id=-1, use_cache=True,
+                                         compile_step=True)
 
     def peer_generate(n=size.new_tokens):
         # CALM-pytorch decodes by nucleus sampling over a full recompute of the anchor each step (no KV
@@ -194,10 +214,17 @@ def main() -> None:
 
     for fn in (ours_cached, ours_bf16, ours_uncached, peer_generate):  # warm-up: short generations
         fn(8)
-    dec = {k: {"cpu": [], "wall": []} for k in ("ours_cached", "ours_bf16", "ours_uncached", "peer")}
+    compile_s = {}
+    for name, fn in (("ours_compiled", ours_compiled), ("ours_bf16_compiled", ours_bf16_compiled)):
+        with common.Timer() as t:
+            fn()
+        compile_s[name] = t.wall  # compilation + one generation; the rounds' median is taken off below
+    dec = {k: {"cpu": [], "wall": []} for k in ("ours_cached", "ours_bf16", "ours_compiled", "ours_bf16_compiled",
+                                                  "ours_uncached", "peer")}
     outputs = {}
     for r in range(max(size.repeats, size.decode_repeats)):
-        order = [("ours_cached", ours_cached), ("ours_bf16", ours_bf16)]
+        order = [("ours_cached", ours_cached), ("ours_bf16", ours_bf16), ("ours_compiled", ours_compiled),
+                 ("ours_bf16_compiled", ours_bf16_compiled)]
         if r < size.decode_repeats:
             order += [("ours_uncached", ours_uncached), ("peer", peer_generate)]
         if r % 2:
@@ -214,11 +241,11 @@ def main() -> None:
                                title=f"P4 profile, greedy decoding of {n_prof} tokens, batch 1")
     p4 = {k: {**common.summary(v), "tokens_per_s": size.new_tokens / common.median(v["cpu"])} for k, v in dec.items()}
     p4["ours_cached_equals_uncached"] = same
-    new_fp32, new_bf16 = outputs["ours_cached"][0, size.prompt:], outputs["ours_bf16"][0, size.prompt:]
-    differ = (new_fp32 != new_bf16).nonzero()
-    p4["bf16_tokens"] = {"equal_to_fp32": bool(torch.equal(new_fp32, new_bf16)),
-                         "first_difference": int(differ[0]) if len(differ) else None,
-                         "equal_fraction": float((new_fp32 == new_bf16).float().mean())}
+    p4["ours_compiled_equals_cached"] = bool(torch.equal(outputs["ours_compiled"], outputs["ours_cached"]))
+    p4["compile_s"] = {k: v - common.median(dec[k]["wall"]) for k, v in compile_s.items()}
+    new_fp32 = outputs["ours_cached"][0, size.prompt:]
+    p4["bf16_tokens"] = agreement(new_fp32, outputs["ours_bf16"][0, size.prompt:])
+    p4["bf16_compiled_tokens"] = agreement(new_fp32, outputs["ours_bf16_compiled"][0, size.prompt:])
     common.write_json(args.json, {"info": info, "p3": p3, "p4": p4, "profile_p3": prof3, "profile_p4": prof4,
                                   "peak_rss_bytes": common.peak_rss_bytes()})
 

@@ -13,6 +13,7 @@ ratio measured in the same run (benchmarks/README.md explains each one).
   P3  our training step / CALM-pytorch's (x-transformers models of the same shapes)              goal <= 0.8
   P3d P3 with the trainer's defaults (train.compile=auto) for a 1,000-step run of that model       goal <= 0.7
   P4  greedy decoding tokens/s, ours (KV caches) / CALM-pytorch's; ours cached / uncached        goal >= 5x
+  P4c P4 with one compiled graph per decoding step (fp32);  P4h / P4hc  frozen models bf16         goal >= 5x / 10x
   P5  ZeRO-3 per-rank resident frozen-parameter bytes, world 2 / world 1                         goal <= 0.55
   P6  MFU of the ~50M-parameter composed step: cost-model FLOPs / measured fp32 matmul peak      goal >= 30%
   P7  augmenting-state cache reader rows/s / the training step's consumption rows/s               goal >= 5x
@@ -393,15 +394,29 @@ def analyse(size: common.Size, r: dict) -> list[dict]:
             tok_s=d["ours_cached"]["tokens_per_s"],
             note=f"ours {d['ours_cached']['tokens_per_s']:.1f} tok/s, peer {d['peer']['tokens_per_s']:.1f} tok/s; "
                  + paired(d["peer"], d["ours_cached"]))
-        if "ours_bf16" in d:
-            bf = d["ours_bf16"]["tokens_per_s"]
-            tokens_note = d.get("bf16_tokens", {})
-            add("P4h", "P4 with our frozen models in bf16 (blocks fp32), the peer fp32 as its users run it",
-                bf / d["peer"]["tokens_per_s"], 10.0, ">=", unit="x", tok_s=bf,
-                note=f"ours bf16 {bf:.1f} tok/s ({bf / d['ours_cached']['tokens_per_s']:.2f}x our fp32); new tokens "
-                     f"equal to fp32: {tokens_note.get('equal_to_fp32')} (first difference at "
-                     f"{tokens_note.get('first_difference')}, {100 * tokens_note.get('equal_fraction', 0):.0f}% "
-                     "equal); " + paired(d["peer"], d["ours_bf16"]))
+        fp32, peer = d["ours_cached"]["tokens_per_s"], d["peer"]["tokens_per_s"]
+        compilation = lambda key: f"compilation {d['compile_s'][key]:.1f} s, not in the rounds; "  # noqa: E731
+        variants = (  # id, key, goal, what, how its tokens compare
+            ("P4h", "ours_bf16", 10.0, "P4 with our frozen models in bf16 (blocks fp32), the peer fp32 as its users "
+             "run it", lambda: agreed("bf16_tokens")),
+            ("P4c", "ours_compiled", 5.0, "P4 with one compiled graph per decoding step (`compile_step=True`), fp32 "
+             "like the peer", lambda: f"tokens equal to the eager steps': {d['ours_compiled_equals_cached']}; "
+             + compilation("ours_compiled")),
+            ("P4hc", "ours_bf16_compiled", 10.0, "P4h with one compiled graph per decoding step", lambda:
+             agreed("bf16_compiled_tokens") + compilation("ours_bf16_compiled")))
+
+        def agreed(key: str) -> str:
+            t = d.get(key)
+            if t is None:  # a run that did not compare them
+                return ""
+            return (f"new tokens equal to fp32: {t['equal_to_fp32']} (first difference at {t['first_difference']}, "
+                    f"{100 * t['equal_fraction']:.0f}% equal); ")
+        for row, key, goal, what, tokens in variants:
+            if key in d:
+                tok_s = d[key]["tokens_per_s"]
+                add(row, what, tok_s / peer, goal, ">=", unit="x", tok_s=tok_s,
+                    note=f"{tok_s:.1f} tok/s ({tok_s / fp32:.2f}x our fp32 eager steps); {tokens()}"
+                         + paired(d["peer"], d[key]))
         add("P4b", "greedy decode tok/s ours cached / ours uncached", d["ours_cached"]["tokens_per_s"] /
             d["ours_uncached"]["tokens_per_s"], None, ">=", tok_s=d["ours_uncached"]["tokens_per_s"],
             note=f"uncached {d['ours_uncached']['tokens_per_s']:.1f} tok/s; same tokens: "
