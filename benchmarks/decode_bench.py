@@ -145,9 +145,11 @@ def main() -> int:
     size = common.SIZES[args.size]
     n, prompt_len = size.new_tokens, size.prompt
     prompts = torch.randint(3, size.vocab, (args.batch, prompt_len), generator=torch.Generator().manual_seed(11))
-    models = {"fp32": common.build_composed(size).eval()}
+    # blocks that act (common.acting_blocks): the compiled, batched and bf16 tokens compare a composition, not the
+    # anchor alone
+    models = {"fp32": common.acting_blocks(common.build_composed(size)).eval()}
     for name, blocks_bf16 in (("bf16", False), ("bf16_blocks_bf16", True)):
-        m = common.build_composed(size).eval()  # the same seed: the same weights
+        m = common.acting_blocks(common.build_composed(size)).eval()  # the same seeds: the same weights
         m.anchor.to(torch.bfloat16)
         m.augmenting.to(torch.bfloat16)
         if blocks_bf16:
