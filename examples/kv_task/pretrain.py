@@ -332,10 +332,6 @@ def current_record(model_dir: str, settings: dict, task: Task) -> tuple[dict, di
     return man, metrics
 
 
-def is_current(model_dir: str, settings: dict, task: Task) -> bool:
-    return current_record(model_dir, settings, task) is not None
-
-
 def pretrain_one(which: str, task: Task, out: str, a: argparse.Namespace) -> dict:
     model_dir = os.path.join(out, which)
     s = settings_for(a, which, task)

@@ -153,11 +153,11 @@ def test_pretrain_settings_name_the_augmenting_tokenizer(built, tmp_path):
         (model_dir / f).write_text("{}")
     (model_dir / "pretrain.json").write_text(json.dumps({"settings": pretrain.settings_for(xtok, "aug", task),
                                                          "task": task.fingerprint}))
-    assert pretrain.is_current(str(model_dir), pretrain.settings_for(xtok, "aug", task), task)
-    assert not pretrain.is_current(str(model_dir), pretrain.settings_for(plain, "aug", task), task)
+    assert pretrain.current_record(str(model_dir), pretrain.settings_for(xtok, "aug", task), task)
+    assert not pretrain.current_record(str(model_dir), pretrain.settings_for(plain, "aug", task), task)
     changed = tmp_path / "other.model"
     changed.write_bytes(open(os.path.join(out, "tokenizer.model"), "rb").read())
-    assert not pretrain.is_current(str(model_dir), pretrain.settings_for(args(out, "--aug-tokenizer", str(changed)),
+    assert not pretrain.current_record(str(model_dir), pretrain.settings_for(args(out, "--aug-tokenizer", str(changed)),
                                                                          "aug", task), task)
 
 
