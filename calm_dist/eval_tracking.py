@@ -8,13 +8,12 @@ first export records, else sqlite:///<train.output_dir>/mlflow.db; the experimen
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 
 from calm_dist.config import Config
-from calm_dist.model.composition import CONFIG_FILE
+from calm_dist.model.composition import export_config
 from calm_dist.tracking.eval_runs import EvalColumn, log_evaluation
 from calm_dist.tracking.store import DEFAULT_EXPERIMENT, resolve_tracking_uri
 
@@ -23,8 +22,7 @@ PREFIX_ONLY = "_prefix_only"  # task_eval's column suffix for the prefix-encoder
 
 def recorded_run(directory: str | Path) -> dict:
     """The training record of an export's composition.json ({} when it has none): steps, mlflow {run_id, ...}."""
-    config = json.loads((Path(directory) / CONFIG_FILE).read_text())
-    return config.get("training") or {}
+    return export_config(directory).get("training") or {}
 
 
 def eval_columns(results: dict[str, dict[str, dict]], compositions: dict[str, str]) -> list[EvalColumn]:

@@ -27,7 +27,6 @@ choice, cuda:LOCAL_RANK or cpu) apply.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -41,20 +40,12 @@ from tqdm import tqdm
 from calm_dist.config import ConfigError
 from calm_dist.data.tokenizer import Tokenizer, saved_tokenizer
 from calm_dist.model.baselines import LoRAAnchor
-from calm_dist.model.composition import CONFIG_FILE, ComposedModel
+from calm_dist.model.composition import ComposedModel, export_config
 from calm_dist.model.generation import eos_ids
 from calm_dist.model.io import load_causal_lm
 from calm_dist.training.dist_env import DistEnv, local_device
 
 DEFAULT_BATCH_SIZE = 16
-
-
-def export_config(directory: str | Path) -> dict:
-    """The export's composition.json: what it is (a composition or a LoRA baseline) before any weight loads."""
-    config_path = Path(directory) / CONFIG_FILE
-    if not config_path.is_file():
-        raise ConfigError(f"composition={directory}: no {CONFIG_FILE} there (not an export of calm_dist)")
-    return json.loads(config_path.read_text())
 
 
 def load_model(directory: str | Path, anchor: str | None, augmenting: list[str] | None, dtype):
@@ -227,7 +218,7 @@ class CalmLM(TemplateLM):
 
     def get_model_info(self) -> dict:
         """What lm-eval records of the model in its results' config."""
-        config = json.loads((Path(self.composition) / CONFIG_FILE).read_text())
+        config = export_config(self.composition)
         mlflow = (config.get("training") or {}).get("mlflow") or {}
         return {"composition": self.composition, "method": config.get("method", "calm"),
                 "anchor": config["anchor"].get("name_or_path"), "anchor_revision": config["anchor"].get("revision"),

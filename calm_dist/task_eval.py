@@ -22,7 +22,7 @@ from calm_dist.data.tokenizer import (Tokenizer, anchor_tokenizer, completion_id
 from calm_dist.eval_tracking import log_results
 from calm_dist.model.lm_loss import IGNORE
 from calm_dist.model.baselines import LoRAAnchor
-from calm_dist.model.composition import CONFIG_FILE, ComposedModel, position_ids_from_mask
+from calm_dist.model.composition import ComposedModel, export_config, position_ids_from_mask
 from calm_dist.model.generation import eos_ids
 from calm_dist.model.io import load_causal_lm
 from calm_dist.model.lm_loss import labelled_tokens, loss_from_logits
@@ -229,7 +229,7 @@ def run(cfg, sets: dict[str, str], compositions: dict[str, str], base_models: li
         stops["anchor"] = stop_ids(tokenizer, model.config)
         fns["anchor"] = on_device(hf_model_fns(model, stops["anchor"], pad), model)
     for name, directory in compositions.items():
-        config = json.loads((Path(directory) / CONFIG_FILE).read_text())
+        config = export_config(directory)
         training = config.get("training", {})
         model = load_export(directory, config, cfg.model.anchor, cfg.model.anchor_revision).to(device)
         stops[name] = stop_ids(tokenizer, model.model.config if isinstance(model, LoRAAnchor) else model.anchor.config)

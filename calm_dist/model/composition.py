@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers.utils import ModelOutput
 
+from calm_dist.config import ConfigError
 from calm_dist.files import replace_directory, save_safetensors
 from calm_dist.model import backbones
 from calm_dist.model.cross_attention import CrossAttentionBlock, block_parameter_count, cross_attention_mask
@@ -465,6 +466,14 @@ def _recorded_source(description: dict, who: str) -> str:
     if not description.get("name_or_path"):
         raise CompositionError(f"the composition does not record where the {who} came from; pass it explicitly")
     return description["name_or_path"]
+
+
+def export_config(directory) -> dict:
+    """An export's composition.json, a composition's or a LoRA baseline's (its "method"), before any weight loads."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"composition={directory}: no {CONFIG_FILE} there (not an export of calm_dist)")
+    return json.loads(path.read_text())
 
 
 def read_composition_config(directory) -> dict:
