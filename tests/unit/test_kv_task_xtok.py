@@ -158,7 +158,7 @@ def test_pretrain_settings_name_the_augmenting_tokenizer(built, tmp_path):
     changed = tmp_path / "other.model"
     changed.write_bytes(open(os.path.join(out, "tokenizer.model"), "rb").read())
     assert not pretrain.current_record(str(model_dir), pretrain.settings_for(args(out, "--aug-tokenizer", str(changed)),
-                                                                         "aug", task), task)
+                                                                             "aug", task), task)
 
 
 def test_the_augmenting_model_is_built_and_fed_through_its_own_tokenizer(built):
